@@ -1,0 +1,1 @@
+"""The certification pipeline in its order: noise, votes, statistics, certificate."""
