@@ -44,7 +44,7 @@ from arq.smoothing.noise import (
 )
 from arq.smoothing.votes import count_votes
 
-ABSTAIN = -1
+from arq import ABSTAIN  # noqa: E402  (one definition, re-exported by arq)
 
 
 class Certificate(NamedTuple):
