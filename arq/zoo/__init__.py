@@ -1,0 +1,66 @@
+"""Noise-trained MNIST models shipped with arq, named ``<dataset>-<arch>-sigma<sigma:.2f>``.
+
+Each is one ``arq/zoo/weights/<name>.safetensors`` in arq's format (metadata: sigma, accuracies,
+the training arguments). How they were trained: ``docs/zoo.md`` and ``arq/zoo/logs/``.
+
+>>> import arq.zoo
+>>> arq.zoo.names()
+['mnist-lenet-sigma0.25', 'mnist-lenet-sigma0.50', 'mnist-lenet-sigma1.00']
+>>> model = arq.zoo.load("mnist-lenet-sigma0.50")   # model.arq_metadata["sigma"] == 0.5
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+POLICY_SUFFIX = ".arq-policy.json"
+
+
+def names() -> list[str]:
+    """Names of the shipped models, sorted."""
+    return sorted(path.stem for path in WEIGHTS_DIR.glob("*.safetensors"))
+
+
+def path_of(name: str) -> Path:
+    """The ``.safetensors`` file of zoo model ``name``."""
+    path = WEIGHTS_DIR / f"{name}.safetensors"
+    if not isinstance(name, str) or "/" in name or not path.is_file():
+        raise ValueError(f"no zoo model named {name!r}; the zoo has: {', '.join(names()) or '(none)'}")
+    return path
+
+
+def info(name: str) -> dict[str, Any]:
+    """Metadata of zoo model ``name`` (arch, dataset, sigma, num_classes, clean_accuracy,
+    noisy_accuracy, training, ...), read from the file header without loading the weights."""
+    from arq.models import read_metadata
+
+    return read_metadata(path_of(name))
+
+
+def load(name: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Zoo model ``name`` in eval mode: ``[B, 1, 28, 28]`` in [0, 1] -> logits ``[B, 10]``,
+    with ``model.arq_metadata["sigma"]`` the noise level it was trained at."""
+    from arq.models import load_checkpoint
+
+    return load_checkpoint(path_of(name), map_location=map_location)
+
+
+def arq_policy(name: str):
+    """The mixed-precision policy found by ARQ's search for zoo model ``name``, or None.
+
+    Read from ``weights/<name>.arq-policy.json`` (``arq.quant.Policy.save``'s format) when the zoo
+    ships one; no shipped model has one yet, so callers must handle None.
+    """
+    policy_path = path_of(name).with_name(f"{name}{POLICY_SUFFIX}")
+    if not policy_path.is_file():
+        return None
+    from arq.quant import Policy
+
+    return Policy.load(policy_path)
+
+
+__all__ = ["POLICY_SUFFIX", "WEIGHTS_DIR", "arq_policy", "info", "load", "names", "path_of"]
