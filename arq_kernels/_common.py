@@ -1,0 +1,154 @@
+"""Helpers shared by the kernel families: config loading, quantization rounding, checks.
+
+Nothing here runs at import time beyond defining functions: configs are read from
+``arq_kernels/configs/*.json`` on the first launch and cached.
+
+Quantization of a float ``y`` to integer codes (``arq.quant.quantizers``; zero point ``z``):
+
+    q = clamp(round_half_even(y / s), q_lo, q_hi) + z
+
+with ``y`` and ``s`` float32 and ``y / s`` the IEEE float32 quotient. The kernels compute that
+quotient as ``float32(float64(y) / float64(s))``, which is the correctly rounded float32
+quotient (double rounding is innocuous for ``/`` when 53 >= 2 * 24 + 2), because Triton's
+float32 ``/`` on NVIDIA GPUs is the approximate ``div.full.f32``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import struct
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# ---------------------------------------------------------------------------------------------
+# configs (data, apart from the kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _config_table(family: str) -> dict:
+    with open(_CONFIG_DIR / f"{family}.json", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its numpy interpreter (``TRITON_INTERPRET=1``)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def pick_config(family: str, device: torch.device, bucket: str = "default") -> dict:
+    """The tuned launch config of ``family`` for ``device`` (``configs/<family>.json``).
+
+    The JSON maps a device key (``"interpreter"``, a CUDA device name such as
+    ``"NVIDIA H100 80GB HBM3"``, or ``"cuda"`` for any other GPU) to ``{bucket: config}``;
+    a config is a dict of block sizes plus ``num_warps`` and ``num_stages``.
+    """
+    table = _config_table(family)
+    if interpreting() or device.type != "cuda":
+        key = "interpreter"
+    else:
+        name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+        key = name if name in table else "cuda"
+    configs = table[key]
+    return dict(configs.get(bucket, configs["default"]))
+
+
+def launch_options(config: dict) -> dict:
+    """The Triton launch keywords of a config (interpreter ignores them)."""
+    return {
+        "num_warps": int(config.get("num_warps", 4)),
+        "num_stages": int(config.get("num_stages", 2)),
+        "enable_fp_fusion": False,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization
+# ---------------------------------------------------------------------------------------------
+
+_DEFAULT_LEVELS = {torch.int8: (-127, 127), torch.uint8: (0, 255)}
+_DTYPE_RANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
+
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32, as a Python float (what a GPU kernel receives)."""
+    return struct.unpack("f", struct.pack("f", float(value)))[0]
+
+
+def quant_levels(out_dtype: torch.dtype, zero_point: int, qmin: int | None, qmax: int | None) -> tuple[int, int]:
+    """``(q_lo, q_hi)`` before the zero point: int8 defaults to the symmetric [-127, 127]
+    (``arq.quant``'s signed activations), uint8 to ``[-z, 255 - z]``; checked to fit the dtype."""
+    if out_dtype not in _DTYPE_RANGE:
+        raise TypeError(f"quantized output must be int8 or uint8, got {out_dtype}")
+    lo_d, hi_d = _DTYPE_RANGE[out_dtype]
+    if out_dtype == torch.int8 and zero_point == 0:
+        default_lo, default_hi = _DEFAULT_LEVELS[torch.int8]
+    else:
+        default_lo, default_hi = lo_d - zero_point, hi_d - zero_point
+    q_lo = default_lo if qmin is None else int(qmin)
+    q_hi = default_hi if qmax is None else int(qmax)
+    if not (lo_d <= q_lo + zero_point <= q_hi + zero_point <= hi_d):
+        raise ValueError(
+            f"levels [{q_lo}, {q_hi}] + zero point {zero_point} do not fit {out_dtype} [{lo_d}, {hi_d}]"
+        )
+    return q_lo, q_hi
+
+
+def quantize_reference(y: torch.Tensor, scale: float, q_lo: int, q_hi: int, zero_point: int, dtype: torch.dtype):
+    """``clamp(round(float32(y) / float32(scale)), q_lo, q_hi) + z`` in ``dtype`` (torch.round: half to even)."""
+    s = torch.tensor(scale, dtype=torch.float32, device=y.device)
+    return (torch.clamp(torch.round(y.to(torch.float32) / s), q_lo, q_hi) + zero_point).to(dtype)
+
+
+@triton.jit
+def quantize_codes(y, scale, q_lo, q_hi, zero_point):
+    """int32 codes ``clamp(round_half_even(y / scale), q_lo, q_hi) + zero_point`` of float32 ``y``.
+
+    ``scale`` is a float32 scalar; the quotient is the IEEE float32 one (module docstring), the
+    clamp comes first so the integer conversion never overflows, then the exact half-to-even
+    rounding from ``floor`` (no libdevice ``rint``, so the interpreter and the GPU agree).
+    ``q_lo`` and ``q_hi`` must be tensors: kernels list them in ``do_not_specialize`` (an int
+    argument equal to 1 would otherwise become a constexpr). ``scale`` is a float32 kernel
+    argument on the GPU but a Python float under the interpreter: launchers pass
+    :func:`as_float32` values, so both widen to the same float64.
+    """
+    quotient = (y.to(tl.float64) / scale).to(tl.float32)
+    lo = q_lo.to(tl.float32)
+    hi = q_hi.to(tl.float32)
+    quotient = tl.minimum(tl.maximum(quotient, lo), hi)  # integer bounds: commutes with rounding
+    below = tl.floor(quotient)
+    frac = quotient - below  # exact for |quotient| < 2^23
+    below_int = below.to(tl.int32)
+    odd = (below_int & 1) == 1
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    return below_int + up.to(tl.int32) + zero_point
+
+
+@triton.jit
+def float32_to_bfloat16(value):
+    """Round-to-nearest-even float32 -> bfloat16 from the bits (finite values), as torch's
+    ``c10::BFloat16`` rounds; the interpreter's own cast does not round to even."""
+    bits = value.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_float_dtype(value, OUT_DTYPE: tl.constexpr):
+    """float32 ``value`` rounded to OUT_DTYPE (float32, float16 or bfloat16) to nearest even."""
+    if OUT_DTYPE == tl.bfloat16:
+        return float32_to_bfloat16(value)
+    else:
+        return value.to(OUT_DTYPE)

@@ -1,0 +1,172 @@
+"""Ahead-of-time compilation of every arq_kernels kernel for an NVIDIA target, without a GPU.
+
+The CPU interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, not that they
+compile. This module runs Triton's real pipeline (TTIR, TTGIR, LLVM, PTX and ``ptxas`` to a
+cubin) for a GPU architecture on a machine with no GPU, for each kernel in the variants the
+launchers use, and checks properties of the PTX that the bit-exactness contracts rely on:
+
+* no fused multiply-add in float64 or float32 (``enable_fp_fusion=False``), so the noise is the
+  reference's sequence of correctly rounded operations and the epilogues match torch;
+* float64 division is the correctly rounded ``div.rn.f64``; no ``div.full.f32`` (the
+  approximate float32 division Triton emits for ``/``) in any kernel.
+
+Run: ``TRITON_INTERPRET=0 python -m arq_kernels.compile_check [--arch 90] [--arch 80]``
+(exit status 1 when a kernel fails). ``tests/kernels/test_triton_compile.py`` runs it in a
+subprocess. It checks the installed Triton only (3.8 here; the GPU machine has 3.6).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+
+def _signature(kernel, types: dict, constexprs: dict) -> dict:
+    """Every argument: its type from ``types`` (pointers, floats, i64), ``constexpr``, or i32."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = types.get(name, "i32")
+    return signature
+
+
+def _variants():
+    """(label, kernel, pointer/float types, constexprs, launch options) for each variant to compile.
+
+    Labels containing ``fp32-dot`` may hold ``fma.rn.f32``: an IEEE float32 ``tl.dot`` is made of
+    FMAs (the sum of products is not reproducible in any order anyway; only its epilogue is).
+    """
+    import triton.language as tl
+
+    from arq_kernels import noise, packed_conv, packed_matmul, votes
+
+    fused = {"enable_fp_fusion": False}
+    variants = []
+
+    # -- noise: the float64 Box-Muller; float32 and fp16/bf16 outputs, quantized int8/uint8 -------
+    noise_types = {"x_ptr": "*fp32", "sigma_bits": "i64", "out_scale": "fp32"}
+    for value, out, quantize, out_ptr in [
+        (tl.float32, tl.float32, False, "*fp32"),
+        (tl.float16, tl.float16, False, "*fp16"),
+        (tl.bfloat16, tl.bfloat16, False, "*bf16"),
+        (tl.float32, tl.int8, True, "*i8"),
+        (tl.float32, tl.uint8, True, "*u8"),
+    ]:
+        variants.append((
+            f"noisy_input[{out}]", noise._noisy_input_kernel, {**noise_types, "out_ptr": out_ptr},
+            {"VALUE_DTYPE": value, "OUT_DTYPE": out, "QUANTIZE": quantize, "BLOCK_S": 4, "BLOCK_P": 128},
+            {"num_warps": 4, "num_stages": 1, **fused},
+        ))
+
+    # -- votes ------------------------------------------------------------------------------------
+    count_ptrs = {"counts_ptr": "*i64", "pred_ptr": "*i64", "bias_ptr": "*fp32", "w_scale_ptr": "*fp32", "x_scale": "fp32"}
+    for label, x_ty, w_ty, int8, tf32 in [
+        ("int8", "*i8", "*i8", True, False),
+        ("fp32-dot", "*fp32", "*fp32", False, False),
+        ("fp16", "*fp16", "*fp32", False, False),
+        ("bf16", "*bf16", "*fp32", False, True),
+    ]:
+        variants.append((
+            f"vote_count[{label}]", votes._vote_count_kernel, {**count_ptrs, "x_ptr": x_ty, "w_ptr": w_ty},
+            {"INT8": int8, "HAS_BIAS": True, "WRITE_PRED": True, "ALLOW_TF32": tf32,
+             "BLOCK_B": 64, "BLOCK_C": 16, "BLOCK_F": 64},
+            {"num_warps": 4, "num_stages": 3, **fused},
+        ))
+    variants.append((
+        "argmax_count[fp32, 1024 classes]", votes._argmax_count_kernel,
+        {"logits_ptr": "*fp32", "counts_ptr": "*i64", "pred_ptr": "*i64"},
+        {"WRITE_PRED": False, "BLOCK_B": 16, "BLOCK_C": 1024}, {"num_warps": 8, "num_stages": 1, **fused},
+    ))
+
+    # -- packed linear / conv: every bit width, each epilogue kind --------------------------------
+    gemm_types = {"x_ptr": "*i8", "w_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                  "x_scale": "fp32", "res_scale": "fp32", "out_scale": "fp32"}
+    epilogues = [
+        ("raw", {"res_ptr": "*i32", "out_ptr": "*i32"}, dict(HAS_BIAS=False, RELU=False, RES_MODE=0, OUT_MODE=0, OUT_DTYPE=tl.int32)),
+        ("int8+res+relu", {"res_ptr": "*i8", "out_ptr": "*i8"}, dict(HAS_BIAS=True, RELU=True, RES_MODE=2, OUT_MODE=2, OUT_DTYPE=tl.int8)),
+        ("fp16+res", {"res_ptr": "*fp32", "out_ptr": "*fp16"}, dict(HAS_BIAS=True, RELU=False, RES_MODE=1, OUT_MODE=1, OUT_DTYPE=tl.float16)),
+        ("bf16", {"res_ptr": "*bf16", "out_ptr": "*bf16"}, dict(HAS_BIAS=True, RELU=True, RES_MODE=0, OUT_MODE=1, OUT_DTYPE=tl.bfloat16)),
+    ]
+    blocks = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+    for bits in range(2, 9):
+        label, ptrs, epi = epilogues[bits % len(epilogues)]
+        variants.append((
+            f"packed_linear[b{bits}, {label}]", packed_matmul._packed_linear_kernel, {**gemm_types, **ptrs},
+            {"BITS": bits, "VALUES": 32 // bits, "WORD_TILES": 64 % (32 // bits) == 0, **epi, **blocks},
+            {"num_warps": 4, "num_stages": 3, **fused},
+        ))
+    for kh, bits in [(3, 4), (1, 8), (3, 2)]:
+        label, ptrs, epi = epilogues[(kh + bits) % len(epilogues)]
+        variants.append((
+            f"packed_conv2d[{kh}x{kh}, b{bits}, {label}]", packed_conv._packed_conv2d_kernel, {**gemm_types, **ptrs},
+            {"KH": kh, "KW": kh, "BITS": bits, "VALUES": 32 // bits, "WORD_TILES": 64 % (32 // bits) == 0, **epi, **blocks},
+            {"num_warps": 4, "num_stages": 3, **fused},
+        ))
+    return variants
+
+
+_FORBIDDEN = {
+    "fma.rn.f64": re.compile(r"\bfma\.rn\.f64\b"),
+    "fma.rn.f32": re.compile(r"\bfma\.rn(\.ftz)?\.f32\b"),
+    "div.full.f32": re.compile(r"\bdiv\.full\.f32\b"),
+}
+
+
+def check(arch: int, verbose: bool = True, only: str | None = None) -> list[str]:
+    """Compile every variant (whose label contains ``only``, when given) for ``sm_<arch>``;
+    returns the failures (empty when all pass)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    failures = []
+    for label, kernel, types, constexprs, options in _variants():
+        if only is not None and not any(part in label for part in only.split(";")):
+            continue
+        start = time.perf_counter()
+        try:
+            source = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs)
+            compiled = triton.compile(source, target=target, options=options)
+            ptx = compiled.asm["ptx"]
+            problems = [
+                name for name, pattern in _FORBIDDEN.items()
+                if pattern.search(ptx) and not (name == "fma.rn.f32" and "fp32-dot" in label)
+            ]
+            if "cubin" not in compiled.asm:
+                problems.append("no cubin")
+            if "noisy_input" in label and "div.rn.f64" not in ptx:
+                problems.append("no div.rn.f64")
+        except Exception as error:  # noqa: BLE001 - report every kernel, then fail
+            problems = [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
+        seconds = time.perf_counter() - start
+        status = "ok" if not problems else "FAIL " + "; ".join(problems)
+        if verbose:
+            print(f"sm_{arch} {label:42s} {seconds:6.1f} s  {status}", flush=True)
+        if problems:
+            failures.append(f"sm_{arch} {label}: {'; '.join(problems)}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default 90)")
+    parser.add_argument("--only", help="semicolon-separated label substrings: compile just those variants")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+        print("run with TRITON_INTERPRET=0: the interpreter replaces the kernels", file=sys.stderr)
+        return 2
+    failures = []
+    for arch in args.arch or [90]:
+        failures += check(arch, only=args.only)
+    for failure in failures:
+        print("FAILED", failure)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""``packed_conv2d``: NHWC implicit-GEMM convolution, int8 activations x packed 2-8 bit weights,
+int32 accumulation, the fused epilogue of :mod:`arq_kernels.packed_matmul`.
+
+The convolution is the GEMM ``out[m, n] = sum_k A[m, k] q[n, k]`` with
+``m = (b, oh, ow)`` (``M = B * OH * OW``, the NHWC output rows), ``n`` the output channel and
+``k = (kh, kw, c)`` in that order (``K = KH * KW * C``, docs/design.md's packed conv weight
+order, ``arq.quant.packing.conv_weight_to_matrix``). ``A`` is never built: each K tile's
+activations are gathered from ``x[b, oh * sh - ph + kh, ow * sw - pw + kw, c]``, zero outside
+the image (the zero point of symmetric codes is 0). Any KH x KW (1x1 and 3x3 are the ResNet
+cases), any stride and padding; dilation 1, groups 1.
+
+Outline: candidate configs (``configs/packed_conv.json``), kernel, launcher
+:func:`packed_conv2d` (checks, allocates, launches), plain-torch reference
+:func:`packed_conv2d_reference` (float64 convolution of the integer codes: exact).
+
+Blocked algorithm (one program = BLOCK_M output pixels x BLOCK_N output channels)::
+
+    (b, oh, ow) = split(m)
+    for k in range(0, K, BLOCK_K):
+        (kh, kw, c) = split(k)
+        a = x[b, oh*sh - ph + kh, ow*sw - pw + kw, c]   # int8 gather, 0 in the padding
+        w = sign_extend(field(packed[n, k]))            # int8 [BLOCK_K, BLOCK_N]
+        acc += a @ w                                    # int32
+    epilogue(acc) -> out[b, oh, ow, n]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from arq_kernels._common import launch_options, pick_config
+from arq_kernels.packed_matmul import CANDIDATES as CANDIDATES_GEMM
+from arq_kernels.packed_matmul import (
+    EpilogueArgs,
+    _check_bits,
+    epilogue_reference,
+    epilogue_store,
+    packed_width,
+    tile_indices,
+    unpack_weight_tile,
+    unpack_weight_words,
+    word_tiles,
+    unpack_weights,
+)
+
+# ---------------------------------------------------------------------------------------------
+# candidate configs (chosen ones: configs/packed_conv.json): the GEMM tiles of packed_linear
+# ---------------------------------------------------------------------------------------------
+
+CANDIDATES = CANDIDATES_GEMM
+
+# ---------------------------------------------------------------------------------------------
+# kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point"])
+def _packed_conv2d_kernel(
+    # pointers
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes: input [B, H, W, C], output [B, OH, OW, N] seen as [M, N], K = KH * KW * C
+    H, W, C, OH, OW, M, N, K,
+    # geometry
+    stride_h, stride_w, pad_h, pad_w,
+    # strides of x (NHWC) and of the packed weight rows; residual and out are contiguous [M, N]
+    stride_xb, stride_xh, stride_xw, stride_xc, stride_wn,
+    # epilogue scalars
+    x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, BITS: tl.constexpr, VALUES: tl.constexpr, WORD_TILES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, RES_MODE: tl.constexpr,
+    OUT_MODE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    m_ok = m < M
+
+    # -- output pixel of each row, and the top-left input pixel of its window --------------------
+    ow = m % OW
+    oh = (m // OW) % OH
+    b = m // (OW * OH)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    row_base = b.to(tl.int64) * stride_xb
+    num_words = tl.cdiv(K, VALUES)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        # -- k = (kh, kw, c): gather the activations of this K tile (implicit im2col) ------------
+        k = k0 + ks
+        c = k % C
+        kw = (k // C) % KW
+        kh = k // (C * KW)
+        ih = ih0[:, None] + kh[None, :]
+        iw = iw0[:, None] + kw[None, :]
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ok = m_ok[:, None] & (k < K)[None, :] & inside
+        a = tl.load(x_ptr + row_base[:, None] + ih * stride_xh + iw * stride_xw + c[None, :] * stride_xc,
+                    mask=ok, other=0)
+        if WORD_TILES:
+            w = unpack_weight_words(w_ptr, k0, n, num_words, N, stride_wn, BITS, VALUES, BLOCK_K, BLOCK_N)
+        else:
+            w = unpack_weight_tile(w_ptr, k, n, K, N, stride_wn, BITS, VALUES)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+
+    epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                   N, 1, N, 1,
+                   x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
+                   HAS_BIAS, RELU, RES_MODE, OUT_MODE, OUT_DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _geometry(x, packed_weight, w_bits, kernel_size, stride, padding):
+    values = _check_bits(w_bits)
+    if x.dim() != 4 or x.dtype != torch.int8:
+        raise TypeError(f"x_nhwc_int8 must be an int8 [B, H, W, C] tensor, got {x.dtype} {tuple(x.shape)}")
+    kh, kw = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    if kh < 1 or kw < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0:
+        raise ValueError("kernel_size and stride must be >= 1, padding >= 0")
+    batch, h, w, c = x.shape
+    k = kh * kw * c
+    if packed_weight.dim() != 2 or packed_weight.dtype != torch.int32 or packed_weight.shape[1] != packed_width(k, w_bits):
+        raise ValueError(
+            f"packed_weight must be int32 [N, {packed_width(k, w_bits)}] for K = {kh}*{kw}*{c}, bits={w_bits}"
+        )
+    oh = (h + 2 * ph - kh) // sh + 1
+    ow = (w + 2 * pw - kw) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"empty output for input {h}x{w}, kernel {kh}x{kw}, padding {ph},{pw}")
+    return values, (kh, kw), (sh, sw), (ph, pw), (batch, h, w, c), (oh, ow), k
+
+
+def packed_conv2d(
+    x_nhwc_int8: torch.Tensor,
+    packed_weight: torch.Tensor,
+    w_bits: int,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+    out_scale: float | None = None,
+    x_scale: float = 1.0,
+    residual_scale: float | None = None,
+    out_dtype: torch.dtype | None = None,
+    out_zero_point: int = 0,
+    qmin: int | None = None,
+    qmax: int | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """2-D convolution of int8 NHWC codes with packed 2-8 bit weights, fused epilogue.
+
+    Args:
+        x_nhwc_int8: int8 ``[B, H, W, C]`` activation codes (any strides; ``x = x_scale * codes``).
+        packed_weight: int32 ``[N, ceil(KH*KW*C / (32 // w_bits))]``, rows in ``(kh, kw, c)`` order
+            (``arq.quant.packing.pack_layer_weight`` of a ``[N, C, KH, KW]`` weight).
+        w_bits: 2..8. scales: float32 ``[N]``. bias: float32 ``[N]`` or None.
+        kernel_size, stride, padding: ints or (h, w) pairs (dilation 1, groups 1).
+        relu, residual, residual_scale, out_scale, out_dtype, out_zero_point, qmin, qmax: the epilogue of
+            :func:`arq_kernels.packed_matmul.packed_linear`; ``residual`` is ``[B, OH, OW, N]``.
+        out: optional preallocated contiguous ``[B, OH, OW, N]`` output.
+        config: launch config override.
+
+    Returns:
+        ``[B, OH, OW, N]`` (NHWC, contiguous) in ``out_dtype``: the next layer's input as is.
+    """
+    values, (kh, kw), (sh, sw), (ph, pw), (batch, h, w, c), (oh, ow), k = _geometry(
+        x_nhwc_int8, packed_weight, w_bits, kernel_size, stride, padding
+    )
+    device = x_nhwc_int8.device
+    if packed_weight.device != device:
+        raise ValueError("x_nhwc_int8 and packed_weight must be on the same device")
+    if packed_weight.stride(1) != 1:
+        packed_weight = packed_weight.contiguous()
+    n = packed_weight.shape[0]
+    m = batch * oh * ow
+    if residual is not None:
+        if tuple(residual.shape) != (batch, oh, ow, n):
+            raise ValueError(f"residual must be [{batch}, {oh}, {ow}, {n}], got {tuple(residual.shape)}")
+        residual = residual.contiguous()
+    epi = EpilogueArgs(m, n, device, scales, bias, relu,
+                       residual.reshape(m, n) if residual is not None else None, residual_scale, x_scale,
+                       out_scale, out_dtype, out_zero_point, qmin, qmax)
+    out = epi.output((batch, oh, ow, n), device, out)
+    if m == 0 or n == 0:
+        return out
+    cfg = dict(config) if config is not None else pick_config("packed_conv", device, "small_n" if n <= 64 else "default")
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    x = x_nhwc_int8
+    _packed_conv2d_kernel[grid](
+        x, packed_weight, scales, bias if bias is not None else scales,
+        residual if residual is not None else out, out,
+        h, w, c, oh, ow, m, n, k,
+        sh, sw, ph, pw,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3), packed_weight.stride(0),
+        *epi.scalars,
+        KH=kh, KW=kw, BITS=w_bits, VALUES=values, WORD_TILES=word_tiles(values, cfg),
+        HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
+        OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
+        **launch_options(cfg),
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# plain PyTorch reference (same signature)
+# ---------------------------------------------------------------------------------------------
+
+
+def exact_int_conv2d_nhwc(x_nhwc: torch.Tensor, q: torch.Tensor, kernel_hw, stride, padding) -> torch.Tensor:
+    """int64 ``[B, OH, OW, N]`` convolution of integer codes with integer weights ``q [N, KH*KW*C]``.
+
+    Computed as a float64 convolution: exact, because every product and partial sum is an
+    integer of magnitude below 2^53 (checked).
+    """
+    kh, kw = kernel_hw
+    c = x_nhwc.shape[3]
+    bound = kh * kw * c * 255 * 128
+    if bound >= 2**53:
+        raise ValueError("float64 route not exact for this K")
+    weight = q.reshape(q.shape[0], kh, kw, c).permute(0, 3, 1, 2).to(torch.float64)
+    y = F.conv2d(x_nhwc.permute(0, 3, 1, 2).to(torch.float64), weight, stride=stride, padding=padding)
+    return y.permute(0, 2, 3, 1).to(torch.int64)
+
+
+def packed_conv2d_reference(
+    x_nhwc_int8, packed_weight, w_bits, scales, bias=None, *, kernel_size, stride=1, padding=0, relu=False,
+    residual=None, out_scale=None, x_scale=1.0, residual_scale=None, out_dtype=None, out_zero_point=0,
+    qmin=None, qmax=None, out=None, config=None,
+) -> torch.Tensor:
+    """Plain-torch :func:`packed_conv2d`: unpack, exact convolution, the same float32 epilogue."""
+    _, kernel_hw, strides, pads, (batch, _, _, _), (oh, ow), k = _geometry(
+        x_nhwc_int8, packed_weight, w_bits, kernel_size, stride, padding
+    )
+    q = unpack_weights(packed_weight, w_bits, k)
+    n = q.shape[0]
+    m = batch * oh * ow
+    res2d = residual.reshape(m, n) if residual is not None else None
+    epi = EpilogueArgs(m, n, x_nhwc_int8.device, scales, bias, relu, res2d, residual_scale, x_scale,
+                       out_scale, out_dtype, out_zero_point, qmin, qmax)
+    acc = exact_int_conv2d_nhwc(x_nhwc_int8, q, kernel_hw, strides, pads).reshape(m, n)
+    result = epilogue_reference(acc, epi, scales, bias, relu, res2d).reshape(batch, oh, ow, n)
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result

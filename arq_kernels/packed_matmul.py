@@ -1,0 +1,436 @@
+"""``packed_linear``: int8 activations x 2-8 bit weights packed in int32 words, int8 ``tl.dot``
+with int32 accumulation, fused epilogue (scale, folded-BatchNorm bias, residual, ReLU,
+requantization to the next layer's int8/uint8 codes, or float output).
+
+Weight format (docs/design.md, ``arq.quant.packing``): integer weights ``q [N, K]`` in
+``[-(2^(b-1) - 1), 2^(b-1) - 1]``; ``v = 32 // b`` values per int32 word, value ``j`` of word
+``w`` (column ``k = w v + j``) in bits ``[j b, (j + 1) b)`` as a b-bit two's-complement field;
+packed ``[N, ceil(K / v)]``, the last word zero-padded; float32 scales ``[N]``: ``w = q scale``.
+The kernel unpacks in registers: shift each field to the top of its int32 word and back
+arithmetically (sign extension), cast to int8, ``tl.dot``. When ``32 // b`` divides BLOCK_K
+(b = 2, 4, 7, 8) each word is loaded once and expanded along a new axis folded into K
+(:func:`unpack_weight_words`); otherwise (b = 3, 5, 6) each value gathers its word
+(:func:`unpack_weight_tile`, repeated addresses served by L1). Hopper has
+no sub-8-bit tensor-core math, so low bit widths save weight bandwidth and storage, not MACs.
+
+Epilogue, in float32 and in this order (the reference does the same ops, so results are bit-equal
+when no multiply-add is contracted, which ``enable_fp_fusion=False`` guarantees)::
+
+    y = float32(acc) * (x_scale * w_scale[n])      # x_scale rounded to float32 first
+    y = y + bias[n]                                # folded BatchNorm
+    y = y + residual[m, n]                         # float, or codes * residual_scale
+    y = max(y, 0)                                  # ReLU
+    out = y | quantize(y, out_scale) | acc         # float / int8, uint8 codes / raw int32
+
+Outline: candidate configs (``configs/packed_matmul.json``), Triton helpers (shared with
+:mod:`arq_kernels.packed_conv`), kernel, launcher :func:`packed_linear`, plain-torch references
+:func:`packed_linear_reference`, :func:`pack_weights`, :func:`unpack_weights`.
+
+Blocked algorithm (one program = a BLOCK_M x BLOCK_N tile of ``out = x @ W.T``)::
+
+    acc = 0 (int32)
+    for k in range(0, K, BLOCK_K):
+        a = x[m, k:k+BLOCK_K]                          # int8
+        b = sign_extend(word(n, k) >> field(k))        # int8 [BLOCK_K, BLOCK_N], in registers
+        acc += a @ b
+    epilogue(acc) -> out[m, n]
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from arq_kernels._common import as_float32, launch_options, pick_config, quant_levels, quantize_codes, quantize_reference, to_float_dtype
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+# ---------------------------------------------------------------------------------------------
+# candidate configs (chosen ones: configs/packed_matmul.json, also used by packed_conv)
+# ---------------------------------------------------------------------------------------------
+
+CANDIDATES = [
+    {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s}
+    for m, n, k, w, s in [
+        (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+        (256, 64, 64, 8, 3), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4), (128, 16, 64, 4, 4),
+    ]
+]
+
+_OUT_FLOAT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_OUT_CODES = {torch.int8: tl.int8, torch.uint8: tl.uint8}
+
+# ---------------------------------------------------------------------------------------------
+# torch-side packing (reference of the format)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return 32 // bits
+
+
+def packed_width(k: int, bits: int) -> int:
+    """Words per row, ``ceil(k / (32 // bits))``."""
+    return -(-k // _check_bits(bits))
+
+
+def pack_weights(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer weights ``q [N, K]`` in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` -> int32 ``[N, ceil(K / (32 // b))]``."""
+    values = _check_bits(bits)
+    if q.dim() != 2 or q.is_floating_point() or q.dtype == torch.bool:
+        raise ValueError(f"q must be an integer [N, K] tensor, got {q.dtype} of shape {tuple(q.shape)}")
+    limit = (1 << (bits - 1)) - 1
+    if q.numel() and (int(q.min()) < -limit or int(q.max()) > limit):
+        raise ValueError(f"q must lie in [{-limit}, {limit}] for {bits} bits")
+    n, k = q.shape
+    words = packed_width(k, bits)
+    fields = torch.zeros(n, words * values, dtype=torch.int64, device=q.device)
+    fields[:, :k] = q.to(torch.int64) & ((1 << bits) - 1)
+    packed = torch.zeros(n, words, dtype=torch.int64, device=q.device)
+    for j in range(values):
+        packed |= fields[:, j::values] << (j * bits)
+    return (packed - ((packed >> 31) << 32)).to(torch.int32)  # the unsigned word as int32
+
+
+def unpack_weights(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_weights`: int32 ``[N, words]`` -> int8 ``[N, k]``."""
+    values = _check_bits(bits)
+    if packed.dim() != 2 or packed.dtype != torch.int32 or packed.shape[1] != packed_width(k, bits):
+        raise ValueError(f"packed must be int32 [N, {packed_width(k, bits)}] for k={k}, bits={bits}")
+    unsigned = packed.to(torch.int64) & 0xFFFFFFFF
+    columns = []
+    for j in range(values):
+        field = (unsigned >> (j * bits)) & ((1 << bits) - 1)
+        columns.append(field - ((field >> (bits - 1)) << bits))
+    return torch.stack(columns, dim=2).reshape(packed.shape[0], -1)[:, :k].to(torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton helpers (shared with packed_conv)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def unpack_weight_tile(w_ptr, k, n, K, N, stride_wn, BITS: tl.constexpr, VALUES: tl.constexpr):
+    """int8 ``[BLOCK_K, BLOCK_N]`` tile ``q[n, k].T`` from the packed int32 words."""
+    word = k // VALUES
+    top = 32 - BITS - (k % VALUES) * BITS  # left shift that puts the field in the top bits
+    ok = (k < K)[:, None] & (n < N)[None, :]
+    words = tl.load(w_ptr + n[None, :] * stride_wn + word[:, None], mask=ok, other=0)
+    fields = (words << top[:, None]) >> (32 - BITS)  # arithmetic right shift: sign extension
+    return fields.to(tl.int8)
+
+
+@triton.jit
+def unpack_weight_words(w_ptr, k0, n, num_words, N, stride_wn,
+                        BITS: tl.constexpr, VALUES: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Same tile as :func:`unpack_weight_tile` when VALUES divides BLOCK_K (b = 2, 4, 7, 8) and
+    ``k0`` is a multiple of BLOCK_K: loads each word once (``BLOCK_K / VALUES`` words a column),
+    expands it to its VALUES fields along a new axis and folds that axis into K
+    (``k = word * VALUES + j``). Fields past K in the last word are zero (the format's padding)."""
+    WORDS: tl.constexpr = BLOCK_K // VALUES
+    w = k0 // VALUES + tl.arange(0, WORDS)
+    ok = (w < num_words)[:, None] & (n < N)[None, :]
+    words = tl.load(w_ptr + n[None, :] * stride_wn + w[:, None], mask=ok, other=0)  # [WORDS, BLOCK_N]
+    top = 32 - BITS - tl.arange(0, VALUES) * BITS
+    fields = (words[:, None, :] << top[None, :, None]) >> (32 - BITS)  # [WORDS, VALUES, BLOCK_N]
+    return tl.reshape(fields, [BLOCK_K, BLOCK_N]).to(tl.int8)
+
+
+@triton.jit
+def epilogue_store(
+    acc, m, n, M, N,
+    w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    stride_rm, stride_rn, stride_om, stride_on,
+    x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, RES_MODE: tl.constexpr,
+    OUT_MODE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+):
+    """Scale, bias, residual, ReLU, (re)quantize and store an int32 ``[BLOCK_M, BLOCK_N]`` tile.
+
+    RES_MODE: 0 none, 1 float residual, 2 integer codes times ``res_scale``.
+    OUT_MODE: 0 raw int32 accumulator, 1 float (OUT_DTYPE), 2 int8/uint8 codes (OUT_DTYPE).
+    """
+    m_ok = m < M
+    n_ok = n < N
+    mask = m_ok[:, None] & n_ok[None, :]
+    out_ptrs = out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :] * stride_on
+    if OUT_MODE == 0:
+        tl.store(out_ptrs, acc, mask=mask)
+    else:
+        scale = x_scale * tl.load(w_scale_ptr + n, mask=n_ok, other=1.0)
+        y = acc.to(tl.float32) * scale[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0)[None, :]
+        if RES_MODE != 0:
+            res = tl.load(res_ptr + m.to(tl.int64)[:, None] * stride_rm + n[None, :] * stride_rn, mask=mask, other=0)
+            if RES_MODE == 1:
+                y = y + res.to(tl.float32)
+            else:
+                y = y + res.to(tl.float32) * res_scale
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        if OUT_MODE == 2:
+            tl.store(out_ptrs, quantize_codes(y, out_scale, q_lo, q_hi, zero_point).to(OUT_DTYPE), mask=mask)
+        else:
+            tl.store(out_ptrs, to_float_dtype(y, OUT_DTYPE), mask=mask)
+
+
+@triton.jit
+def tile_indices(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped program order (GROUP_M row blocks share their weight columns in L2)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+    return pid_m, pid_n
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point"])
+def _packed_linear_kernel(
+    # pointers
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes
+    M, N, K,
+    # strides (the packed weight's word stride is 1)
+    stride_xm, stride_xk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
+    # epilogue scalars
+    x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
+    # meta-parameters
+    BITS: tl.constexpr, VALUES: tl.constexpr, WORD_TILES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, RES_MODE: tl.constexpr,
+    OUT_MODE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    num_words = tl.cdiv(K, VALUES)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    m_ok = m < M
+
+    # -- int8 x int8 -> int32: exact, whatever the summation order -------------------------------
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(x_ptr + m.to(tl.int64)[:, None] * stride_xm + k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & (k < K)[None, :], other=0)
+        if WORD_TILES:
+            b = unpack_weight_words(w_ptr, k0, n, num_words, N, stride_wn, BITS, VALUES, BLOCK_K, BLOCK_N)
+        else:
+            b = unpack_weight_tile(w_ptr, k, n, K, N, stride_wn, BITS, VALUES)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+
+    epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                   stride_rm, stride_rn, stride_om, stride_on,
+                   x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
+                   HAS_BIAS, RELU, RES_MODE, OUT_MODE, OUT_DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------------------------
+
+
+class EpilogueArgs:
+    """Checked epilogue settings shared by packed_linear and packed_conv2d."""
+
+    def __init__(self, m, n, device, scales, bias, relu, residual, residual_scale, x_scale,
+                 out_scale, out_dtype, out_zero_point, qmin, qmax):
+        if scales is None or scales.shape != (n,) or scales.dtype != torch.float32 or scales.device != device:
+            raise ValueError(f"scales must be float32 [{n}] on {device}")
+        if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32 or bias.device != device):
+            raise ValueError(f"bias must be float32 [{n}] on {device}")
+        if out_dtype is None:
+            out_dtype = torch.int8 if out_scale is not None else torch.float32
+        self.raw = out_dtype == torch.int32
+        self.codes = out_dtype in _OUT_CODES
+        if not (self.raw or self.codes or out_dtype in _OUT_FLOAT):
+            raise TypeError(f"out_dtype must be int32 (raw accumulator), int8/uint8 or float32/16/bf16, got {out_dtype}")
+        if self.raw and (bias is not None or relu or residual is not None or out_scale is not None):
+            raise ValueError("out_dtype=int32 returns the raw accumulator: no bias, relu, residual or out_scale")
+        if self.codes != (out_scale is not None):
+            raise ValueError("out_scale is required for (and only for) int8/uint8 outputs")
+        if self.codes and not float(out_scale) > 0.0:
+            raise ValueError(f"out_scale must be > 0, got {out_scale}")
+        self.res_mode = 0
+        if residual is not None:
+            if residual.shape != (m, n) or residual.device != device:
+                raise ValueError(f"residual must be [{m}, {n}] on {device}, got {tuple(residual.shape)}")
+            if residual.is_floating_point():
+                self.res_mode = 1
+                if residual_scale is not None:
+                    raise ValueError("residual_scale is for integer residual codes only")
+            elif residual.dtype in (torch.int8, torch.uint8):
+                self.res_mode = 2
+                if residual_scale is None:
+                    raise ValueError("integer residual codes need residual_scale")
+            else:
+                raise TypeError(f"residual must be float, int8 or uint8, got {residual.dtype}")
+        self.q_lo, self.q_hi = quant_levels(out_dtype, out_zero_point, qmin, qmax) if self.codes else (0, 0)
+        self.out_dtype = out_dtype
+        self.out_mode = 0 if self.raw else (2 if self.codes else 1)
+        self.tl_out = tl.int32 if self.raw else (_OUT_CODES[out_dtype] if self.codes else _OUT_FLOAT[out_dtype])
+        self.scalars = (
+            as_float32(x_scale),
+            as_float32(residual_scale) if residual_scale is not None else 1.0,
+            as_float32(out_scale) if out_scale is not None else 1.0,
+            self.q_lo, self.q_hi, int(out_zero_point),
+        )
+
+    def output(self, shape, device, out):
+        if out is None:
+            return torch.empty(shape, dtype=self.out_dtype, device=device)
+        if tuple(out.shape) != tuple(shape) or out.dtype != self.out_dtype or out.device != device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {self.out_dtype} tensor of shape {tuple(shape)} on {device}")
+        return out
+
+
+def word_tiles(values: int, cfg: dict) -> bool:
+    """Whether the word-at-a-time unpacking applies (VALUES divides BLOCK_K; config may force it off)."""
+    return bool(cfg.get("WORD_TILES", True)) and cfg["BLOCK_K"] % values == 0
+
+
+def packed_linear(
+    x_int8: torch.Tensor,
+    packed_weight: torch.Tensor,
+    w_bits: int,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    x_scale: float = 1.0,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+    residual_scale: float | None = None,
+    out_scale: float | None = None,
+    out_dtype: torch.dtype | None = None,
+    out_zero_point: int = 0,
+    qmin: int | None = None,
+    qmax: int | None = None,
+    in_features: int | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``out[m, n] = epilogue(sum_k x[m, k] q[n, k])`` for int8 ``x [M, K]`` and packed ``q``.
+
+    Args:
+        x_int8: int8 ``[M, K]`` activation codes (``x = x_scale * codes``).
+        packed_weight: int32 ``[N, ceil(K / (32 // w_bits))]`` (``pack_weights``; row-contiguous).
+        w_bits: weight bit width, 2..8.
+        scales: float32 ``[N]`` per-output-channel weight scales.
+        bias: float32 ``[N]`` (folded BatchNorm) or None.
+        x_scale: the activations' scale (rounded to float32).
+        relu: apply ReLU after the residual add.
+        residual: ``[M, N]`` float, or int8/uint8 codes with ``residual_scale``.
+        out_scale: requantize to ``out_dtype`` codes (int8 default) with this step; None: float output.
+        out_dtype: float32 (default without out_scale), float16, bfloat16, int8, uint8, or int32 for
+            the raw accumulator (no epilogue).
+        out_zero_point, qmin, qmax: code levels (defaults: int8 [-127, 127], uint8 [-z, 255 - z]).
+        in_features: K, when it is not ``x_int8.shape[1]`` (it always is; checked).
+        out: optional preallocated contiguous ``[M, N]`` output.
+        config: launch config override.
+
+    Returns:
+        ``[M, N]`` in ``out_dtype``.
+    """
+    values = _check_bits(w_bits)
+    if x_int8.dim() != 2 or x_int8.dtype != torch.int8:
+        raise TypeError(f"x_int8 must be an int8 [M, K] tensor, got {x_int8.dtype} {tuple(x_int8.shape)}")
+    m, k = x_int8.shape
+    if in_features is not None and in_features != k:
+        raise ValueError(f"in_features={in_features} but x has K={k}")
+    if packed_weight.dim() != 2 or packed_weight.dtype != torch.int32 or packed_weight.shape[1] != packed_width(k, w_bits):
+        raise ValueError(f"packed_weight must be int32 [N, {packed_width(k, w_bits)}] for K={k}, bits={w_bits}")
+    if packed_weight.stride(1) != 1:
+        packed_weight = packed_weight.contiguous()
+    if packed_weight.device != x_int8.device:
+        raise ValueError("x_int8 and packed_weight must be on the same device")
+    n = packed_weight.shape[0]
+    epi = EpilogueArgs(m, n, x_int8.device, scales, bias, relu, residual, residual_scale, x_scale,
+                       out_scale, out_dtype, out_zero_point, qmin, qmax)
+    out = epi.output((m, n), x_int8.device, out)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        raise ValueError("K must be >= 1")
+    cfg = dict(config) if config is not None else pick_config("packed_matmul", x_int8.device, "small_n" if n <= 64 else "default")
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    res = residual if residual is not None else out
+    _packed_linear_kernel[grid](
+        x_int8, packed_weight, scales, bias if bias is not None else scales, res, out,
+        m, n, k,
+        x_int8.stride(0), x_int8.stride(1), packed_weight.stride(0),
+        res.stride(0), res.stride(1), out.stride(0), out.stride(1),
+        *epi.scalars,
+        BITS=w_bits, VALUES=values, WORD_TILES=word_tiles(values, cfg),
+        HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
+        OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
+        **launch_options(cfg),
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# plain PyTorch reference (same signature)
+# ---------------------------------------------------------------------------------------------
+
+
+def exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` of integer tensors as int64, exactly: int64 matmul on CPU; on CUDA (no int64
+    matmul) float64, exact because every partial sum is an integer below 2^53 (checked)."""
+    if a.device.type == "cpu":
+        return a.to(torch.int64) @ b.to(torch.int64).T
+    bound = a.shape[1] * a.abs().max().item() * b.abs().max().item() if a.numel() and b.numel() else 0
+    if bound >= 2**53:
+        raise ValueError("float64 route not exact for these magnitudes")
+    return (a.to(torch.float64) @ b.to(torch.float64).T).to(torch.int64)
+
+
+def epilogue_reference(acc: torch.Tensor, epi: EpilogueArgs, scales, bias, relu, residual) -> torch.Tensor:
+    """The kernel's epilogue on an int64 accumulator ``[M, N]``, same float32 ops in the same order."""
+    if epi.raw:
+        return acc.to(torch.int32)
+    x_scale, res_scale, out_scale, q_lo, q_hi, zero_point = epi.scalars
+    scale = torch.tensor(x_scale, dtype=torch.float32, device=acc.device) * scales
+    y = acc.to(torch.float32) * scale[None, :]
+    if bias is not None:
+        y = y + bias[None, :]
+    if residual is not None:
+        if epi.res_mode == 1:
+            y = y + residual.to(torch.float32)
+        else:
+            y = y + residual.to(torch.float32) * torch.tensor(res_scale, dtype=torch.float32, device=acc.device)
+    if relu:
+        y = torch.clamp_min(y, 0.0)
+    if epi.codes:
+        return quantize_reference(y, out_scale, q_lo, q_hi, zero_point, epi.out_dtype)
+    return y.to(epi.out_dtype)
+
+
+def packed_linear_reference(
+    x_int8, packed_weight, w_bits, scales, bias=None, *, x_scale=1.0, relu=False, residual=None,
+    residual_scale=None, out_scale=None, out_dtype=None, out_zero_point=0, qmin=None, qmax=None,
+    in_features=None, out=None, config=None,
+) -> torch.Tensor:
+    """Plain-torch :func:`packed_linear`: unpack, exact int64 matmul, the same float32 epilogue."""
+    m, k = x_int8.shape
+    q = unpack_weights(packed_weight, w_bits, k)
+    epi = EpilogueArgs(m, q.shape[0], x_int8.device, scales, bias, relu, residual, residual_scale, x_scale,
+                       out_scale, out_dtype, out_zero_point, qmin, qmax)
+    result = epilogue_reference(exact_int_matmul(x_int8, q), epi, scales, bias, relu, residual)
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result

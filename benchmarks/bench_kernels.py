@@ -1,0 +1,249 @@
+"""arq_kernels against their torch baselines, at certification batch sizes (1k-16k samples).
+
+Every case times one GPU op (``torch.cuda.synchronize`` inside the timed call), grouped so that
+pytest-benchmark prints each Triton kernel beside its baselines from the same run:
+
+* ``noise-<n>``: ``x + sigma * randn`` (+ round/clamp to int8) in torch vs ``noisy_input``
+  (counter-based float64 Box-Muller, fused add and format, float32 / int8 NHWC output).
+* ``linear-<bits>b-<m>``: packed 2-8 bit weights x int8 activations (``packed_linear``, fused
+  requantization) vs dequantize + float32 matmul, fp16 matmul, ``torch._int_mm`` (int8, no
+  epilogue) on already unpacked weights.
+* ``conv-<layer>-<bits>b-<n>``: NHWC implicit GEMM (``packed_conv2d``) vs cuDNN fp16
+  channels_last and float32 (TF32) convolution of the dequantized weight.
+* ``votes-<classes>-<n>``: ``vote_count`` (int8 and fp16 features) / ``argmax_count`` vs
+  ``F.linear + argmax + bincount``.
+
+Run on a GPU:  ``pytest benchmarks/bench_kernels.py --benchmark-only --benchmark-group-by=group``
+Without CUDA every case is skipped (the CPU interpreter's timings mean nothing).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="Triton is not installed (pip install 'arq[triton]')")
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+BATCHES = [1024, 4096, 16384]
+SIGMA = 0.25
+
+
+def _run(benchmark, group: str, fn, samples: int, rounds: int = 20):
+    """Time ``fn`` (synchronized), record samples/s; returns fn's last result."""
+    benchmark.group = group
+
+    def timed():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    result = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=3, iterations=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["samples_per_s"] = samples / benchmark.stats.stats.median
+    return result
+
+
+def _quantize_int8(y, scale):
+    return torch.clamp(torch.round(y / scale), -127, 127).to(torch.int8)
+
+
+# ------------------------------------------------------------------------------------------------
+# noise
+# ------------------------------------------------------------------------------------------------
+
+NOISE_VARIANTS = ["torch_randn_fp32", "torch_randn_int8", "triton_fp32", "triton_int8_nhwc"]
+
+
+@pytest.mark.parametrize("count", BATCHES)
+@pytest.mark.parametrize("variant", NOISE_VARIANTS)
+def test_noise(benchmark, variant, count):
+    from arq_kernels.noise import noisy_input
+
+    x = torch.rand(3, 32, 32, device="cuda")
+    fields = dict(seed=0, input_index=0, draw=1, sample_start=0, count=count)
+    if variant == "torch_randn_fp32":
+        fn = lambda: x + SIGMA * torch.randn(count, *x.shape, device="cuda")  # noqa: E731
+    elif variant == "torch_randn_int8":
+        fn = lambda: _quantize_int8(x + SIGMA * torch.randn(count, *x.shape, device="cuda"), 0.02)  # noqa: E731
+    elif variant == "triton_fp32":
+        fn = lambda: noisy_input(x, SIGMA, **fields)  # noqa: E731
+    else:
+        fn = lambda: noisy_input(x, SIGMA, out_dtype=torch.int8, out_scale=0.02, layout="nhwc", **fields)  # noqa: E731
+    _run(benchmark, f"noise-{count}", fn, count)
+
+
+# ------------------------------------------------------------------------------------------------
+# packed linear
+# ------------------------------------------------------------------------------------------------
+
+LINEAR_VARIANTS = ["dequant_matmul_fp32", "matmul_fp16", "torch_int_mm", "triton_packed"]
+
+
+@pytest.mark.parametrize("m", [1024, 16384])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("variant", LINEAR_VARIANTS)
+def test_packed_linear(benchmark, variant, bits, m):
+    from arq_kernels.packed_matmul import pack_weights, packed_linear, unpack_weights
+
+    k, n = 1024, 512
+    generator = torch.Generator().manual_seed(bits)
+    limit = (1 << (bits - 1)) - 1
+    q = torch.randint(-limit, limit + 1, (n, k), generator=generator, dtype=torch.int8)
+    packed = pack_weights(q, bits).cuda()
+    scales = (torch.rand(n, generator=generator) * 0.01).cuda()
+    bias = torch.randn(n, generator=generator).cuda()
+    x = torch.randint(-127, 128, (m, k), generator=generator, dtype=torch.int8).cuda()
+    x_scale = 0.02
+    if variant == "dequant_matmul_fp32":
+        def fn():
+            w = unpack_weights(packed, bits, k).float() * scales[:, None]
+            return torch.relu((x.float() * x_scale) @ w.T + bias)
+    elif variant == "matmul_fp16":
+        w16 = (q.cuda().half() * scales[:, None].half())
+        x16 = x.half() * x_scale
+        fn = lambda: torch.relu(x16 @ w16.T + bias.half())  # noqa: E731
+    elif variant == "torch_int_mm":
+        q_cuda = q.cuda()
+        fn = lambda: torch._int_mm(x, q_cuda.T)  # noqa: E731 - [K, N] column-major, as cuBLASLt wants
+    else:
+        fn = lambda: packed_linear(x, packed, bits, scales, bias, x_scale=x_scale, relu=True, out_scale=0.05)  # noqa: E731
+    _run(benchmark, f"linear-{bits}b-{m}", fn, m)
+
+
+# ------------------------------------------------------------------------------------------------
+# packed conv (ResNet-20 layers, CIFAR-10)
+# ------------------------------------------------------------------------------------------------
+
+CONV_LAYERS = {  # name: (H, W, C, N, kernel, stride, padding)
+    "stage1_3x3": (32, 32, 16, 16, 3, 1, 1),
+    "stage3_3x3": (8, 8, 64, 64, 3, 1, 1),
+    "down_1x1": (16, 16, 32, 64, 1, 2, 0),
+}
+CONV_VARIANTS = ["cudnn_fp16_nhwc", "cudnn_fp32_dequant", "triton_packed"]
+
+
+@pytest.mark.parametrize("batch", [1024, 4096])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("layer", list(CONV_LAYERS))
+@pytest.mark.parametrize("variant", CONV_VARIANTS)
+def test_packed_conv(benchmark, variant, layer, bits, batch):
+    from arq_kernels.packed_conv import packed_conv2d
+    from arq_kernels.packed_matmul import pack_weights
+
+    h, w, c, n, ks, stride, pad = CONV_LAYERS[layer]
+    generator = torch.Generator().manual_seed(bits)
+    limit = (1 << (bits - 1)) - 1
+    q = torch.randint(-limit, limit + 1, (n, c, ks, ks), generator=generator, dtype=torch.int8)
+    packed = pack_weights(q.permute(0, 2, 3, 1).reshape(n, -1), bits).cuda()
+    scales = (torch.rand(n, generator=generator) * 0.01).cuda()
+    bias = torch.randn(n, generator=generator).cuda()
+    x = torch.randint(-127, 128, (batch, h, w, c), generator=generator, dtype=torch.int8).cuda()
+    weight = q.cuda().float() * scales[:, None, None, None]
+    if variant == "cudnn_fp16_nhwc":
+        x16 = (x.permute(0, 3, 1, 2).half() * 0.02).contiguous(memory_format=torch.channels_last)
+        w16 = weight.half().contiguous(memory_format=torch.channels_last)
+        fn = lambda: torch.relu(F.conv2d(x16, w16, bias.half(), stride=stride, padding=pad))  # noqa: E731
+    elif variant == "cudnn_fp32_dequant":
+        def fn():
+            xf = x.permute(0, 3, 1, 2).float() * 0.02
+            return _quantize_int8(torch.relu(F.conv2d(xf, weight, bias, stride=stride, padding=pad)), 0.05)
+    else:
+        fn = lambda: packed_conv2d(x, packed, bits, scales, bias, kernel_size=ks, stride=stride,  # noqa: E731
+                                   padding=pad, relu=True, x_scale=0.02, out_scale=0.05)
+    _run(benchmark, f"conv-{layer}-{bits}b-{batch}", fn, batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# votes
+# ------------------------------------------------------------------------------------------------
+
+VOTE_VARIANTS = ["torch_linear_argmax_bincount", "triton_vote_count_int8", "triton_vote_count_fp16", "triton_argmax_count"]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("classes, features", [(10, 64), (1000, 2048)])
+@pytest.mark.parametrize("variant", VOTE_VARIANTS)
+def test_votes(benchmark, variant, classes, features, batch):
+    from arq_kernels.votes import argmax_count, vote_count
+
+    generator = torch.Generator().manual_seed(classes)
+    x8 = torch.randint(-127, 128, (batch, features), generator=generator, dtype=torch.int8).cuda()
+    w8 = torch.randint(-127, 128, (classes, features), generator=generator, dtype=torch.int8).cuda()
+    w_scale = (torch.rand(classes, generator=generator) * 0.01).cuda()
+    bias = torch.randn(classes, generator=generator).cuda()
+    x16 = x8.half() * 0.02
+    w16 = (w8.float() * w_scale[:, None]).half()
+    if variant == "torch_linear_argmax_bincount":
+        fn = lambda: torch.bincount(F.linear(x16, w16, bias.half()).argmax(1), minlength=classes)  # noqa: E731
+    elif variant == "triton_vote_count_int8":
+        fn = lambda: vote_count(x8, w8, bias, classes, feature_scale=0.02, weight_scale=w_scale)  # noqa: E731
+    elif variant == "triton_vote_count_fp16":
+        fn = lambda: vote_count(x16, w16, bias, classes)  # noqa: E731
+    else:
+        logits = F.linear(x16, w16, bias.half())
+        fn = lambda: argmax_count(logits, classes)  # noqa: E731
+    _run(benchmark, f"votes-{classes}-{batch}", fn, batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# tuning: time each module's CANDIDATES on this GPU, print the best as configs/*.json entries
+# ------------------------------------------------------------------------------------------------
+
+
+def tune(batch: int = 4096) -> dict:
+    """``{family: {device_name: {"default": best_config}}}`` measured with triton.testing.do_bench.
+
+    Merge the printed entries into ``arq_kernels/configs/<family>.json`` (the kernels read them
+    by ``torch.cuda.get_device_name()``).
+    """
+    from triton.testing import do_bench
+
+    from arq_kernels import noise, packed_conv, packed_matmul, votes
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 32, 32, device="cuda")
+    x8 = torch.randint(-127, 128, (batch, 1024), generator=generator, dtype=torch.int8).cuda()
+    q = torch.randint(-7, 8, (512, 1024), generator=generator, dtype=torch.int8)
+    packed4 = packed_matmul.pack_weights(q, 4).cuda()
+    scales = torch.rand(512, generator=generator).cuda() * 0.01
+    xc = torch.randint(-127, 128, (batch // 4, 16, 16, 32), generator=generator, dtype=torch.int8).cuda()
+    qc = torch.randint(-7, 8, (32, 3 * 3 * 32), generator=generator, dtype=torch.int8)
+    packed_c = packed_matmul.pack_weights(qc, 4).cuda()
+    feats = torch.randint(-127, 128, (batch, 64), generator=generator, dtype=torch.int8).cuda()
+    w_last = torch.randint(-127, 128, (10, 64), generator=generator, dtype=torch.int8).cuda()
+    cases = {
+        "noise": (noise.CANDIDATES, lambda cfg: noise.noisy_input(
+            x, SIGMA, seed=0, input_index=0, draw=1, sample_start=0, count=batch, out_dtype=torch.int8,
+            out_scale=0.02, layout="nhwc", config=cfg)),
+        "packed_matmul": (packed_matmul.CANDIDATES, lambda cfg: packed_matmul.packed_linear(
+            x8, packed4, 4, scales, relu=True, out_scale=0.05, config=cfg)),
+        "packed_conv": (packed_conv.CANDIDATES, lambda cfg: packed_conv.packed_conv2d(
+            xc, packed_c, 4, scales[:32], kernel_size=3, padding=1, relu=True, out_scale=0.05, config=cfg)),
+        "votes": (votes.CANDIDATES, lambda cfg: votes.vote_count(
+            feats, w_last, None, 10, feature_scale=0.02, weight_scale=scales[:10], config=cfg)),
+    }
+    name = torch.cuda.get_device_name()
+    best = {}
+    for family, (candidates, run) in cases.items():
+        timings = []
+        for cfg in candidates:
+            try:
+                timings.append((do_bench(lambda: run(cfg)), cfg))
+            except Exception as error:  # noqa: BLE001 - a config may not fit this GPU
+                print(f"{family} {cfg}: {type(error).__name__}")
+        timings.sort(key=lambda item: item[0])
+        for ms, cfg in timings:
+            print(f"{family:14s} {ms * 1e3:9.1f} us  {cfg}")
+        best[family] = {name: {"default": timings[0][1]}}
+    return best
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if not torch.cuda.is_available():
+        sys.exit("tuning needs a CUDA device")
+    print(json.dumps(tune(), indent=1))

@@ -1,0 +1,118 @@
+"""arq_kernels.packed_conv: NHWC implicit-GEMM convolution with packed weights, fused epilogue."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="Triton is not installed (pip install 'arq[triton]')")
+
+from arq_kernels.packed_conv import packed_conv2d, packed_conv2d_reference  # noqa: E402
+from arq_kernels.packed_matmul import pack_weights  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+MANY_PROGRAMS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+
+# (batch, H, W, C, N, kernel, stride, padding, bits): odd sizes, C not a multiple of anything useful
+GEOMETRIES = [
+    (2, 7, 9, 5, 11, 3, 1, 1, 2),
+    (1, 8, 7, 6, 13, 3, 2, 1, 3),
+    (2, 6, 5, 7, 9, 3, 1, 0, 4),
+    (3, 5, 5, 7, 9, 1, 1, 0, 5),
+    (2, 9, 6, 3, 17, 1, 2, 0, 6),
+    (1, 9, 9, 4, 5, 3, 2, 0, 7),
+    (1, 6, 7, 10, 15, 3, 1, 1, 8),
+]
+
+
+def _case(geometry, generator):
+    batch, h, w, c, n, ks, stride, pad, bits = geometry
+    x = torch.randint(-128, 128, (batch, h, w, c), generator=generator, dtype=torch.int8)
+    limit = (1 << (bits - 1)) - 1
+    weight = torch.randint(-limit, limit + 1, (n, c, ks, ks), generator=generator, dtype=torch.int8)
+    packed = pack_weights(weight.permute(0, 2, 3, 1).reshape(n, -1), bits)  # (kh, kw, c) order
+    return x, weight, packed
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"k{g[5]}s{g[6]}p{g[7]}b{g[8]}")
+def test_int32_accumulator_equals_torch_conv(geometry, device, generator):
+    """Raw int32 output against an exact convolution of the original [N, C, KH, KW] weight."""
+    _, _, _, _, n, ks, stride, pad, bits = geometry
+    x, weight, packed = _case(geometry, generator)
+    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), stride=stride, padding=pad)
+    expected = expected.permute(0, 2, 3, 1).to(torch.int64)  # exact: integer sums far below 2^53
+    out = torch.full(expected.shape, -(1 << 31), dtype=torch.int32, device=device)
+    got = packed_conv2d(x.to(device), packed.to(device), bits, torch.ones(n, device=device),
+                        kernel_size=ks, stride=stride, padding=pad, out_dtype=torch.int32, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.shape == expected.shape
+    assert torch.equal(got.cpu().to(torch.int64), expected)
+
+
+@pytest.mark.parametrize("word_tiles", [True, False], ids=["word_tiles", "gather"])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[5]], ids=["k3s1p1b2", "k3s2p0b7"])
+def test_tiling_with_many_programs_and_strided_input(geometry, word_tiles, device, generator):
+    _, _, _, _, n, ks, stride, pad, bits = geometry
+    x, weight, packed = _case(geometry, generator)
+    x_strided = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # NHWC view of an NCHW tensor
+    got = packed_conv2d(x_strided.to(device), packed.to(device), bits, torch.ones(n, device=device),
+                        kernel_size=ks, stride=stride, padding=pad, out_dtype=torch.int32, config={**MANY_PROGRAMS, "WORD_TILES": word_tiles})
+    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), stride=stride, padding=pad)
+    assert torch.equal(got.cpu().to(torch.int64), expected.permute(0, 2, 3, 1).to(torch.int64))
+
+
+@pytest.mark.parametrize(
+    "geometry, spec",
+    [
+        (GEOMETRIES[0], dict(out_scale=0.05, relu=True, residual="int8")),          # block: conv3x3 + skip + ReLU
+        (GEOMETRIES[4], dict(out_dtype=torch.float32, residual=None)),               # 1x1 stride-2 shortcut
+        (GEOMETRIES[6], dict(out_scale=0.03, out_dtype=torch.uint8, relu=True, residual="float")),
+        (GEOMETRIES[2], dict(out_dtype=torch.float16, relu=True, residual="float")),
+    ],
+    ids=["int8_res_relu", "float32", "uint8_res_relu", "float16"],
+)
+def test_fused_epilogue_matches_reference(geometry, spec, device, generator):
+    spec = dict(spec)
+    _, _, _, _, n, ks, stride, pad, bits = geometry
+    x, _, packed = _case(geometry, generator)
+    scales = torch.rand(n, generator=generator) * 0.01 + 0.001
+    bias = torch.randn(n, generator=generator)
+    out_shape = packed_conv2d_reference(x, packed, bits, scales, kernel_size=ks, stride=stride, padding=pad,
+                                        out_dtype=torch.int32).shape
+    kind = spec.pop("residual")
+    residual, residual_scale = None, None
+    if kind == "int8":
+        residual = torch.randint(-127, 128, out_shape, generator=generator, dtype=torch.int8)
+        residual_scale = 0.04
+    elif kind == "float":
+        residual = torch.randn(out_shape, generator=generator)
+    kwargs = dict(kernel_size=ks, stride=stride, padding=pad, x_scale=0.02, residual_scale=residual_scale, **spec)
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    got = packed_conv2d(x.to(device), packed.to(device), bits, scales.to(device), bias.to(device),
+                        residual=on(residual), **kwargs)
+    expected = packed_conv2d_reference(x, packed, bits, scales, bias, residual=residual, **kwargs)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_rejects_bad_arguments(device):
+    x = torch.zeros(1, 4, 4, 3, dtype=torch.int8, device=device)
+    packed = torch.zeros(2, 7, dtype=torch.int32, device=device)  # 3*3*3 = 27 values at 4 bits -> 4 words
+    with pytest.raises(ValueError):
+        packed_conv2d(x, packed, 4, torch.ones(2, device=device), kernel_size=3, padding=1)
+    with pytest.raises(TypeError):
+        packed_conv2d(x.float(), packed, 4, torch.ones(2, device=device), kernel_size=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ks, stride, pad, bits", [(3, 1, 1, 4), (3, 2, 1, 2), (1, 2, 0, 8)])
+def test_gpu_cifar_layer(ks, stride, pad, bits):
+    generator = torch.Generator().manual_seed(ks * 10 + bits)
+    geometry = (256, 32, 32, 32, 64, ks, stride, pad, bits)
+    x, weight, packed = _case(geometry, generator)
+    scales = torch.rand(64, generator=generator) * 0.01
+    got = packed_conv2d(x.cuda(), packed.cuda(), bits, scales.cuda(), kernel_size=ks, stride=stride, padding=pad,
+                        out_dtype=torch.int32)
+    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), stride=stride, padding=pad)
+    assert torch.equal(got.cpu().to(torch.int64), expected.permute(0, 2, 3, 1).to(torch.int64))
