@@ -247,7 +247,9 @@ def noisy_batch(
         x: one input ``[C, H, W]`` (any shape), float dtype, on any device.
         sigma: noise level, > 0.
         seed, input_index, draw, sample_start, count: the Philox counter fields (module docstring).
-        backend: ``"torch"`` (reference), ``"cpp"`` (arq._C on CPU), ``"cuda"``, or ``"auto"``.
+        backend: ``"torch"`` (reference), ``"cpp"`` (arq._C on CPU), ``"cuda"`` (arq._C's CUDA
+            kernel), ``"triton"`` (``arq_kernels.noise``), or ``"auto"`` (compiled op for the
+            device, else Triton on CUDA, else the reference).
 
     Returns:
         ``[count, *x.shape]`` in ``x.dtype`` on ``x.device``. All backends agree bit for bit.
@@ -263,7 +265,23 @@ def noisy_batch(
     _check_counter("input_index", input_index)
     _check_counter("draw", draw)
     _check_counter("sample_start + count", sample_start + count, MAX_COUNTER + 1)
+    if chosen == "triton":
+        from arq_kernels.noise import noisy_input
+
+        return noisy_input(x.contiguous(), float(sigma), seed=seed, input_index=input_index, draw=draw,
+                           sample_start=sample_start, count=count)
     return torch.ops.arq.noisy_input(x.contiguous(), float(sigma), seed, input_index, draw, sample_start, count)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
+    import os
+
+    from arq_kernels import triton_available
+
+    if not triton_available():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _choose_backend(backend: str, device: torch.device) -> str:
@@ -272,12 +290,18 @@ def _choose_backend(backend: str, device: torch.device) -> str:
     if backend not in ("auto", "torch", "cpp", "cuda", "triton"):
         raise ValueError(f"backend must be one of 'auto', 'torch', 'cpp', 'cuda', 'triton', got {backend!r}")
     if backend == "triton":
-        backend = "cuda" if device.type == "cuda" else "auto"
+        if not triton_usable(device):
+            raise RuntimeError(
+                f"backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); got {device}"
+            )
+        return "triton"
     if backend == "auto":
         if device.type == "cpu" and compiled_ops_available():
             return "cpp"
         if device.type == "cuda" and cuda_ops_available():
             return "cuda"
+        if device.type == "cuda" and triton_usable(device):
+            return "triton"
         return "torch"
     if backend == "cpp":
         if device.type != "cpu":

@@ -28,7 +28,11 @@ def count_votes(logits: torch.Tensor, num_classes: int, backend: str = "auto") -
             f"num_classes={num_classes} disagrees with the model's output, which has {logits.shape[1]} classes"
         )
     device_type = logits.device.type
-    use_compiled = backend in ("auto", "cpp", "cuda", "triton") and (
+    if backend == "triton":
+        from arq_kernels.votes import argmax_count
+
+        return argmax_count(logits, num_classes)
+    use_compiled = backend in ("auto", "cpp", "cuda") and (
         (device_type == "cpu" and compiled_ops_available())
         or (device_type == "cuda" and cuda_ops_available() and logits.dtype != torch.float64)
     )
