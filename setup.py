@@ -50,10 +50,16 @@ def _extensions():
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"]
     nvcc = ["-O3", "--fmad=false", "-prec-div=true", "-prec-sqrt=true"]
     macros = [("ARQ_WITH_CUDA", "1")] if with_cuda else []
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        # pip's CUDA builds of torch keep some toolkit headers (cusparse.h, ...) in
+        # site-packages/nvidia/*/include rather than under CUDA_HOME.
+        nvidia_root = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+        include_dirs += sorted(glob.glob(os.path.join(nvidia_root, "*", "include")))
     kwargs = dict(
         name="arq._C",
         sources=cpu_sources + (cuda_sources if with_cuda else []),
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
         extra_link_args=["-fopenmp"],
         define_macros=macros,

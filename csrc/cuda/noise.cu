@@ -1,7 +1,7 @@
 // arq::noisy_input on CUDA: one thread per (sample, element pair), the same
 // float64 arithmetic as the CPU op (csrc/noise_math.h), built with --fmad=false.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -51,7 +51,7 @@ at::Tensor noisy_input_cuda(const at::Tensor& x, double sigma, int64_t seed, int
   constexpr int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535 * 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "noisy_input_cuda", [&] {
-    noisy_input_cuda_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    noisy_input_cuda_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         input.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.numel(), pairs, count, sigma,
         static_cast<uint64_t>(seed), static_cast<uint32_t>(input_index), static_cast<uint32_t>(draw), sample_start);
   });

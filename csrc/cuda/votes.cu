@@ -1,7 +1,7 @@
 // arq::argmax_count on CUDA: one thread per row, a shared-memory histogram per
 // block, then one 64-bit atomic per class per block. No host synchronization.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -48,7 +48,7 @@ at::Tensor argmax_count_cuda(const at::Tensor& logits, int64_t num_classes) {
   const int64_t blocks = std::min<int64_t>((rows + threads - 1) / threads, 4096);
   const size_t shared = num_classes * sizeof(unsigned long long);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "argmax_count_cuda", [&] {
-    argmax_count_cuda_kernel<scalar_t><<<blocks, threads, shared, at::cuda::getCurrentCUDAStream()>>>(
+    argmax_count_cuda_kernel<scalar_t><<<blocks, threads, shared, c10::cuda::getCurrentCUDAStream()>>>(
         input.data_ptr<scalar_t>(), rows, input.size(1), num_classes,
         reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
   });
