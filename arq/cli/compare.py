@@ -1,0 +1,109 @@
+"""``arq compare``: certify float, uniform W8A8/W4A4, HAQ-searched and ARQ-searched models.
+
+    arq compare --model mnist-lenet-sigma0.25 --budget 0.015625 --episodes 600 --out results/ \\
+                [--images 500] [--n 100000] [--haq-policy P.json] [--arq-policy P.json] [--resume]
+
+Runs (or, with ``--haq-policy`` / ``--arq-policy``, skips) the two searches at the same
+budget, fine-tunes every quantized model the same way, then certifies each with CERTIFY
+(Cohen et al. 2019) on a fixed test subset and writes ``compare.md`` / ``compare.csv``
+(clean accuracy, certified accuracy at radii, ACR, BitOPs share, search time),
+``compare.png`` and one certify TSV per model to ``--out``. Scaled-down runs: ``--images``,
+``--n``, ``--episodes`` (and the search options, e.g. ``--search-images``, ``--n-p``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from arq.cli import common
+from arq.cli.search import add_search_options, default_paths, load_model_and_data, run_one_search, search_config
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "compare",
+        help="certify float, W8A8, W4A4, HAQ and ARQ policies at one BitOPs budget (table + plot)",
+        description=(
+            "Search HAQ (clean accuracy) and ARQ (certified radius) policies at one BitOPs budget, fine-tune "
+            "them and uniform W8A8/W4A4 the same way, certify all with the float model on a fixed test subset, "
+            "and write a table (compare.md, compare.csv), a plot (compare.png) and the certify TSVs to --out."
+        ),
+        formatter_class=common.HelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="checkpoint path or arq zoo model name")
+    parser.add_argument("--dataset", choices=common.DATASET_NAMES, default=None,
+                        help="data set (default: the model's arq_metadata['dataset'])")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--episodes", type=common.positive_int, default=600, help="episodes of each search")
+    parser.add_argument("--images", type=common.positive_int, default=500, help="test images certified")
+    parser.add_argument("--n", type=common.positive_int, default=100_000, help="CERTIFY's estimation samples")
+    parser.add_argument("--n0", type=common.positive_int, default=100, help="CERTIFY's selection samples")
+    parser.add_argument("--alpha", type=common.probability, default=0.001, help="CERTIFY's failure probability")
+    parser.add_argument("--radii", default="0,0.25,0.5,0.75,1,1.25,1.5", help="radii of the table's columns")
+    parser.add_argument("--final-finetune-steps", type=common.non_negative_int, default=200,
+                        help="fine-tuning steps of every compared quantized model")
+    parser.add_argument("--haq-policy", default=None, help="use this HAQ policy (JSON) instead of searching")
+    parser.add_argument("--arq-policy", default=None, help="use this ARQ policy (JSON) instead of searching")
+    parser.add_argument("--resume", action="store_true", help="continue searches and certification in --out")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_search_options(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from arq.analyze import parse_radii
+    from arq.compare import CompareConfig, compare
+    from arq.quant import Policy
+
+    try:
+        radii = parse_radii(args.radii)
+        config = CompareConfig(
+            images=args.images, n=args.n, n0=args.n0, alpha=args.alpha, batch_size=args.batch, seed=args.seed,
+            radii=tuple(radii), finetune_steps=args.final_finetune_steps, finetune_lr=args.finetune_lr,
+            finetune_batch_size=args.finetune_batch, train_images=args.train_images,
+            calibration_images=min(args.calibration_images, args.train_images),
+        )
+    except ValueError as error:
+        raise common.CommandError(str(error)) from None
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
+        raise common.CommandError(f"{args.out} is not empty: pass --resume to continue that comparison, or delete it")
+    os.makedirs(args.out, exist_ok=True)
+    model, train_set, dataset = load_model_and_data(args)
+    test_set = common.load_dataset(dataset, "test", args.data_root)
+
+    def searched(reward: str):
+        def run_search():
+            out = os.path.join(args.out, f"search_{reward}.json")
+            paths = default_paths(out)
+            search_settings = search_config(args, reward)
+            fingerprint = {"model": args.model, "dataset": dataset, **search_settings.to_dict()}
+            resume = args.resume and os.path.isfile(paths["checkpoint"])
+            print(f"arq compare: {reward.upper()} search, {args.episodes} episodes", file=sys.stderr)
+            result = run_one_search(model, train_set, search_settings, episodes=args.episodes, out=out,
+                                    log=paths["log"], checkpoint=paths["checkpoint"], cache_path=paths["cache"],
+                                    resume=resume, fingerprint=fingerprint)
+            return result.best_policy, result.seconds
+        return run_search
+
+    policies = {}
+    for label, path, reward in (("HAQ", args.haq_policy, "haq"), ("ARQ", args.arq_policy, "arq")):
+        if path is not None:
+            try:
+                policies[label] = Policy.load(path)
+                policies[label].validate(model)
+            except (OSError, ValueError) as error:
+                raise common.CommandError(f"--{reward}-policy {path}: {error}") from None
+        else:
+            policies[label] = searched(reward)
+    try:
+        results = compare(model, train_set, test_set, args.out, config, policies=policies, progress=True)
+    except ValueError as error:
+        raise common.CommandError(str(error)) from None
+    from arq.compare import format_compare_table
+
+    print(format_compare_table(results, config.radii), end="")
+    print(f"arq compare: table in {os.path.join(args.out, 'compare.md')}, plot in "
+          f"{os.path.join(args.out, 'compare.png')}", file=sys.stderr)
+    return 0

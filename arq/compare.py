@@ -1,0 +1,250 @@
+"""ARQ's evaluation: full certification of float, uniform and searched quantized models.
+
+For one noise-trained model f and one BitOPs budget, certify on a fixed test subset with
+CERTIFY (Cohen et al. 2019; n = 100,000, n0 = 100, alpha = 0.001 by default):
+
+* ``float``: f itself;
+* ``W8A8`` and ``W4A4``: uniform policies;
+* ``HAQ``: the best policy of a search with the clean-accuracy reward (Wang et al. 2019);
+* ``ARQ``: the best policy of a search with the IRS certified-radius reward (Yang et al. 2024),
+
+every quantized model calibrated and fine-tuned under noise the same way. The table has
+per model: clean accuracy of the base classifier on the clean subset, certified accuracy at
+each radius r (``#{correct and R >= r} / N``), ACR (``(1/N) sum R [correct]``), the BitOPs
+share of FP32 and the search time. One certify TSV per model (``arq analyze`` reads them),
+the table (Markdown and CSV) and a plot of certified accuracy against radius are written
+to the output folder. Every step resumes: searches from their checkpoints, certification
+after the last complete TSV row.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from arq.quant import FinetuneConfig, Policy, QuantConfig, quantize
+from arq.search.budget import policy_share
+
+__all__ = ["CompareConfig", "ModelRow", "certify_rows", "compare", "format_compare_table", "test_subset"]
+
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+@dataclass
+class CompareConfig:
+    """Settings of :func:`compare`.
+
+    Args:
+        images: size of the fixed test subset: indices ``0, s, 2s, ...`` with ``s = len(test) // images``.
+        n, n0, alpha: CERTIFY's estimation samples, selection samples and failure probability.
+        batch_size: noisy samples per forward pass.
+        seed: the noise seed (and the fine-tuning's).
+        radii: radii of the certified-accuracy columns.
+        finetune_steps: SGD steps of the fine-tuning every compared quantized model gets.
+        finetune_lr, finetune_batch_size: its learning rate and batch size.
+        train_images: the first training images used for that fine-tuning and the calibration.
+        calibration_images: how many of them calibrate the activation ranges.
+        uniform: the uniform ``(w_bits, a_bits)`` baselines.
+    """
+
+    images: int = 500
+    n: int = 100_000
+    n0: int = 100
+    alpha: float = 0.001
+    batch_size: int = 1000
+    seed: int = 0
+    radii: Sequence[float] = DEFAULT_RADII
+    finetune_steps: int = 200
+    finetune_lr: float = 1e-3
+    finetune_batch_size: int = 128
+    train_images: int = 2000
+    calibration_images: int = 256
+    uniform: Sequence[tuple[int, int]] = ((8, 8), (4, 4))
+
+    def __post_init__(self) -> None:
+        for name in ("images", "n", "n0", "batch_size", "finetune_batch_size", "train_images", "calibration_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+
+
+@dataclass
+class ModelRow:
+    """One compared model: its certify rows and what the table shows about it."""
+
+    label: str
+    rows: list = field(default_factory=list)
+    clean_accuracy: float = math.nan
+    bitops_share: float = 1.0
+    search_seconds: float | None = None
+    policy: Policy | None = None
+
+
+def test_subset(length: int, images: int) -> list[int]:
+    """``images`` indices spread evenly over a split of ``length``: ``0, s, 2s, ...``, ``s = length // images``."""
+    if images > length:
+        raise ValueError(f"images ({images}) exceeds the {length} test images")
+    skip = length // images
+    return list(range(0, skip * images, skip))
+
+
+def _read_done(path: str) -> list:
+    from arq.analyze import read_results
+
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return []
+    rows = read_results(path)
+    with open(path, "rb") as handle:  # drop a partial last line
+        content = handle.read()
+    end = content.rfind(b"\n") + 1
+    if end < len(content):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+    return rows
+
+
+def certify_rows(model: nn.Module, test_set, indices: Sequence[int], path: str, config: CompareConfig,
+                 *, progress: bool = False, device=None) -> list:
+    """CERTIFY ``model`` on ``test_set[indices]``, appending rows to the TSV ``path`` (resuming after its
+    complete rows, which must be the first of ``indices``); returns every row as ``arq.analyze.ResultRow``."""
+    from arq.analyze import ResultRow
+    from arq.smoothing.core import certify
+
+    done = _read_done(path)
+    if [row.idx for row in done] != list(indices[:len(done)]):
+        raise ValueError(f"{path} holds rows for other test indices: delete it or use the same --images")
+    rows = list(done)
+    from tqdm import tqdm
+
+    with open(path, "a", encoding="utf-8") as output:
+        if output.tell() == 0:
+            output.write(HEADER + "\n")
+        for index in tqdm(indices[len(done):], disable=not progress, unit="image", file=sys.stderr,
+                          desc=os.path.basename(path)):
+            x, label = test_set[index]
+            started = time.perf_counter()
+            certificate = certify(model, x, n=config.n, n0=config.n0, alpha=config.alpha,
+                                  batch_size=config.batch_size, seed=config.seed, input_index=index, device=device)
+            elapsed = time.perf_counter() - started
+            correct = int(certificate.prediction == int(label))
+            output.write(f"{index}\t{int(label)}\t{certificate.prediction}\t{certificate.radius!r}\t{correct}\t"
+                         f"{elapsed:.3f}\n")
+            output.flush()
+            os.fsync(output.fileno())
+            rows.append(ResultRow(index, int(label), certificate.prediction, certificate.radius, correct, elapsed))
+    return rows
+
+
+@torch.no_grad()
+def _clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    device = next(model.parameters()).device
+    predictions = torch.cat([model(batch.to(device)).argmax(1).cpu() for batch in images.split(256)])
+    return float((predictions == labels).float().mean())
+
+
+def format_compare_table(models: Sequence[ModelRow], radii: Sequence[float], fmt: str = "md") -> str:
+    """One row per model: clean accuracy, certified accuracy at each radius, ACR, BitOPs share, search time."""
+    from arq.analyze import average_certified_radius, certified_accuracy
+
+    header = ["model", "clean acc"] + [f"r={r:g}" for r in radii] + ["ACR", "BitOPs share", "search time (s)"]
+    table = []
+    for model in models:
+        search = "-" if model.search_seconds is None else f"{model.search_seconds:.0f}"
+        values = [model.clean_accuracy] + certified_accuracy(model.rows, radii) + [average_certified_radius(model.rows)]
+        table.append((model.label, values, model.bitops_share, search))
+    if fmt == "csv":
+        lines = [",".join(header)]
+        lines += [",".join([label] + [repr(float(v)) for v in values] + [repr(share), search])
+                  for label, values, share, search in table]
+        return "\n".join(lines) + "\n"
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for label, values, share, search in table:
+        lines.append("| " + " | ".join([label] + [f"{v:.3f}" for v in values] + [f"{share:.5f}", search]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(
+    model: nn.Module,
+    train_set,
+    test_set,
+    out_dir: str | os.PathLike,
+    config: CompareConfig,
+    *,
+    policies: dict[str, Policy | Callable[[], tuple[Policy, float | None]]],
+    progress: bool = False,
+) -> list[ModelRow]:
+    """Certify the float model, the uniform baselines and ``policies`` (module docstring).
+
+    Args:
+        model: the float model f (eval mode, ``arq_metadata["sigma"]``).
+        train_set, test_set: the data set's splits (``(image, label)`` items).
+        out_dir: where the TSVs, ``compare.md``, ``compare.csv`` and ``compare.png`` go.
+        config: :class:`CompareConfig`.
+        policies: ``{label: Policy}`` or ``{label: callable returning (Policy, search seconds)}``
+            (a search run only when needed), e.g. ``{"HAQ": ..., "ARQ": ...}``.
+    Returns:
+        The :class:`ModelRow` of every model, in table order.
+    """
+    from arq.analyze import plot_certified_accuracy
+    from arq.search.run import take
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    metadata = getattr(model, "arq_metadata", None) or {}
+    sigma = metadata.get("sigma")
+    if sigma is None:
+        raise ValueError("model.arq_metadata['sigma'] is required: compare certifies at the model's noise level")
+    indices = test_subset(len(test_set), config.images)
+    test_images, test_labels = take(test_set, indices)
+    input_shape = tuple(test_images.shape[1:])
+    if config.train_images > len(train_set):
+        raise ValueError(f"train_images ({config.train_images}) exceeds the {len(train_set)} training images")
+    train_images, train_labels = take(train_set, range(config.train_images))
+    finetune = None
+    if config.finetune_steps > 0:
+        finetune = FinetuneConfig(
+            epochs=max(1, -(-config.finetune_steps * config.finetune_batch_size // config.train_images)),
+            lr=config.finetune_lr, batch_size=config.finetune_batch_size, max_steps=config.finetune_steps,
+            sigma=float(sigma), seed=config.seed)
+    quant_config = QuantConfig(calibration_sigma=float(sigma), seed=config.seed)
+
+    def certified(label: str, candidate: nn.Module, share: float, seconds, policy) -> ModelRow:
+        path = os.path.join(out_dir, f"certify_{label}.tsv")
+        rows = certify_rows(candidate, test_set, indices, path, config, progress=progress)
+        return ModelRow(label, rows, _clean_accuracy(candidate, test_images, test_labels), share, seconds, policy)
+
+    results = [certified("float", model.eval(), 1.0, None, None)]
+    named: list[tuple[str, Policy | Callable]] = [
+        (f"W{w}A{a}", Policy.uniform(model, w, a)) for w, a in config.uniform] + list(policies.items())
+    for label, policy in named:
+        seconds = None
+        if callable(policy) and not isinstance(policy, Policy):
+            policy, seconds = policy()
+        policy.save(os.path.join(out_dir, f"policy_{label}.json"))
+        candidate = quantize(model, policy, train_images[:config.calibration_images], finetune=finetune,
+                             train_data=(train_images, train_labels) if finetune else None, config=quant_config)
+        results.append(certified(label, candidate, policy_share(model, policy, input_shape), seconds, policy))
+
+    table = format_compare_table(results, config.radii)
+    with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as handle:
+        handle.write(table)
+    with open(os.path.join(out_dir, "compare.csv"), "w", encoding="utf-8") as handle:
+        handle.write(format_compare_table(results, config.radii, fmt="csv"))
+    with open(os.path.join(out_dir, "compare.json"), "w", encoding="utf-8") as handle:
+        json.dump({"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+                   "indices": indices}, handle, indent=2, default=list)
+    plot_certified_accuracy({r.label: r.rows for r in results}, os.path.join(out_dir, "compare.png"),
+                            list(config.radii), envelope_label=None,
+                            title=f"certified accuracy, sigma = {sigma:g}")
+    return results

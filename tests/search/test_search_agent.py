@@ -1,0 +1,90 @@
+"""HAQ's DDPG (arq.search.agent): exploration schedule, seeding, learning, checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from arq.search.agent import DDPGAgent, DDPGConfig
+
+
+def test_defaults_are_haqs():
+    config = DDPGConfig()
+    assert (config.hidden, config.actor_lr, config.critic_lr, config.tau, config.batch_size) == (300, 1e-4, 1e-3, 0.01, 64)
+    assert (config.replay_episodes, config.warmup_episodes, config.exploration_sigma, config.exploration_decay) == \
+        (128, 20, 0.5, 0.99)
+    agent = DDPGAgent(10, 6, config)
+    assert agent.replay.capacity == 128 * 6
+    assert [agent.actor.fc1.out_features, agent.actor.fc2.out_features] == [300, 300]
+    with pytest.raises(ValueError, match="tau"):
+        DDPGConfig(tau=0.0)
+
+
+def test_exploration_schedule_and_bounds():
+    agent = DDPGAgent(10, 4, DDPGConfig(warmup_episodes=3, hidden=8))
+    assert [agent.exploration_sigma(e) for e in range(3)] == [None] * 3
+    assert agent.exploration_sigma(3) == 0.5 and agent.exploration_sigma(5) == pytest.approx(0.5 * 0.99**2)
+    observation = np.full(10, 0.5, dtype=np.float32)
+    warmup = [agent.act(observation, 0) for _ in range(600)]
+    assert 0.0 <= min(warmup) and max(warmup) <= 1.0 and abs(np.mean(warmup) - 0.5) < 0.04
+    mu = agent.greedy(observation)
+    explored = np.array([agent.act(observation, 200) for _ in range(600)])  # sigma = 0.5 * 0.99^197 = 0.069
+    assert explored.min() >= 0.0 and explored.max() <= 1.0
+    assert abs(np.median(explored) - mu) < 0.01 and 0.05 < explored.std() < 0.08
+
+
+def test_seeded_agents_act_alike_and_checkpoint_round_trips(tmp_path):
+    def run(agent, episodes):
+        actions = []
+        for episode in range(episodes):
+            states = np.random.default_rng(episode).uniform(size=(5, 10)).astype(np.float32)
+            transitions = []
+            for t in range(4):
+                action = agent.act(states[t], episode)
+                actions.append(action)
+                transitions.append((states[t], action, states[t + 1], t == 3))
+            agent.observe_episode(transitions, -abs(actions[-1] - 0.3))
+            if agent.exploration_sigma(episode) is not None:
+                for _ in transitions:
+                    agent.update()
+        return actions
+
+    config = DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16, seed=5)
+    straight = run(DDPGAgent(10, 4, config), 6)
+    first = DDPGAgent(10, 4, config)
+    part = run(first, 3)
+    torch.save(first.state_dict(), tmp_path / "agent.pt")
+    second = DDPGAgent(10, 4, config)
+    second.load_state_dict(torch.load(tmp_path / "agent.pt", weights_only=True))
+    rest = []
+    for episode in range(3, 6):  # continue where the first left off
+        states = np.random.default_rng(episode).uniform(size=(5, 10)).astype(np.float32)
+        transitions = []
+        for t in range(4):
+            action = second.act(states[t], episode)
+            rest.append(action)
+            transitions.append((states[t], action, states[t + 1], t == 3))
+        second.observe_episode(transitions, -abs(rest[-1] - 0.3))
+        for _ in transitions:
+            second.update()
+    assert part + rest == straight
+    assert straight != run(DDPGAgent(10, 4, DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16, seed=6)), 6)
+    with pytest.raises(ValueError, match="DDPG config"):
+        DDPGAgent(10, 4, DDPGConfig(hidden=16)).load_state_dict(first.state_dict())
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_actor_learns_a_one_step_bandit(sign):
+    """Reward ``sign * a`` in every state: the actor's mu(s) moves from 0.5 towards the better end."""
+    agent = DDPGAgent(10, 1, DDPGConfig(warmup_episodes=10, batch_size=32, hidden=32, seed=0, actor_lr=1e-3))
+    state = np.zeros(10, dtype=np.float32)
+    before = agent.greedy(state)
+    for episode in range(60):
+        action = agent.act(state, episode)
+        agent.observe_episode([(state, action, state, True)], sign * action)
+        if episode >= 10:
+            for _ in range(4):
+                agent.update()
+    after = agent.greedy(state)
+    assert abs(before - 0.5) < 0.01
+    assert (after > 0.8) if sign > 0 else (after < 0.2), after

@@ -1,0 +1,94 @@
+"""``arq search`` and ``arq compare`` on the tiny model (scaled down to seconds)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from arq.quant import Policy
+
+
+class TinyDataset:
+    def __init__(self, tiny, count, seed):
+        self.images, self.labels = tiny.tiny_data(count, seed)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.labels[index])
+
+
+@pytest.fixture
+def installed(monkeypatch, tiny, tiny_model):
+    from arq.cli import common
+
+    monkeypatch.setattr(common, "load_model", lambda spec: tiny_model)
+    monkeypatch.setattr(common, "load_dataset",
+                        lambda name, split, root: TinyDataset(tiny, 60 if split == "train" else 30,
+                                                              1 if split == "train" else 2))
+    tiny_model.arq_metadata["dataset"] = "mnist"
+    return tiny_model
+
+
+SMALL = ["--budget", "0.03", "--warmup", "1", "--search-images", "6", "--train-images", "30",
+         "--calibration-images", "16", "--finetune-steps", "1", "--finetune-batch", "16", "--search-n", "200",
+         "--search-n0", "10", "--n-p", "40", "--batch", "200"]
+
+
+def test_search_cli_writes_log_best_policy_and_resumes(installed, tmp_path, capsys):
+    from arq.cli.main import main
+
+    out = tmp_path / "policy.json"
+    assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), *SMALL]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "policy.jsonl").read_text().splitlines()]
+    assert [line["episode"] for line in lines] == [0, 1]
+    assert set(lines[0]) >= {"policy", "bitops_share", "reward", "accuracy", "acr", "time"}
+    assert all(line["bitops_share"] <= 0.03 for line in lines)
+    best = max(lines, key=lambda line: line["reward"])
+    assert Policy.load(out).to_haq(installed) == best["policy"]
+    assert "episode 1: bitops" in capsys.readouterr().err
+    # without --resume an existing search is refused; with it the search continues to 3 episodes
+    assert main(["search", "--model", "tiny", "--episodes", "3", "--out", str(out), *SMALL]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["search", "--model", "tiny", "--episodes", "3", "--out", str(out), "--resume", *SMALL]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "policy.jsonl").read_text().splitlines()]
+    assert [line["episode"] for line in lines] == [0, 1, 2]
+    # resuming with other settings is refused, naming them
+    assert main(["search", "--model", "tiny", "--episodes", "4", "--out", str(out), "--resume",
+                 *SMALL[:-2], "--batch", "100"]) == 2
+    assert "irs" in capsys.readouterr().err
+
+
+def test_search_cli_budget_error(installed, tmp_path, capsys):
+    from arq.cli.main import main
+
+    code = main(["search", "--model", "tiny", "--episodes", "1", "--out", str(tmp_path / "p.json"), *SMALL[2:],
+                 "--budget", "0.001"])
+    assert code == 2
+    assert "budget 0.001 is below" in capsys.readouterr().err
+
+
+def test_compare_cli_table_and_plot(installed, tmp_path, capsys):
+    from arq.cli.main import main
+
+    policy = tmp_path / "given.json"
+    Policy.from_haq(installed, [[4, 4], [4, 4], [4, 4]]).save(policy)
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", "tiny", "--out", str(out), "--episodes", "2", "--images", "5",
+                 "--n", "100", "--n0", "10", "--final-finetune-steps", "1", "--haq-policy", str(policy),
+                 "--radii", "0,0.25", *SMALL])
+    assert code == 0
+    table = (out / "compare.md").read_text().splitlines()
+    assert table[0].startswith("| model | clean acc | r=0 | r=0.25 | ACR | BitOPs share | search time (s) |")
+    labels = [row.split("|")[1].strip() for row in table[2:]]
+    assert labels == ["float", "W8A8", "W4A4", "HAQ", "ARQ"]
+    csv_rows = [line.split(",") for line in (out / "compare.csv").read_text().splitlines()]
+    assert csv_rows[0][-2:] == ["BitOPs share", "search time (s)"]
+    shares = {row[0]: float(row[-2]) for row in csv_rows[1:]}
+    assert shares["float"] == 1.0 and shares["W8A8"] == 0.0625 and shares["W4A4"] == shares["HAQ"] == 0.015625
+    assert shares["ARQ"] <= 0.03
+    assert (out / "compare.png").stat().st_size > 1000
+    assert len((out / "certify_ARQ.tsv").read_text().splitlines()) == 6
+    assert (out / "search_arq.jsonl").exists() and not (out / "search_haq.jsonl").exists()
+    assert "| ARQ |" in capsys.readouterr().out

@@ -1,0 +1,111 @@
+"""The search end to end on the tiny model: rewards, reproducibility, resume, the JSONL log."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from scipy import stats
+
+from arq.quant import FinetuneConfig, Policy
+from arq.search import CandidateEvaluator, DDPGAgent, DDPGConfig, IRSSettings, QuantizationEnv, search
+from arq.search.budget import bitops_share
+from arq.search.reward import arq_reward, haq_reward
+
+BUDGET = 0.03
+
+
+def make_evaluator(model, tiny, reward="arq", **kwargs):
+    search_images, search_labels = tiny.tiny_data(9, 100)
+    train = tiny.tiny_data(64, 200)
+    return CandidateEvaluator(
+        model, search_images, search_labels, search_indices=list(range(50, 59)),
+        calibration_images=train[0][:32], train_data=train, reward=reward,
+        finetune=FinetuneConfig(max_steps=2, batch_size=32, lr=1e-3),
+        irs=IRSSettings(n=300, n0=20, n_p=60, batch_size=300), **kwargs,
+    )
+
+
+def make_search(model, tiny, reward="arq", seed=0):
+    evaluator = make_evaluator(model, tiny, reward)
+    env = QuantizationEnv(model, evaluator, input_shape=tiny.INPUT_SHAPE, budget=BUDGET)
+    agent = DDPGAgent(10, env.num_steps, DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16, seed=seed))
+    return env, agent
+
+
+def test_reward_formulas():
+    assert haq_reward(0.91, 0.93) == pytest.approx(-0.2)  # 0.1 x (91 % - 93 %)
+    assert arq_reward(0.45, 0.5) == pytest.approx(-1.0)  # 10 % less ACR
+    assert arq_reward(0.45, 0.5, 0.91, 0.93, accuracy_weight=0.5) == pytest.approx(-1.1)
+    with pytest.raises(ValueError, match="float_acr"):
+        arq_reward(0.1, 0.0)
+
+
+def test_evaluator_measures_against_the_float_model(tiny_model, tiny):
+    evaluator = make_evaluator(tiny_model, tiny, "arq")
+    reference = evaluator.reference()
+    cache = evaluator.float_cache()
+    labels = evaluator.search_labels.tolist()
+    certified = sum(cache[i].radius for i, y in zip(range(50, 59), labels) if cache[i].prediction == y) / 9
+    assert reference["float_certified_acr"] == pytest.approx(certified) and certified > 0.3
+    # ACR_f: f itself through IRS with n_p = 60 samples, no disagreement: zeta = 1 - 0.001^(1/60)
+    zeta = 1 - 0.001 ** (1 / 60)
+    irs_radii = [0.25 * stats.norm.ppf(cache[i].p_lower - zeta - 2**-52 * 32) for i in range(50, 59)]
+    assert reference["float_acr"] == pytest.approx(sum(irs_radii) / 9, rel=1e-9)
+    assert reference["float_accuracy"] == 1.0
+    high = evaluator(Policy.uniform(tiny_model, 8, 8))
+    low = evaluator(Policy.uniform(tiny_model, 2, 2))
+    assert high["reward"] == pytest.approx(
+        arq_reward(high["acr"], reference["float_acr"], high["accuracy"], 1.0, 0.0))
+    assert high["reward"] == pytest.approx(0.0, abs=1e-9)  # int8 agrees with f on every replayed sample
+    assert low["acr"] <= high["acr"] + 1e-12 and low["accuracy"] <= high["accuracy"]
+    seen = []
+    custom = make_evaluator(tiny_model, tiny, lambda inputs: seen.append(inputs.accuracy) or 2 * inputs.acr())
+    result = custom(Policy.uniform(tiny_model, 8, 8))
+    assert result["reward"] == pytest.approx(2 * result["acr"]) and seen == [result["accuracy"]]
+    with pytest.raises(ValueError, match="reward"):
+        make_evaluator(tiny_model, tiny, "accuracy")
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]
+
+
+def test_short_search_is_reproducible_and_resumable(tiny_model, tiny, tmp_path):
+    env, agent = make_search(tiny_model, tiny)
+    first = search(env, agent, episodes=4, log_path=tmp_path / "a.jsonl", best_path=tmp_path / "a.json",
+                   checkpoint_path=tmp_path / "a.pt")
+    records = read_log(tmp_path / "a.jsonl")
+    assert [r["episode"] for r in records] == [0, 1, 2, 3]
+    assert all(r["bitops_share"] <= BUDGET for r in records)
+    assert all(len(r["policy"]) == 3 and r["acr"] is not None for r in records)
+    assert records[2]["exploration_sigma"] == 0.5 and records[0]["exploration_sigma"] is None
+    best = max(records, key=lambda r: r["reward"])
+    assert first.best_reward == best["reward"] and first.best_episode == best["episode"]
+    saved = Policy.load(tmp_path / "a.json")
+    assert saved.to_haq(tiny_model) == best["policy"]
+    assert bitops_share(env.costs, saved.to_haq(tiny_model)) <= BUDGET
+
+    # same seed, interrupted after 2 episodes and resumed: the same four episodes
+    env, agent = make_search(tiny_model, tiny)
+    search(env, agent, episodes=2, log_path=tmp_path / "b.jsonl", best_path=tmp_path / "b.json",
+           checkpoint_path=tmp_path / "b.pt")
+    env, agent = make_search(tiny_model, tiny)
+    resumed = search(env, agent, episodes=4, log_path=tmp_path / "b.jsonl", best_path=tmp_path / "b.json",
+                     checkpoint_path=tmp_path / "b.pt", resume=True)
+    assert without_time(read_log(tmp_path / "b.jsonl")) == without_time(records)
+    assert resumed.best_reward == first.best_reward
+    with pytest.raises(FileExistsError, match="resume"):
+        search(env, agent, episodes=4, log_path=tmp_path / "b.jsonl", checkpoint_path=tmp_path / "b.pt")
+
+
+def test_another_seed_explores_differently(tiny_model, tiny, tmp_path):
+    env, agent = make_search(tiny_model, tiny, reward="haq", seed=1)
+    result = search(env, agent, episodes=2)
+    other_env, other_agent = make_search(tiny_model, tiny, reward="haq", seed=2)
+    other = search(other_env, other_agent, episodes=2)
+    assert [r["policy"] for r in result.records] != [r["policy"] for r in other.records]
+    assert all(r["acr"] is None and r["accuracy"] is not None for r in result.records)

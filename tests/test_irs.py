@@ -1,0 +1,213 @@
+"""Incremental randomized smoothing (arq.irs): exactness, soundness, agreement with full certification."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from arq.irs import (
+    IRSCache,
+    build_cache,
+    certify_incremental,
+    resolve_n_p,
+)
+from arq.smoothing.core import ABSTAIN, certify
+from arq.smoothing.noise import DRAW_ESTIMATE, gaussian_reference, noise_tv_bound
+
+SIGMA = 0.5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine the threads of small ops mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Threshold(nn.Module):
+    """Class 0 iff the first pixel is below ``t`` (class 1 otherwise).
+
+    At x with first pixel 0, ``P(f(x + e) = 0) = Phi(t / sigma)`` exactly, and the smoothed
+    classifier's exact radius is ``sigma * Phi^-1(p)`` - a classifier where every bound can be checked.
+    """
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+        self.register_buffer("dummy", torch.zeros(1))
+        self.eval()
+
+    def forward(self, x):
+        first = x.flatten(1)[:, :1]
+        return torch.cat([(first < self.threshold).float(), (first >= self.threshold).float()], dim=1)
+
+
+def true_p(threshold: float) -> float:
+    return float(stats.norm.cdf(threshold / SIGMA))
+
+
+X = torch.zeros(1, 2, 2)
+
+
+def test_resolve_n_p_share_and_errors():
+    assert resolve_n_p(100_000) == 10_000
+    assert resolve_n_p(1000, n_p_share=0.05) == 50
+    assert resolve_n_p(1000, n_p=7) == 7
+    with pytest.raises(ValueError, match="n_p_share"):
+        resolve_n_p(1000, n_p_share=1.5)
+    with pytest.raises(ValueError, match="n_p"):
+        resolve_n_p(1000, n_p=0)
+
+
+def test_identical_model_gives_zeta_of_zero_disagreements():
+    f = Threshold(0.4)  # p = Phi(0.8) = 0.788 < gamma: IRS branch
+    cache = build_cache(f, X, sigma=SIGMA, n=2000, n0=50, alpha=0.001, n_p=300, seed=3, input_index=11)
+    entry = cache[11]
+    full = certify(f, X, sigma=SIGMA, n=2000, n0=50, alpha=0.001, seed=3, input_index=11)
+    assert (entry.prediction, entry.p_lower, entry.count) == (full.prediction, full.p_lower, full.count)
+    result = certify_incremental(Threshold(0.4), X, cache, n_p=300, input_index=11)
+    zeta = 1.0 - 0.001 ** (1.0 / 300)  # Clopper-Pearson upper bound of 0 out of 300
+    assert result.mode == "irs" and result.disagreements == 0
+    assert result.zeta == pytest.approx(zeta, rel=1e-9)
+    assert result.p_lower == pytest.approx(entry.p_lower - zeta - noise_tv_bound(4), abs=1e-15)
+    assert result.radius == pytest.approx(SIGMA * stats.norm.ppf(result.p_lower), rel=1e-12)
+    assert result.prediction == 0
+
+
+def test_disagreements_are_counted_on_the_replayed_samples():
+    f, g = Threshold(0.4), Threshold(0.2)
+    cache = build_cache(f, X, sigma=SIGMA, n=1000, n0=50, n_p=400, seed=5, input_index=2)
+    result = certify_incremental(g, X, cache, n_p=400, input_index=2)
+    # disagreement: first noisy pixel in [0.2, 0.4), counted independently from the noise itself
+    z = gaussian_reference(4, seed=5, input_index=2, draw=DRAW_ESTIMATE, sample_start=0, count=400)
+    first = (z[:, 0] * SIGMA).float()
+    expected = int(((first >= 0.2) & (first < 0.4)).sum())
+    assert result.disagreements == expected
+    assert 0 < expected < 400
+    assert result.zeta == pytest.approx(stats.beta.ppf(1 - 0.001, expected + 1, 400 - expected), rel=1e-9)
+
+
+def test_direct_branch_above_gamma_uses_fresh_samples():
+    f = Threshold(1.5)  # p = Phi(3) = 0.99865
+    cache = build_cache(f, X, sigma=SIGMA, n=5000, n0=50, n_p=200, seed=1, input_index=0)
+    assert cache[0].p_lower >= 0.99
+    result = certify_incremental(Threshold(1.4), X, cache, n_p=200, input_index=0)
+    assert result.mode == "direct" and math.isnan(result.zeta)
+    z = gaussian_reference(4, seed=1, input_index=0, draw=DRAW_ESTIMATE, sample_start=5000, count=200)
+    k = int(((z[:, 0] * SIGMA).float() < 1.4).sum())
+    expected = stats.beta.ppf(0.001, k, 200 - k + 1) - noise_tv_bound(4)
+    assert result.p_lower == pytest.approx(expected, rel=1e-9)
+    # forcing the IRS branch (gamma = 1 - tiny) is worse here: zeta >= 1 - 0.001^(1/200) = 0.034
+    forced = certify_incremental(Threshold(1.4), X, cache, n_p=200, input_index=0, gamma=0.999999)
+    assert forced.mode == "irs" and forced.p_lower < result.p_lower
+
+
+def test_abstained_input_stays_abstained_without_sampling():
+    f = Threshold(0.0)  # p = 1/2: f abstains
+    cache = build_cache(f, X, sigma=SIGMA, n=500, n0=20, n_p=50, seed=0, input_index=0)
+    result = certify_incremental(f, X, cache, input_index=0)
+    assert (result.prediction, result.radius, result.mode, result.n_p) == (ABSTAIN, 0.0, "abstain", 0)
+
+
+def test_too_large_n_p_needs_the_original_model():
+    f = Threshold(0.3)
+    cache = build_cache(f, X, sigma=SIGMA, n=400, n0=20, n_p=40, seed=0, input_index=0)
+    with pytest.raises(ValueError, match="original=f"):
+        certify_incremental(f, X, cache, n_p=80, input_index=0)
+    result = certify_incremental(f, X, cache, n_p=80, input_index=0, original=f)
+    assert result.disagreements == 0 and result.n_p == 80
+    with pytest.raises(ValueError, match="gamma"):
+        certify_incremental(f, X, cache, gamma=1.0, input_index=0)
+    with pytest.raises(KeyError, match="input_index 9"):
+        certify_incremental(f, X, cache, input_index=9)
+
+
+def test_cache_round_trip(tmp_path):
+    f = Threshold(0.3)
+    cache = build_cache(f, torch.zeros(3, 1, 2, 2), sigma=SIGMA, n=300, n0=20, n_p=30, seed=4, input_index=[5, 6, 9])
+    path = tmp_path / "cache.pt"
+    cache.save(path)
+    loaded = IRSCache.load(path)
+    assert sorted(loaded.entries) == [5, 6, 9] and loaded.n == 300 and loaded.seed == 4
+    for index in (5, 6, 9):
+        assert loaded[index].p_lower == cache[index].p_lower
+        assert torch.equal(loaded[index].predictions, cache[index].predictions)
+
+
+def test_soundness_failure_rate_on_known_classifiers():
+    """Many trials at loose alpha = alpha_zeta = 0.1 with exactly known p_A': the IRS bound
+    ``p_A_lower - zeta`` may exceed the true ``P(f'(x + e) = c_A)`` in at most alpha + alpha_zeta
+    of the trials; a bound that ignores the disagreement (zeta = 0) fails far more often."""
+    alpha = alpha_zeta = 0.1
+    t_f, t_g = 0.3, 0.2  # f' is f with a perturbed threshold: p_A' = Phi(0.4) < p_A = Phi(0.6)
+    p_g = true_p(t_g)
+    trials = 300
+    inputs = torch.zeros(trials, 1, 2, 2)
+    cache = build_cache(Threshold(t_f), inputs, sigma=SIGMA, n=200, n0=20, alpha=alpha, n_p=100, seed=7,
+                        input_index=list(range(trials)), batch_size=500)
+    results = certify_incremental(Threshold(t_g), inputs, cache, n_p=100, alpha_zeta=alpha_zeta,
+                                  input_index=list(range(trials)), batch_size=500)
+    failures = sum(1 for r in results if r.prediction not in (ABSTAIN, 0) or (r.prediction == 0 and r.p_lower > p_g))
+    certified = sum(1 for r in results if r.prediction == 0)
+    naive_failures = sum(1 for i in range(trials) if cache[i].prediction == 0 and cache[i].p_lower > p_g)
+    print(f"failures {failures}, certified {certified}, naive failures {naive_failures}")
+    assert all(r.mode in ("irs", "abstain") for r in results)
+    # binomial(300, 0.2) exceeds 0.2 * 300 + 3 sd = 81 with probability ~1e-3; typically far fewer
+    assert failures <= 81
+    assert certified >= 100  # not sound by abstaining everywhere
+    assert naive_failures >= 150  # the test can tell a bound that ignores zeta
+
+
+def _train_tiny_mnist(seed: int = 0):
+    from arq.data import get_dataset
+
+    torch.manual_seed(seed)
+    # test images 5000..6499 train it (loading the 60,000 training images would cost more than the test)
+    images, labels = get_dataset("mnist", "test").get_batch(torch.arange(5000, 6500))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(6):
+        for batch in torch.randperm(1500, generator=generator).split(100):
+            noisy = images[batch] + SIGMA * torch.randn(images[batch].shape, generator=generator)
+            loss = nn.functional.cross_entropy(model(noisy), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    model.arq_metadata = {"sigma": SIGMA, "num_classes": 10, "dataset": "mnist", "arch": "mlp"}
+    return model, images
+
+
+def test_agreement_with_full_certification_on_quantized_mnist():
+    from arq.data import get_dataset
+    from arq.quant import Policy, quantize
+
+    model, train_images = _train_tiny_mnist()
+    test = get_dataset("mnist", "test")
+    indices = list(range(0, 400, 20))
+    x = torch.stack([test[i][0] for i in indices])
+    labels = [int(test[i][1]) for i in indices]
+    n, n_p = 2000, 400
+    cache = build_cache(model, x, n=n, n0=50, n_p=n_p, seed=0, input_index=indices)
+    for bits in (8, 4):
+        quantized = quantize(model, Policy.uniform(model, bits, bits), train_images[:256])
+        full = certify(quantized, x, n=n, n0=50, seed=0, input_index=indices)
+        fast = certify_incremental(quantized, x, cache, n_p=n_p, input_index=indices)
+        acr_full = sum(c.radius for c, y in zip(full, labels) if c.prediction == y) / len(indices)
+        acr_fast = sum(c.radius for c, y in zip(fast, labels) if c.prediction == y) / len(indices)
+        both = [(a, b) for a, b in zip(full, fast) if a.prediction != ABSTAIN and b.prediction != ABSTAIN]
+        assert all(a.prediction == b.prediction for a, b in both)
+        assert len(both) >= 0.7 * len(indices)
+        acc_full = sum(c.prediction == y for c, y in zip(full, labels)) / len(indices)
+        acc_fast = sum(c.prediction == y for c, y in zip(fast, labels)) / len(indices)
+        assert abs(acc_full - acc_fast) <= 0.15, (bits, acc_full, acc_fast)
+        assert 0.6 * acr_full <= acr_fast <= 1.05 * acr_full, (bits, acr_full, acr_fast)
+        if bits == 8:
+            zetas = [c.zeta for c in fast if c.mode == "irs"]
+            assert all(z < 0.05 for z in zetas)  # int8 barely changes the predictions
