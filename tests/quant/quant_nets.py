@@ -1,0 +1,109 @@
+"""Small networks for the quantization tests (independent of arq.models, which lands separately)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel: the first layer of every arq model."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            # option B of He et al.: 1x1 convolution shortcut (counts in the MACs)
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet of depth 6n + 2 (ResNet-20: n = 3, ResNet-110: n = 18)."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        blocks = []
+        in_channels = 16
+        for channels, stride in ((16, 1), (32, 2), (64, 2)):
+            stage = []
+            for index in range(n):
+                stage.append(BasicBlock(in_channels, channels, stride if index == 0 else 1))
+                in_channels = channels
+            blocks.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3 = blocks
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+    """Give every BatchNorm non-trivial statistics so that folding is really tested."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                c = module.num_features
+                module.running_mean.copy_(torch.rand(c, generator=generator) * 0.4 - 0.2)
+                module.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(c, generator=generator) * 0.4 - 0.2)
+
+
+def cifar_resnet(depth: int = 20, seed: int = 0, sigma: float = 0.25) -> nn.Module:
+    """``Sequential(Normalize, CifarResNet(depth))`` in eval mode with randomized BN statistics."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(Normalize([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]), CifarResNet(depth))
+    randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+    model.arq_metadata = {"sigma": sigma, "num_classes": 10, "dataset": "cifar10", "arch": f"cifar_resnet{depth}"}
+    return model.eval()
+
+
+class MnistNet(nn.Module):
+    """A small LeNet-style MNIST classifier (conv-BN-ReLU x2, pool, two linear layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 5, 1, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 5, 1, 2), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def mnist_net(seed: int = 0, sigma: float = 0.5) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(Normalize([0.1307], [0.3081]), MnistNet())
+    model.arq_metadata = {"sigma": sigma, "num_classes": 10, "dataset": "mnist", "arch": "mnist_small"}
+    return model

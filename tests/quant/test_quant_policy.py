@@ -1,0 +1,92 @@
+import json
+
+import pytest
+from torch import nn
+
+from arq.quant import LayerBits, Policy, quantizable_layers
+from quant_nets import cifar_resnet
+
+
+def test_quantizable_layers_lists_every_conv_and_linear_in_module_order():
+    model = cifar_resnet(20)
+    names = [name for name, _ in quantizable_layers(model)]
+    # ResNet-20: 1 stem conv + 18 block convs + 2 shortcut convs + fc
+    assert len(names) == 22
+    assert names[0] == "1.conv1" and names[-1] == "1.fc"
+    assert names[1:4] == ["1.layer1.0.conv1", "1.layer1.0.conv2", "1.layer1.1.conv1"]
+    assert "1.layer2.0.downsample.0" in names
+
+
+def test_uniform_policy_and_haq_round_trip():
+    model = cifar_resnet(20)
+    policy = Policy.uniform(model, 4, 6)
+    assert len(policy) == 22 and all(bits == LayerBits(4, 6) for _, bits in policy.items())
+    strategy = [[2 + i % 7, 8 - i % 7] for i in range(22)]
+    strategy[0] = [8, 32]  # HAQ's float input to the first layer
+    converted = Policy.from_haq(model, strategy)
+    assert converted["1.conv1"] == LayerBits(8, 32)
+    assert converted["1.fc"] == LayerBits(*strategy[-1])
+    assert converted.to_haq(model) == strategy
+
+
+def test_save_load_json_round_trip(tmp_path):
+    model = cifar_resnet(20)
+    policy = Policy.from_haq(model, [[3 + i % 5, 4 + i % 4] for i in range(22)])
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    data = json.loads(path.read_text())
+    assert data["layers"]["1.conv1"] == {"w_bits": 3, "a_bits": 4}
+    assert Policy.load(path) == policy
+    assert list(Policy.load(path).layers) == list(policy.layers)  # order kept
+
+
+@pytest.mark.parametrize("w_bits,a_bits,parameter", [(1, 8, "w_bits"), (9, 8, "w_bits"), (8, 16, "a_bits"), (4, 0, "a_bits")])
+def test_bits_out_of_range_name_the_parameter(w_bits, a_bits, parameter):
+    with pytest.raises(ValueError, match=parameter):
+        LayerBits(w_bits, a_bits)
+
+
+def test_bits_must_be_integers():
+    with pytest.raises(TypeError, match="w_bits"):
+        LayerBits(4.0, 4)
+
+
+def test_unknown_and_missing_layers_are_reported():
+    model = cifar_resnet(20)
+    layers = dict(Policy.uniform(model, 4, 4).layers)
+    layers["1.conv_typo"] = LayerBits(4, 4)
+    with pytest.raises(ValueError, match="conv_typo"):
+        Policy(layers).validate(model)
+    del layers["1.conv_typo"], layers["1.fc"]
+    with pytest.raises(ValueError, match=r"misses .*1\.fc"):
+        Policy(layers).validate(model)
+    # a BatchNorm is not a quantizable layer
+    layers["1.fc"] = LayerBits(8, 8)
+    layers["1.bn1"] = LayerBits(8, 8)
+    with pytest.raises(ValueError, match="1.bn1"):
+        Policy(layers).validate(model)
+
+
+def test_from_haq_checks_length_and_values():
+    model = cifar_resnet(20)
+    with pytest.raises(ValueError, match="22 quantizable layers"):
+        Policy.from_haq(model, [[4, 4]] * 21)
+    bad = [[4, 4]] * 22
+    bad[5] = [4, 1]
+    with pytest.raises(ValueError, match=r"strategy\[5\].*a_bits"):
+        Policy.from_haq(model, bad)
+
+
+def test_load_rejects_bad_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Policy.load(path)
+    path.write_text(json.dumps({"layers": {"a": {"w_bits": 4, "a_bits": 33}}}))
+    with pytest.raises(ValueError, match=r"layers\['a'\].*a_bits"):
+        Policy.load(path)
+
+
+def test_uniform_needs_a_quantizable_layer():
+    with pytest.raises(ValueError, match="no Conv2d or Linear"):
+        Policy.uniform(nn.Sequential(nn.ReLU()), 4, 4)

@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from arq.quant.quantizers import (
+    ActivationQuantizer,
+    QuantConfig,
+    activation_levels,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_weight,
+    weight_clip_ratio,
+    weight_scale,
+)
+
+BITS = list(range(2, 9))
+
+
+def _quantize_weight(weight, bits, method):
+    ratio = weight_clip_ratio(weight, bits, method)
+    scale = weight_scale(weight, bits, ratio)
+    return fake_quantize_weight(weight, bits, scale), scale, ratio
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_max_clip_weight_error_is_at_most_half_a_step(bits):
+    weight = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(bits))
+    w_hat, scale, ratio = _quantize_weight(weight, bits, "max")
+    qmax = 2 ** (bits - 1) - 1
+    amax = weight.abs().amax(dim=(1, 2, 3))
+    assert torch.equal(ratio, torch.ones(16))
+    torch.testing.assert_close(scale, amax / qmax)
+    step = scale.view(-1, 1, 1, 1)
+    assert bool(((w_hat - weight).abs() <= step / 2 * (1 + 1e-5)).all())
+    codes = quantize_weight(weight, bits, scale)
+    assert int(codes.abs().max()) == qmax  # the largest weight of each channel hits q_max
+    assert torch.equal(codes.float() * step, w_hat)
+
+
+def test_weight_error_halves_per_extra_bit():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    errors = [float(((_quantize_weight(weight, b, "max")[0] - weight) ** 2).mean()) for b in BITS]
+    ratios = [errors[i + 1] / errors[i] for i in range(len(errors) - 1)]
+    # uniform rounding noise step^2 / 12: the step halves (roughly: q_max = 2^(b-1) - 1) per bit
+    for bits, ratio in zip(BITS[1:], ratios):
+        expected = ((2 ** (bits - 2) - 1) / (2 ** (bits - 1) - 1)) ** 2
+        assert ratio == pytest.approx(expected, rel=0.35), (bits, ratio, expected)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_clip_never_worse_than_max_and_better_at_low_bits(bits):
+    weight = torch.randn(32, 144, generator=torch.Generator().manual_seed(1))  # heavy-ish tails
+    w_max, _, _ = _quantize_weight(weight, bits, "max")
+    w_mse, _, ratio = _quantize_weight(weight, bits, "mse")
+    per_channel_max = ((w_max - weight) ** 2).sum(1)
+    per_channel_mse = ((w_mse - weight) ** 2).sum(1)
+    assert bool((per_channel_mse <= per_channel_max + 1e-7).all())
+    assert float(per_channel_mse.sum()) < 0.8 * float(per_channel_max.sum())
+    assert bool((ratio < 1).all()) and bool((ratio > 0).all())
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_error_within_half_a_step_inside_the_range(bits, signed):
+    generator = torch.Generator().manual_seed(bits)
+    x = torch.randn(4096, generator=generator)
+    if not signed:
+        x = x.relu()
+    quantizer = ActivationQuantizer(bits, QuantConfig(activation_range="minmax"))
+    quantizer.start_calibration()
+    quantizer(x)
+    quantizer.finish_calibration()
+    q_lo, q_hi = activation_levels(bits, signed)
+    assert bool(quantizer.signed) == signed
+    assert float(quantizer.scale) == pytest.approx(float(x.abs().max()) / q_hi, rel=1e-6)
+    x_hat = quantizer(x)
+    assert bool(((x_hat - x).abs() <= float(quantizer.scale) / 2 * (1 + 1e-5)).all())
+    codes = torch.round(x_hat / quantizer.scale)
+    assert int(codes.min()) >= q_lo and int(codes.max()) <= q_hi
+    assert len(torch.unique(codes)) <= 2 ** bits
+
+
+def test_activation_levels():
+    assert activation_levels(4, False) == (0, 15)
+    assert activation_levels(4, True) == (-7, 7)
+    assert activation_levels(8, True) == (-127, 127)
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+def test_calibration_methods_clip_outliers(method):
+    x = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)), torch.tensor([50.0])])
+    quantizer = ActivationQuantizer(4, QuantConfig(activation_range=method, percentile=99.9))
+    quantizer.start_calibration()
+    for batch in x.split(10_000):
+        quantizer(batch)
+    quantizer.finish_calibration()
+    clip = float(quantizer.scale) * 15
+    assert 0.5 < clip < 5.0  # the outlier at 50 does not set the range (minmax would give 50)
+    mse = float(((quantizer(x[:-1]) - x[:-1]) ** 2).mean())
+    assert mse < (50 / 15) ** 2 / 12 / 100
+
+
+def test_straight_through_gradient():
+    x = torch.tensor([-2.0, -0.3, 0.26, 0.9, 3.0], requires_grad=True)
+    y = fake_quantize_activation(x, torch.tensor(0.1), -7, 7)
+    torch.testing.assert_close(y.detach(), torch.tensor([-0.7, -0.3, 0.3, 0.7, 0.7]))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0]))  # zero outside the clip
+    w = torch.tensor([[0.5, -1.0, 0.2]], requires_grad=True)
+    fake_quantize_weight(w, 2, torch.tensor([1.0])).sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones(1, 3))
+
+
+def test_uncalibrated_quantizer_refuses_to_run():
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        ActivationQuantizer(4)(torch.ones(3))
+    assert torch.equal(ActivationQuantizer(32)(torch.ones(3)), torch.ones(3))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("weight_clip", "kl"), ("activation_range", "max"), ("percentile", 0.0), ("clip_search_steps", 0),
+    ("calibration_sigma", -1.0), ("mse_weight_bits", 9), ("seed", -1),
+])
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**{field: value})
+
+
+def test_config_dict_round_trip():
+    config = QuantConfig(weight_clip="mse", activation_range="percentile", percentile=99.5, seed=3)
+    assert QuantConfig.from_dict(config.to_dict()) == config
