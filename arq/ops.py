@@ -1,0 +1,275 @@
+"""Integer ops of the quantized certification path: one dispatcher per op, with its plain PyTorch reference.
+
+* :func:`packed_linear`  ``y = epilogue(x @ W.T)``, x int8/uint8 ``[..., K]``, W 2-8 bit packed ``[N, K]``
+* :func:`packed_conv2d`  the same on NHWC activations (implicit GEMM, K in ``(kh, kw, c)`` order)
+* :func:`vote_count`     last linear layer + argmax + per-class counts, only ``int64[num_classes]`` returned
+
+Weights use the packed format of docs/design.md (:mod:`arq.quant.packing`): ``32 // b`` two's-complement
+b-bit fields per int32 word along K, shape ``[N, ceil(K / (32 // b))]``; ``w = q * scales[n]``.
+
+The epilogue, in float32 and in this order (every backend and the references use it, so float outputs agree
+bit for bit; the integer accumulator ``acc = sum_k x[m, k] q[n, k]`` is exact)::
+
+    y = float32(acc) * float32(x_scale)
+    y = y * scales[n]
+    y = y + bias[n]                       # if bias is given
+    y = y + residual[m, n]                # if residual is given (float32, the output's shape)
+    y = relu(y)                           # if relu
+    if out_scale > 0:                     # requantize: round half to even, NaN -> 0
+        q = clamp(round(y * (1 / float32(out_scale))), -128, 127) as int8    ([0, 255] as uint8 when relu)
+
+Each dispatcher takes ``backend``: ``"auto"`` (C++ on CPU; on CUDA the CUDA kernel when built, else Triton from
+``arq_kernels`` when installed, else torch), ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (the reference).
+The compiled ops are ``torch.ops.arq.*``; a ``register_fake`` for each lets ``torch.compile`` trace them.
+On CPU, ``ARQ_CPU_ISA=auto|vnni|avx2|scalar`` (read per call) picks the GEMM micro-kernel and
+``ARQ_DISABLE_VNNI=1`` rules out AVX-512 VNNI; all give the same int32 accumulators
+(:func:`cpu_isa` says which one runs).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from arq._ext import compiled_ops_available, cuda_ops_available
+from arq.quant.packing import (  # the packed format's torch side, shared with the quantizer
+    conv_weight_to_matrix,
+    matrix_to_conv_weight,
+    pack_weights,
+    packed_words,
+    unpack_weights,
+)
+
+__all__ = [
+    "packed_linear",
+    "packed_linear_reference",
+    "packed_conv2d",
+    "packed_conv2d_reference",
+    "vote_count",
+    "vote_count_reference",
+    "pack_weights",
+    "unpack_weights",
+    "conv_weight_to_matrix",
+    "matrix_to_conv_weight",
+    "cpu_isa",
+]
+
+BACKENDS = ("auto", "cpp", "cuda", "triton", "torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# plain PyTorch references
+# ---------------------------------------------------------------------------------------------
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32 (kept as a Python float, so torch multiplies by exactly it)."""
+    return float(np.float32(value))
+
+
+def _epilogue_reference(acc, scales, bias, x_scale, relu, residual, out_scale):
+    """The float32 epilogue of the module docstring on an exact int64 accumulator ``acc [..., N]``."""
+    y = acc.to(torch.int32).to(torch.float32) * _f32(x_scale)
+    y = y * scales
+    if bias is not None:
+        y = y + bias
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    if out_scale > 0:
+        inv = _f32(np.float32(1.0) / np.float32(out_scale))
+        q = torch.nan_to_num(torch.round(y * inv), nan=0.0)
+        if relu:
+            return q.clamp(0, 255).to(torch.uint8)
+        return q.clamp(-128, 127).to(torch.int8)
+    return y
+
+
+def packed_linear_reference(x, packed_weight, w_bits, scales, bias=None, x_scale=1.0, relu=False, residual=None,
+                            out_scale=0.0):
+    """Plain-torch :func:`packed_linear`: unpack, exact integer matmul (float64 holds every partial sum), epilogue."""
+    k = x.shape[-1]
+    q = unpack_weights(packed_weight, w_bits, k)
+    acc = torch.matmul(x.to(torch.float64), q.to(torch.float64).T).round().to(torch.int64)
+    return _epilogue_reference(acc, scales, bias, x_scale, relu, residual, out_scale)
+
+
+def packed_conv2d_reference(x_nhwc, packed_weight, w_bits, scales, bias=None, x_scale=1.0, kernel_h=3, kernel_w=3,
+                            stride=1, padding=1, relu=False, residual=None, out_scale=0.0):
+    """Plain-torch :func:`packed_conv2d`: unpack, exact float64 ``conv2d`` (zero padding), NHWC epilogue."""
+    c = x_nhwc.shape[-1]
+    n = packed_weight.shape[0]
+    q = unpack_weights(packed_weight, w_bits, kernel_h * kernel_w * c)
+    w = matrix_to_conv_weight(q, (n, c, kernel_h, kernel_w)).to(torch.float64)
+    acc = F.conv2d(x_nhwc.permute(0, 3, 1, 2).to(torch.float64), w, stride=stride, padding=padding)
+    acc = acc.permute(0, 2, 3, 1).round().to(torch.int64)
+    return _epilogue_reference(acc, scales, bias, x_scale, relu, residual, out_scale)
+
+
+def vote_count_reference(features, weight, bias, num_classes):
+    """Plain-torch :func:`vote_count`: ``bincount(argmax(features @ weight.T + bias), minlength=num_classes)``."""
+    logits = F.linear(features.to(torch.float32), weight.to(torch.float32),
+                      None if bias is None else bias.to(torch.float32))
+    predictions = logits.argmax(dim=1)
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=features.device)
+    return counts.scatter_add_(0, predictions, torch.ones_like(predictions))
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_kernel(name: str, key: str) -> bool:
+    return compiled_ops_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"arq::{name}", key)
+
+
+def _triton_op(name: str):
+    try:
+        import arq_kernels
+
+        return getattr(arq_kernels, name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _choose(name: str, device: torch.device, backend: str):
+    """Returns (backend, callable or None) for op ``name`` on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch", None
+    if device.type == "cpu":
+        if backend in ("auto", "cpp") and _has_kernel(name, "CPU"):
+            return "cpp", getattr(torch.ops.arq, name)
+        if backend == "cpp":
+            raise RuntimeError(f"arq::{name}: the C++ op is not available (build arq._C)")
+    elif device.type == "cuda":
+        if backend in ("auto", "cuda") and cuda_ops_available() and _has_kernel(name, "CUDA"):
+            return "cuda", getattr(torch.ops.arq, name)
+        if backend == "cuda":
+            raise RuntimeError(f"arq::{name}: no CUDA kernel built")
+        if backend in ("auto", "triton"):
+            fn = _triton_op(name)
+            if fn is not None:
+                return "triton", fn
+        if backend == "triton":
+            raise RuntimeError(f"arq::{name}: arq_kernels.{name} (Triton) is not available")
+    if backend != "auto":
+        raise RuntimeError(f"arq::{name}: backend {backend!r} does not run on {device.type}")
+    return "torch", None
+
+
+def cpu_isa() -> str:
+    """The CPU GEMM micro-kernel the packed ops use now: ``"vnni"``, ``"avx2"`` or ``"scalar"``."""
+    if not compiled_ops_available():
+        return "torch"
+    return torch.ops.arq.packed_cpu_isa()
+
+
+def packed_linear(x, packed_weight, w_bits, scales, bias=None, x_scale=1.0, relu=False, residual=None, out_scale=0.0,
+                  *, backend="auto"):
+    """Quantized linear layer with a fused epilogue: ``y[m, n] = epilogue(sum_k x[m, k] q[n, k])``.
+
+    Args:
+        x: int8 ``[..., K]`` activation codes (uint8 for post-ReLU activations), ``x = x_scale * code``.
+        packed_weight: int32 ``[N, ceil(K / (32 // w_bits))]`` (:func:`pack_weights`).
+        w_bits: 2..8.
+        scales: float32 ``[N]`` per-output-channel weight scales.
+        bias: float32 ``[N]`` or None.
+        x_scale: the activations' scale.
+        relu: apply ReLU (and requantize to uint8 when ``out_scale > 0``).
+        residual: float32 ``[..., N]`` added before the ReLU, or None.
+        out_scale: ``> 0``: return int8 (uint8 with relu) codes ``round(y / out_scale)``; else float32 ``y``.
+        backend: see the module docstring.
+
+    Returns:
+        ``[..., N]`` float32, int8 or uint8.
+    """
+    chosen, fn = _choose("packed_linear", x.device, backend)
+    args = (x, packed_weight, int(w_bits), scales, bias, float(x_scale), bool(relu), residual, float(out_scale))
+    if fn is not None:
+        return fn(*args)
+    return packed_linear_reference(*args)
+
+
+def packed_conv2d(x_nhwc, packed_weight, w_bits, scales, bias=None, x_scale=1.0, kernel_h=3, kernel_w=3, stride=1,
+                  padding=1, relu=False, residual=None, out_scale=0.0, *, backend="auto"):
+    """Quantized NHWC convolution (implicit GEMM) with the fused epilogue of :func:`packed_linear`.
+
+    Args:
+        x_nhwc: int8/uint8 ``[B, H, W, C]``.
+        packed_weight: int32 ``[N, ceil(KH*KW*C / (32 // w_bits))]``, K in ``(kh, kw, c)`` order
+            (:func:`conv_weight_to_matrix` then :func:`pack_weights`).
+        kernel_h, kernel_w, stride, padding: the convolution's geometry (zero padding: the activations' zero
+            point is 0 for symmetric int8 and uint8 codes).
+        residual: float32 ``[B, OH, OW, N]`` or None. The rest as :func:`packed_linear`.
+
+    Returns:
+        NHWC ``[B, OH, OW, N]``, ``OH = (H + 2 padding - KH) // stride + 1``.
+    """
+    chosen, fn = _choose("packed_conv2d", x_nhwc.device, backend)
+    args = (x_nhwc, packed_weight, int(w_bits), scales, bias, float(x_scale), int(kernel_h), int(kernel_w),
+            int(stride), int(padding), bool(relu), residual, float(out_scale))
+    if fn is not None:
+        return fn(*args)
+    return packed_conv2d_reference(*args)
+
+
+def vote_count(features, weight, bias, num_classes, *, backend="auto"):
+    """Votes of the last linear layer: ``counts[c] = #{b : argmax_c' (features[b] . weight[c'] + bias[c']) = c}``.
+
+    argmax as ``torch.argmax`` (ties to the lowest index, NaN counts as the maximum); the logits are never
+    stored. The C++ and CUDA kernels compute each logit in one fixed float32 order (16 strided partial sums,
+    then a pairwise tree; csrc/cpu/vote_count.cpp), so they agree with each other bit for bit and with the
+    reference up to float32 rounding (exactly on integer-valued data).
+
+    Args:
+        features: float32 ``[B, F]``. weight: float32 ``[num_classes, F]``. bias: float32 ``[num_classes]`` or None.
+
+    Returns:
+        int64 ``[num_classes]`` on the features' device (no host synchronization).
+    """
+    chosen, fn = _choose("vote_count", features.device, backend)
+    if fn is not None:
+        return fn(features, weight, bias, int(num_classes))
+    return vote_count_reference(features, weight, bias, int(num_classes))
+
+
+# ---------------------------------------------------------------------------------------------
+# fake (meta) implementations, for torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _out_dtype(relu: bool, out_scale: float) -> torch.dtype:
+    if out_scale > 0:
+        return torch.uint8 if relu else torch.int8
+    return torch.float32
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("arq::packed_linear")
+    def _packed_linear_fake(x, packed_weight, w_bits, scales, bias, x_scale, relu, residual, out_scale):
+        torch._check(x.dtype in (torch.int8, torch.uint8), lambda: "packed_linear: x must be int8 or uint8")
+        return x.new_empty((*x.shape[:-1], packed_weight.shape[0]), dtype=_out_dtype(relu, out_scale))
+
+    @torch.library.register_fake("arq::packed_conv2d")
+    def _packed_conv2d_fake(x, packed_weight, w_bits, scales, bias, x_scale, kernel_h, kernel_w, stride, padding,
+                            relu, residual, out_scale):
+        b, h, w, _ = x.shape
+        oh = (h + 2 * padding - kernel_h) // stride + 1
+        ow = (w + 2 * padding - kernel_w) // stride + 1
+        return x.new_empty((b, oh, ow, packed_weight.shape[0]), dtype=_out_dtype(relu, out_scale))
+
+    @torch.library.register_fake("arq::vote_count")
+    def _vote_count_fake(features, weight, bias, num_classes):
+        return features.new_empty((num_classes,), dtype=torch.int64)
+
+
+if compiled_ops_available():
+    try:
+        _register_fakes()
+    except RuntimeError as error:  # already registered (module reloaded)
+        if "already" not in str(error):
+            raise

@@ -1,0 +1,126 @@
+"""pytest-benchmark: arq's compiled integer ops against their torch baselines, in the same run.
+
+    pytest benchmarks/bench_cpp_ops.py --benchmark-json benchmarks/results/cpp_ops_<machine>.json
+
+Groups (compare within a group only; each group's rows run back to back on the same machine):
+
+* ``linear-M``: ``arq.packed_linear`` (int8 x 4-bit packed, fused scale + bias, float32 out; and requantized
+  int8 out) vs dequantize + matmul (float32 activations times a float32 weight dequantized once, outside the
+  timing) vs ``torch._int_mm`` (int8 x int8 -> int32, no epilogue), K = 512, N = 256.
+* ``conv-M``: ``arq.packed_conv2d`` 3x3, 64 -> 64 channels, 16x16 NHWC images (M = B * 256 rows), 4-bit
+  weights, bias + ReLU + requantize to uint8, vs float32 ``conv2d`` (channels_last) + bias + ReLU.
+* ``votes-M``: ``arq.vote_count`` (features 64 -> 10 classes) vs ``F.linear`` + ``argmax`` + ``bincount``.
+
+Rows M = 1024, 4096, 16384; 1 and 2 threads (groups ``<op>-<M>-t<threads>``). The CPU micro-kernel is whatever ``arq.ops.cpu_isa()`` reports (recorded in
+``extra_info``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arq import ops
+from arq._ext import compiled_ops_available
+
+pytestmark = pytest.mark.skipif(not compiled_ops_available(), reason="arq._C not built")
+
+ROWS = [1024, 4096, 16384]
+BITS = 4
+THREADS = [1, 2]  # on a busy shared host, 1 thread gives the steadier ratios
+
+
+@pytest.fixture(params=THREADS, ids=lambda t: f"t{t}")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _quantized_weight(n, k, gen):
+    qmax = (1 << (BITS - 1)) - 1
+    q = torch.randint(-qmax, qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(n, generator=gen) * 0.01 + 0.001
+    return q, scales
+
+
+def _info(benchmark, **extra):
+    benchmark.extra_info.update(cpu_isa=ops.cpu_isa(), threads=torch.get_num_threads(), **extra)
+
+
+# ------------------------------------------------------------------------------------------- linear
+
+LINEAR_IMPLS = ["arq_float_out", "arq_int8_out", "dequant_matmul", "int_mm"]
+
+
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_linear(benchmark, rows, impl, threads):
+    k, n = 512, 256
+    benchmark.group = f"linear-{rows}-t{threads}"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-128, 128, (rows, k), generator=gen, dtype=torch.int8)
+    q, scales = _quantized_weight(n, k, gen)
+    bias = torch.randn(n, generator=gen)
+    packed = ops.pack_weights(q, BITS)
+    x_scale = 0.02
+    if impl == "arq_float_out":
+        fn = lambda: torch.ops.arq.packed_linear(x, packed, BITS, scales, bias, x_scale, False, None, 0.0)  # noqa: E731
+    elif impl == "arq_int8_out":
+        fn = lambda: torch.ops.arq.packed_linear(x, packed, BITS, scales, bias, x_scale, False, None, 0.05)  # noqa: E731
+    elif impl == "dequant_matmul":
+        w = q.float() * scales[:, None]
+        fn = lambda: torch.addmm(bias, x.float() * x_scale, w.T)  # noqa: E731
+    else:
+        fn = lambda: torch._int_mm(x, q.T)  # noqa: E731
+    _info(benchmark, rows=rows, k=k, n=n, bits=BITS, macs=rows * k * n)
+    benchmark(fn)
+
+
+# ------------------------------------------------------------------------------------------- conv
+
+CONV_IMPLS = ["arq_conv_uint8_out", "float_conv_channels_last"]
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_conv3x3(benchmark, rows, impl, threads):
+    c = n = 64
+    hw = 16
+    batch = rows // (hw * hw)
+    benchmark.group = f"conv-{rows}-t{threads}"
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (batch, hw, hw, c), generator=gen, dtype=torch.uint8)
+    q, scales = _quantized_weight(n, 9 * c, gen)
+    bias = torch.randn(n, generator=gen)
+    if impl == "arq_conv_uint8_out":
+        packed = ops.pack_weights(q, BITS)
+        fn = lambda: torch.ops.arq.packed_conv2d(x, packed, BITS, scales, bias, 0.02, 3, 3, 1, 1, True, None, 0.05)  # noqa: E731
+    else:
+        w = (ops.matrix_to_conv_weight(q, (n, c, 3, 3)).float() * scales[:, None, None, None]).contiguous(
+            memory_format=torch.channels_last)
+        xf = x.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last
+        fn = lambda: torch.relu(F.conv2d(xf * 0.02, w, bias, padding=1))  # noqa: E731
+    _info(benchmark, rows=rows, k=9 * c, n=n, bits=BITS, macs=rows * 9 * c * n)
+    benchmark(fn)
+
+
+# ------------------------------------------------------------------------------------------- votes
+
+VOTE_IMPLS = ["arq_vote_count", "linear_argmax_bincount"]
+
+
+@pytest.mark.parametrize("impl", VOTE_IMPLS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_votes(benchmark, rows, impl, threads):
+    d, classes = 64, 10
+    benchmark.group = f"votes-{rows}-t{threads}"
+    gen = torch.Generator().manual_seed(2)
+    features, weight, bias = torch.randn(rows, d, generator=gen), torch.randn(classes, d, generator=gen), torch.randn(classes)
+    if impl == "arq_vote_count":
+        fn = lambda: torch.ops.arq.vote_count(features, weight, bias, classes)  # noqa: E731
+    else:
+        fn = lambda: torch.bincount(F.linear(features, weight, bias).argmax(1), minlength=classes)  # noqa: E731
+    _info(benchmark, rows=rows, d=d, classes=classes)
+    benchmark(fn)
