@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "noise_math.h"
@@ -44,7 +45,9 @@ template <typename scalar_t>
 void noisy_input_kernel(const scalar_t* x, scalar_t* out, int64_t num_elements, double sigma, uint64_t seed,
                         uint32_t input_index, uint32_t draw, int64_t sample_start, int64_t count) {
   const int64_t pairs = (num_elements + 1) / 2;
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+  // At least ~32k pairs per task: below that, waking threads costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(pairs, 1));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     std::vector<double> z_even(pairs), z_odd(pairs);
     for (int64_t sample = begin; sample < end; ++sample) {
       gaussian_row(z_even.data(), z_odd.data(), static_cast<uint32_t>(pairs), seed,
