@@ -53,7 +53,8 @@ def arq_policy(name: str):
     """The mixed-precision policy found by ARQ's search for zoo model ``name``, or None.
 
     Read from ``weights/<name>.arq-policy.json`` (``arq.quant.Policy.save``'s format) when the zoo
-    ships one; no shipped model has one yet, so callers must handle None.
+    ships one (mnist-lenet-sigma0.25 does: a 150-episode search at the W4A4 budget, whose log is
+    ``benchmarks/results/search/mnist-lenet-sigma0.25-arq.jsonl``); None otherwise.
     """
     policy_path = path_of(name).with_name(f"{name}{POLICY_SUFFIX}")
     if not policy_path.is_file():
