@@ -29,4 +29,8 @@ def __getattr__(name):
         from arq.quant import execution
 
         return getattr(execution, name)
+    if name == "to_kernels":  # arq's own packed kernels (arq.ops), imported only when asked for
+        from arq.quant.kernels import to_kernels
+
+        return to_kernels
     raise AttributeError(f"module 'arq.quant' has no attribute {name!r}")

@@ -1,0 +1,376 @@
+"""A fake-quant model run through arq's own packed low-bit kernels (``arq.ops``).
+
+:func:`to_kernels` copies a fake-quant model (:func:`arq.quant.quantize`) and replaces every
+QuantConv2d / QuantLinear whose weight and input activation have at most 8 bits by
+:class:`PackedConv2d` / :class:`PackedLinear`. With the input quantizer's scale ``s_x`` and
+range ``[q_lo, q_hi]`` (:mod:`arq.quant.quantizers`; zero point 0) and the layer's integer
+weight codes ``q`` (per-channel scale ``s_w[n]``, packed once at ``w_bits`` in the format of
+docs/design.md, K in ``(kh, kw, c)`` order for a convolution), a packed layer computes
+
+    c      = clamp(round(x / s_x), q_lo, q_hi)       int8 for a signed activation, uint8 for an
+                                                     unsigned one; a b-bit activation's codes stay
+                                                     on its b-bit grid (the fake-quant codes exactly:
+                                                     the same float32 quotient, half-to-even rounding)
+    acc[n] = sum_k c_k * q[n, k]                     exact, int32 (the kernel)
+    y[n]   = float32(acc[n]) * s_x * s_w[n] + bias[n]  float32 (the ops' fused epilogue)
+
+A convolution runs on NHWC codes (the input is permuted in, the output back to a contiguous
+NCHW float32 tensor), so everything between layers (normalization, ReLU, pooling, residual
+adds) is the same float32 code as in the fake-quant model.
+
+Which kernel runs (``backend``, recorded as each packed layer's ``backend`` attribute):
+
+* ``"cpp"``: ``arq.ops.packed_conv2d`` / ``packed_linear`` with ``backend="cpp"`` (``arq._C``, CPU).
+* ``"triton"``: the Triton kernels of ``arq_kernels`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+  They are called directly, not through ``arq.ops`` (whose dispatcher refuses CPU tensors for
+  Triton and passes its positional epilogue arguments to launchers that take them by keyword),
+  and they take int8 codes only: 8-bit unsigned codes (0..255) are split into
+  ``c = 2 * (c >> 1) + (c & 1)``, two exact int32 accumulations combined in int32, and the
+  float32 epilogue above applied in torch.
+* ``"torch"``: ``arq.ops``' plain PyTorch reference (exact float64 integer GEMM, same epilogue).
+* ``"auto"``: ``"triton"`` for CUDA tensors (``"torch"`` without Triton), ``"cpp"`` on CPU when
+  ``arq._C`` is built, else ``"torch"``; resolved per input device.
+
+Layers that keep their fake-quant (float) form: a 32-bit weight or activation, ``groups != 1``,
+dilation other than 1, unequal height/width stride or padding, a padding mode other than zeros,
+and ``K > 65535`` (the int32 accumulator's range at 8 x 8 bits). ``model.arq_kernels`` lists
+what was converted and why the rest was not.
+
+Tolerance against the fake-quant reference (as :mod:`arq.quant.execution` states for the oneDNN
+path): the input codes are identical and the integer accumulation is exact; the reference sums
+``(s_x c)(s_w q)`` in float32, so one layer given the same input agrees to float32 rounding
+(relative ~1e-6 of the output's magnitude; tests/quant/test_quant_kernels.py checks rtol 1e-5
+plus 1e-5 of the largest output). Through a network such a rounding difference may move a value
+across a rounding boundary of the next activation quantizer (one code step there), and the change
+propagates: a small share of the later codes differ, and the logits agree up to that (the tests
+check at most 0.5 % differing codes and >= 99 % top-1 agreement on inputs with a clear top-2
+margin; measured on noisy random inputs: LeNet 0 % codes and logits within 2e-7 of the largest,
+ResNet-20 0.05-0.22 % codes and within 0.2-1.8 %, top-1 100 %). The backends agree with each
+other on the accumulators exactly and on the float output up to the epilogue's float32 rounding
+order ("cpp" and "torch" bit for bit; Triton's fused epilogue multiplies ``s_x * s_w[n]`` first).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
+from arq.quant.packing import conv_weight_to_matrix, pack_weights
+from arq.quant.policy import FLOAT_BITS, MAX_BITS, quantizable_layers
+
+__all__ = ["PackedConv2d", "PackedLinear", "to_kernels", "resolve_backend", "KERNEL_BACKENDS"]
+
+KERNEL_BACKENDS = ("auto", "cpp", "triton", "torch")
+
+#: Largest K the packed ops accept (csrc/cpu/packed_common.h: 255 * 127 * K stays below 2^31).
+MAX_K = 65535
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpp_available() -> bool:
+    from arq._ext import compiled_ops_available
+
+    if not compiled_ops_available():
+        return False
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"arq::{op}", "CPU") for op in ("packed_linear", "packed_conv2d")
+    )
+
+
+def _triton_available() -> bool:
+    try:
+        import arq_kernels
+    except ImportError:
+        return False
+    return arq_kernels.triton_available()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The kernel backend that runs for ``backend`` on ``device`` ("cpp", "triton" or "torch").
+
+    Raises when an explicitly named backend cannot run there.
+    """
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton" if _triton_available() else "torch"
+        if device.type == "cpu" and _cpp_available():
+            return "cpp"
+        return "torch"
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend 'cpp' runs on CPU only, got a tensor on {device}")
+        if not _cpp_available():
+            raise RuntimeError("backend 'cpp' needs the compiled ops (arq._C); build them or use 'torch'")
+    elif backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("backend 'triton' needs triton and arq_kernels")
+        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+            raise RuntimeError(f"backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got {device}")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# packed layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _f32(value: float) -> float:
+    return float(np.float32(value))
+
+
+def _epilogue(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, x_scale: float) -> torch.Tensor:
+    """arq.ops' float32 epilogue (``acc * x_scale * scales[n] + bias[n]``, in that order) on an int32 ``acc``."""
+    y = acc.to(torch.float32) * _f32(x_scale)
+    y = y * scales
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class _PackedLayer(nn.Module):
+    """Shared state: input quantization to codes, packed weight, scales, bias, backend."""
+
+    def _init_packed(self, layer: QuantConv2d | QuantLinear, backend: str) -> None:
+        quantizer = layer.input_quantizer
+        if not quantizer._calibrated:
+            raise RuntimeError("the layer's activation quantizer is not calibrated; run arq.quant.quantize first")
+        self.w_bits, self.a_bits = int(layer.w_bits), int(layer.a_bits)
+        self.signed = bool(quantizer.signed)
+        self.code_min, self.code_max = quantizer.levels
+        self.code_dtype = torch.int8 if self.signed else torch.uint8
+        self.x_scale = float(quantizer.scale)  # a float32 value, exactly
+        # the same 0-dim float32 tensor the fake-quant reference divides by, so the codes agree
+        self.register_buffer("x_scale_tensor", quantizer.scale.detach().clone().float())
+        weight_codes = layer.integer_weight()
+        self.out_features = int(weight_codes.shape[0])
+        self.k = int(weight_codes[0].numel())
+        self.register_buffer("packed_weight", pack_weights(conv_weight_to_matrix(weight_codes), self.w_bits))
+        self.register_buffer("w_scale", layer.weight_scale.detach().float().clone().contiguous())
+        bias = layer.bias.detach().float().clone().contiguous() if layer.bias is not None else None
+        self.register_buffer("bias", bias)
+        self.requested_backend = backend
+        self.backend = resolve_backend(backend, self.packed_weight.device)
+        self._auto_backends = {self.packed_weight.device.type: self.backend} if backend == "auto" else {}
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """``clamp(round(x / s_x), q_lo, q_hi)`` as int8 (signed) or uint8 (unsigned), ``x``'s layout."""
+        return torch.clamp(torch.round(x / self.x_scale_tensor.to(x.dtype)), self.code_min, self.code_max).to(
+            self.code_dtype
+        )
+
+    def _backend_for(self, device: torch.device) -> str:
+        """The backend for an input on ``device``: "auto" follows the device (e.g. after ``.to("cuda")``)."""
+        if self.requested_backend == "auto":
+            backend = self._auto_backends.get(device.type)
+            if backend is None:
+                backend = self._auto_backends[device.type] = resolve_backend("auto", device)
+            self.backend = backend
+        return self.backend
+
+    def _triton_codes(self, codes: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``codes`` as int8 tensors with int32 weights: ``c = sum_i weight_i * part_i``."""
+        if codes.dtype == torch.int8 or self.code_max <= 127:
+            return [(1, codes.to(torch.int8))]
+        return [(2, (codes >> 1).to(torch.int8)), (1, (codes & 1).to(torch.int8))]
+
+    def extra_repr(self) -> str:
+        return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, signed={self.signed}, "
+                f"x_scale={self.x_scale:.6g}, backend={self.backend!r}")
+
+
+class PackedConv2d(_PackedLayer):
+    """A QuantConv2d through ``arq.ops.packed_conv2d`` (NHWC implicit GEMM); see the module docstring."""
+
+    def __init__(self, layer: QuantConv2d, backend: str = "auto"):
+        super().__init__()
+        reason = conv_fallback_reason(layer)
+        if reason is not None:
+            raise ValueError(f"PackedConv2d cannot run this convolution: {reason}")
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+        self.kernel_size = tuple(layer.kernel_size)
+        self.stride = int(layer.stride[0])
+        self.padding = _symmetric_padding(layer)
+        self._init_packed(layer, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last codes: the NHWC permute below is then a contiguous view
+        codes = self.codes(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        backend = self._backend_for(codes.device)
+        kh, kw = self.kernel_size
+        if backend == "triton":
+            out = self._triton(codes)
+        else:
+            from arq import ops
+
+            out = ops.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, self.x_scale,
+                                    kh, kw, self.stride, self.padding, backend=backend)
+        return out.permute(0, 3, 1, 2).contiguous()
+
+    def _triton(self, codes: torch.Tensor) -> torch.Tensor:
+        import arq_kernels
+
+        common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, x_scale=self.x_scale)
+        parts = self._triton_codes(codes)
+        if len(parts) == 1:
+            return arq_kernels.packed_conv2d(parts[0][1], self.packed_weight, self.w_bits, self.w_scale, self.bias,
+                                             **common)
+        acc = None
+        for factor, part in parts:
+            raw = arq_kernels.packed_conv2d(part, self.packed_weight, self.w_bits, self.w_scale, None,
+                                            out_dtype=torch.int32, **common)
+            acc = raw * factor if acc is None else acc + raw * factor
+        return _epilogue(acc, self.w_scale, self.bias, self.x_scale)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, " + super().extra_repr())
+
+
+class PackedLinear(_PackedLayer):
+    """A QuantLinear through ``arq.ops.packed_linear``; see the module docstring."""
+
+    def __init__(self, layer: QuantLinear, backend: str = "auto"):
+        super().__init__()
+        if layer.in_features > MAX_K:
+            raise ValueError(f"PackedLinear: K = {layer.in_features} exceeds {MAX_K}")
+        self.in_features = layer.in_features
+        self._init_packed(layer, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading = x.shape[:-1]
+        codes = self.codes(x.reshape(-1, x.shape[-1])).contiguous()
+        backend = self._backend_for(codes.device)
+        if backend == "triton":
+            out = self._triton(codes)
+        else:
+            from arq import ops
+
+            out = ops.packed_linear(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, self.x_scale,
+                                    backend=backend)
+        return out.reshape(*leading, self.out_features)
+
+    def _triton(self, codes: torch.Tensor) -> torch.Tensor:
+        import arq_kernels
+
+        parts = self._triton_codes(codes)
+        if len(parts) == 1:
+            return arq_kernels.packed_linear(parts[0][1], self.packed_weight, self.w_bits, self.w_scale, self.bias,
+                                             x_scale=self.x_scale)
+        acc = None
+        for factor, part in parts:
+            raw = arq_kernels.packed_linear(part, self.packed_weight, self.w_bits, self.w_scale, None,
+                                            x_scale=self.x_scale, out_dtype=torch.int32)
+            acc = raw * factor if acc is None else acc + raw * factor
+        return _epilogue(acc, self.w_scale, self.bias, self.x_scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+
+PACKED_LAYER_TYPES = (PackedConv2d, PackedLinear)
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def _symmetric_padding(layer: nn.Conv2d) -> int:
+    padding = layer.padding
+    if padding == "valid":
+        return 0
+    if padding == "same":  # stride 1 (torch requires it); odd kernels pad (k - 1) / 2 on each side
+        return (layer.kernel_size[0] - 1) // 2
+    return int(padding[0])
+
+
+def conv_fallback_reason(layer: QuantConv2d) -> str | None:
+    """Why ``layer`` cannot run as a :class:`PackedConv2d` (None when it can)."""
+    if layer.groups != 1:
+        return f"groups={layer.groups} (the packed conv has groups=1)"
+    if tuple(layer.dilation) != (1, 1):
+        return f"dilation={tuple(layer.dilation)}"
+    if layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r}"
+    if layer.stride[0] != layer.stride[1]:
+        return f"stride={tuple(layer.stride)} (one stride for both axes)"
+    kh, kw = layer.kernel_size
+    if layer.padding == "same":
+        if kh != kw or kh % 2 == 0:
+            return f"padding='same' with kernel {kh}x{kw} (asymmetric padding)"
+    elif layer.padding != "valid" and layer.padding[0] != layer.padding[1]:
+        return f"padding={tuple(layer.padding)} (one padding for both axes)"
+    if kh * kw * layer.in_channels > MAX_K:
+        return f"K = {kh * kw * layer.in_channels} exceeds {MAX_K}"
+    return None
+
+
+def _fallback_reason(layer: nn.Module) -> str | None:
+    if layer.w_bits > MAX_BITS or layer.a_bits > MAX_BITS:
+        return f"w_bits={layer.w_bits}, a_bits={layer.a_bits} (a {FLOAT_BITS}-bit operand stays float)"
+    if isinstance(layer, QuantConv2d):
+        return conv_fallback_reason(layer)
+    if layer.in_features > MAX_K:
+        return f"K = {layer.in_features} exceeds {MAX_K}"
+    return None
+
+
+@torch.no_grad()
+def to_kernels(qmodel: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """A copy of the fake-quant ``qmodel`` whose quantized layers run arq's packed kernels.
+
+    Every QuantConv2d / QuantLinear with ``w_bits <= 8`` and ``a_bits <= 8`` becomes a
+    :class:`PackedConv2d` / :class:`PackedLinear` (weights packed once, on the model's device);
+    the rest keep their fake-quant form (see the module docstring for the math, the backends
+    and the tolerance). ``qmodel`` is unchanged. The result is in eval mode, for inference only
+    (no gradients through the integer kernels), maps ``[B, C, H, W]`` to float32 logits like
+    ``qmodel``, keeps ``arq_metadata`` / ``arq_quant``, and has ``arq_kernels = {"backend",
+    "packed": [names], "fake_quant": {name: reason}}``.
+
+    Args:
+        qmodel: the output of :func:`arq.quant.quantize` (calibrated).
+        backend: "auto", "cpp", "triton" or "torch" (the module docstring says where each runs).
+    """
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"qmodel must be an nn.Module, got {type(qmodel).__name__}")
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    layers = [(name, module) for name, module in quantizable_layers(qmodel) if isinstance(module, QUANT_LAYER_TYPES)]
+    if not layers:
+        raise ValueError("qmodel has no quantized layer; run arq.quant.quantize first")
+    devices = {tensor.device for tensor in list(qmodel.parameters()) + list(qmodel.buffers())}
+    if len(devices) > 1:
+        raise ValueError(f"qmodel's tensors are on several devices: {sorted(map(str, devices))}")
+    device = devices.pop() if devices else torch.device("cpu")
+    chosen = resolve_backend(backend, device)  # fail early when the backend cannot run here
+    model = copy.deepcopy(qmodel).eval()
+    packed, fake_quant = [], {}
+    for name, layer in layers:
+        reason = _fallback_reason(layer)
+        if reason is not None:
+            fake_quant[name] = reason
+            continue
+        replacement = (PackedConv2d if isinstance(layer, QuantConv2d) else PackedLinear)(layer, backend)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, replacement)
+        packed.append(name)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.arq_kernels = {"backend": chosen, "packed": packed, "fake_quant": fake_quant}
+    return model

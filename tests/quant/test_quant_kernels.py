@@ -1,0 +1,331 @@
+"""arq.quant.to_kernels: a fake-quant model through arq's own packed kernels, against the fake-quant reference.
+
+Tolerance (documented in arq.quant.kernels): one layer given the same input computes the same codes
+and agrees to float32 rounding (the integer accumulation is exact): rtol 1e-5 plus 1e-5 of the largest
+output. Through a network a rounding difference may move a value across a later quantizer's rounding
+boundary, so a small share of codes (<= 0.5 %) differ and top-1 agrees on >= 99 % of the inputs whose
+reference top-2 margin exceeds 1e-3 of the largest logit. Measured (2026-11-27, AVX2 CPU, backend "cpp"):
+LeNet / the small MNIST net (uniform 8, uniform 4, mixed): no differing code, logits within 1.6e-7 of
+the largest, 100 % top-1; ResNet-20 mixed: 0.05 % of codes differ, logits within 1.8 % of the largest,
+100 % top-1 (uniform 8: 0.22 %, 0.24 %); certificates of the kernel and fake-quant LeNet identical.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import arq
+import arq.quant as quant
+from arq.models import get_architecture
+from arq.quant import LayerBits, Policy, QuantConv2d, QuantLinear
+from arq.quant.kernels import PackedConv2d, PackedLinear, resolve_backend, to_kernels
+from quant_nets import cifar_resnet, mnist_net
+
+needs_cpp = pytest.mark.skipif(resolve_backend("auto", "cpu") != "cpp", reason="needs the compiled ops (arq._C)")
+
+
+def _calibrated(layer, x):
+    quantizer = layer.input_quantizer
+    quantizer.start_calibration()
+    layer(x)
+    quantizer.finish_calibration()
+    return layer.eval()
+
+
+def _inputs(shape, signed, generator):
+    x = torch.randn(shape, generator=generator)
+    return x if signed else x.relu()
+
+
+def _check_layer(layer, packed, x):
+    quantizer = layer.input_quantizer
+    with torch.no_grad():
+        reference = layer(x)
+        result = packed(x)
+    expected_codes = torch.round(quantizer(x) / quantizer.scale).to(torch.int32)
+    codes = packed.codes(x)
+    assert codes.dtype == (torch.int8 if bool(quantizer.signed) else torch.uint8)
+    assert torch.equal(codes.to(torch.int32), expected_codes)
+    assert int(codes.max()) <= quantizer.levels[1] and int(codes.min()) >= quantizer.levels[0]
+    assert result.dtype == torch.float32 and result.shape == reference.shape and result.is_contiguous()
+    torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+    return reference, result
+
+
+# every (w_bits, a_bits) in 2..8 x 2..8, signed and unsigned inputs
+LINEAR_CASES = [(w, a, s) for w in range(2, 9) for a in range(2, 9) for s in (False, True)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("w_bits,a_bits,signed", LINEAR_CASES)
+def test_packed_linear_matches_fake_quant_layer(w_bits, a_bits, signed):
+    generator = torch.Generator().manual_seed(w_bits * 100 + a_bits * 10 + signed)
+    linear = nn.Linear(45, 13, bias=(w_bits + a_bits) % 3 != 0)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator))
+    x = _inputs((3, 7, 45), signed, generator)  # leading dimensions are kept
+    layer = _calibrated(QuantLinear.from_float(linear, LayerBits(w_bits, a_bits)), x)
+    packed = PackedLinear(layer)
+    assert packed.backend == "cpp" and packed.signed == signed
+    _check_layer(layer, packed, x)
+
+
+# (kernel, stride, padding): 1x1, 3x3, 5x5, 7x3 at strides 1 and 2, padding 0, 1, 2
+GEOMETRIES = [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1), (3, 1, 0), (3, 2, 2), (5, 1, 2), (5, 2, 0), ((3, 5), 1, 1)]
+CONV_BITS = [(2, 2), (3, 5), (4, 4), (5, 7), (6, 3), (7, 8), (8, 6), (8, 8)]
+CONV_CASES = [(g, *CONV_BITS[(i + j) % len(CONV_BITS)], s)
+              for i, g in enumerate(GEOMETRIES) for j, s in enumerate((False, True))]
+
+
+@needs_cpp
+@pytest.mark.parametrize("geometry,w_bits,a_bits,signed", CONV_CASES)
+def test_packed_conv_matches_fake_quant_layer(geometry, w_bits, a_bits, signed):
+    kernel, stride, padding = geometry
+    generator = torch.Generator().manual_seed(w_bits * 100 + a_bits * 10 + signed + 1000 * stride + 3 * padding)
+    conv = nn.Conv2d(10, 12, kernel, stride=stride, padding=padding)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+        conv.bias.copy_(torch.randn(12, generator=generator))
+    x = _inputs((4, 10, 11, 13), signed, generator)
+    layer = _calibrated(QuantConv2d.from_float(conv, LayerBits(w_bits, a_bits)), x)
+    packed = PackedConv2d(layer)
+    assert packed.backend == "cpp"
+    _check_layer(layer, packed, x)
+
+
+@needs_cpp
+@pytest.mark.parametrize("signed", [False, True])
+def test_full_range_8_bit_codes_are_exact(signed):
+    """Codes at the ends of the 8-bit range (255, or +-127) times weights +-127: no saturation anywhere."""
+    conv = nn.Conv2d(16, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.weight[1].fill_(-1.0)
+        conv.weight[2].copy_(torch.where(torch.arange(16 * 9).view(16, 3, 3) % 2 == 0, 1.0, -1.0))
+    layer = QuantConv2d.from_float(conv, LayerBits(8, 8), quant.QuantConfig(weight_clip="max")).eval()
+    layer.input_quantizer.set_range(1.0, signed)
+    x = torch.full((2, 16, 5, 5), 300.0)
+    if signed:
+        x[1] = -300.0
+    packed = PackedConv2d(layer)
+    _, result = _check_layer(layer, packed, x)
+    code = 127 if signed else 255
+    # an interior pixel of channel 0: 144 taps of code * 127, times x_scale (1) * w_scale (1 / 127)
+    acc = (float(result[0, 0, 2, 2]) - float(conv.bias.detach()[0])) / float(layer.weight_scale[0])
+    assert abs(acc - code * 127 * 144) <= 1e-5 * code * 127 * 144
+
+
+@needs_cpp
+def test_backends_torch_and_cpp_agree_bit_for_bit():
+    generator = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+    x = _inputs((2, 6, 9, 9), False, generator)
+    layer = _calibrated(QuantConv2d.from_float(conv, LayerBits(5, 8)), x)
+    cpp, reference = PackedConv2d(layer, "cpp"), PackedConv2d(layer, "torch")
+    assert (cpp.backend, reference.backend) == ("cpp", "torch")
+    with torch.no_grad():
+        assert torch.equal(cpp(x), reference(x))
+
+
+def _lenet(seed=0, sigma=0.25):
+    torch.manual_seed(seed)
+    model = get_architecture("lenet", "mnist").eval()
+    model.arq_metadata = {"sigma": sigma, "num_classes": 10, "dataset": "mnist", "arch": "lenet"}
+    return model
+
+
+def _mixed_lenet_policy(model):
+    names = [name for name, _ in quant.quantizable_layers(model)]
+    assert names == ["1.conv1", "1.conv2", "1.fc1", "1.fc2", "1.fc3"]
+    return Policy({"1.conv1": LayerBits(8, 8), "1.conv2": LayerBits(3, 5), "1.fc1": LayerBits(5, 3),
+                   "1.fc2": LayerBits(32, 4), "1.fc3": LayerBits(2, 7)})
+
+
+def _mixed_mnist_net_policy(model):
+    names = [name for name, _ in quant.quantizable_layers(model)]
+    bits = [LayerBits(8, 8), LayerBits(4, 6), LayerBits(6, 4), LayerBits(3, 8)]
+    return Policy(dict(zip(names, bits)))
+
+
+def _codes_by_layer(model, x, packed):
+    codes, hooks = {}, []
+    for name, module in model.named_modules():
+        if packed and isinstance(module, (PackedConv2d, PackedLinear)):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: codes.__setitem__(name, m.codes(args[0]).to(torch.int32))))
+        elif not packed and isinstance(module, (QuantConv2d, QuantLinear)) and module.input_quantizer.enabled:
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: codes.__setitem__(
+                    name, torch.round(m.input_quantizer(args[0]) / m.input_quantizer.scale).to(torch.int32))))
+    with torch.no_grad():
+        logits = model(x)
+    for hook in hooks:
+        hook.remove()
+    return logits, codes
+
+
+def _mixed_resnet_policy(model):
+    names = [name for name, _ in quant.quantizable_layers(model)]
+    bits = {name: LayerBits(2 + (3 * i) % 7, 2 + (5 * i + 2) % 7) for i, name in enumerate(names)}
+    bits[names[0]] = LayerBits(8, 8)
+    bits[names[5]] = LayerBits(32, 4)  # a float weight: that layer stays fake-quant
+    return Policy(bits)
+
+
+MNIST = (1, 28, 28)
+# name: (model, policy, input shape, number of test inputs)
+NETWORKS = {
+    "lenet-uniform8": (_lenet, lambda m: Policy.uniform(m, 8, 8), MNIST, 256),
+    "lenet-uniform4": (_lenet, lambda m: Policy.uniform(m, 4, 4), MNIST, 256),
+    "lenet-mixed": (_lenet, _mixed_lenet_policy, MNIST, 256),
+    "mnist_net-mixed": (lambda: mnist_net().eval(), _mixed_mnist_net_policy, MNIST, 256),  # 5x5 pad 2, folded BN
+    # deeper: residual adds, 1x1 stride-2 shortcuts; here rounding differences do move later codes
+    "cifar_resnet20-mixed": (lambda: cifar_resnet(20), _mixed_resnet_policy, (3, 32, 32), 128),
+}
+
+
+@needs_cpp
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_network_agrees_with_fake_quant_reference(network):
+    build, make_policy, shape, count = NETWORKS[network]
+    model = build()
+    policy = make_policy(model)
+    generator = torch.Generator().manual_seed(0)
+    qmodel = quant.quantize(model, policy, torch.rand(64, *shape, generator=generator))
+    kernel_model = quant.to_kernels(qmodel)
+    assert kernel_model.arq_metadata == model.arq_metadata
+    expected_packed = [n for n, b in policy.items() if b.w_bits != 32 and b.a_bits != 32]
+    assert sorted(kernel_model.arq_kernels["packed"]) == sorted(expected_packed)
+    assert kernel_model.arq_kernels["backend"] == "cpp"
+    for name, bits in policy.items():
+        module = kernel_model.get_submodule(name)
+        if bits.w_bits == 32 or bits.a_bits == 32:
+            assert isinstance(module, (QuantConv2d, QuantLinear)) and name in kernel_model.arq_kernels["fake_quant"]
+        else:
+            assert isinstance(module, (PackedConv2d, PackedLinear)) and module.backend == "cpp"
+    x = torch.rand(count, *shape, generator=generator) + 0.25 * torch.randn(count, *shape, generator=generator)
+    reference, reference_codes = _codes_by_layer(qmodel, x, packed=False)
+    result, kernel_codes = _codes_by_layer(kernel_model, x, packed=True)
+    assert set(kernel_codes) == set(expected_packed)
+    differing = sum(int((codes != reference_codes[name]).sum()) for name, codes in kernel_codes.items())
+    total = sum(codes.numel() for codes in kernel_codes.values())
+    assert differing <= 5e-3 * total
+    scale = float(reference.abs().max())
+    assert float((result - reference).abs().max()) <= 0.05 * scale
+    top2 = reference.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * scale
+    assert int(clear.sum()) >= 0.75 * count
+    agreement = float((result.argmax(1) == reference.argmax(1))[clear].float().mean())
+    assert agreement >= 0.99
+
+
+@needs_cpp
+def test_certify_kernel_model_gives_the_fake_quant_prediction():
+    model = _lenet()
+    generator = torch.Generator().manual_seed(0)
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 4), torch.rand(64, 1, 28, 28, generator=generator))
+    kernel_model = quant.to_kernels(qmodel)
+    candidates = torch.rand(64, 1, 28, 28, generator=generator)
+    with torch.no_grad():
+        logits = qmodel(candidates)
+    classes, top2 = logits.argmax(1), logits.topk(2, dim=1).values
+    # one input of each of the two classes this random net predicts, and its closest call
+    picks = [int(torch.nonzero(classes == c)[0]) for c in classes.unique()[:2]]
+    picks.append(int((top2[:, 0] - top2[:, 1]).argmin()))
+    x = candidates[picks]
+    kwargs = dict(sigma=0.25, n=300, n0=20, batch_size=160)
+    reference = arq.certify(qmodel, x, backend="torch", **kwargs)  # the fake-quant model itself
+    result = arq.certify(kernel_model, x, **kwargs)
+    assert [c.prediction for c in result] == [c.prediction for c in reference]
+    assert any(c.prediction != arq.ABSTAIN for c in reference)  # measured: ABSTAIN, ABSTAIN, 7 (counts 108, 133, 215)
+    for ours, theirs in zip(result, reference):
+        assert abs(ours.count - theirs.count) <= 3  # a sample's class may flip at a near tie
+
+
+@needs_cpp
+def test_layers_the_kernels_cannot_run_stay_fake_quant():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),
+        nn.Conv2d(8, 8, (3, 1), padding=(1, 0)), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding="same"), nn.ReLU(),
+        nn.Conv2d(8, 4, 1, bias=False), nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+    ).eval()
+    x = torch.rand(8, 4, 6, 6)
+    qmodel = quant.quantize(model, Policy.uniform(model, 6, 6), x)
+    kernel_model = to_kernels(qmodel)
+    assert sorted(kernel_model.arq_kernels["fake_quant"]) == ["0", "2", "4"]
+    assert kernel_model.arq_kernels["packed"] == ["6", "8", "10"]
+    assert isinstance(kernel_model[0], QuantConv2d) and isinstance(kernel_model[6], PackedConv2d)
+    assert kernel_model[6].padding == 1
+    assert isinstance(qmodel[6], QuantConv2d)  # the input model is unchanged
+    with torch.no_grad():
+        reference, result = qmodel(x), kernel_model(x)
+    torch.testing.assert_close(result, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+def test_to_kernels_rejects_bad_input():
+    with pytest.raises(ValueError, match="no quantized layer"):
+        to_kernels(_lenet())
+    model = _lenet()
+    qmodel = quant.quantize(model, Policy.uniform(model, 8, 8), torch.rand(8, 1, 28, 28))
+    with pytest.raises(ValueError, match="backend"):
+        to_kernels(qmodel, backend="fast")
+    with pytest.raises(RuntimeError, match="cpp"):
+        resolve_backend("cpp", "meta")
+    torch_model = to_kernels(qmodel, backend="torch")
+    assert torch_model.arq_kernels["backend"] == "torch" and torch_model[1].conv1.backend == "torch"
+
+
+def _tiny_net():
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5), nn.ReLU(), nn.Linear(5, 3),
+    ).eval()
+    # signed 5-bit input codes, unsigned 8-bit codes (the split path), unsigned 6 and 3 bits
+    policy = Policy({"0": LayerBits(4, 5), "2": LayerBits(8, 8), "5": LayerBits(3, 6), "7": LayerBits(2, 3)})
+    return model, policy
+
+
+def _compare_triton_with_cpp(device: str) -> None:
+    """The tiny net through backend "triton" on ``device`` against backend "cpp" on the CPU."""
+    model, policy = _tiny_net()
+    x = torch.rand(3, 2, 6, 6, generator=torch.Generator().manual_seed(5)) - 0.3
+    qmodel = quant.quantize(model, policy, x)
+    cpp = to_kernels(qmodel, backend="cpp")
+    assert cpp[0].signed and not cpp[2].signed and cpp[2].code_max == 255  # int8, and the 8-bit uint8 split
+    with torch.no_grad():
+        assert int(cpp[2].codes(torch.relu(cpp[0](x))).max()) > 127  # codes the split path must handle
+    triton_model = to_kernels(qmodel.to(device), backend="triton")
+    assert triton_model.arq_kernels["backend"] == "triton"
+    assert all(m.backend == "triton" for m in triton_model.modules() if isinstance(m, (PackedConv2d, PackedLinear)))
+    with torch.no_grad():
+        expected = cpp(x)
+        result = triton_model(x.to(device)).cpu()
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    # "auto": "triton" for CUDA tensors, "cpp" on the CPU
+    assert to_kernels(qmodel, backend="auto").arq_kernels["backend"] == ("triton" if device == "cuda" else "cpp")
+
+
+@pytest.mark.triton
+@needs_cpp
+def test_triton_backend_matches_cpp():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        _compare_triton_with_cpp("cuda")
+        return
+    # On the CPU Triton runs through its interpreter, which must be chosen before triton is imported
+    # (torch._dynamo imports it early): a fresh process with TRITON_INTERPRET=1.
+    here = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path.insert(0, {str(here)!r}); import torch; torch.set_num_threads(1); "
+            f"import {Path(__file__).stem} as t; t._compare_triton_with_cpp('cpu')")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_WAIT_POLICY="PASSIVE")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=here.parent.parent)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
