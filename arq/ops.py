@@ -125,13 +125,56 @@ def _has_kernel(name: str, key: str) -> bool:
     return compiled_ops_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"arq::{name}", key)
 
 
+def _requant_kwargs(relu: bool, out_scale: float) -> dict:
+    if out_scale > 0:
+        dtype, low, high = (torch.uint8, 0, 255) if relu else (torch.int8, -128, 127)
+        return dict(out_scale=out_scale, out_dtype=dtype, qmin=low, qmax=high)
+    return dict(out_scale=None, out_dtype=torch.float32)
+
+
+def _triton_packed_linear(x, packed_weight, w_bits, scales, bias, x_scale, relu, residual, out_scale):
+    from arq_kernels.packed_matmul import packed_linear as triton_packed_linear
+
+    leading = x.shape[:-1]
+    flat_residual = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    out = triton_packed_linear(x.reshape(-1, x.shape[-1]), packed_weight, w_bits, scales, bias, x_scale=x_scale,
+                               relu=relu, residual=flat_residual, in_features=x.shape[-1],
+                               **_requant_kwargs(relu, out_scale))
+    return out.reshape(*leading, out.shape[-1])
+
+
+def _triton_packed_conv2d(x, packed_weight, w_bits, scales, bias, x_scale, kernel_h, kernel_w, stride, padding,
+                          relu, residual, out_scale):
+    from arq_kernels.packed_conv import packed_conv2d as triton_packed_conv2d
+
+    return triton_packed_conv2d(x, packed_weight, w_bits, scales, bias, kernel_size=(kernel_h, kernel_w),
+                                stride=stride, padding=padding, relu=relu, residual=residual, x_scale=x_scale,
+                                **_requant_kwargs(relu, out_scale))
+
+
+def _triton_vote_count(features, weight, bias, num_classes):
+    from arq_kernels.votes import vote_count as triton_vote_count
+
+    return triton_vote_count(features, weight, bias, num_classes)
+
+
+# The Triton launchers take their options by keyword; these adapters give them the ops' signatures.
+_TRITON_ADAPTERS = {
+    "packed_linear": _triton_packed_linear,
+    "packed_conv2d": _triton_packed_conv2d,
+    "vote_count": _triton_vote_count,
+}
+
+
 def _triton_op(name: str):
     try:
         import arq_kernels
 
-        return getattr(arq_kernels, name)
-    except (ImportError, AttributeError):
+        if not arq_kernels.triton_available():
+            return None
+    except ImportError:
         return None
+    return _TRITON_ADAPTERS[name]
 
 
 def _choose(name: str, device: torch.device, backend: str):
@@ -188,6 +231,10 @@ def packed_linear(x, packed_weight, w_bits, scales, bias=None, x_scale=1.0, relu
         ``[..., N]`` float32, int8 or uint8.
     """
     chosen, fn = _choose("packed_linear", x.device, backend)
+    if chosen == "triton" and x.dtype != torch.int8:
+        if backend == "triton":
+            raise ValueError("packed_linear: the Triton kernel takes int8 activation codes, got uint8")
+        chosen, fn = "torch", None
     args = (x, packed_weight, int(w_bits), scales, bias, float(x_scale), bool(relu), residual, float(out_scale))
     if fn is not None:
         return fn(*args)
@@ -210,6 +257,10 @@ def packed_conv2d(x_nhwc, packed_weight, w_bits, scales, bias=None, x_scale=1.0,
         NHWC ``[B, OH, OW, N]``, ``OH = (H + 2 padding - KH) // stride + 1``.
     """
     chosen, fn = _choose("packed_conv2d", x_nhwc.device, backend)
+    if chosen == "triton" and x_nhwc.dtype != torch.int8:
+        if backend == "triton":
+            raise ValueError("packed_conv2d: the Triton kernel takes int8 activation codes, got uint8")
+        chosen, fn = "torch", None
     args = (x_nhwc, packed_weight, int(w_bits), scales, bias, float(x_scale), int(kernel_h), int(kernel_w),
             int(stride), int(padding), bool(relu), residual, float(out_scale))
     if fn is not None:
