@@ -66,7 +66,10 @@ def test_zoo_reads_whatever_weights_folder_holds(tmp_path, monkeypatch):
 
 
 def test_arq_policy_is_read_when_shipped(tmp_path, monkeypatch):
-    assert zoo.arq_policy("mnist-lenet-sigma0.25") is None  # none shipped yet
+    shipped = zoo.arq_policy("mnist-lenet-sigma0.25")
+    assert shipped is not None and shipped.to_haq(zoo.load("mnist-lenet-sigma0.25")) == [
+        [3, 4], [4, 3], [6, 6], [7, 7], [4, 4]]
+    assert zoo.arq_policy("mnist-lenet-sigma0.50") is None  # none searched for it yet
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
     save_model(get_architecture("lenet", "mnist"), tmp_path / "mnist-lenet-sigma0.25",
                {"arch": "lenet", "dataset": "mnist", "sigma": 0.25})
