@@ -16,6 +16,8 @@ _log = logging.getLogger("arq")
 @functools.lru_cache(maxsize=None)
 def compiled_ops_available() -> bool:
     """True when ``arq._C`` imported and registered its ops."""
+    import torch  # noqa: F401  (arq._C links against libtorch/libc10, which importing torch loads)
+
     try:
         from arq import _C  # noqa: F401
     except ImportError as error:

@@ -42,6 +42,7 @@ from arq.smoothing.noise import (
     noise_tv_bound,
     noisy_batch,
 )
+from arq.smoothing.engine import prepare_model
 from arq.smoothing.votes import count_votes
 
 from arq import ABSTAIN  # noqa: E402  (one definition, re-exported by arq)
@@ -56,7 +57,9 @@ class Certificate(NamedTuple):
         subtracting the sampler's deviation bound.
     count: votes for c_A among the n estimation samples.
     n, n0, sigma, alpha: the parameters it was computed with.
-    backend: which noise backend produced the samples ("torch", "cpp", "cuda", ...).
+    backend: which noise backend produced the samples ("torch", "cpp", "cuda", ...), followed for a
+        quantized model by how it ran (``arq.smoothing.engine``): "cpp+int8" the integer CPU model,
+        "cuda+packed" / "triton+packed" arq's packed GPU kernels, "...+fakequant" the fake-quant model.
     """
 
     prediction: int
@@ -289,7 +292,16 @@ def certify(
         seed: the noise seed. input_index: the Philox input counter(s), default 0..B-1
             (the CLI uses the data set index so that certificates do not depend on ``--skip``).
         num_classes: checked against the model's output. device: where to run (default: the model's).
-        backend: noise and vote backend: "auto", "torch", "cpp", "cuda" or "triton".
+        backend: noise and vote backend: "auto", "torch", "cpp", "cuda" or "triton". For a
+            quantized model (``arq.quantize``'s fake-quant model) it also picks the model's
+            execution (``arq.smoothing.engine.prepare_model``): on CPU "cpp" ("auto" with
+            ``arq._C`` built) runs the integer model ``arq.quant.to_integer(model)``, converted
+            once and cached, and ``Certificate.backend`` reads "cpp+int8"; such a certificate
+            is a certificate of the integer model (the one deployed on CPU), which agrees with
+            the fake-quant model only up to arq.quant.execution's rounding tolerance, so its
+            counts and radius may differ slightly from the reference's (on CUDA: arq's packed
+            kernels, "+packed", with the same caveat). "torch" runs the fake-quant model with
+            the reference noise and votes (exactly its certificate).
         progress: show a progress bar.
 
     Returns:
@@ -312,21 +324,23 @@ def certify(
     certificates = []
     with _EvalMode(model):
         classes = _num_classes(model, batch, num_classes)
+        # a quantized model runs through the fastest execution for the backend (arq.smoothing.engine)
+        run_model, model_tag = prepare_model(model, chosen_backend, run_device, work=batch.shape[0] * (n + n0))
         inputs = tqdm(list(zip(batch, indices)), disable=not progress or single, unit="input")
         for one, index in inputs:
             common = dict(sigma=sigma, seed=seed, input_index=index, batch_size=batch_size,
                           num_classes=classes, backend=chosen_backend, progress=progress)
-            selection = sample_counts(model, one, num=n0, draw=DRAW_SELECT, **common)
+            selection = sample_counts(run_model, one, num=n0, draw=DRAW_SELECT, **common)
             candidate = int(selection.argmax().item())
-            estimation = sample_counts(model, one, num=n, draw=DRAW_ESTIMATE, **common)
+            estimation = sample_counts(run_model, one, num=n, draw=DRAW_ESTIMATE, **common)
             count = int(estimation[candidate].item())
             p_lower = statistics.clopper_pearson_lower(count, n, alpha) - delta
             if p_lower < 0.5:
                 certificates.append(Certificate(ABSTAIN, 0.0, max(p_lower, 0.0), count, n, n0, sigma, alpha,
-                                                chosen_backend))
+                                                chosen_backend + model_tag))
             else:
                 certificates.append(Certificate(candidate, statistics.radius(sigma, p_lower), p_lower, count, n, n0,
-                                                sigma, alpha, chosen_backend))
+                                                sigma, alpha, chosen_backend + model_tag))
     return certificates[0] if single else certificates
 
 
@@ -364,8 +378,9 @@ def predict(
     predictions = []
     with _EvalMode(model):
         classes = _num_classes(model, batch, num_classes)
+        run_model, _ = prepare_model(model, chosen_backend, run_device, work=batch.shape[0] * n)
         for one, index in zip(batch, indices):
-            counts = sample_counts(model, one, sigma=sigma, num=n, draw=DRAW_PREDICT, seed=seed, input_index=index,
+            counts = sample_counts(run_model, one, sigma=sigma, num=n, draw=DRAW_PREDICT, seed=seed, input_index=index,
                                    batch_size=batch_size, num_classes=classes, backend=chosen_backend,
                                    progress=progress)
             top2 = torch.topk(counts, 2)

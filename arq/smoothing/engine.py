@@ -1,0 +1,226 @@
+"""Which model ``arq.certify`` / ``arq.predict`` actually run: the certification engine.
+
+``prepare_model(model, backend, device) -> (callable, tag)`` converts a model once
+for the chosen noise backend and device and caches the result:
+
+* a **float model** passes through unchanged (tag ``""``);
+* a **quantized model** (the fake-quant model of :func:`arq.quant.quantize`, which carries
+  ``model.arq_quant = {"policy", ...}``):
+
+  - on CPU with noise backend ``"cpp"`` (what ``"auto"`` picks on CPU when ``arq._C`` is
+    built): the **integer model** :func:`arq.quant.to_integer` (oneDNN u8 x s8 -> s32
+    layers at the policy's bit widths, float glue), optionally wrapped in
+    ``torch.compile``; tag ``"+int8"`` (``"+int8-compiled"``), so a certificate says
+    ``backend="cpp+int8"``. If this torch has no oneDNN quantized engine, the fake-quant
+    model runs instead (tag ``"+fakequant"``).
+  - on CUDA with ``"cuda"`` / ``"triton"``: arq's packed low-bit kernels
+    (``arq.quant.kernels.to_kernels(model, backend="triton")``, the same integer semantics and
+    tolerance as the CPU integer model), tag ``"+packed"``; where Triton or that module is
+    missing or the conversion fails, the fake-quant model (tag ``"+fakequant"``, one warning).
+  - with ``"torch"`` (the reference): the fake-quant model itself (tag ``""``, so its
+    certificate is exactly the reference's).
+
+What a ``"cpp+int8"`` certificate certifies. The integer model is what a user deploys on
+CPU. Its integer accumulation is exact, while the fake-quant reference sums
+``(s_x c)(s_w q)`` in float32, so on a sample near a rounding boundary of some later
+activation quantizer the two can pick a different code and the change propagates (the
+documented tolerance of :mod:`arq.quant.execution`: <= 0.5 % of codes, logits within 5 %
+of the largest logit, top-1 equal on >= 99 % of non-tied inputs). A ``"cpp+int8"``
+certificate is therefore a certificate **of the integer model** (its smoothed classifier
+``g_int``), with the full ``1 - alpha`` guarantee for ``g_int``; it is not a certificate of
+the fake-quant model, whose votes may differ on a few samples, so counts, ``p_lower`` and
+radii may differ slightly from the ``"torch"`` backend's and, for inputs whose top class
+is nearly tied, the prediction may too. To certify the fake-quant model itself, pass
+``backend="torch"``.
+
+The cache lives in a ``weakref.WeakKeyDictionary`` keyed by the model object (not in an
+attribute: the integer model cannot be deep-copied, and ``copy.deepcopy(qmodel)`` must keep
+working), one entry per ``(backend, device, compiled)``, each stamped with a fingerprint of
+the model's policy and its parameters and buffers (storage and in-place version counters):
+re-quantizing, calibrating or fine-tuning the model rebuilds the integer model on next use.
+
+Compilation (Inductor fuses the activation quantization with the float glue; the first call
+per batch shape compiles, about a minute for a ResNet on 2 cores) is used when the work of
+one call is large (``compile_threshold`` samples, default 1,000,000), when a compiled entry
+was prepared explicitly (``prepare_model(..., compile=True)``), or when ``ARQ_COMPILE=1``;
+``ARQ_COMPILE=0`` disables it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+
+#: samples per certify call (inputs x (n + n0)) above which the integer model is compiled
+COMPILE_THRESHOLD = 1_000_000
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for a fake-quant model of :func:`arq.quant.quantize` (``arq_quant`` with a policy and
+    at least one QuantConv2d/QuantLinear, no integer layer yet)."""
+    info = getattr(model, "arq_quant", None)
+    if not isinstance(info, dict) or info.get("policy") is None:
+        return False
+    from arq.quant.execution import _IntegerLayer
+    from arq.quant.modules import QUANT_LAYER_TYPES
+
+    has_quant = False
+    for module in model.modules():
+        if isinstance(module, _IntegerLayer):
+            return False  # already an integer model (to_integer's output)
+        has_quant = has_quant or isinstance(module, QUANT_LAYER_TYPES)
+    return has_quant
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Changes when the policy or any parameter/buffer is replaced or modified in place."""
+    policy = model.arq_quant["policy"]
+    try:
+        policy_key = policy.to_json()
+    except Exception:  # not an arq Policy: fall back to identity
+        policy_key = id(policy)
+    tensors = tuple(
+        (name, tensor.data_ptr(), tensor._version, tuple(tensor.shape))
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers())
+        if tensor is not None
+    )
+    return policy_key, tensors
+
+
+def _compile_wanted(compile: bool | None, work: int | None, threshold: int) -> bool:
+    if compile is not None:
+        return bool(compile)
+    env = os.environ.get("ARQ_COMPILE")
+    if env is not None and env.strip() != "":
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    return work is not None and work >= threshold
+
+
+def _build_integer(model: nn.Module, compiled: bool) -> nn.Module:
+    from arq.quant.execution import IntegerExecutionConfig, to_integer
+
+    integer_model = to_integer(model, IntegerExecutionConfig(compile=False))
+    if compiled:
+        # as to_integer(compile=True), but static shapes: a certify call has at most three
+        # batch sizes (batch_size, n0 % batch_size, n % batch_size), each compiled once
+        integer_model = torch.compile(integer_model, dynamic=False, options={"freezing": True})
+    return integer_model
+
+
+def prepare_model(
+    model: nn.Module,
+    backend: str,
+    device: torch.device | str,
+    *,
+    compile: bool | None = None,
+    work: int | None = None,
+    compile_threshold: int = COMPILE_THRESHOLD,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """What to call for ``model`` under the (already resolved) noise ``backend`` on ``device``.
+
+    Args:
+        model: the base classifier (float, or fake-quant from :func:`arq.quant.quantize`).
+        backend: the resolved noise backend: "torch", "cpp", "cuda" or "triton"
+            ("auto" is resolved as :func:`arq.smoothing.noise.noisy_batch` does).
+        device: where the samples live.
+        compile: compile the integer model (True / False), or None: reuse a compiled entry
+            if one was prepared, else compile when ``work >= compile_threshold`` or
+            ``ARQ_COMPILE=1``.
+        work: samples the caller is about to evaluate (for the compile heuristic).
+
+    Returns:
+        ``(callable, tag)``: the callable maps ``[B, C, H, W]`` to logits ``[B, K]``; ``tag`` is
+        appended to the backend name in ``Certificate.backend`` ("" when the model runs as
+        given, "+int8" / "+int8-compiled" for the integer CPU model, "+packed" for the packed
+        GPU kernels, "+fakequant" where a quantized
+        model runs in its fake-quant form although a faster path was asked for).
+    """
+    if backend == "auto":
+        from arq.smoothing.noise import _choose_backend
+
+        backend = _choose_backend(backend, torch.device(device))
+    device = torch.device(device)
+    if not isinstance(model, nn.Module) or not is_quantized(model):
+        return model, ""
+    if backend == "torch":
+        return model, ""  # the reference: exactly the fake-quant model
+    if device.type == "cuda" and backend in ("cuda", "triton"):
+        return _prepare_packed_gpu(model, backend, device)
+    if device.type != "cpu" or backend != "cpp":
+        return model, "+fakequant"
+    if "onednn" not in torch.backends.quantized.supported_engines or not torch.backends.mkldnn.is_available():
+        return model, "+fakequant"
+    fingerprint = _fingerprint(model)
+    with _LOCK:
+        entries = _entries(model, fingerprint)
+        if compile is None and os.environ.get("ARQ_COMPILE", "").strip() == "":
+            if (backend, str(device), True) in entries:
+                compiled = True
+            else:
+                compiled = _compile_wanted(None, work, compile_threshold)
+        else:
+            compiled = _compile_wanted(compile, work, compile_threshold)
+        key = (backend, str(device), compiled)
+        if key not in entries:
+            entries[key] = (fingerprint, _build_integer(model, compiled), "+int8-compiled" if compiled else "+int8")
+        _, callable_model, tag = entries[key]
+    return callable_model, tag
+
+
+def _entries(model: nn.Module, fingerprint: tuple) -> dict:
+    """The model's cache entries, without those built from an older version of it (lock held)."""
+    entries = _CACHE.setdefault(model, {})
+    for key in [k for k, (stamp, _, _) in entries.items() if stamp != fingerprint]:
+        del entries[key]
+    return entries
+
+
+_GPU_FAILURES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _prepare_packed_gpu(model: nn.Module, backend: str, device: torch.device):
+    """On CUDA: arq's packed low-bit kernels (``arq.quant.kernels.to_kernels``, Triton), when present.
+
+    Falls back to the fake-quant model (tag "+fakequant", one warning per model) when Triton
+    or the packed-kernel module is missing or the conversion fails.
+    """
+    from arq.smoothing.noise import triton_usable
+
+    if not triton_usable(device):
+        return model, "+fakequant"
+    fingerprint = _fingerprint(model)
+    key = ("packed", str(device), False)
+    with _LOCK:
+        entries = _entries(model, fingerprint)
+        if key not in entries:
+            if model in _GPU_FAILURES:
+                return model, "+fakequant"
+            try:
+                from arq.quant.kernels import to_kernels
+
+                entries[key] = (fingerprint, to_kernels(model, backend="triton"), "+packed")
+            except Exception as error:  # a missing or failing optional path: run the reference model
+                import warnings
+
+                _GPU_FAILURES.add(model)
+                warnings.warn(f"arq: packed GPU kernels unavailable for this model ({type(error).__name__}: "
+                              f"{error}); certifying the fake-quant model", RuntimeWarning, stacklevel=3)
+                return model, "+fakequant"
+        _, callable_model, tag = entries[key]
+    return callable_model, tag
+
+
+def clear_cache(model: nn.Module | None = None) -> None:
+    """Forget the prepared models of ``model`` (all models when None)."""
+    with _LOCK:
+        if model is None:
+            _CACHE.clear()
+        else:
+            _CACHE.pop(model, None)

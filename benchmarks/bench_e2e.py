@@ -1,0 +1,271 @@
+"""End-to-end certification throughput (issue 5): noisy samples per second, every variant in one run.
+
+Same input, same sample count, same batch size for every variant of a network; the variants of a
+network are timed round robin (each round runs every variant once; median per variant) so that the
+load of a shared machine falls on all alike. The ratio to the locuslab/smoothing-style loop is
+printed and stored in ``extra_info`` (``speedup_vs_locuslab``, ``ratio_to_best_non_arq``).
+
+CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-110
+(``arq.models.get_architecture``, random weights with randomized BatchNorm statistics), batch 400:
+
+* ``locuslab_fp32``        locuslab's ``Smooth._sample_noise`` loop, eager FP32
+* ``locuslab_compiled``    the same loop around ``torch.compile(model)``
+* ``locuslab_pt2e_int8``   the same loop around torchao's pt2e int8 (X86InductorQuantizer) + compile
+                           (its own 8-bit observers: speed comparison only, no arq policy)
+* ``arq_w8a8``             ``arq.certify`` on the W8A8 fake-quant model, backend "auto": C++ noise,
+                           the integer oneDNN model (``arq.quant.to_integer``), C++ votes
+* ``arq_w8a8_compiled``    the same with the integer model compiled (prepared once with
+                           ``arq.smoothing.engine.prepare_model(..., compile=True)``)
+* ``arq_w4a4``             the same for W4A4 (``arq_w4a4_compiled`` on request: ``ARQ_E2E_VARIANTS``,
+                           a comma-separated list; ``locuslab_fp32`` is always included)
+
+GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1000:
+
+* ``locuslab_fp32``        the locuslab loop, eager FP32 (cuDNN TF32)
+* ``fp16_cl_cudagraphs``   FP16 channels_last model under ``torch.compile(mode="reduce-overhead")``
+                           (CUDA graphs), noise, argmax and counts on the GPU, one sync at the end
+* ``arq_fp32``             ``arq.certify`` on the float model (CUDA/Triton noise and votes)
+* ``arq_fp16_cl``          ``arq.certify`` on the FP16 channels_last model
+* ``arq_w8a8``, ``arq_w4a4``  ``arq.certify`` on the W8A8 / W4A4 model: the engine runs arq's
+                           packed Triton kernels (``arq.quant.kernels``; ``certificate_backend``
+                           "...+packed"), or the fake-quant model where they are unavailable
+
+Run (CPU):  ``OMP_WAIT_POLICY=PASSIVE pytest benchmarks/bench_e2e.py --benchmark-only
+--benchmark-json benchmarks/results/cpu-e2e-<date>.json``.  ``ARQ_E2E_ARCHS=resnet20`` limits the
+networks, ``ARQ_E2E_ROUNDS`` sets the round-robin rounds (default 3, after one untimed first call that compiles).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+
+import pytest
+import torch
+
+import arq
+from arq.models import get_architecture
+from benchmarks.locuslab_baseline import locuslab_sample_noise
+
+DEVICE = os.environ.get("ARQ_E2E_DEVICE", "cpu")
+ROUNDS = int(os.environ.get("ARQ_E2E_ROUNDS", "3"))
+SIGMA = 0.25
+N0 = 100
+if DEVICE == "cuda":
+    BATCH = 1000
+    SAMPLES = {"resnet20": 20_000, "resnet110": 10_000}
+    VARIANTS = ["locuslab_fp32", "fp16_cl_cudagraphs", "arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w4a4"]
+else:
+    BATCH = 400
+    SAMPLES = {"resnet20": 2000, "resnet110": 800}
+    VARIANTS = ["locuslab_fp32", "locuslab_compiled", "locuslab_pt2e_int8", "arq_w8a8", "arq_w8a8_compiled",
+                "arq_w4a4"]
+if os.environ.get("ARQ_E2E_VARIANTS"):  # e.g. "locuslab_fp32,arq_w4a4,arq_w4a4_compiled"
+    VARIANTS = ["locuslab_fp32"] + [v for v in os.environ["ARQ_E2E_VARIANTS"].split(",") if v and v != "locuslab_fp32"]
+ARCHS = [a for a in os.environ.get("ARQ_E2E_ARCHS", "resnet20,resnet110").split(",") if a]
+
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def host_info() -> dict:
+    info = {"device": DEVICE, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        info["loadavg"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if DEVICE == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def make_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = get_architecture(f"cifar_{arch}", "cifar10")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # BatchNorm statistics of a trained-looking network (as bench_quant.py)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(torch.rand(c, generator=generator) * 0.4 - 0.2)
+                module.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
+    model.arq_metadata = {"sigma": SIGMA, "num_classes": 10, "dataset": "cifar10", "arch": f"cifar_{arch}"}
+    return model.eval()
+
+
+def _calibration() -> torch.Tensor:
+    return torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _pt2e_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """torchao pt2e static int8 with X86InductorQuantizer, compiled with freezing (as bench_quant.py)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    from benchmarks.bench_quant import _functional_relu_copy
+
+    stock = _functional_relu_copy(model)
+    exported = torch.export.export(stock, (torch.rand(BATCH, 3, 32, 32),)).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    # export specializes the batch size: calibrate with one batch of BATCH noisy images
+    generator = torch.Generator().manual_seed(2)
+    calibration = torch.rand(BATCH, 3, 32, 32, generator=generator)
+    prepared(calibration + SIGMA * torch.randn(BATCH, 3, 32, 32, generator=generator))
+    converted = convert_pt2e(prepared)
+    return torch.compile(converted, dynamic=False)  # freezing: set globally in prepared()
+
+
+def _quantized(model: torch.nn.Module, bits: tuple[int, int]) -> torch.nn.Module:
+    return arq.quantize(model, arq.quant.Policy.uniform(model, *bits), _calibration())
+
+
+def _lean_gpu_loop(model, x, num, batch_size, num_classes, sigma):
+    """Noise, forward, argmax and counts on the GPU; one host sync at the end."""
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=x.device)
+    with torch.inference_mode():
+        remaining = num
+        while remaining:
+            this_batch = min(batch_size, remaining)
+            remaining -= this_batch
+            batch = x.repeat((this_batch, 1, 1, 1))
+            batch = (batch + sigma * torch.randn_like(batch)).contiguous(memory_format=torch.channels_last)
+            predictions = model(batch).argmax(1)
+            counts += torch.bincount(predictions, minlength=num_classes)
+        return counts.cpu()
+
+
+def build(arch: str, variant: str, image: torch.Tensor):
+    """``(zero-argument callable running SAMPLES[arch] samples, build seconds, note)``."""
+    samples = SAMPLES[arch]
+    model = make_model(arch)
+    start = time.perf_counter()
+    note = ""
+    if DEVICE == "cuda":
+        x = image.cuda()
+        if variant == "locuslab_fp32":
+            net = model.cuda()
+            fn = lambda: locuslab_sample_noise(net, x, samples, BATCH, 10, SIGMA)  # noqa: E731
+        elif variant == "fp16_cl_cudagraphs":
+            net = torch.compile(copy.deepcopy(model).cuda().half().to(memory_format=torch.channels_last),
+                                mode="reduce-overhead", dynamic=False)
+            xh = x.half()
+            fn = lambda: _lean_gpu_loop(net, xh, samples, BATCH, 10, SIGMA)  # noqa: E731
+        elif variant in ("arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w4a4"):
+            if variant == "arq_fp32":
+                net = model.cuda()
+            elif variant == "arq_fp16_cl":
+                net = copy.deepcopy(model).cuda().half().to(memory_format=torch.channels_last)
+                net.arq_metadata = model.arq_metadata
+            else:  # arq.quant.kernels' packed Triton kernels when present ("+packed"), else fake-quant
+                net = _quantized(model, (8, 8) if variant == "arq_w8a8" else (4, 4)).cuda()
+            fn = lambda: arq.certify(net, x, n=samples - N0, n0=N0, batch_size=BATCH, backend="auto")  # noqa: E731
+        else:
+            raise ValueError(variant)
+        return fn, time.perf_counter() - start, note
+    if variant == "locuslab_fp32":
+        fn = lambda: locuslab_sample_noise(model, image, samples, BATCH, 10, SIGMA)  # noqa: E731
+    elif variant == "locuslab_compiled":
+        net = torch.compile(model, dynamic=False)
+        fn = lambda: locuslab_sample_noise(net, image, samples, BATCH, 10, SIGMA)  # noqa: E731
+    elif variant == "locuslab_pt2e_int8":
+        net = _pt2e_int8(model)
+        fn = lambda: locuslab_sample_noise(net, image, samples, BATCH, 10, SIGMA)  # noqa: E731
+    elif variant.startswith("arq_w"):
+        bits = (8, 8) if variant.startswith("arq_w8a8") else (4, 4)
+        qmodel = _quantized(model, bits)
+        if variant.endswith("_compiled"):
+            from arq.smoothing.engine import prepare_model
+
+            prepare_model(qmodel, "cpp", "cpu", compile=True)  # certify then reuses the compiled entry
+        fn = lambda: arq.certify(qmodel, image, n=samples - N0, n0=N0, batch_size=BATCH,  # noqa: E731
+                                 backend="auto")
+    else:
+        raise ValueError(variant)
+    return fn, time.perf_counter() - start, note
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+_prepared: dict[str, dict] = {}
+
+
+def prepared(arch: str, image: torch.Tensor) -> dict:
+    """Every variant of ``arch``, built, called once (compiling), then timed round robin.
+
+    ``ROUNDS`` rounds each time every variant once, so a shared machine's changing load falls
+    on all variants alike; the ratios use the median per variant. pytest-benchmark then times
+    each variant once more on its own (``rounds=1``) for its JSON.
+    """
+    if arch in _prepared:
+        return _prepared[arch]
+    if DEVICE == "cpu":
+        import torch._inductor.config as inductor_config
+
+        # Inductor folds pt2e's int8 weights into oneDNN prepacks only with the global freezing
+        # flag (options={"freezing": True} leaves onednn.qconv_prepack in the graph, which it cannot
+        # lower), as bench_quant.py; set before any compile, so the FP32 compiled baseline is
+        # frozen too (a faster baseline; arq's compiled integer model uses freezing as well).
+        inductor_config.freezing = True
+    entries = {}
+    for variant in VARIANTS:
+        fn, build_s, note = build(arch, variant, image)
+        first = time.perf_counter()
+        result = fn()  # compiles where there is something to compile
+        entries[variant] = {"fn": fn, "build_s": build_s, "first_call_s": time.perf_counter() - first,
+                            "result": result, "times": []}
+        print(f"\n{arch} {variant}: built in {build_s:.0f} s, first call {entries[variant]['first_call_s']:.0f} s",
+              flush=True)
+    load_before = host_info().get("loadavg")
+    for _ in range(ROUNDS):
+        for variant, entry in entries.items():
+            start = time.perf_counter()
+            entry["fn"]()
+            entry["times"].append(time.perf_counter() - start)
+    for entry in entries.values():
+        entry["rate"] = SAMPLES[arch] / statistics.median(entry["times"])
+    _prepared[arch] = {"entries": entries, "loadavg_before": load_before, "loadavg_after": host_info().get("loadavg")}
+    return _prepared[arch]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_e2e(benchmark, arch, variant, image):
+    samples = SAMPLES[arch]
+    benchmark.group = f"e2e-{DEVICE}-{arch}-batch{BATCH}"
+    state = prepared(arch, image)
+    entries = state["entries"]
+    entry = entries[variant]
+    benchmark.pedantic(entry["fn"], rounds=1, warmup_rounds=0)
+    rate = entry["rate"]
+    baseline = entries["locuslab_fp32"]["rate"]
+    others = [e["rate"] for v, e in entries.items() if not v.startswith("arq_")]
+    info = benchmark.extra_info
+    info.update(host_info())
+    info.update(samples=samples, batch_size=BATCH, n0=N0, rounds_round_robin=ROUNDS,
+                samples_per_s=round(rate, 1), samples_per_s_this_test=round(samples / benchmark.stats.stats.mean, 1),
+                round_times_s=[round(t, 3) for t in entry["times"]], build_s=round(entry["build_s"], 2),
+                first_call_s=round(entry["first_call_s"], 2), speedup_vs_locuslab=round(rate / baseline, 3),
+                loadavg_round_robin=[state["loadavg_before"], state["loadavg_after"]])
+    if isinstance(entry["result"], arq.Certificate):
+        info["certificate_backend"] = entry["result"].backend
+    if variant.startswith("arq_"):
+        info["ratio_to_best_non_arq"] = round(rate / max(others), 3)
+    print(f"\n{DEVICE} {arch} {variant:>20}: {rate:9.1f} samples/s (median of {ROUNDS} round-robin rounds), "
+          f"{rate / baseline:5.2f}x locuslab"
+          + (f", {rate / max(others):4.2f}x best non-arq [{info.get('certificate_backend')}]"
+             if variant.startswith("arq_") else ""), flush=True)

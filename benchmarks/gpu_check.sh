@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# One prepared GPU check for arq (issue 5): build the CUDA extension, run the GPU tests and the
+# kernel and end-to-end benchmarks, and write a summary JSON, all under $OUT, in < 8 minutes.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh        (run from anywhere; cds to the repo root)
+#
+# Assumes the machine's python already has torch (CUDA) and triton: it never installs torch.
+# Other dependencies are pip-installed only when missing (the machine may have no network:
+# what stays missing is recorded). Every step fails soft: its exit status and duration go into
+# $OUT/summary.json and the script goes on. Without a GPU, the GPU steps are recorded as
+# "skipped" (this is how it is checked on a CPU-only machine). The script's own exit status is 0
+# when it ran to the end; read the summary for the steps' results.
+#
+# Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
+# (default 450: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq).
+set -u
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+OUT=${OUT:-/tmp/arq-gpu-check}
+mkdir -p "$OUT/logs"
+START=$(date +%s)
+BUDGET=${ARQ_CHECK_BUDGET_S:-450}
+DEADLINE=$((START + BUDGET))
+STEPS_FILE="$OUT/steps.tsv"
+: > "$STEPS_FILE"
+
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    if ! "$PYTHON" -c "import torch" >/dev/null 2>&1 && [ -x "$REPO/.venv/bin/python" ]; then
+        PYTHON="$REPO/.venv/bin/python"
+    fi
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
+note() { echo "[gpu_check $(($(date +%s) - START))s] $*"; }
+
+# record NAME STATUS SECONDS DETAIL
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >> "$STEPS_FILE"; }
+
+# step NAME MAX_SECONDS COMMAND...: runs COMMAND with a timeout of min(MAX, time left - 20 s),
+# logs to $OUT/logs/NAME.log, records its exit status (124: timed out).
+step() {
+    local name=$1 max=$2
+    shift 2
+    local now left limit t0 rc
+    now=$(date +%s)
+    left=$((DEADLINE - now - 20))
+    limit=$(( max < left ? max : left ))
+    if [ "$left" -lt 15 ]; then
+        note "$name: skipped, no time left"
+        record "$name" "no_time" 0 "budget exhausted"
+        return 0
+    fi
+    note "$name: start (limit ${limit}s)"
+    t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+    rc=$?
+    record "$name" "$rc" "$(($(date +%s) - t0))" "$(tail -n 1 "$OUT/logs/$name.log" | tr '\t' ' ' | cut -c1-300)"
+    note "$name: exit $rc after $(($(date +%s) - t0))s"
+    return 0
+}
+
+skip() { note "$1: skipped ($2)"; record "$1" "skipped" 0 "$2"; }
+
+# ----------------------------------------------------------------------------- environment
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+"$PYTHON" - > "$OUT/env.json" 2> "$OUT/logs/env.log" <<'EOF'
+import json, platform, sys
+info = {"python": sys.version.split()[0], "platform": platform.platform()}
+try:
+    import torch
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name()
+        info["capability"] = list(torch.cuda.get_device_capability())
+except Exception as error:
+    info["torch_error"] = repr(error)
+try:
+    import triton
+    info["triton"] = triton.__version__
+except Exception as error:
+    info["triton_error"] = repr(error)
+print(json.dumps(info))
+EOF
+HAS_CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+note "python=$PYTHON gpu='${GPU_NAME:-none}' torch.cuda.is_available=$HAS_CUDA"
+
+# ----------------------------------------------------------------------------- dependencies
+MISSING_BEFORE=$("$PYTHON" - <<'EOF'
+import importlib.util
+mods = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "safetensors": "safetensors", "scipy": "scipy",
+        "tqdm": "tqdm", "gymnasium": "gymnasium", "matplotlib": "matplotlib", "numpy": "numpy",
+        "setuptools": "setuptools", "ninja": "ninja"}
+print(" ".join(pkg for mod, pkg in mods.items() if importlib.util.find_spec(mod) is None))
+EOF
+)
+if [ -n "$MISSING_BEFORE" ]; then
+    # shellcheck disable=SC2086
+    step deps_install 60 "$PYTHON" -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 10 $MISSING_BEFORE
+else
+    record deps_install 0 0 "nothing missing"
+fi
+MISSING_AFTER=$("$PYTHON" - <<'EOF'
+import importlib.util
+mods = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "safetensors": "safetensors", "scipy": "scipy",
+        "tqdm": "tqdm", "gymnasium": "gymnasium", "matplotlib": "matplotlib", "numpy": "numpy",
+        "setuptools": "setuptools", "ninja": "ninja"}
+print(" ".join(pkg for mod, pkg in mods.items() if importlib.util.find_spec(mod) is None))
+EOF
+)
+note "missing before: '${MISSING_BEFORE}', after: '${MISSING_AFTER}'"
+
+# ----------------------------------------------------------------------------- build
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
+export MAX_JOBS=${MAX_JOBS:-16}
+if [ "${ARQ_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+    skip build "ARQ_CHECK_SKIP_BUILD=1"
+elif [ "$HAS_CUDA" = 1 ]; then
+    # --no-deps: never let pip touch torch
+    step build 240 env ARQ_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
+        "$PYTHON" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -e .
+    if ! "$PYTHON" -c "import torch, arq._ext as e, sys; sys.exit(0 if e.cuda_ops_available() else 1)" > /dev/null 2>&1; then
+        # no nvcc / a failed CUDA build: the CPU ops at least, so the Triton paths still run
+        step build_cpu_only 120 env ARQ_SKIP_CUDA=1 \
+            "$PYTHON" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -e .
+    fi
+else
+    skip build "no CUDA device"
+fi
+OPS=$("$PYTHON" -c "import torch, arq._ext as e; print(f'cpu_ops={int(e.compiled_ops_available())} cuda_ops={int(e.cuda_ops_available())}')" 2>/dev/null || echo "arq import failed")
+note "extension: $OPS"
+
+# ----------------------------------------------------------------------------- tests and benchmarks
+if [ "$HAS_CUDA" = 1 ]; then
+    step tests_gpu 110 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests --junitxml="$OUT/tests_gpu.xml"
+    step tests_kernels 100 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels --junitxml="$OUT/tests_kernels.xml"
+    # one step (and one JSON) per network, so that a slow compile costs one network, not both
+    for arch in resnet110 resnet20; do
+        step "bench_e2e_gpu_$arch" 110 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=3 \
+            "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
+            --benchmark-json="$OUT/bench_e2e_gpu_$arch.json"
+    done
+    step bench_kernels 90 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py --benchmark-only \
+        --benchmark-group-by=group --benchmark-json="$OUT/bench_kernels.json"
+else
+    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet20 bench_kernels; do
+        skip "$name" "no CUDA device"
+    done
+fi
+
+# ----------------------------------------------------------------------------- summary
+GPU_NAME="$GPU_NAME" MISSING_BEFORE="$MISSING_BEFORE" MISSING_AFTER="$MISSING_AFTER" OPS="$OPS" \
+ELAPSED=$(($(date +%s) - START)) BUDGET="$BUDGET" "$PYTHON" - "$OUT" <<'EOF' || echo "summary: python failed" >&2
+import json, os, sys
+out = sys.argv[1]
+steps = []
+with open(os.path.join(out, "steps.tsv"), encoding="utf-8") as handle:
+    for line in handle:
+        name, status, seconds, detail = (line.rstrip("\n").split("\t") + ["", "", "", ""])[:4]
+        steps.append({"step": name, "status": int(status) if status.lstrip("-").isdigit() else status,
+                      "seconds": int(seconds or 0), "last_log_line": detail})
+try:
+    env = json.load(open(os.path.join(out, "env.json"), encoding="utf-8"))
+except Exception as error:
+    env = {"error": repr(error)}
+summary = {
+    "gpu_name": os.environ.get("GPU_NAME") or None,
+    "environment": env,
+    "extension": os.environ.get("OPS"),
+    "missing_packages_before": os.environ.get("MISSING_BEFORE", "").split(),
+    "missing_packages_after": os.environ.get("MISSING_AFTER", "").split(),
+    "elapsed_s": int(os.environ.get("ELAPSED", 0)), "budget_s": int(os.environ.get("BUDGET", 0)),
+    "steps": steps,
+    "all_ok": all(s["status"] in (0, "skipped") for s in steps),
+    "files": sorted(f for f in os.listdir(out) if f.endswith((".json", ".xml"))),
+}
+rows = []
+for arch in ("resnet110", "resnet20"):
+    e2e = os.path.join(out, f"bench_e2e_gpu_{arch}.json")
+    if not os.path.exists(e2e):
+        continue
+    for bench in json.load(open(e2e, encoding="utf-8")).get("benchmarks", []):
+        extra = bench.get("extra_info", {})
+        rows.append({"name": bench["name"], "samples_per_s": extra.get("samples_per_s"),
+                     "speedup_vs_locuslab": extra.get("speedup_vs_locuslab"),
+                     "ratio_to_best_non_arq": extra.get("ratio_to_best_non_arq"),
+                     "certificate_backend": extra.get("certificate_backend")})
+summary["e2e"] = rows
+json.dump(summary, open(os.path.join(out, "summary.json"), "w", encoding="utf-8"), indent=2)
+print(json.dumps({k: summary[k] for k in ("gpu_name", "extension", "elapsed_s", "all_ok")}))
+for s in steps:
+    print(f"  {s['step']:>16}: {s['status']} ({s['seconds']} s)")
+EOF
+note "done; summary in $OUT/summary.json"
+exit 0

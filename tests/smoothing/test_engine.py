@@ -1,0 +1,127 @@
+"""arq.certify on quantized models: the integer CPU path (arq.smoothing.engine) against the fake-quant reference."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import arq
+from arq._ext import compiled_ops_available
+from arq.smoothing import engine
+
+pytestmark = pytest.mark.skipif(
+    "onednn" not in torch.backends.quantized.supported_engines, reason="needs torch's oneDNN quantized engine"
+)
+
+N, N0 = 600, 50
+IMAGES = 4
+
+
+class Plain(nn.Module):
+    """Hides arq_quant: certify then runs the wrapped fake-quant model as an ordinary float model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.arq_metadata = model.arq_metadata
+        self.train(model.training)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    from arq.data import get_dataset
+
+    test_set = get_dataset("mnist", "test")
+    images = torch.stack([test_set[i][0] for i in range(IMAGES + 256)])
+    return images[:IMAGES], images[IMAGES:]
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return arq.zoo.load("mnist-lenet-sigma0.25").eval()
+
+
+@pytest.fixture(scope="module", params=[(8, 8), (4, 4)], ids=["W8A8", "W4A4"])
+def qmodel(request, float_model, mnist):
+    policy = arq.quant.Policy.uniform(float_model, *request.param)
+    return arq.quantize(float_model, policy, mnist[1])
+
+
+def test_reference_backend_is_exactly_the_fake_quant_certificate(qmodel, mnist):
+    images = mnist[0][:2]
+    ours = arq.certify(qmodel, images, n=N, n0=N0, batch_size=256, backend="torch")
+    reference = arq.certify(Plain(qmodel), images, n=N, n0=N0, batch_size=256, backend="torch")
+    assert ours == reference
+    assert all(c.backend == "torch" for c in ours)
+
+
+@pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
+def test_integer_path_agrees_with_fake_quant(qmodel, mnist):
+    images = mnist[0]
+    integer = arq.certify(qmodel, images, sigma=0.6, n=N, n0=N0, batch_size=256, backend="auto")
+    # the same (bit-identical) noise through the fake-quant model
+    fake = arq.certify(Plain(qmodel), images, sigma=0.6, n=N, n0=N0, batch_size=256, backend="cpp")
+    for ours, ref in zip(integer, fake):
+        assert ours.backend == "cpp+int8" and ref.backend == "cpp"
+        assert ours.prediction == ref.prediction
+        # execution.py's tolerance: a few samples near a rounding boundary may vote differently
+        assert abs(ours.count - ref.count) <= 0.01 * N
+        assert abs(ours.radius - ref.radius) <= 0.05 * ref.sigma
+    assert arq.predict(qmodel, images[0], n=N, batch_size=256) == arq.predict(
+        Plain(qmodel), images[0], n=N, batch_size=256
+    )
+
+
+@pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
+def test_integer_votes_are_the_integer_models(qmodel, mnist):
+    """cpp+int8 certifies exactly arq.quant.to_integer(qmodel) (what is deployed)."""
+    image = mnist[0][0]
+    integer_model = arq.quant.to_integer(qmodel)
+    integer_model.arq_metadata = qmodel.arq_metadata
+    ours = arq.certify(qmodel, image, n=N, n0=N0, batch_size=256, backend="cpp")
+    direct = arq.certify(integer_model, image, n=N, n0=N0, batch_size=256, backend="cpp")
+    assert ours._replace(backend="cpp") == direct
+
+
+@pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
+def test_cache_reuse_and_invalidation(float_model, mnist):
+    qmodel = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 8, 8), mnist[1][:64])
+    first, tag = engine.prepare_model(qmodel, "cpp", "cpu")
+    assert tag == "+int8" and isinstance(first, nn.Module) and first is not qmodel
+    again, _ = engine.prepare_model(qmodel, "auto", "cpu")
+    assert again is first
+    copy.deepcopy(qmodel)  # the cache does not live on the model: deepcopy still works
+    with torch.no_grad():
+        next(qmodel.parameters()).mul_(1.0)  # an in-place update (fine-tuning) invalidates
+    rebuilt, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    assert rebuilt is not first
+    assert engine.prepare_model(qmodel, "torch", "cpu") == (qmodel, "")
+    engine.clear_cache(qmodel)
+    assert engine.prepare_model(qmodel, "cpp", "cpu")[0] is not rebuilt
+
+
+def test_float_and_integer_models_pass_through(float_model, mnist):
+    assert engine.prepare_model(float_model, "cpp", "cpu") == (float_model, "")
+    assert engine.prepare_model(float_model, "torch", "cpu") == (float_model, "")
+    qmodel = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 8, 8), mnist[1][:64])
+    integer_model = arq.quant.to_integer(qmodel)
+    assert not engine.is_quantized(integer_model) and engine.is_quantized(qmodel)
+    assert engine.prepare_model(integer_model, "cpp", "cpu") == (integer_model, "")
+    if compiled_ops_available():
+        assert arq.certify(float_model, mnist[0][0], n=100, n0=10).backend == "cpp"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_path_agrees_with_fake_quant(qmodel, mnist):
+    gpu_model = copy.deepcopy(qmodel).cuda()
+    images = mnist[0].cuda()
+    ours = arq.certify(gpu_model, images, sigma=0.6, n=N, n0=N0, batch_size=256, backend="auto")
+    reference = arq.certify(Plain(gpu_model), images, sigma=0.6, n=N, n0=N0, batch_size=256, backend="auto")
+    for mine, ref in zip(ours, reference):
+        assert mine.backend in (ref.backend + "+packed", ref.backend + "+fakequant")
+        assert mine.prediction == ref.prediction
+        assert abs(mine.count - ref.count) <= 0.01 * N
