@@ -55,7 +55,7 @@ from typing import NamedTuple
 import torch
 
 from arq.smoothing import statistics
-from arq.smoothing.core import ABSTAIN, certify, sample_predictions
+from arq.smoothing.core import ABSTAIN, _model_device, _model_dtype, certify, sample_predictions
 from arq.smoothing.noise import DRAW_ESTIMATE, MAX_COUNTER, noise_tv_bound, noisy_batch
 
 __all__ = [
@@ -195,22 +195,6 @@ class IRSCertificate(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _device_of(model: torch.nn.Module, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device
-    return torch.device("cpu")
-
-
-def _dtype_of(model: torch.nn.Module) -> torch.dtype:
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
-
-
 def _as_batch(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
@@ -335,9 +319,9 @@ def build_cache(
         cache = IRSCache(sigma, n, n0, alpha, seed)
     elif (cache.sigma, cache.n, cache.n0, cache.alpha, cache.seed) != (sigma, n, n0, alpha, seed):
         raise ValueError("cache was built with other sigma/n/n0/alpha/seed than this call's")
-    run_device = _device_of(model, device)
+    run_device = _model_device(model, device)
     batch, _ = _as_batch(x)
-    batch = batch.detach().to(device=run_device, dtype=_dtype_of(model))
+    batch = batch.detach().to(device=run_device, dtype=_model_dtype(model))
     indices = _indices(input_index, batch.shape[0])
     certificates = certify(model, batch, sigma=sigma, n=n, n0=n0, alpha=alpha, batch_size=batch_size, seed=seed,
                            device=run_device, backend=backend, input_index=indices)
@@ -391,9 +375,9 @@ def certify_incremental(
     _check_int("batch_size", batch_size)
     num = resolve_n_p(cache.n, n_p, n_p_share)
     sigma, alpha = cache.sigma, cache.alpha
-    run_device = _device_of(model, device)
+    run_device = _model_device(model, device)
     batch, single = _as_batch(x)
-    batch = batch.detach().to(device=run_device, dtype=_dtype_of(model))
+    batch = batch.detach().to(device=run_device, dtype=_model_dtype(model))
     indices = _indices(input_index, batch.shape[0])
     delta = noise_tv_bound(batch[0].numel())
     results = []
@@ -421,7 +405,7 @@ def certify_incremental(
                             f"input {index}: pass original=f to recompute them, or a smaller n_p"
                         )
                     with _Eval(original):
-                        reference = replay_predictions(original, one.to(_device_of(original, None)), start=0,
+                        reference = replay_predictions(original, one.to(_model_device(original, None)), start=0,
                                                        count=num, **common)
                 replayed = replay_predictions(model, one, start=0, count=num, **common)
                 disagreements = int((replayed.cpu() != reference[:num].cpu()).sum().item())

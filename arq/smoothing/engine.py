@@ -64,10 +64,12 @@ _LOCK = threading.Lock()
 
 def is_quantized(model: nn.Module) -> bool:
     """True for a fake-quant model of :func:`arq.quant.quantize` (``arq_quant`` with a policy and
-    at least one QuantConv2d/QuantLinear, no integer layer yet)."""
+    at least one QuantConv2d/QuantLinear, not yet converted by ``to_integer`` or ``to_kernels``)."""
     info = getattr(model, "arq_quant", None)
     if not isinstance(info, dict) or info.get("policy") is None:
         return False
+    if getattr(model, "arq_kernels", None) is not None:
+        return False  # already runs on arq's packed kernels (to_kernels' output)
     from arq.quant.execution import _IntegerLayer
     from arq.quant.modules import QUANT_LAYER_TYPES
 

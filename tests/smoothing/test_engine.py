@@ -125,3 +125,16 @@ def test_gpu_path_agrees_with_fake_quant(qmodel, mnist):
         assert mine.backend in (ref.backend + "+packed", ref.backend + "+fakequant")
         assert mine.prediction == ref.prediction
         assert abs(mine.count - ref.count) <= 0.01 * N
+
+
+def test_a_packed_kernel_model_is_not_converted_again():
+    import arq
+    from arq.quant import Policy, to_kernels
+    from arq.smoothing.engine import is_quantized
+
+    model = arq.zoo.load("mnist-lenet-sigma0.25")
+    policy = Policy.uniform(model, 8, 8)
+    policy = Policy({**{name: bits.to_list() for name, bits in policy.items()}, "1.fc3": [32, 32]})
+    qmodel = arq.quantize(model, policy, torch.rand(16, 1, 28, 28))
+    assert is_quantized(qmodel)
+    assert not is_quantized(to_kernels(qmodel, backend="torch"))
