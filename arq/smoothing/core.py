@@ -198,12 +198,11 @@ def _num_classes(model: torch.nn.Module, x: torch.Tensor, num_classes: int | Non
     return num_classes
 
 
-def _batches(num: int, batch_size: int):
-    start = 0
-    while start < num:
-        count = min(batch_size, num - start)
-        yield start, count
-        start += count
+def _noisy_batches(x, *, sigma, num, draw, seed, input_index, batch_size, backend):
+    """Yields the noisy copies of samples ``0 .. num - 1`` of ``draw``, ``batch_size`` at a time."""
+    for start in range(0, num, batch_size):
+        yield noisy_batch(x, sigma, seed=seed, input_index=input_index, draw=draw, sample_start=start,
+                          count=min(batch_size, num - start), backend=backend)
 
 
 def sample_counts(
@@ -227,13 +226,10 @@ def sample_counts(
     counts = torch.zeros(num_classes, dtype=torch.int64, device=x.device)
     bar = tqdm(total=num, disable=not progress, unit="sample", leave=False)
     with torch.inference_mode():
-        for start, count in _batches(num, batch_size):
-            batch = noisy_batch(
-                x, sigma, seed=seed, input_index=input_index, draw=draw,
-                sample_start=start, count=count, backend=backend,
-            )
+        for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
+                                    batch_size=batch_size, backend=backend):
             counts += count_votes(model(batch), num_classes, backend=backend)
-            bar.update(count)
+            bar.update(batch.shape[0])
     bar.close()
     return counts
 
@@ -254,14 +250,10 @@ def sample_predictions(
 
     The same samples as ``sample_counts`` (IRS replays them to compare two models).
     """
-    predictions = []
     with torch.inference_mode():
-        for start, count in _batches(num, batch_size):
-            batch = noisy_batch(
-                x, sigma, seed=seed, input_index=input_index, draw=draw,
-                sample_start=start, count=count, backend=backend,
-            )
-            predictions.append(model(batch).argmax(dim=1))
+        predictions = [model(batch).argmax(dim=1) for batch in _noisy_batches(
+            x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index, batch_size=batch_size,
+            backend=backend)]
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 
