@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             policies[label] = searched(reward)
     try:
-        results = compare(model, train_set, test_set, args.out, config, policies=policies, progress=True)
+        results = compare(model, train_set, test_set, args.out, config, policies=policies,
+                          progress=sys.stderr.isatty())  # bars only on a terminal, as arq certify
     except ValueError as error:
         raise common.CommandError(str(error)) from None
     from arq.compare import format_compare_table
