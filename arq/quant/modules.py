@@ -35,6 +35,16 @@ class _QuantLayerMixin:
     w_bits: int
     a_bits: int
 
+    def _adopt(self, source: nn.Module, bits: LayerBits, config: QuantConfig | None):
+        """Copies the float layer's weight and bias, sets up quantization and its train/eval mode."""
+        with torch.no_grad():
+            self.weight.copy_(source.weight)
+            if source.bias is not None:
+                self.bias.copy_(source.bias)
+        self._init_quant(bits, config or QuantConfig())
+        self.train(source.training)
+        return self
+
     def _init_quant(self, bits: LayerBits, config: QuantConfig) -> None:
         self.w_bits = bits.w_bits
         self.a_bits = bits.a_bits
@@ -88,13 +98,7 @@ class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
             bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device=conv.weight.device, dtype=conv.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer._init_quant(bits, config or QuantConfig())
-        layer.train(conv.training)
-        return layer
+        return layer._adopt(conv, bits, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
@@ -114,13 +118,7 @@ class QuantLinear(_QuantLayerMixin, nn.Linear):
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             device=linear.weight.device, dtype=linear.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer._init_quant(bits, config or QuantConfig())
-        layer.train(linear.training)
-        return layer
+        return layer._adopt(linear, bits, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
