@@ -77,6 +77,10 @@ class CompareConfig:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.finetune_steps < 0:
             raise ValueError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+        self.uniform = tuple(tuple(pair) for pair in self.uniform)
+        for pair in self.uniform:
+            if len(pair) != 2 or not all(isinstance(b, int) and 2 <= b <= 8 for b in pair):
+                raise ValueError(f"uniform must hold (w_bits, a_bits) pairs of ints in 2..8, got {pair!r}")
 
 
 @dataclass

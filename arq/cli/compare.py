@@ -1,7 +1,8 @@
-"""``arq compare``: certify float, uniform W8A8/W4A4, HAQ-searched and ARQ-searched models.
+"""``arq compare``: certify float, uniform (W8A8, W4A4 by default), HAQ-searched and ARQ-searched models.
 
     arq compare --model mnist-lenet-sigma0.25 --budget 0.015625 --episodes 600 --out results/ \\
-                [--images 500] [--n 100000] [--haq-policy P.json] [--arq-policy P.json] [--resume]
+                [--images 500] [--n 100000] [--uniform W8A8,W4A4] [--haq-policy P.json] \\
+                [--arq-policy P.json] [--resume]
 
 Runs (or, with ``--haq-policy`` / ``--arq-policy``, skips) the two searches at the same
 budget, fine-tunes every quantized model the same way, then certifies each with CERTIFY
@@ -14,20 +15,35 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from arq.cli import common
 from arq.cli.search import add_search_options, default_paths, load_model_and_data, run_one_search, search_config
 
 
+def uniform_policies(text: str) -> tuple[tuple[int, int], ...]:
+    """``"W8A8,W4A4"`` -> ``((8, 8), (4, 4))``: the uniform baselines of the table (2-8 bits)."""
+    pairs = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*[Ww]([2-8])[Aa]([2-8])\s*", item)
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list like W8A8,W4A4 (weight and activation bits 2-8), got {item.strip()!r}")
+        pairs.append((int(match.group(1)), int(match.group(2))))
+    if len(set(pairs)) != len(pairs):
+        raise argparse.ArgumentTypeError(f"a uniform policy is listed twice in {text!r}")
+    return tuple(pairs)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "compare",
-        help="certify float, W8A8, W4A4, HAQ and ARQ policies at one BitOPs budget (table + plot)",
+        help="certify float, uniform, HAQ and ARQ policies at one BitOPs budget (table + plot)",
         description=(
             "Search HAQ (clean accuracy) and ARQ (certified radius) policies at one BitOPs budget, fine-tune "
-            "them and uniform W8A8/W4A4 the same way, certify all with the float model on a fixed test subset, "
-            "and write a table (compare.md, compare.csv), a plot (compare.png) and the certify TSVs to --out."
+            "them and the uniform baselines (--uniform, default W8A8,W4A4) the same way, certify all with the "
+            "float model on a fixed test subset, and write a table (compare.md, compare.csv), a plot (compare.png) and the certify TSVs to --out."
         ),
         formatter_class=common.HelpFormatter,
     )
@@ -43,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--radii", default="0,0.25,0.5,0.75,1,1.25,1.5", help="radii of the table's columns")
     parser.add_argument("--final-finetune-steps", type=common.non_negative_int, default=200,
                         help="fine-tuning steps of every compared quantized model")
+    parser.add_argument("--uniform", type=uniform_policies, default=((8, 8), (4, 4)),
+                        help="uniform baselines, e.g. W8A8,W4A4,W3A3 (the one at the budget is the fair peer)")
     parser.add_argument("--haq-policy", default=None, help="use this HAQ policy (JSON) instead of searching")
     parser.add_argument("--arq-policy", default=None, help="use this ARQ policy (JSON) instead of searching")
     parser.add_argument("--resume", action="store_true", help="continue searches and certification in --out")
@@ -63,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             images=args.images, n=args.n, n0=args.n0, alpha=args.alpha, batch_size=args.batch, seed=args.seed,
             radii=tuple(radii), finetune_steps=args.final_finetune_steps, finetune_lr=args.finetune_lr,
             finetune_batch_size=args.finetune_batch, train_images=args.train_images,
-            calibration_images=min(args.calibration_images, args.train_images),
+            calibration_images=min(args.calibration_images, args.train_images), uniform=args.uniform,
         )
     except ValueError as error:
         raise common.CommandError(str(error)) from None

@@ -92,3 +92,27 @@ def test_compare_cli_table_and_plot(installed, tmp_path, capsys):
     assert len((out / "certify_ARQ.tsv").read_text().splitlines()) == 6
     assert (out / "search_arq.jsonl").exists() and not (out / "search_haq.jsonl").exists()
     assert "| ARQ |" in capsys.readouterr().out
+
+
+def test_compare_cli_uniform_baselines(installed, tmp_path):
+    from arq.cli.main import main
+
+    policy = tmp_path / "given.json"
+    Policy.from_haq(installed, [[3, 3], [3, 3], [3, 3]]).save(policy)
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", "tiny", "--out", str(out), "--images", "3", "--n", "50", "--n0", "10",
+                 "--final-finetune-steps", "1", "--uniform", "W3A3,w2a4", "--haq-policy", str(policy),
+                 "--arq-policy", str(policy), "--radii", "0", *SMALL])
+    assert code == 0
+    labels = [row.split("|")[1].strip() for row in (out / "compare.md").read_text().splitlines()[2:]]
+    assert labels == ["float", "W3A3", "W2A4", "HAQ", "ARQ"]
+    assert Policy.load(out / "policy_W2A4.json").layers == Policy.uniform(installed, 2, 4).layers
+
+
+@pytest.mark.parametrize("text", ["W9A8", "W4", "W4A4,W4A4", "8x8"])
+def test_compare_cli_rejects_bad_uniform(installed, tmp_path, capsys, text):
+    from arq.cli.main import main
+
+    assert main(["compare", "--model", "tiny", "--out", str(tmp_path / "cmp"), "--uniform", text]) == 2
+    assert "--uniform" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
