@@ -43,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from arq.smoothing.core import certify
 
-    prepared = common.prepare_run(args, HEADER)
+    prepared = common.prepare_run(args, HEADER, {"N0": args.N0, "N": args.N})
 
     def certify_one(x, label: int, index: int) -> list[str]:
         certificate = certify(

@@ -9,6 +9,7 @@ drops before continuing with the next index.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -326,6 +327,61 @@ def write_rows(
     return written
 
 
+# ------------------------------------------------------------------------------ run record
+
+RUN_RECORD_SUFFIX = ".run.json"
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes and bytes, in key order)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_record_path(outfile: str) -> str:
+    return outfile + RUN_RECORD_SUFFIX
+
+
+def check_run_record(outfile: str, record: dict, has_rows: bool) -> None:
+    """Refuse to resume ``outfile`` under settings that change its rows.
+
+    ``OUTFILE.run.json`` keeps what the rows depend on (model weights, data set and split,
+    sigma, sample counts, alpha, seed). Resuming with any of them changed would mix two
+    experiments in one file, so it is an error naming what differs. A file without a record
+    (written by an older arq) is resumed with a warning and gets one.
+    """
+    path = run_record_path(outfile)
+    if has_rows and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                first = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise CommandError(f"{path}: unreadable run record ({error}); delete it to resume without the check")
+        changed = [f"{key} was {first.get(key)!r}, now {value!r}" for key, value in record.items()
+                   if first.get(key) != value]
+        if changed:
+            raise CommandError(f"{outfile} was started with other settings ({'; '.join(changed)}): "
+                               "resume with the settings of the first run, or write to a new file")
+        return
+    if has_rows:
+        warn_user(f"{outfile} has no run record ({os.path.basename(path)}); resuming on the assumption "
+                  "that its rows were made with these settings")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
 @dataclass
 class PreparedRun:
     """Everything certify and predict need before the loop."""
@@ -339,8 +395,12 @@ class PreparedRun:
     indices: list[int]
 
 
-def prepare_run(args: argparse.Namespace, header: str) -> PreparedRun:
-    """Resolve SIGMA/OUTFILE, load the model and data, and open the output for (re)writing."""
+def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None) -> PreparedRun:
+    """Resolve SIGMA/OUTFILE, load the model and data, and open the output for (re)writing.
+
+    ``settings``: the command's own options that its rows depend on (sample counts), kept
+    with the shared ones in the run record that ``--resume`` checks (:func:`check_run_record`).
+    """
     positional_sigma, outfile = split_sigma_and_outfile(args.sigma_and_outfile)
     check_max(args.max)
     refuse_to_overwrite(outfile, args.resume)  # before the slow loading
@@ -352,6 +412,10 @@ def prepare_run(args: argparse.Namespace, header: str) -> PreparedRun:
         warn_user(f"the model was trained on {metadata['dataset']}, DATASET is {args.dataset}")
     dataset = load_dataset(args.dataset, args.split, args.data_root)
     indices = selected_indices(len(dataset), args.skip, args.max)
+    record = {"command": getattr(args, "command", None), "dataset": args.dataset, "split": args.split, "model": model_fingerprint(model),
+              "sigma": float(sigma), "alpha": float(args.alpha), "seed": int(args.seed), **(settings or {})}
+    has_rows = _is_non_empty_file(outfile) and bool(_read_existing_rows(outfile, header).indices)
+    check_run_record(outfile, record, has_rows)  # before remaining_indices touches the file
     todo = remaining_indices(outfile, header, indices, args.resume)
     model = model.to(device).eval()
     num_classes = metadata.get("num_classes")

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from arq.smoothing.core import predict
 
-    prepared = common.prepare_run(args, HEADER)
+    prepared = common.prepare_run(args, HEADER, {"N": args.N})
 
     def predict_one(x, label: int, index: int) -> list[str]:
         result = predict(

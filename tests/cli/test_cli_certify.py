@@ -287,3 +287,47 @@ def test_progress_bar_shows_on_a_terminal(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["certify", "mnist", "tiny", str(tmp_path / "out.tsv"), "--max", "3", *OPTIONS]) == 0
     assert "certify: 100%" in terminal.getvalue() and "3/3" in terminal.getvalue()
+
+
+@pytest.mark.parametrize("changed, named", [
+    (["--N", str(N + 1)], "N was"), (["--alpha", "0.01"], "alpha was"), (["--seed", "3"], "seed was"),
+    (["--sigma", "0.5"], "sigma was"), (["--split", "train"], "split was"),
+])
+def test_resume_with_settings_that_change_rows_is_refused(tiny, tmp_path, capsys, changed, named):
+    outfile = tmp_path / "out.tsv"
+    assert main(["certify", "mnist", "tiny", str(outfile), "--max", "3", *OPTIONS]) == 0
+    record = (tmp_path / "out.tsv.run.json").read_text()
+    before = outfile.read_text()
+    assert main(["certify", "mnist", "tiny", str(outfile), "--resume", *OPTIONS, *changed]) == 2
+    error = capsys.readouterr().err
+    assert "started with other settings" in error and named in error
+    assert outfile.read_text() == before and (tmp_path / "out.tsv.run.json").read_text() == record
+    # batch size and backend do not change the rows: resuming with them changed is fine
+    assert main(["certify", "mnist", "tiny", str(outfile), "--resume", *OPTIONS, "--batch", "50"]) == 0
+    assert len(read_rows(outfile)) == len(EXPECTED)
+
+
+def test_resume_with_other_weights_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    outfile = tmp_path / "out.tsv"
+    assert main(["certify", "mnist", "tiny", str(outfile), "--max", "3", *OPTIONS]) == 0
+
+    def moved_centres(spec):
+        model = tiny.NearestCentreClassifier()
+        model.centres.add_(1e-3)
+        return model
+
+    monkeypatch.setattr(common, "load_model", moved_centres)
+    assert main(["certify", "mnist", "tiny", str(outfile), "--resume", *OPTIONS]) == 2
+    assert "model was" in capsys.readouterr().err
+
+
+def test_resume_of_a_file_without_run_record_warns_and_records(tiny, tmp_path, capsys):
+    outfile, reference = tmp_path / "out.tsv", tmp_path / "reference.tsv"
+    assert main(["certify", "mnist", "tiny", str(reference), *OPTIONS]) == 0
+    assert main(["certify", "mnist", "tiny", str(outfile), "--max", "3", *OPTIONS]) == 0
+    (tmp_path / "out.tsv.run.json").unlink()  # as written by an arq without run records
+    capsys.readouterr()
+    assert main(["certify", "mnist", "tiny", str(outfile), "--resume", *OPTIONS]) == 0
+    assert "has no run record" in capsys.readouterr().err
+    assert (tmp_path / "out.tsv.run.json").is_file()
+    assert without_time(read_rows(outfile)) == without_time(read_rows(reference))

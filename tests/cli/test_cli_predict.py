@@ -34,3 +34,11 @@ def test_predict_abstains_on_the_boundary_and_resumes(tiny, tmp_path):
     assert [row[0] for row in rows] == ["0", "1", "2", "3", "4"]
     # Index 3 sits half-way between the centres 0.2 and 0.5: the binomial test cannot separate them.
     assert rows[3][:4] == ["3", "1", "-1", "0"]
+
+
+def test_predict_resume_with_other_n_is_refused(tiny, tmp_path, capsys):
+    outfile = tmp_path / "predict.tsv"
+    assert main(["predict", "mnist", "tiny", str(outfile), "--max", "3", *OPTIONS]) == 0
+    assert main(["predict", "mnist", "tiny", str(outfile), "--resume", *OPTIONS, "--N", "300"]) == 2
+    assert "N was 200, now 300" in capsys.readouterr().err
+    assert len(read_rows(outfile)) == 3
