@@ -10,7 +10,17 @@ and the weight codes ``q`` (int8, per-channel scale ``s_w[n]``):
 
 Values stay on the policy's b-bit grid: a 4-bit activation's codes are 4-bit numbers
 held in uint8, so the result is that of the fake-quant reference of the same policy.
-Everything between layers (normalization, ReLU, residual adds, pooling) stays float32.
+Everything between layers (normalization, ReLU, residual adds, pooling) stays float32,
+except where a convolution's only use is the next integer layer, through nothing but
+ReLU or identities (``conv1 -> ReLU -> conv2`` in a ResNet block): there the
+convolution writes the next layer's uint8 codes itself (``chain_requantization``),
+
+    codes = clamp(round(hardtanh(y, lo, hi) / s_next) + z_next, 0, 255),
+    lo = max(0, q_lo s_next) after a ReLU, else q_lo s_next;  hi = q_hi s_next,
+
+the same codes as ``clamp(round(relu(y) / s_next), q_lo, q_hi) + z_next`` (oneDNN scales
+by the reciprocal of ``s_next`` where the reference divides, one more float rounding
+inside the tolerance below), so no float32 activation travels between the two layers.
 Layers with a 32-bit weight or activation keep their fake-quant (float) form.
 
 Tolerance against the fake-quant reference: the integer accumulation is exact, the
@@ -37,6 +47,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.fx
 from torch import nn
 
 from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
@@ -67,16 +78,22 @@ class IntegerExecutionConfig:
         compile: wrap the result in ``torch.compile`` (Inductor fuses the quantization of
             each activation with the float ops before it). The first call compiles
             (about a minute for a ResNet on 2 cores).
+        chain_requantization: let a convolution whose only use is the next integer layer
+            (through ReLU or identities) write that layer's uint8 codes (module docstring).
+            Needs the model, or the submodules holding such pairs, to be traceable by
+            ``torch.fx``; what is not traceable runs unchained.
     """
 
     split_8bit: Literal["auto", "always", "never"] = "auto"
     compile: bool = False
+    chain_requantization: bool = True
 
     def __post_init__(self) -> None:
         if self.split_8bit not in ("auto", "always", "never"):
             raise ValueError(f"split_8bit must be 'auto', 'always' or 'never', got {self.split_8bit!r}")
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
+        for name in ("compile", "chain_requantization"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
 
 
 class _IntegerLayer(nn.Module):
@@ -101,9 +118,16 @@ class _IntegerLayer(nn.Module):
         self.register_buffer("bias", bias)
         return weight_codes
 
+    # set by _chain_requantization: the input arrives as this layer's uint8 codes
+    takes_codes = False
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """``clamp(round(x / s_x), q_lo, q_hi) + z`` as uint8."""
         return torch.clamp(torch.round(x / self.x_scale_tensor) + self.zero_point, self.code_min, self.code_max).to(torch.uint8)
+
+    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input codes, whether ``x`` is a float activation or already its codes."""
+        return x if self.takes_codes else self.codes(x)
 
 
 class IntegerConv2d(_IntegerLayer):
@@ -132,8 +156,18 @@ class IntegerConv2d(_IntegerLayer):
             self.stride, self.padding, self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "",
         )
 
+    # set by _chain_requantization: (s_next, z_next, lo, hi), the next layer's input codes
+    output_codes: tuple[float, int, float, float] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.codes(x).contiguous(memory_format=torch.channels_last)
+        codes = self.input_codes(x).contiguous(memory_format=torch.channels_last)
+        if self.output_codes is not None:
+            scale, zero_point, low, high = self.output_codes
+            return torch.ops.onednn.qconv2d_pointwise(
+                codes, self.x_scale, self.zero_point, self.packed_weight, self.w_scale, self.w_zero_point, self.bias,
+                self.stride, self.padding, self.dilation, self.groups, scale, zero_point, torch.uint8,
+                "hardtanh", [low, high], "",
+            )
         if not self.split:
             return self._conv(codes, self.zero_point, self.packed_weight, self.bias)
         low = torch.clamp_max(codes, 127)
@@ -143,7 +177,9 @@ class IntegerConv2d(_IntegerLayer):
         )
 
     def extra_repr(self) -> str:
-        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}"
+        chained = ", writes the next layer's codes" if self.output_codes is not None else ""
+        return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}"
+                f"{', takes codes' if self.takes_codes else ''}{chained}")
 
 
 class IntegerLinear(_IntegerLayer):
@@ -166,7 +202,7 @@ class IntegerLinear(_IntegerLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]
-        codes = self.codes(x.reshape(-1, x.shape[-1])).contiguous()
+        codes = self.input_codes(x.reshape(-1, x.shape[-1])).contiguous()
         if not self.split:
             out = self._linear(codes, self.zero_point, self.bias)
         else:
@@ -175,7 +211,86 @@ class IntegerLinear(_IntegerLayer):
         return out.reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}"
+        return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}"
+                f"{', takes codes' if self.takes_codes else ''}")
+
+
+def _is_relu(node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_identity(node, modules: dict) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(node.target), nn.Identity)
+
+
+class _IntegerTracer(torch.fx.Tracer):
+    """Keeps arq's layers whole (their forward holds opaque oneDNN calls)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (IntegerConv2d, IntegerLinear, *QUANT_LAYER_TYPES)) or super().is_leaf_module(
+            module, qualified_name)
+
+
+def _chain_requantization(module: nn.Module) -> tuple[nn.Module, int]:
+    """``module`` with conv -> [ReLU/identity]* -> integer layer pairs chained (module docstring).
+
+    Traces ``module`` with torch.fx; where that fails, its children one by one. Returns the
+    (possibly rewritten) module and the number of chained pairs.
+    """
+    try:
+        graph = _IntegerTracer().trace(module)
+    except Exception:  # not traceable as a whole (data-dependent Python): try the parts
+        chained = 0
+        for name, child in list(module.named_children()):
+            if isinstance(child, (IntegerConv2d, IntegerLinear)):
+                continue
+            new_child, count = _chain_requantization(child)
+            if new_child is not child:
+                setattr(module, name, new_child)
+            chained += count
+        return module, chained
+    modules = dict(module.named_modules())
+    call_sites: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            call_sites[node.target] = call_sites.get(node.target, 0) + 1
+    chained = 0
+    for node in list(graph.nodes):
+        producer = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(producer, IntegerConv2d) or producer.split or call_sites[node.target] != 1:
+            continue
+        passed, relu, current = [], False, node
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            if _is_relu(user, modules) or _is_identity(user, modules):
+                relu = relu or _is_relu(user, modules)
+                passed.append(user)
+                current = user
+                continue
+            consumer = modules.get(user.target) if user.op == "call_module" else None
+            if (isinstance(consumer, (IntegerConv2d, IntegerLinear)) and call_sites[user.target] == 1
+                    and not consumer.takes_codes and len(user.args) == 1 and not user.kwargs):
+                scale, zero_point = consumer.x_scale, consumer.zero_point
+                low = (consumer.code_min - zero_point) * scale
+                producer.output_codes = (scale, zero_point, max(0.0, low) if relu else low,
+                                         (consumer.code_max - zero_point) * scale)
+                consumer.takes_codes = True
+                user.replace_input_with(current, node)
+                for dead in reversed(passed):
+                    graph.erase_node(dead)
+                chained += 1
+            break
+    if not chained:
+        return module, 0
+    rewritten = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
+    for attribute in ("arq_metadata", "arq_quant"):
+        if hasattr(module, attribute):
+            setattr(rewritten, attribute, getattr(module, attribute))
+    return rewritten, chained
 
 
 def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) -> nn.Module:
@@ -211,6 +326,8 @@ def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) 
         setattr(parent, child, replacement)
     for parameter in integer_model.parameters():
         parameter.requires_grad_(False)
+    if config.chain_requantization:
+        integer_model, _ = _chain_requantization(integer_model)
     if config.compile:
         # freezing makes the prepacked oneDNN weights graph constants, which Inductor requires
         compiled = torch.compile(integer_model, options={"freezing": True})

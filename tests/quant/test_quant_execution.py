@@ -100,7 +100,7 @@ def _codes_by_layer(model, x, integer):
     for name, module in model.named_modules():
         if integer and isinstance(module, (IntegerConv2d, IntegerLinear)):
             hooks.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: codes.__setitem__(name, m.codes(args[0]).to(torch.int32) - m.zero_point)))
+                lambda m, args, name=name: codes.__setitem__(name, m.input_codes(args[0]).to(torch.int32) - m.zero_point)))
         elif not integer and isinstance(module, (QuantConv2d, QuantLinear)) and module.input_quantizer.enabled:
             hooks.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: codes.__setitem__(
@@ -159,3 +159,81 @@ def test_compiled_integer_model_matches_eager():
         expected = eager(x)
         result = compiled(x)
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+def _chained(model):
+    return [m for m in model.modules() if isinstance(m, IntegerConv2d) and m.output_codes is not None]
+
+
+@pytest.mark.parametrize("policy_name", ["uniform4", "mixed"])
+def test_resnet_blocks_chain_conv1_into_conv2(policy_name):
+    model = cifar_resnet(20)
+    policy = Policy.uniform(model, 4, 4) if policy_name == "uniform4" else _mixed_policy(model)
+    generator = torch.Generator().manual_seed(3)
+    qmodel = quant.quantize(model, policy, torch.rand(64, 3, 32, 32, generator=generator))
+    plain = to_integer(qmodel, IntegerExecutionConfig(chain_requantization=False))
+    chained = to_integer(qmodel)
+    assert not _chained(plain)
+    producers = {id(m) for m in _chained(chained)}
+    blocks = [m for m in chained.modules() if hasattr(m, "conv1") and hasattr(m, "conv2")]
+    expected = [b for b in blocks if isinstance(b.conv1, IntegerConv2d) and isinstance(b.conv2, IntegerConv2d)
+                and not b.conv1.split]
+    assert len(expected) >= 5 and producers == {id(b.conv1) for b in expected}
+    assert all(b.conv2.takes_codes for b in expected)
+    assert chained.arq_metadata == model.arq_metadata
+    x = torch.rand(96, 3, 32, 32, generator=generator) + 0.25 * torch.randn(96, 3, 32, 32, generator=generator)
+    unchained_logits, unchained_codes = _codes_by_layer(plain, x, integer=True)
+    logits, codes = _codes_by_layer(chained, x, integer=True)
+    assert set(codes) == set(unchained_codes)
+    differing = sum(int((codes[name] != unchained_codes[name]).sum()) for name in codes)
+    assert differing <= 1e-3 * sum(c.numel() for c in codes.values())
+    assert float((logits - unchained_logits).abs().max()) <= 0.05 * float(unchained_logits.abs().max())
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(2, 2), (3, 5), (4, 4), (5, 7), (6, 3), (7, 8), (8, 6)])
+@pytest.mark.parametrize("with_relu", [True, False])
+def test_chained_codes_are_the_next_layers_codes(w_bits, a_bits, with_relu):
+    """conv -> [ReLU] -> conv: the first conv writes exactly the codes the second would compute
+    (up to a float tie), for unsigned (after ReLU) and signed (no ReLU) consumers."""
+    generator = torch.Generator().manual_seed(w_bits * 10 + a_bits + 100 * with_relu)
+    model = nn.Sequential(nn.Conv2d(5, 12, 3, padding=1), nn.ReLU() if with_relu else nn.Identity(),
+                          nn.Conv2d(12, 7, 3, stride=2, padding=1)).eval()
+    x = torch.randn(40, 5, 11, 13, generator=generator)
+    policy = Policy({"0": LayerBits(w_bits, 8 if w_bits < 8 else 7), "2": LayerBits(w_bits, a_bits)})
+    qmodel = quant.quantize(model, policy, x)
+    consumer = qmodel[2]
+    assert bool(consumer.input_quantizer.signed) == (not with_relu)
+    chained = to_integer(qmodel)
+    assert len(_chained(chained)) == 1
+    fresh = torch.randn(64, 5, 11, 13, generator=generator)
+    with torch.no_grad():
+        written = chained.get_submodule("0")(fresh)
+        expected = to_integer(qmodel, IntegerExecutionConfig(chain_requantization=False)).get_submodule("0")(fresh)
+        expected = chained.get_submodule("2").codes(expected.relu() if with_relu else expected)
+    assert written.dtype == torch.uint8 and written.shape == expected.shape
+    difference = (written.to(torch.int32) - expected.to(torch.int32)).abs()
+    assert int(difference.max()) <= 1 and int((difference > 0).sum()) <= 1e-3 * difference.numel()
+    assert int(written.min()) >= chained.get_submodule("2").code_min
+    assert int(written.max()) <= chained.get_submodule("2").code_max
+
+
+def test_no_chain_where_the_activation_has_another_use():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.relu, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            out = self.relu(self.conv1(x))
+            return self.conv2(out) + out  # conv1's activation is used twice: it must stay float
+
+    model = Residual().eval()
+    x = torch.randn(8, 4, 6, 6)
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 4), x)
+    integer = to_integer(qmodel)
+    assert not _chained(integer)
+    with torch.no_grad():
+        torch.testing.assert_close(integer(x), to_integer(qmodel, IntegerExecutionConfig(chain_requantization=False))(x),
+                                   rtol=0, atol=0)
+    with pytest.raises(TypeError, match="chain_requantization"):
+        IntegerExecutionConfig(chain_requantization="yes")
