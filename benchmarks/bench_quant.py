@@ -5,8 +5,11 @@ One process measures every variant on the same random inputs (samples/s, median 
 
 * ``fp32_eager``        the float model (BatchNorm folded, as quantized models have it)
 * ``fakequant_eager``   arq.quant.quantize's reference model (policy ``--bits``)
-* ``integer_eager``     arq.quant.to_integer: oneDNN u8 x s8 layers, float glue
+* ``integer_eager``     arq.quant.to_integer: oneDNN u8 x s8 layers, float glue, where a
+                        conv feeds the next layer through ReLU only it writes that layer's
+                        uint8 codes (``fuse_epilogues``)
 * ``integer_compiled``  the same wrapped in torch.compile (Inductor fuses the glue)
+* ``integer_*_unchained``  both without that chaining (every layer writes float32)
 * ``pt2e_int8_compiled``  torchao pt2e + X86InductorQuantizer + torch.compile: the stock
                         int8 flow, for speed comparison only (its own 8-bit observers, it does
                         not follow an arq policy)
@@ -116,7 +119,10 @@ def build_variants(bits: tuple[int, int], batch_size: int, include_reference_flo
     variants["fakequant_eager"] = (qmodel, time.perf_counter() - start)
     start = time.perf_counter()
     variants["integer_eager"] = (to_integer(qmodel), time.perf_counter() - start)
+    variants["integer_eager_unchained"] = (to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False)), 0.0)
     variants["integer_compiled"] = (to_integer(qmodel, IntegerExecutionConfig(compile=True)), 0.0)
+    variants["integer_compiled_unchained"] = (
+        to_integer(qmodel, IntegerExecutionConfig(compile=True, fuse_epilogues=False)), 0.0)
     if include_reference_flows:
         example = torch.rand(batch_size, 3, 32, 32)
         try:

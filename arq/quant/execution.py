@@ -13,14 +13,17 @@ held in uint8, so the result is that of the fake-quant reference of the same pol
 Everything between layers (normalization, ReLU, residual adds, pooling) stays float32,
 except where a convolution's only use is the next integer layer, through nothing but
 ReLU or identities (``conv1 -> ReLU -> conv2`` in a ResNet block): there the
-convolution writes the next layer's uint8 codes itself (``chain_requantization``),
+convolution writes the next layer's uint8 codes itself (``fuse_epilogues``),
 
     codes = clamp(round(hardtanh(y, lo, hi) / s_next) + z_next, 0, 255),
     lo = max(0, q_lo s_next) after a ReLU, else q_lo s_next;  hi = q_hi s_next,
 
 the same codes as ``clamp(round(relu(y) / s_next), q_lo, q_hi) + z_next`` (oneDNN scales
 by the reciprocal of ``s_next`` where the reference divides, one more float rounding
-inside the tolerance below), so no float32 activation travels between the two layers.
+inside the tolerance below), so no float32 activation travels between the two layers. Likewise a convolution followed
+(through identities) by a residual add, and optionally a ReLU, adds the residual inside
+oneDNN's epilogue (its ``sum`` post-op, which writes into the residual's buffer: only done
+where nothing reads that buffer afterwards). Both are ``fuse_epilogues``.
 Layers with a 32-bit weight or activation keep their fake-quant (float) form.
 
 Tolerance against the fake-quant reference: the integer accumulation is exact, the
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,20 +82,21 @@ class IntegerExecutionConfig:
         compile: wrap the result in ``torch.compile`` (Inductor fuses the quantization of
             each activation with the float ops before it). The first call compiles
             (about a minute for a ResNet on 2 cores).
-        chain_requantization: let a convolution whose only use is the next integer layer
-            (through ReLU or identities) write that layer's uint8 codes (module docstring).
-            Needs the model, or the submodules holding such pairs, to be traceable by
-            ``torch.fx``; what is not traceable runs unchained.
+        fuse_epilogues: let a convolution whose only use is the next integer layer
+            (through ReLU or identities) write that layer's uint8 codes, and one followed by
+            a residual add (and ReLU) do the add in its epilogue (module docstring). Needs
+            the model, or the submodules holding such patterns, to be traceable by
+            ``torch.fx``; what is not traceable runs unfused.
     """
 
     split_8bit: Literal["auto", "always", "never"] = "auto"
     compile: bool = False
-    chain_requantization: bool = True
+    fuse_epilogues: bool = True
 
     def __post_init__(self) -> None:
         if self.split_8bit not in ("auto", "always", "never"):
             raise ValueError(f"split_8bit must be 'auto', 'always' or 'never', got {self.split_8bit!r}")
-        for name in ("compile", "chain_requantization"):
+        for name in ("compile", "fuse_epilogues"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
 
@@ -118,7 +123,7 @@ class _IntegerLayer(nn.Module):
         self.register_buffer("bias", bias)
         return weight_codes
 
-    # set by _chain_requantization: the input arrives as this layer's uint8 codes
+    # set by _fuse_integer_epilogues: the input arrives as this layer's uint8 codes
     takes_codes = False
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,10 +161,13 @@ class IntegerConv2d(_IntegerLayer):
             self.stride, self.padding, self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "",
         )
 
-    # set by _chain_requantization: (s_next, z_next, lo, hi), the next layer's input codes
+    # set by _fuse_integer_epilogues: (s_next, z_next, lo, hi), the next layer's input codes
     output_codes: tuple[float, int, float, float] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # set by _fuse_integer_epilogues: a residual comes in as ``accumulate``; then ReLU or not
+    residual_relu: bool | None = None
+
+    def forward(self, x: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
         codes = self.input_codes(x).contiguous(memory_format=torch.channels_last)
         if self.output_codes is not None:
             scale, zero_point, low, high = self.output_codes
@@ -168,6 +176,20 @@ class IntegerConv2d(_IntegerLayer):
                 self.stride, self.padding, self.dilation, self.groups, scale, zero_point, torch.uint8,
                 "hardtanh", [low, high], "",
             )
+        if accumulate is None:
+            return self._float_output(codes)
+        if (not self.split and accumulate.dtype == torch.float32
+                and accumulate.is_contiguous(memory_format=torch.channels_last)):
+            # the sum post-op overwrites ``accumulate``; the graph pass only passes dead buffers
+            return torch.ops.onednn.qconv2d_pointwise.binary(
+                codes, self.x_scale, self.zero_point, self.packed_weight, self.w_scale, self.w_zero_point,
+                accumulate, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "relu" if self.residual_relu else "none", [], "",
+            )
+        out = self._float_output(codes) + accumulate
+        return out.relu() if self.residual_relu else out
+
+    def _float_output(self, codes: torch.Tensor) -> torch.Tensor:
         if not self.split:
             return self._conv(codes, self.zero_point, self.packed_weight, self.bias)
         low = torch.clamp_max(codes, 127)
@@ -178,8 +200,9 @@ class IntegerConv2d(_IntegerLayer):
 
     def extra_repr(self) -> str:
         chained = ", writes the next layer's codes" if self.output_codes is not None else ""
+        residual = {None: "", False: ", adds the residual", True: ", adds the residual, then ReLU"}[self.residual_relu]
         return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}"
-                f"{', takes codes' if self.takes_codes else ''}{chained}")
+                f"{', takes codes' if self.takes_codes else ''}{chained}{residual}")
 
 
 class IntegerLinear(_IntegerLayer):
@@ -227,6 +250,14 @@ def _is_identity(node, modules: dict) -> bool:
     return node.op == "call_module" and isinstance(modules.get(node.target), nn.Identity)
 
 
+def _is_add(node) -> bool:
+    if node.kwargs or len(node.args) != 2:
+        return False
+    if node.op == "call_function":
+        return node.target in (operator.add, operator.iadd, torch.add)
+    return node.op == "call_method" and node.target == "add"
+
+
 class _IntegerTracer(torch.fx.Tracer):
     """Keeps arq's layers whole (their forward holds opaque oneDNN calls)."""
 
@@ -235,7 +266,7 @@ class _IntegerTracer(torch.fx.Tracer):
             module, qualified_name)
 
 
-def _chain_requantization(module: nn.Module) -> tuple[nn.Module, int]:
+def _fuse_integer_epilogues(module: nn.Module) -> tuple[nn.Module, int]:
     """``module`` with conv -> [ReLU/identity]* -> integer layer pairs chained (module docstring).
 
     Traces ``module`` with torch.fx; where that fails, its children one by one. Returns the
@@ -248,7 +279,7 @@ def _chain_requantization(module: nn.Module) -> tuple[nn.Module, int]:
         for name, child in list(module.named_children()):
             if isinstance(child, (IntegerConv2d, IntegerLinear)):
                 continue
-            new_child, count = _chain_requantization(child)
+            new_child, count = _fuse_integer_epilogues(child)
             if new_child is not child:
                 setattr(module, name, new_child)
             chained += count
@@ -284,6 +315,7 @@ def _chain_requantization(module: nn.Module) -> tuple[nn.Module, int]:
                     graph.erase_node(dead)
                 chained += 1
             break
+    chained += _fuse_residuals(graph, modules, call_sites)
     if not chained:
         return module, 0
     rewritten = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
@@ -291,6 +323,55 @@ def _chain_requantization(module: nn.Module) -> tuple[nn.Module, int]:
         if hasattr(module, attribute):
             setattr(rewritten, attribute, getattr(module, attribute))
     return rewritten, chained
+
+
+def _owns_its_buffer(node, modules: dict) -> bool:
+    """True when ``node``'s tensor is a layer's own output (through identities and ReLUs), not a
+    view of the graph's input or of a parameter, so that overwriting it harms nothing else."""
+    while _is_identity(node, modules) or _is_relu(node, modules):
+        node = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        if node is None:
+            return False
+    layer = modules.get(node.target) if node.op == "call_module" else None
+    return isinstance(layer, (IntegerConv2d, IntegerLinear, *QUANT_LAYER_TYPES, nn.Conv2d, nn.Linear))
+
+
+def _fuse_residuals(graph, modules: dict, call_sites: dict) -> int:
+    """conv -> [identity]* -> add(residual) -> [ReLU]: the add and ReLU move into the conv's epilogue.
+
+    Only where the residual is computed before the conv and nothing after the conv reads it
+    (oneDNN's sum post-op writes into the residual's buffer).
+    """
+    order = {node: position for position, node in enumerate(graph.nodes)}
+    fused = 0
+    for node in list(graph.nodes):
+        producer = modules.get(node.target) if node.op == "call_module" else None
+        if (not isinstance(producer, IntegerConv2d) or producer.split or producer.output_codes is not None
+                or producer.residual_relu is not None or call_sites[node.target] != 1
+                or len(node.args) != 1 or node.kwargs):
+            continue
+        passed, current = [], node
+        while len(current.users) == 1 and _is_identity(next(iter(current.users)), modules):
+            current = next(iter(current.users))
+            passed.append(current)
+        if len(current.users) != 1 or not _is_add(add := next(iter(current.users))):
+            continue
+        others = [arg for arg in add.args if arg is not current]
+        if len(others) != 1 or not isinstance(others[0], torch.fx.Node):
+            continue
+        residual = others[0]
+        if (not _owns_its_buffer(residual, modules) or order[residual] > order[node]
+                or any(order[user] > order[node] for user in residual.users if user is not add)):
+            continue
+        relu = next(iter(add.users)) if len(add.users) == 1 else None
+        relu = relu if relu is not None and _is_relu(relu, modules) else None
+        (relu or add).replace_all_uses_with(node)
+        node.kwargs = {"accumulate": residual}
+        for dead in ([relu] if relu is not None else []) + [add] + list(reversed(passed)):
+            graph.erase_node(dead)
+        producer.residual_relu = relu is not None
+        fused += 1
+    return fused
 
 
 def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) -> nn.Module:
@@ -326,8 +407,8 @@ def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) 
         setattr(parent, child, replacement)
     for parameter in integer_model.parameters():
         parameter.requires_grad_(False)
-    if config.chain_requantization:
-        integer_model, _ = _chain_requantization(integer_model)
+    if config.fuse_epilogues:
+        integer_model, _ = _fuse_integer_epilogues(integer_model)
     if config.compile:
         # freezing makes the prepacked oneDNN weights graph constants, which Inductor requires
         compiled = torch.compile(integer_model, options={"freezing": True})

@@ -171,7 +171,7 @@ def test_resnet_blocks_chain_conv1_into_conv2(policy_name):
     policy = Policy.uniform(model, 4, 4) if policy_name == "uniform4" else _mixed_policy(model)
     generator = torch.Generator().manual_seed(3)
     qmodel = quant.quantize(model, policy, torch.rand(64, 3, 32, 32, generator=generator))
-    plain = to_integer(qmodel, IntegerExecutionConfig(chain_requantization=False))
+    plain = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))
     chained = to_integer(qmodel)
     assert not _chained(plain)
     producers = {id(m) for m in _chained(chained)}
@@ -180,6 +180,7 @@ def test_resnet_blocks_chain_conv1_into_conv2(policy_name):
                 and not b.conv1.split]
     assert len(expected) >= 5 and producers == {id(b.conv1) for b in expected}
     assert all(b.conv2.takes_codes for b in expected)
+    assert all(b.conv2.residual_relu is True for b in expected)  # the add and ReLU after conv2 moved in too
     assert chained.arq_metadata == model.arq_metadata
     x = torch.rand(96, 3, 32, 32, generator=generator) + 0.25 * torch.randn(96, 3, 32, 32, generator=generator)
     unchained_logits, unchained_codes = _codes_by_layer(plain, x, integer=True)
@@ -208,7 +209,7 @@ def test_chained_codes_are_the_next_layers_codes(w_bits, a_bits, with_relu):
     fresh = torch.randn(64, 5, 11, 13, generator=generator)
     with torch.no_grad():
         written = chained.get_submodule("0")(fresh)
-        expected = to_integer(qmodel, IntegerExecutionConfig(chain_requantization=False)).get_submodule("0")(fresh)
+        expected = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False)).get_submodule("0")(fresh)
         expected = chained.get_submodule("2").codes(expected.relu() if with_relu else expected)
     assert written.dtype == torch.uint8 and written.shape == expected.shape
     difference = (written.to(torch.int32) - expected.to(torch.int32)).abs()
@@ -217,23 +218,63 @@ def test_chained_codes_are_the_next_layers_codes(w_bits, a_bits, with_relu):
     assert int(written.max()) <= chained.get_submodule("2").code_max
 
 
-def test_no_chain_where_the_activation_has_another_use():
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.relu, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+class _Residual(nn.Module):
+    """conv1 -> ReLU feeds conv2 and the residual add (so it cannot be chained)."""
 
-        def forward(self, x):
-            out = self.relu(self.conv1(x))
-            return self.conv2(out) + out  # conv1's activation is used twice: it must stay float
+    def __init__(self, read_again: bool = False, input_residual: bool = False):
+        super().__init__()
+        self.conv1, self.relu, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+        self.read_again, self.input_residual = read_again, input_residual
 
-    model = Residual().eval()
-    x = torch.randn(8, 4, 6, 6)
-    qmodel = quant.quantize(model, Policy.uniform(model, 4, 4), x)
-    integer = to_integer(qmodel)
-    assert not _chained(integer)
+    def forward(self, x):
+        if self.input_residual:
+            return self.conv2(torch.relu(self.conv1(x) + x))  # the residual is the caller's tensor
+        out = self.relu(self.conv1(x))
+        y = torch.relu(self.conv2(out) + out)
+        return y * out if self.read_again else y  # read_again: the residual is read after conv2
+
+
+def _residual_fused(model):
+    return [m for m in model.modules() if isinstance(m, IntegerConv2d) and m.residual_relu is not None]
+
+
+@pytest.mark.parametrize("case", ["fused", "read_again", "input_residual"])
+def test_residual_add_moves_into_the_conv_only_where_its_buffer_is_dead(case):
+    torch.manual_seed(7)
+    model = _Residual(read_again=case == "read_again", input_residual=case == "input_residual").eval()
+    x = torch.randn(8, 4, 6, 6).relu().contiguous(memory_format=torch.channels_last)
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 6), x)
+    fused = to_integer(qmodel)
+    unfused = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))
+    assert not _chained(fused)  # conv1's activation has two uses: it stays float
+    assert [m.residual_relu for m in _residual_fused(fused)] == ([True] if case == "fused" else [])
+    if case == "fused":
+        assert "adds the residual, then ReLU" in repr(fused)
+    before = x.clone()
     with torch.no_grad():
-        torch.testing.assert_close(integer(x), to_integer(qmodel, IntegerExecutionConfig(chain_requantization=False))(x),
-                                   rtol=0, atol=0)
-    with pytest.raises(TypeError, match="chain_requantization"):
-        IntegerExecutionConfig(chain_requantization="yes")
+        expected = unfused(x)
+        result = fused(x)
+        again = fused(x)
+    assert torch.equal(x, before)  # the caller's tensor is never written
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert torch.equal(again, result)
+    with pytest.raises(TypeError, match="fuse_epilogues"):
+        IntegerExecutionConfig(fuse_epilogues="yes")
+
+
+@pytest.mark.slow
+def test_compiled_fused_resnet_matches_eager():
+    """torch.compile functionalizes the residual add's in-place oneDNN op: same logits as eager."""
+    model = cifar_resnet(8)
+    generator = torch.Generator().manual_seed(5)
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 4), torch.rand(32, 3, 32, 32, generator=generator))
+    eager = to_integer(qmodel)
+    assert _chained(eager) and _residual_fused(eager)
+    compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True))
+    x = torch.rand(24, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        expected = eager(x)
+        result = compiled(x)
+        again = compiled(x)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(again, result)
