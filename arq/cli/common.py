@@ -395,6 +395,23 @@ class PreparedRun:
     indices: list[int]
 
 
+def prepare_engine(prepared: "PreparedRun", backend: str, work: int) -> None:
+    """Let the certification engine see the whole run's work at once.
+
+    ``arq.certify`` is called once per input, and one input's samples alone stay below the
+    engine's compile threshold (``arq.smoothing.engine``); preparing the model with the run's
+    total ``work`` compiles a quantized model's integer form once when the run is large enough
+    to repay it (``ARQ_COMPILE=0`` keeps it eager). A float model is unaffected.
+    """
+    from arq.smoothing.engine import prepare_model
+
+    if work > 0:
+        try:
+            prepare_model(prepared.model, backend, prepared.device, work=work)
+        except ValueError as error:  # an unknown backend: certify reports it with its own message
+            warn_user(str(error))
+
+
 def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None) -> PreparedRun:
     """Resolve SIGMA/OUTFILE, load the model and data, and open the output for (re)writing.
 

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from arq.smoothing.core import predict
 
     prepared = common.prepare_run(args, HEADER, {"N": args.N})
+    common.prepare_engine(prepared, args.backend, work=len(prepared.indices) * args.N)
 
     def predict_one(x, label: int, index: int) -> list[str]:
         result = predict(

@@ -43,7 +43,8 @@ Compilation (Inductor fuses the activation quantization with the float glue; the
 per batch shape compiles, about a minute for a ResNet on 2 cores) is used when the work of
 one call is large (``compile_threshold`` samples, default 1,000,000), when a compiled entry
 was prepared explicitly (``prepare_model(..., compile=True)``), or when ``ARQ_COMPILE=1``;
-``ARQ_COMPILE=0`` disables it.
+``ARQ_COMPILE=0`` disables it. ``arq certify`` / ``arq predict`` prepare the model once with
+the whole run's work (inputs x samples), so a long run over single inputs compiles once.
 """
 from __future__ import annotations
 

@@ -331,3 +331,15 @@ def test_resume_of_a_file_without_run_record_warns_and_records(tiny, tmp_path, c
     assert "has no run record" in capsys.readouterr().err
     assert (tmp_path / "out.tsv.run.json").is_file()
     assert without_time(read_rows(outfile)) == without_time(read_rows(reference))
+
+
+def test_the_engine_sees_the_whole_runs_work(tiny, tmp_path, monkeypatch):
+    """One input's samples stay below the engine's compile threshold; the CLI passes the run's total."""
+    from arq.smoothing import engine
+
+    seen = []
+    original = engine.prepare_model
+    monkeypatch.setattr(engine, "prepare_model", lambda model, backend, device, **kw: (
+        seen.append((backend, kw.get("work"))), original(model, backend, device, **kw))[1])
+    assert main(["certify", "mnist", "tiny", str(tmp_path / "out.tsv"), "--max", "4", *OPTIONS]) == 0
+    assert seen[0] == ("auto", 4 * (N + N0))
