@@ -121,6 +121,8 @@ def build_variants(bits: tuple[int, int], batch_size: int, include_reference_flo
     variants["integer_eager"] = (to_integer(qmodel), time.perf_counter() - start)
     variants["integer_eager_unchained"] = (to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False)), 0.0)
     variants["integer_compiled"] = (to_integer(qmodel, IntegerExecutionConfig(compile=True)), 0.0)
+    variants["integer_compiled_residuals_fused"] = (
+        to_integer(qmodel, IntegerExecutionConfig(compile=True, fuse_residuals=True)), 0.0)
     variants["integer_compiled_unchained"] = (
         to_integer(qmodel, IntegerExecutionConfig(compile=True, fuse_epilogues=False)), 0.0)
     if include_reference_flows:
@@ -171,10 +173,16 @@ def run(batch_size: int, repeats: int, bits: tuple[int, int], include_reference_
     results = {}
     with torch.inference_mode():
         reference = qmodel(inputs)
-    for name, (model, build_seconds) in variants.items():
+    for name, (model, build_seconds) in list(variants.items()):
         start = time.perf_counter()
-        with torch.inference_mode():
-            out = model(inputs)  # compiles, for compiled variants
+        try:
+            with torch.inference_mode():
+                out = model(inputs)  # compiles, for compiled variants
+        except Exception as error:  # reported in the results, not hidden; the others still run
+            print(f"{name}: failed: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
+            results[name] = {"failed": f"{type(error).__name__}: {str(error)[:300]}"}
+            del variants[name]
+            continue
         results[name] = {
             "first_call_s": round(time.perf_counter() - start, 2),
             "build_s": round(build_seconds, 2),

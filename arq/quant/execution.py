@@ -87,11 +87,16 @@ class IntegerExecutionConfig:
             a residual add (and ReLU) do the add in its epilogue (module docstring). Needs
             the model, or the submodules holding such patterns, to be traceable by
             ``torch.fx``; what is not traceable runs unfused.
+        fuse_residuals: the residual part of ``fuse_epilogues``; None (default) does it only
+            when not compiling: oneDNN's sum post-op writes into its input, which
+            torch.compile's functionalization answers with copies, while Inductor already
+            fuses the add and ReLU into the next quantization. Pass True or False to force.
     """
 
     split_8bit: Literal["auto", "always", "never"] = "auto"
     compile: bool = False
     fuse_epilogues: bool = True
+    fuse_residuals: bool | None = None
 
     def __post_init__(self) -> None:
         if self.split_8bit not in ("auto", "always", "never"):
@@ -99,6 +104,15 @@ class IntegerExecutionConfig:
         for name in ("compile", "fuse_epilogues"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.fuse_residuals is not None and not isinstance(self.fuse_residuals, bool):
+            raise TypeError(f"fuse_residuals must be a bool or None, got {type(self.fuse_residuals).__name__}")
+
+    @property
+    def residuals_fused(self) -> bool:
+        """Whether residual adds move into conv epilogues (default: only in eager models)."""
+        if not self.fuse_epilogues:
+            return False
+        return (not self.compile) if self.fuse_residuals is None else self.fuse_residuals
 
 
 class _IntegerLayer(nn.Module):
@@ -266,7 +280,7 @@ class _IntegerTracer(torch.fx.Tracer):
             module, qualified_name)
 
 
-def _fuse_integer_epilogues(module: nn.Module) -> tuple[nn.Module, int]:
+def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> tuple[nn.Module, int]:
     """``module`` with conv -> [ReLU/identity]* -> integer layer pairs chained (module docstring).
 
     Traces ``module`` with torch.fx; where that fails, its children one by one. Returns the
@@ -279,7 +293,7 @@ def _fuse_integer_epilogues(module: nn.Module) -> tuple[nn.Module, int]:
         for name, child in list(module.named_children()):
             if isinstance(child, (IntegerConv2d, IntegerLinear)):
                 continue
-            new_child, count = _fuse_integer_epilogues(child)
+            new_child, count = _fuse_integer_epilogues(child, residuals)
             if new_child is not child:
                 setattr(module, name, new_child)
             chained += count
@@ -315,7 +329,8 @@ def _fuse_integer_epilogues(module: nn.Module) -> tuple[nn.Module, int]:
                     graph.erase_node(dead)
                 chained += 1
             break
-    chained += _fuse_residuals(graph, modules, call_sites)
+    if residuals:
+        chained += _fuse_residuals(graph, modules, call_sites)
     if not chained:
         return module, 0
     rewritten = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
@@ -408,7 +423,7 @@ def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) 
     for parameter in integer_model.parameters():
         parameter.requires_grad_(False)
     if config.fuse_epilogues:
-        integer_model, _ = _fuse_integer_epilogues(integer_model)
+        integer_model, _ = _fuse_integer_epilogues(integer_model, residuals=config.residuals_fused)
     if config.compile:
         # freezing makes the prepacked oneDNN weights graph constants, which Inductor requires
         compiled = torch.compile(integer_model, options={"freezing": True})

@@ -109,7 +109,7 @@ def _compile_wanted(compile: bool | None, work: int | None, threshold: int) -> b
 def _build_integer(model: nn.Module, compiled: bool) -> nn.Module:
     from arq.quant.execution import IntegerExecutionConfig, to_integer
 
-    integer_model = to_integer(model, IntegerExecutionConfig(compile=False))
+    integer_model = to_integer(model, IntegerExecutionConfig(compile=False, fuse_residuals=not compiled))
     if compiled:
         # as to_integer(compile=True), but static shapes: a certify call has at most three
         # batch sizes (batch_size, n0 % batch_size, n % batch_size), each compiled once

@@ -270,7 +270,8 @@ def test_compiled_fused_resnet_matches_eager():
     qmodel = quant.quantize(model, Policy.uniform(model, 4, 4), torch.rand(32, 3, 32, 32, generator=generator))
     eager = to_integer(qmodel)
     assert _chained(eager) and _residual_fused(eager)
-    compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True))
+    compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True, fuse_residuals=True))
+    assert IntegerExecutionConfig(compile=True).residuals_fused is False  # the default when compiling
     x = torch.rand(24, 3, 32, 32, generator=generator)
     with torch.no_grad():
         expected = eager(x)
