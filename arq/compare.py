@@ -11,7 +11,10 @@ CERTIFY (Cohen et al. 2019; n = 100,000, n0 = 100, alpha = 0.001 by default):
 every quantized model calibrated and fine-tuned under noise the same way. The table has
 per model: clean accuracy of the base classifier on the clean subset, certified accuracy at
 each radius r (``#{correct and R >= r} / N``), ACR (``(1/N) sum R [correct]``), the BitOPs
-share of FP32 and the search time. One certify TSV per model (``arq analyze`` reads them),
+share of FP32 and the search time; then each searched model's ACR difference to the float
+model and to each uniform baseline, paired on the same images, with a bootstrap interval
+(:func:`paired_acr_difference`), since at a few hundred images a difference of a few
+thousandths is noise. One certify TSV per model (``arq analyze`` reads them),
 the table (Markdown and CSV) and a plot of certified accuracy against radius are written
 to the output folder. Every step resumes: searches from their checkpoints, certification
 after the last complete TSV row.
@@ -32,7 +35,8 @@ from torch import nn
 from arq.quant import FinetuneConfig, Policy, QuantConfig, quantize
 from arq.search.budget import policy_share
 
-__all__ = ["CompareConfig", "ModelRow", "certify_rows", "compare", "format_compare_table", "test_subset"]
+__all__ = ["CompareConfig", "ModelRow", "PairedDifference", "certify_rows", "compare", "format_compare_table",
+           "format_paired_differences", "paired_acr_difference", "paired_differences", "test_subset"]
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -178,6 +182,69 @@ def format_compare_table(models: Sequence[ModelRow], radii: Sequence[float], fmt
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class PairedDifference:
+    """ACR of ``label`` minus ACR of ``reference`` on the same test images, with a bootstrap interval."""
+
+    label: str
+    reference: str
+    difference: float
+    low: float
+    high: float
+    wins: int
+    losses: int
+    images: int
+
+
+def paired_acr_difference(rows: Sequence, reference_rows: Sequence, *, level: float = 0.95,
+                          resamples: int = 2000, seed: int = 0) -> tuple[float, float, float, int, int]:
+    """``(mean d, low, high, wins, losses)`` of ``d_i = r_i - r'_i`` over the images both certified.
+
+    ``r_i`` is image i's certified radius when correct, else 0 (so ``mean d`` is the ACR
+    difference); ``low, high`` is the percentile bootstrap interval at ``level`` (images
+    resampled with replacement, ``resamples`` times, seeded); wins and losses count the
+    images where ``r_i > r'_i`` and ``r_i < r'_i``. The interval is about the sampling of test
+    images only: each certificate itself holds with probability ``1 - alpha``.
+    """
+    from arq.analyze import _certified_radii
+
+    if [row.idx for row in rows] != [row.idx for row in reference_rows]:
+        raise ValueError("paired rows must be for the same test indices, in the same order")
+    values = torch.tensor([max(v, 0.0) for v in _certified_radii(rows)], dtype=torch.float64)
+    reference = torch.tensor([max(v, 0.0) for v in _certified_radii(reference_rows)], dtype=torch.float64)
+    differences = values - reference
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(differences), (resamples, len(differences)), generator=generator)
+    means = differences[picks].mean(dim=1).sort().values
+    tail = (1.0 - level) / 2.0
+    low = float(means[int(math.floor(tail * (resamples - 1)))])
+    high = float(means[int(math.ceil((1.0 - tail) * (resamples - 1)))])
+    return float(differences.mean()), low, high, int((differences > 0).sum()), int((differences < 0).sum())
+
+
+def paired_differences(models: Sequence[ModelRow], searched: Sequence[str]) -> list[PairedDifference]:
+    """Every searched model against the float model and every uniform baseline."""
+    by_label = {model.label: model for model in models}
+    result = []
+    for label in searched:
+        for reference in models:
+            if reference.label in searched or label not in by_label:
+                continue
+            difference, low, high, wins, losses = paired_acr_difference(by_label[label].rows, reference.rows)
+            result.append(PairedDifference(label, reference.label, difference, low, high, wins, losses,
+                                           len(reference.rows)))
+    return result
+
+
+def format_paired_differences(differences: Sequence[PairedDifference]) -> str:
+    lines = ["| model | vs | ACR difference | 95 % bootstrap interval | images better / worse |",
+             "|---|---|---:|---|---|"]
+    for d in differences:
+        lines.append(f"| {d.label} | {d.reference} | {d.difference:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | "
+                     f"{d.wins} / {d.losses} of {d.images} |")
+    return "\n".join(lines) + "\n"
+
+
 def compare(
     model: nn.Module,
     train_set,
@@ -241,8 +308,12 @@ def compare(
         results.append(certified(label, candidate, policy_share(model, policy, input_shape), seconds, policy))
 
     table = format_compare_table(results, config.radii)
+    paired = paired_differences(results, [label for label, _ in named[len(config.uniform):]])
     with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as handle:
         handle.write(table)
+        if paired:
+            handle.write("\nPaired on the same test images (radius when correct, else 0):\n\n")
+            handle.write(format_paired_differences(paired))
     with open(os.path.join(out_dir, "compare.csv"), "w", encoding="utf-8") as handle:
         handle.write(format_compare_table(results, config.radii, fmt="csv"))
     with open(os.path.join(out_dir, "compare.json"), "w", encoding="utf-8") as handle:

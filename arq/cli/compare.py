@@ -120,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
                           progress=sys.stderr.isatty())  # bars only on a terminal, as arq certify
     except ValueError as error:
         raise common.CommandError(str(error)) from None
-    from arq.compare import format_compare_table
+    from arq.compare import format_compare_table, format_paired_differences, paired_differences
 
     print(format_compare_table(results, config.radii), end="")
+    print("\nPaired on the same test images (radius when correct, else 0):\n")
+    print(format_paired_differences(paired_differences(results, list(policies))), end="")
     print(f"arq compare: table in {os.path.join(args.out, 'compare.md')}, plot in "
           f"{os.path.join(args.out, 'compare.png')}", file=sys.stderr)
     return 0

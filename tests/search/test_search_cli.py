@@ -79,7 +79,7 @@ def test_compare_cli_table_and_plot(installed, tmp_path, capsys):
                  "--n", "100", "--n0", "10", "--final-finetune-steps", "1", "--haq-policy", str(policy),
                  "--radii", "0,0.25", *SMALL])
     assert code == 0
-    table = (out / "compare.md").read_text().splitlines()
+    table = (out / "compare.md").read_text().split("\n\n")[0].splitlines()
     assert table[0].startswith("| model | clean acc | r=0 | r=0.25 | ACR | BitOPs share | search time (s) |")
     labels = [row.split("|")[1].strip() for row in table[2:]]
     assert labels == ["float", "W8A8", "W4A4", "HAQ", "ARQ"]
@@ -91,7 +91,9 @@ def test_compare_cli_table_and_plot(installed, tmp_path, capsys):
     assert (out / "compare.png").stat().st_size > 1000
     assert len((out / "certify_ARQ.tsv").read_text().splitlines()) == 6
     assert (out / "search_arq.jsonl").exists() and not (out / "search_haq.jsonl").exists()
-    assert "| ARQ |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| ARQ |" in out and "| ARQ | W4A4 |" in out and "| HAQ | float |" in out
+    assert "Paired on the same test images" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_compare_cli_uniform_baselines(installed, tmp_path):
@@ -104,7 +106,7 @@ def test_compare_cli_uniform_baselines(installed, tmp_path):
                  "--final-finetune-steps", "1", "--uniform", "W3A3,w2a4", "--haq-policy", str(policy),
                  "--arq-policy", str(policy), "--radii", "0", *SMALL])
     assert code == 0
-    labels = [row.split("|")[1].strip() for row in (out / "compare.md").read_text().splitlines()[2:]]
+    labels = [row.split("|")[1].strip() for row in (out / "compare.md").read_text().split("\n\n")[0].splitlines()[2:]]
     assert labels == ["float", "W3A3", "W2A4", "HAQ", "ARQ"]
     assert Policy.load(out / "policy_W2A4.json").layers == Policy.uniform(installed, 2, 4).layers
 

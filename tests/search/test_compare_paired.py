@@ -1,0 +1,39 @@
+"""arq.compare's paired ACR differences: the statistic the README's "beats" claims rest on."""
+import pytest
+import torch
+
+from arq.analyze import ResultRow
+from arq.compare import paired_acr_difference
+
+
+def rows(radii, correct=None):
+    correct = correct or [1] * len(radii)
+    return [ResultRow(i, 0, 0 if c else 1, r, c, 0.1) for i, (r, c) in enumerate(zip(radii, correct))]
+
+
+def test_difference_is_the_acr_difference_and_counts_wins_and_losses():
+    generator = torch.Generator().manual_seed(0)
+    a = (torch.rand(300, generator=generator) * 0.9).tolist()
+    b = [max(0.0, r - 0.05) if i % 3 else r + 0.02 for i, r in enumerate(a)]
+    wrong = [1 if i % 50 else 0 for i in range(300)]  # a wrong image counts 0 whatever its radius
+    difference, low, high, wins, losses = paired_acr_difference(rows(a, wrong), rows(b))
+    expected = sum((r if c else 0.0) - s for r, s, c in zip(a, b, wrong)) / 300
+    assert difference == pytest.approx(expected, abs=1e-12)
+    assert low <= difference <= high and high - low < 0.02
+    assert wins == sum(1 for r, s, c in zip(a, b, wrong) if (r if c else 0.0) > s)
+    assert losses == sum(1 for r, s, c in zip(a, b, wrong) if (r if c else 0.0) < s)
+
+
+def test_interval_covers_zero_for_exchangeable_noise_and_not_for_a_real_gap():
+    generator = torch.Generator().manual_seed(1)
+    base = torch.rand(400, generator=generator).tolist()
+    noisy = [r + 0.01 * float(torch.randn(1, generator=generator)) for r in base]
+    _, low, high, _, _ = paired_acr_difference(rows(noisy), rows(base))
+    assert low < 0 < high
+    _, low, high, _, _ = paired_acr_difference(rows([r + 0.01 for r in base]), rows(base))
+    assert low > 0.009 and high < 0.011
+
+
+def test_mismatched_images_are_refused():
+    with pytest.raises(ValueError, match="same test indices"):
+        paired_acr_difference(rows([0.1, 0.2]), rows([0.1]))
