@@ -55,7 +55,8 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
                        help="weight of clean accuracy in the arq reward")
     data = parser.add_argument_group("reward evaluation (keep it cheap: it runs every episode)")
     data.add_argument("--search-images", type=common.positive_int, default=100,
-                      help="held-out images (the last of the training split) the reward is measured on")
+                      help="held-out images (the last of the training split) the reward is measured on; "
+                           "the haq reward (clean accuracy) is cheap and saturates on easy data: give it 1000+")
     data.add_argument("--train-images", type=common.positive_int, default=2000,
                       help="first training images used for the brief fine-tuning")
     data.add_argument("--calibration-images", type=common.positive_int, default=256,
