@@ -340,15 +340,55 @@ def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> tuple[
     return rewritten, chained
 
 
-def _owns_its_buffer(node, modules: dict) -> bool:
-    """True when ``node``'s tensor is a layer's own output (through identities and ReLUs), not a
-    view of the graph's input or of a parameter, so that overwriting it harms nothing else."""
-    while _is_identity(node, modules) or _is_relu(node, modules):
+_FRESH_OUTPUT_LAYERS = (IntegerConv2d, IntegerLinear, *QUANT_LAYER_TYPES, nn.Conv2d, nn.Linear)
+
+
+def _shares_input_buffer(node, modules: dict) -> bool | None:
+    """True if ``node`` returns (a view of) its first input, False if it returns a fresh tensor,
+    None if unknown. Identities and in-place ReLUs alias; layers and out-of-place ReLUs do not."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if isinstance(module, nn.Identity):
+            return True
+        if isinstance(module, nn.ReLU):
+            return bool(module.inplace)
+        if isinstance(module, _FRESH_OUTPUT_LAYERS):
+            return False
+        return None
+    if node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu):
+        return bool(node.kwargs.get("inplace", False)) or (len(node.args) > 1 and bool(node.args[1]))
+    if (node.op == "call_function" and node.target is torch.relu_) or (
+            node.op == "call_method" and node.target == "relu_"):
+        return True
+    if node.op == "call_method" and node.target == "relu":
+        return False
+    return None
+
+
+def _residual_buffer_is_dead(residual, add, conv, modules: dict, order: dict) -> bool:
+    """Whether oneDNN may write ``conv``'s output into ``residual``'s buffer: the buffer belongs to
+    a layer's output (not the graph's input or a parameter) and neither ``residual`` nor any node
+    sharing its buffer is read after ``conv``, except by ``add``."""
+    if order[residual] > order[conv]:
+        return False
+    chain, node = [], residual
+    while True:
+        chain.append(node)
+        shares = _shares_input_buffer(node, modules)
+        if shares is None:
+            return False
+        if not shares:
+            break
         node = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
         if node is None:
             return False
-    layer = modules.get(node.target) if node.op == "call_module" else None
-    return isinstance(layer, (IntegerConv2d, IntegerLinear, *QUANT_LAYER_TYPES, nn.Conv2d, nn.Linear))
+    if conv in chain:
+        return False
+    for position, alias in enumerate(chain):
+        allowed = {add} if position == 0 else {chain[position - 1]}
+        if any(order[user] > order[conv] for user in alias.users if user not in allowed):
+            return False
+    return True
 
 
 def _fuse_residuals(graph, modules: dict, call_sites: dict) -> int:
@@ -374,10 +414,9 @@ def _fuse_residuals(graph, modules: dict, call_sites: dict) -> int:
         others = [arg for arg in add.args if arg is not current]
         if len(others) != 1 or not isinstance(others[0], torch.fx.Node):
             continue
-        residual = others[0]
-        if (not _owns_its_buffer(residual, modules) or order[residual] > order[node]
-                or any(order[user] > order[node] for user in residual.users if user is not add)):
+        if not _residual_buffer_is_dead(others[0], add, node, modules, order):
             continue
+        residual = others[0]
         relu = next(iter(add.users)) if len(add.users) == 1 else None
         relu = relu if relu is not None and _is_relu(relu, modules) else None
         (relu or add).replace_all_uses_with(node)

@@ -221,14 +221,18 @@ def test_chained_codes_are_the_next_layers_codes(w_bits, a_bits, with_relu):
 class _Residual(nn.Module):
     """conv1 -> ReLU feeds conv2 and the residual add (so it cannot be chained)."""
 
-    def __init__(self, read_again: bool = False, input_residual: bool = False):
+    def __init__(self, read_again: bool = False, input_residual: bool = False, alias_read_again: bool = False):
         super().__init__()
         self.conv1, self.relu, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
-        self.read_again, self.input_residual = read_again, input_residual
+        self.read_again, self.input_residual, self.alias_read_again = read_again, input_residual, alias_read_again
 
     def forward(self, x):
         if self.input_residual:
             return self.conv2(torch.relu(self.conv1(x) + x))  # the residual is the caller's tensor
+        if self.alias_read_again:  # the residual shares its buffer with ``pre``, read after conv2
+            pre = self.conv1(x)
+            out = torch.relu_(pre)
+            return torch.relu(self.conv2(out) + out) * pre
         out = self.relu(self.conv1(x))
         y = torch.relu(self.conv2(out) + out)
         return y * out if self.read_again else y  # read_again: the residual is read after conv2
@@ -238,10 +242,11 @@ def _residual_fused(model):
     return [m for m in model.modules() if isinstance(m, IntegerConv2d) and m.residual_relu is not None]
 
 
-@pytest.mark.parametrize("case", ["fused", "read_again", "input_residual"])
+@pytest.mark.parametrize("case", ["fused", "read_again", "input_residual", "alias_read_again"])
 def test_residual_add_moves_into_the_conv_only_where_its_buffer_is_dead(case):
     torch.manual_seed(7)
-    model = _Residual(read_again=case == "read_again", input_residual=case == "input_residual").eval()
+    model = _Residual(read_again=case == "read_again", input_residual=case == "input_residual",
+                      alias_read_again=case == "alias_read_again").eval()
     x = torch.randn(8, 4, 6, 6).relu().contiguous(memory_format=torch.channels_last)
     qmodel = quant.quantize(model, Policy.uniform(model, 4, 6), x)
     fused = to_integer(qmodel)
