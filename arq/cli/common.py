@@ -134,12 +134,32 @@ def check_max(maximum: int) -> None:
 # -------------------------------------------------------------------------- model and data
 
 
+def _is_quantized_model_file(path: str) -> bool:
+    """A safetensors file whose header says ``arq_quant_format`` (arq.quant.save's format)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            return "arq_quant_format" in (handle.metadata() or {})
+    except Exception:  # not safetensors (a torch.save checkpoint, say): the checkpoint loader decides
+        return False
+
+
 def load_model(spec: str):
-    """An ``nn.Module`` from a checkpoint path (arq or locuslab/smoothing format) or an arq zoo name.
+    """An ``nn.Module`` from a checkpoint path (arq, locuslab/smoothing, or a quantized model written
+    by ``arq.quant.save`` / ``arq quantize``) or an arq zoo name.
 
     The tests replace this function (it is the one place that knows where models come from).
     """
     if os.path.isfile(os.path.expanduser(spec)):
+        path = os.path.expanduser(spec)
+        if _is_quantized_model_file(path):  # written by arq.quant.save / arq quantize
+            from arq.quant import load as load_quantized
+
+            try:
+                return load_quantized(path)
+            except (OSError, ValueError) as error:
+                raise CommandError(f"MODEL {spec}: {error}") from None
         try:
             from arq.models import load_checkpoint
         except ImportError as error:

@@ -343,3 +343,31 @@ def test_the_engine_sees_the_whole_runs_work(tiny, tmp_path, monkeypatch):
         seen.append((backend, kw.get("work"))), original(model, backend, device, **kw))[1])
     assert main(["certify", "mnist", "tiny", str(tmp_path / "out.tsv"), "--max", "4", *OPTIONS]) == 0
     assert seen[0] == ("auto", 4 * (N + N0))
+
+
+def test_certify_reads_a_quantized_model_written_by_arq_quant_save(tmp_path):
+    """``arq quantize --out`` / arq.quant.save files certify from the shell like any checkpoint,
+    and give the rows arq.certify gives the loaded quantized model."""
+    torch = pytest.importorskip("torch")
+    import arq
+    import arq.quant as quant
+    from arq.models import get_architecture
+
+    torch.manual_seed(0)
+    model = get_architecture("lenet", "mnist")
+    model.arq_metadata = {"arch": "lenet", "dataset": "mnist", "sigma": SIGMA, "num_classes": 10}
+    qmodel = quant.quantize(model, quant.Policy.uniform(model, 4, 4), torch.rand(32, 1, 28, 28))
+    path = tmp_path / "lenet-w4a4.safetensors"
+    quant.save(qmodel, path)
+    outfile = tmp_path / "q.tsv"
+    small = ["--N0", "10", "--N", "50", "--batch", "50", "--device", "cpu", "--skip", "100", "--max", "300"]
+    assert main(["certify", "mnist", str(path), str(outfile), *small]) == 0
+    rows = read_rows(outfile)
+    assert [(row[0], row[1]) for row in rows] == [("0", "7"), ("100", "6"), ("200", "3")]
+    from arq.data import get_dataset
+
+    loaded, test_set = quant.load(path), get_dataset("mnist", "test")
+    for row in rows:
+        certificate = arq.certify(loaded, test_set[int(row[0])][0], n=50, n0=10, batch_size=50,
+                                  input_index=int(row[0]))
+        assert (int(row[2]), float(row[3])) == (certificate.prediction, certificate.radius)
