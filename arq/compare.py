@@ -223,12 +223,13 @@ def paired_acr_difference(rows: Sequence, reference_rows: Sequence, *, level: fl
 
 
 def paired_differences(models: Sequence[ModelRow], searched: Sequence[str]) -> list[PairedDifference]:
-    """Every searched model against the float model and every uniform baseline."""
+    """Every searched model against the float model, every uniform baseline and the searched
+    models listed before it (ARQ against HAQ)."""
     by_label = {model.label: model for model in models}
     result = []
-    for label in searched:
+    for position, label in enumerate(searched):
         for reference in models:
-            if reference.label in searched or label not in by_label:
+            if label not in by_label or reference.label == label or reference.label in searched[position:]:
                 continue
             difference, low, high, wins, losses = paired_acr_difference(by_label[label].rows, reference.rows)
             result.append(PairedDifference(label, reference.label, difference, low, high, wins, losses,

@@ -92,7 +92,8 @@ def test_compare_cli_table_and_plot(installed, tmp_path, capsys):
     assert len((out / "certify_ARQ.tsv").read_text().splitlines()) == 6
     assert (out / "search_arq.jsonl").exists() and not (out / "search_haq.jsonl").exists()
     out = capsys.readouterr().out
-    assert "| ARQ |" in out and "| ARQ | W4A4 |" in out and "| HAQ | float |" in out
+    assert "| ARQ |" in out and "| ARQ | W4A4 |" in out and "| HAQ | float |" in out and "| ARQ | HAQ |" in out
+    assert "| HAQ | ARQ |" not in out
     assert "Paired on the same test images" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
