@@ -273,19 +273,24 @@ def refuse_to_overwrite(path: str, resume: bool) -> None:
         raise CommandError(f"{path} exists and is not empty: pass --resume to continue it, or delete it")
 
 
-def remaining_indices(path: str, header: str, indices: range, resume: bool) -> list[int]:
+def remaining_indices(path: str, header: str, indices: range, resume: bool, record: dict | None = None) -> list[int]:
     """Prepare ``path`` for appending and return the indices still to do.
 
     Without ``resume`` an existing non-empty file is an error. With it, the rows present must
-    be exactly the first rows of ``indices`` (same --skip/--max, or a larger --max); an
+    be exactly the first rows of ``indices`` (same --skip/--max, or a larger --max) and, given
+    a run ``record``, have been made with the same settings (:func:`check_run_record`); an
     incomplete last line is then cut off, and the indices after the last row are returned.
     """
     refuse_to_overwrite(path, resume)
     if not _is_non_empty_file(path):
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
+        if record is not None:
+            check_run_record(path, record, has_rows=False)
         return list(indices)
     existing = _read_existing_rows(path, header)
+    if record is not None:
+        check_run_record(path, record, has_rows=bool(existing.indices))
     done = len(existing.indices)
     expected = list(indices[:done])
     if existing.indices != expected:
@@ -394,7 +399,6 @@ def check_run_record(outfile: str, record: dict, has_rows: bool) -> None:
     if has_rows:
         warn_user(f"{outfile} has no run record ({os.path.basename(path)}); resuming on the assumption "
                   "that its rows were made with these settings")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=1, sort_keys=True)
@@ -426,10 +430,7 @@ def prepare_engine(prepared: "PreparedRun", backend: str, work: int) -> None:
     from arq.smoothing.engine import prepare_model
 
     if work > 0:
-        try:
-            prepare_model(prepared.model, backend, prepared.device, work=work)
-        except ValueError as error:  # an unknown backend: certify reports it with its own message
-            warn_user(str(error))
+        prepare_model(prepared.model, backend, prepared.device, work=work)
 
 
 def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None) -> PreparedRun:
@@ -449,11 +450,10 @@ def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = N
         warn_user(f"the model was trained on {metadata['dataset']}, DATASET is {args.dataset}")
     dataset = load_dataset(args.dataset, args.split, args.data_root)
     indices = selected_indices(len(dataset), args.skip, args.max)
-    record = {"command": getattr(args, "command", None), "dataset": args.dataset, "split": args.split, "model": model_fingerprint(model),
-              "sigma": float(sigma), "alpha": float(args.alpha), "seed": int(args.seed), **(settings or {})}
-    has_rows = _is_non_empty_file(outfile) and bool(_read_existing_rows(outfile, header).indices)
-    check_run_record(outfile, record, has_rows)  # before remaining_indices touches the file
-    todo = remaining_indices(outfile, header, indices, args.resume)
+    record = {"command": getattr(args, "command", None), "dataset": args.dataset, "split": args.split,
+              "model": model_fingerprint(model), "sigma": float(sigma), "alpha": float(args.alpha),
+              "seed": int(args.seed), **(settings or {})}
+    todo = remaining_indices(outfile, header, indices, args.resume, record)
     model = model.to(device).eval()
     num_classes = metadata.get("num_classes")
     return PreparedRun(model, dataset, sigma, None if num_classes is None else int(num_classes),
