@@ -238,7 +238,8 @@ def paired_differences(models: Sequence[ModelRow], searched: Sequence[str]) -> l
 
 
 def format_paired_differences(differences: Sequence[PairedDifference]) -> str:
-    lines = ["| model | vs | ACR difference | 95 % bootstrap interval | images better / worse |",
+    lines = ["Paired on the same test images (radius when correct, else 0):", "",
+             "| model | vs | ACR difference | 95 % bootstrap interval | images better / worse |",
              "|---|---|---:|---|---|"]
     for d in differences:
         lines.append(f"| {d.label} | {d.reference} | {d.difference:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | "
@@ -313,8 +314,7 @@ def compare(
     with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as handle:
         handle.write(table)
         if paired:
-            handle.write("\nPaired on the same test images (radius when correct, else 0):\n\n")
-            handle.write(format_paired_differences(paired))
+            handle.write("\n" + format_paired_differences(paired))
     with open(os.path.join(out_dir, "compare.csv"), "w", encoding="utf-8") as handle:
         handle.write(format_compare_table(results, config.radii, fmt="csv"))
     with open(os.path.join(out_dir, "compare.json"), "w", encoding="utf-8") as handle:

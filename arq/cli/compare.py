@@ -28,8 +28,8 @@ def uniform_policies(text: str) -> tuple[tuple[int, int], ...]:
     for item in text.split(","):
         match = re.fullmatch(r"\s*[Ww]([2-8])[Aa]([2-8])\s*", item)
         if match is None:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list like W8A8,W4A4 (weight and activation bits 2-8), got {item.strip()!r}")
+            raise argparse.ArgumentTypeError("expected a comma-separated list like W8A8,W4A4 (weight and "
+                                             f"activation bits 2-8), got {item.strip()!r}")
         pairs.append((int(match.group(1)), int(match.group(2))))
     if len(set(pairs)) != len(pairs):
         raise argparse.ArgumentTypeError(f"a uniform policy is listed twice in {text!r}")
@@ -43,7 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Search HAQ (clean accuracy) and ARQ (certified radius) policies at one BitOPs budget, fine-tune "
             "them and the uniform baselines (--uniform, default W8A8,W4A4) the same way, certify all with the "
-            "float model on a fixed test subset, and write a table (compare.md, compare.csv), a plot (compare.png) and the certify TSVs to --out."
+            "float model on a fixed test subset, and write a table (compare.md, compare.csv), a plot "
+            "(compare.png) and the certify TSVs to --out."
         ),
         formatter_class=common.HelpFormatter,
     )
@@ -120,11 +121,8 @@ def run(args: argparse.Namespace) -> int:
                           progress=sys.stderr.isatty())  # bars only on a terminal, as arq certify
     except ValueError as error:
         raise common.CommandError(str(error)) from None
-    from arq.compare import format_compare_table, format_paired_differences, paired_differences
-
-    print(format_compare_table(results, config.radii), end="")
-    print("\nPaired on the same test images (radius when correct, else 0):\n")
-    print(format_paired_differences(paired_differences(results, list(policies))), end="")
+    with open(os.path.join(args.out, "compare.md"), encoding="utf-8") as handle:
+        print(handle.read(), end="")  # the table and the paired differences compare() just wrote
     print(f"arq compare: table in {os.path.join(args.out, 'compare.md')}, plot in "
           f"{os.path.join(args.out, 'compare.png')}", file=sys.stderr)
     return 0
