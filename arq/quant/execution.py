@@ -20,10 +20,11 @@ convolution writes the next layer's uint8 codes itself (``fuse_epilogues``),
 
 the same codes as ``clamp(round(relu(y) / s_next), q_lo, q_hi) + z_next`` (oneDNN scales
 by the reciprocal of ``s_next`` where the reference divides, one more float rounding
-inside the tolerance below), so no float32 activation travels between the two layers. Likewise a convolution followed
-(through identities) by a residual add, and optionally a ReLU, adds the residual inside
-oneDNN's epilogue (its ``sum`` post-op, which writes into the residual's buffer: only done
-where nothing reads that buffer afterwards). Both are ``fuse_epilogues``.
+inside the tolerance below), so no float32 activation travels between the two layers.
+Likewise a convolution followed (through identities) by a residual add, and optionally a
+ReLU, adds the residual inside oneDNN's epilogue (its ``sum`` post-op, which writes into
+the residual's buffer: only done where nothing reads that buffer afterwards). Both are
+``fuse_epilogues``.
 Layers with a 32-bit weight or activation keep their fake-quant (float) form.
 
 Tolerance against the fake-quant reference: the integer accumulation is exact, the
@@ -280,24 +281,33 @@ class _IntegerTracer(torch.fx.Tracer):
             module, qualified_name)
 
 
-def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> tuple[nn.Module, int]:
-    """``module`` with conv -> [ReLU/identity]* -> integer layer pairs chained (module docstring).
+def _unfused_conv(node, modules: dict, call_sites: dict) -> IntegerConv2d | None:
+    """The IntegerConv2d ``node`` calls, when a fusion may rewrite it: called from this one
+    place, not split into two convolutions, and not fused yet."""
+    conv = modules.get(node.target) if node.op == "call_module" else None
+    if (not isinstance(conv, IntegerConv2d) or conv.split or call_sites[node.target] != 1
+            or conv.output_codes is not None or conv.residual_relu is not None):
+        return None
+    return conv
+
+
+def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> nn.Module:
+    """``module`` with conv -> [ReLU/identity]* -> integer layer pairs chained and, with
+    ``residuals``, residual adds moved into convolutions (module docstring).
 
     Traces ``module`` with torch.fx; where that fails, its children one by one. Returns the
-    (possibly rewritten) module and the number of chained pairs.
+    rewritten module (``module`` itself when nothing was fused).
     """
     try:
         graph = _IntegerTracer().trace(module)
     except Exception:  # not traceable as a whole (data-dependent Python): try the parts
-        chained = 0
         for name, child in list(module.named_children()):
             if isinstance(child, (IntegerConv2d, IntegerLinear)):
                 continue
-            new_child, count = _fuse_integer_epilogues(child, residuals)
+            new_child = _fuse_integer_epilogues(child, residuals)
             if new_child is not child:
                 setattr(module, name, new_child)
-            chained += count
-        return module, chained
+        return module
     modules = dict(module.named_modules())
     call_sites: dict[str, int] = {}
     for node in graph.nodes:
@@ -305,14 +315,15 @@ def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> tuple[
             call_sites[node.target] = call_sites.get(node.target, 0) + 1
     chained = 0
     for node in list(graph.nodes):
-        producer = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(producer, IntegerConv2d) or producer.split or call_sites[node.target] != 1:
+        producer = _unfused_conv(node, modules, call_sites)
+        if producer is None:
             continue
         passed, relu, current = [], False, node
         while len(current.users) == 1:
             user = next(iter(current.users))
-            if _is_relu(user, modules) or _is_identity(user, modules):
-                relu = relu or _is_relu(user, modules)
+            user_is_relu = _is_relu(user, modules)
+            if user_is_relu or _is_identity(user, modules):
+                relu = relu or user_is_relu
                 passed.append(user)
                 current = user
                 continue
@@ -332,12 +343,12 @@ def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> tuple[
     if residuals:
         chained += _fuse_residuals(graph, modules, call_sites)
     if not chained:
-        return module, 0
+        return module
     rewritten = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
     for attribute in ("arq_metadata", "arq_quant"):
         if hasattr(module, attribute):
             setattr(rewritten, attribute, getattr(module, attribute))
-    return rewritten, chained
+    return rewritten
 
 
 _FRESH_OUTPUT_LAYERS = (IntegerConv2d, IntegerLinear, *QUANT_LAYER_TYPES, nn.Conv2d, nn.Linear)
@@ -400,10 +411,8 @@ def _fuse_residuals(graph, modules: dict, call_sites: dict) -> int:
     order = {node: position for position, node in enumerate(graph.nodes)}
     fused = 0
     for node in list(graph.nodes):
-        producer = modules.get(node.target) if node.op == "call_module" else None
-        if (not isinstance(producer, IntegerConv2d) or producer.split or producer.output_codes is not None
-                or producer.residual_relu is not None or call_sites[node.target] != 1
-                or len(node.args) != 1 or node.kwargs):
+        producer = _unfused_conv(node, modules, call_sites)
+        if producer is None or len(node.args) != 1 or node.kwargs:
             continue
         passed, current = [], node
         while len(current.users) == 1 and _is_identity(next(iter(current.users)), modules):
@@ -462,7 +471,7 @@ def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) 
     for parameter in integer_model.parameters():
         parameter.requires_grad_(False)
     if config.fuse_epilogues:
-        integer_model, _ = _fuse_integer_epilogues(integer_model, residuals=config.residuals_fused)
+        integer_model = _fuse_integer_epilogues(integer_model, residuals=config.residuals_fused)
     if config.compile:
         # freezing makes the prepacked oneDNN weights graph constants, which Inductor requires
         compiled = torch.compile(integer_model, options={"freezing": True})
