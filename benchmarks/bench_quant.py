@@ -5,11 +5,13 @@ One process measures every variant on the same random inputs (samples/s, median 
 
 * ``fp32_eager``        the float model (BatchNorm folded, as quantized models have it)
 * ``fakequant_eager``   arq.quant.quantize's reference model (policy ``--bits``)
-* ``integer_eager``     arq.quant.to_integer: oneDNN u8 x s8 layers, float glue, where a
-                        conv feeds the next layer through ReLU only it writes that layer's
-                        uint8 codes (``fuse_epilogues``)
-* ``integer_compiled``  the same wrapped in torch.compile (Inductor fuses the glue)
-* ``integer_*_unchained``  both without that chaining (every layer writes float32)
+* ``integer_eager``     arq.quant.to_integer: oneDNN u8 x s8 layers, float glue, epilogues
+                        fused (``fuse_epilogues``: a conv feeding the next layer through ReLU
+                        writes that layer's uint8 codes; a residual add + ReLU runs in the conv)
+* ``integer_compiled``  the same wrapped in torch.compile (Inductor fuses the glue; residual
+                        adds left to Inductor, the default when compiling)
+* ``integer_compiled_residuals_fused``  compiled with the residual fusion forced on
+* ``integer_*_unchained``  eager and compiled without any epilogue fusion (float32 outputs)
 * ``pt2e_int8_compiled``  torchao pt2e + X86InductorQuantizer + torch.compile: the stock
                         int8 flow, for speed comparison only (its own 8-bit observers, it does
                         not follow an arq policy)

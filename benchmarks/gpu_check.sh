@@ -95,28 +95,24 @@ if ls "$REPO"/.whl/*.whl > /dev/null 2>&1; then
         --disable-pip-version-check --upgrade --target /tmp/arq-site "$REPO"/.whl/*.whl
     export PYTHONPATH="$PYTHONPATH:/tmp/arq-site"
 fi
-MISSING_BEFORE=$("$PYTHON" - <<'EOF'
+# the pip names of the modules this script and the tests need that $PYTHON cannot import
+missing_packages() {
+    "$PYTHON" - <<'EOF'
 import importlib.util
 mods = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "safetensors": "safetensors", "scipy": "scipy",
         "tqdm": "tqdm", "gymnasium": "gymnasium", "matplotlib": "matplotlib", "numpy": "numpy",
         "setuptools": "setuptools", "ninja": "ninja", "torchao": "torchao"}
 print(" ".join(pkg for mod, pkg in mods.items() if importlib.util.find_spec(mod) is None))
 EOF
-)
+}
+MISSING_BEFORE=$(missing_packages)
 if [ -n "$MISSING_BEFORE" ]; then
     # shellcheck disable=SC2086
     step deps_install 60 "$PYTHON" -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 10 $MISSING_BEFORE
 else
     record deps_install 0 0 "nothing missing"
 fi
-MISSING_AFTER=$("$PYTHON" - <<'EOF'
-import importlib.util
-mods = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "safetensors": "safetensors", "scipy": "scipy",
-        "tqdm": "tqdm", "gymnasium": "gymnasium", "matplotlib": "matplotlib", "numpy": "numpy",
-        "setuptools": "setuptools", "ninja": "ninja", "torchao": "torchao"}
-print(" ".join(pkg for mod, pkg in mods.items() if importlib.util.find_spec(mod) is None))
-EOF
-)
+MISSING_AFTER=$(missing_packages)
 note "missing before: '${MISSING_BEFORE}', after: '${MISSING_AFTER}'"
 
 # ----------------------------------------------------------------------------- build
