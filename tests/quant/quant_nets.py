@@ -107,3 +107,42 @@ def mnist_net(seed: int = 0, sigma: float = 0.5) -> nn.Module:
     model = nn.Sequential(Normalize([0.1307], [0.3081]), MnistNet())
     model.arq_metadata = {"sigma": sigma, "num_classes": 10, "dataset": "mnist", "arch": "mnist_small"}
     return model
+
+
+def mixed_resnet_policy(model: nn.Module):
+    """2-8 bits varying by layer, 8/8 first, one float-weight layer (it stays fake-quant)."""
+    from arq.quant import LayerBits, Policy, quantizable_layers
+
+    names = [name for name, _ in quantizable_layers(model)]
+    bits = {name: LayerBits(2 + (3 * i) % 7, 2 + (5 * i + 2) % 7) for i, name in enumerate(names)}
+    bits[names[0]] = LayerBits(8, 8)
+    bits[names[5]] = LayerBits(32, 4)
+    return Policy(bits)
+
+
+def codes_by_layer(model: nn.Module, x: torch.Tensor, layer_types: tuple = (), layer_codes=None):
+    """``(model(x), {layer name: int32 input codes})``.
+
+    Without ``layer_types``: every enabled fake-quant layer, codes ``round(q(x) / s)``. With them:
+    every layer of those types, codes ``layer_codes(layer, input)`` (an integer or packed model).
+    """
+    from arq.quant import QuantConv2d, QuantLinear
+
+    codes, hooks = {}, []
+
+    def record(name, value):
+        codes[name] = value.to(torch.int32)
+
+    for name, module in model.named_modules():
+        if layer_types and isinstance(module, layer_types):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: record(name, layer_codes(m, args[0]))))
+        elif not layer_types and isinstance(module, (QuantConv2d, QuantLinear)) and module.input_quantizer.enabled:
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: record(
+                    name, torch.round(m.input_quantizer(args[0]) / m.input_quantizer.scale))))
+    with torch.no_grad():
+        logits = model(x)
+    for hook in hooks:
+        hook.remove()
+    return logits, codes

@@ -16,7 +16,7 @@ from torch import nn
 import arq.quant as quant
 from arq.quant import LayerBits, Policy, QuantConv2d, QuantLinear
 from arq.quant.execution import IntegerConv2d, IntegerExecutionConfig, IntegerLinear, cpu_has_vnni, to_integer
-from quant_nets import cifar_resnet
+from quant_nets import cifar_resnet, codes_by_layer, mixed_resnet_policy
 
 pytestmark = pytest.mark.skipif(
     "onednn" not in torch.backends.quantized.supported_engines, reason="needs torch's oneDNN quantized engine"
@@ -86,45 +86,25 @@ def test_integer_linear_matches_fake_quant_layer(w_bits, a_bits, signed):
     torch.testing.assert_close(result, reference, rtol=0, atol=2e-5 * float(reference.abs().max()))
 
 
-def _mixed_policy(model):
-    names = [name for name, _ in quant.quantizable_layers(model)]
-    bits = {name: LayerBits(2 + (3 * i) % 7, 2 + (5 * i + 2) % 7) for i, name in enumerate(names)}
-    bits[names[0]] = LayerBits(8, 8)
-    bits[names[5]] = LayerBits(32, 4)  # a float weight: that layer stays fake-quant (float)
-    return Policy(bits)
-
-
-def _codes_by_layer(model, x, integer):
-    codes = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if integer and isinstance(module, (IntegerConv2d, IntegerLinear)):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: codes.__setitem__(name, m.input_codes(args[0]).to(torch.int32) - m.zero_point)))
-        elif not integer and isinstance(module, (QuantConv2d, QuantLinear)) and module.input_quantizer.enabled:
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: codes.__setitem__(
-                    name, torch.round(m.input_quantizer(args[0]) / m.input_quantizer.scale).to(torch.int32))))
-    with torch.no_grad():
-        logits = model(x)
-    for hook in hooks:
-        hook.remove()
-    return logits, codes
+def _integer_codes(model, x):
+    """Per integer layer, its input codes minus the zero point (what the fake-quant codes are)."""
+    return codes_by_layer(model, x, (IntegerConv2d, IntegerLinear),
+                          lambda m, x: m.input_codes(x).to(torch.int32) - m.zero_point)
 
 
 @pytest.mark.parametrize("policy_name", ["uniform8", "uniform4", "mixed"])
 def test_integer_resnet_agrees_with_fake_quant_reference(policy_name):
     model = cifar_resnet(20)
     policy = {"uniform8": lambda m: Policy.uniform(m, 8, 8), "uniform4": lambda m: Policy.uniform(m, 4, 4),
-              "mixed": _mixed_policy}[policy_name](model)
+              "mixed": mixed_resnet_policy}[policy_name](model)
     generator = torch.Generator().manual_seed(0)
     calibration = torch.rand(64, 3, 32, 32, generator=generator)
     qmodel = quant.quantize(model, policy, calibration)
     integer = to_integer(qmodel)
     assert integer.arq_metadata == model.arq_metadata
     x = torch.rand(128, 3, 32, 32, generator=generator) + 0.25 * torch.randn(128, 3, 32, 32, generator=generator)
-    reference, reference_codes = _codes_by_layer(qmodel, x, integer=False)
-    result, integer_codes = _codes_by_layer(integer, x, integer=True)
+    reference, reference_codes = codes_by_layer(qmodel, x)
+    result, integer_codes = _integer_codes(integer, x)
     assert set(integer_codes) == {n for n, b in policy.items() if b.w_bits != 32 and b.a_bits != 32}
     differing = sum(int((codes != reference_codes[name]).sum()) for name, codes in integer_codes.items())
     total = sum(codes.numel() for codes in integer_codes.values())
@@ -168,7 +148,7 @@ def _chained(model):
 @pytest.mark.parametrize("policy_name", ["uniform4", "mixed"])
 def test_resnet_blocks_chain_conv1_into_conv2(policy_name):
     model = cifar_resnet(20)
-    policy = Policy.uniform(model, 4, 4) if policy_name == "uniform4" else _mixed_policy(model)
+    policy = Policy.uniform(model, 4, 4) if policy_name == "uniform4" else mixed_resnet_policy(model)
     generator = torch.Generator().manual_seed(3)
     qmodel = quant.quantize(model, policy, torch.rand(64, 3, 32, 32, generator=generator))
     plain = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))
@@ -183,8 +163,8 @@ def test_resnet_blocks_chain_conv1_into_conv2(policy_name):
     assert all(b.conv2.residual_relu is True for b in expected)  # the add and ReLU after conv2 moved in too
     assert chained.arq_metadata == model.arq_metadata
     x = torch.rand(96, 3, 32, 32, generator=generator) + 0.25 * torch.randn(96, 3, 32, 32, generator=generator)
-    unchained_logits, unchained_codes = _codes_by_layer(plain, x, integer=True)
-    logits, codes = _codes_by_layer(chained, x, integer=True)
+    unchained_logits, unchained_codes = _integer_codes(plain, x)
+    logits, codes = _integer_codes(chained, x)
     assert set(codes) == set(unchained_codes)
     differing = sum(int((codes[name] != unchained_codes[name]).sum()) for name in codes)
     assert differing <= 1e-3 * sum(c.numel() for c in codes.values())

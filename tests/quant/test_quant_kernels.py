@@ -23,7 +23,7 @@ import arq.quant as quant
 from arq.models import get_architecture
 from arq.quant import LayerBits, Policy, QuantConv2d, QuantLinear
 from arq.quant.kernels import PackedConv2d, PackedLinear, resolve_backend, to_kernels
-from quant_nets import cifar_resnet, mnist_net
+from quant_nets import cifar_resnet, codes_by_layer, mixed_resnet_policy, mnist_net
 
 needs_cpp = pytest.mark.skipif(resolve_backend("auto", "cpu") != "cpp", reason="needs the compiled ops (arq._C)")
 
@@ -151,31 +151,6 @@ def _mixed_mnist_net_policy(model):
     return Policy(dict(zip(names, bits)))
 
 
-def _codes_by_layer(model, x, packed):
-    codes, hooks = {}, []
-    for name, module in model.named_modules():
-        if packed and isinstance(module, (PackedConv2d, PackedLinear)):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: codes.__setitem__(name, m.codes(args[0]).to(torch.int32))))
-        elif not packed and isinstance(module, (QuantConv2d, QuantLinear)) and module.input_quantizer.enabled:
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: codes.__setitem__(
-                    name, torch.round(m.input_quantizer(args[0]) / m.input_quantizer.scale).to(torch.int32))))
-    with torch.no_grad():
-        logits = model(x)
-    for hook in hooks:
-        hook.remove()
-    return logits, codes
-
-
-def _mixed_resnet_policy(model):
-    names = [name for name, _ in quant.quantizable_layers(model)]
-    bits = {name: LayerBits(2 + (3 * i) % 7, 2 + (5 * i + 2) % 7) for i, name in enumerate(names)}
-    bits[names[0]] = LayerBits(8, 8)
-    bits[names[5]] = LayerBits(32, 4)  # a float weight: that layer stays fake-quant
-    return Policy(bits)
-
-
 MNIST = (1, 28, 28)
 # name: (model, policy, input shape, number of test inputs)
 NETWORKS = {
@@ -184,7 +159,7 @@ NETWORKS = {
     "lenet-mixed": (_lenet, _mixed_lenet_policy, MNIST, 256),
     "mnist_net-mixed": (lambda: mnist_net().eval(), _mixed_mnist_net_policy, MNIST, 256),  # 5x5 pad 2, folded BN
     # deeper: residual adds, 1x1 stride-2 shortcuts; here rounding differences do move later codes
-    "cifar_resnet20-mixed": (lambda: cifar_resnet(20), _mixed_resnet_policy, (3, 32, 32), 128),
+    "cifar_resnet20-mixed": (lambda: cifar_resnet(20), mixed_resnet_policy, (3, 32, 32), 128),
 }
 
 
@@ -208,8 +183,8 @@ def test_network_agrees_with_fake_quant_reference(network):
         else:
             assert isinstance(module, (PackedConv2d, PackedLinear)) and module.backend == "cpp"
     x = torch.rand(count, *shape, generator=generator) + 0.25 * torch.randn(count, *shape, generator=generator)
-    reference, reference_codes = _codes_by_layer(qmodel, x, packed=False)
-    result, kernel_codes = _codes_by_layer(kernel_model, x, packed=True)
+    reference, reference_codes = codes_by_layer(qmodel, x)
+    result, kernel_codes = codes_by_layer(kernel_model, x, (PackedConv2d, PackedLinear), lambda m, x: m.codes(x))
     assert set(kernel_codes) == set(expected_packed)
     differing = sum(int((codes != reference_codes[name]).sum()) for name, codes in kernel_codes.items())
     total = sum(codes.numel() for codes in kernel_codes.values())
