@@ -21,6 +21,24 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _loaded_libstdcxx():
+    """Path of the libstdc++ this process (Python with torch imported) has loaded, or None.
+
+    arq._C must use that same C++ runtime. A compiler that links libstdc++ statically
+    (seen on a GPU image whose setuptools compiler is /opt/gcc/bin/g++; Python's own
+    ``-Wl,-Bsymbolic-functions`` then binds the copy locally) puts a second runtime with
+    its own locale facet ids in the process, and the first integer formatted into one of
+    torch's error messages crashes it (benchmarks/results/gpu-h200-2026-11-27/README.md).
+    Naming the loaded shared library on the link line resolves libstdc++ from it first.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:  # not Linux
+        return None
+    return sorted(paths)[0] if len(paths) == 1 else None
+
+
 def _extensions():
     try:
         import torch
@@ -56,12 +74,13 @@ def _extensions():
         # site-packages/nvidia/*/include rather than under CUDA_HOME.
         nvidia_root = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
         include_dirs += sorted(glob.glob(os.path.join(nvidia_root, "*", "include")))
+    libstdcxx = _loaded_libstdcxx()
     kwargs = dict(
         name="arq._C",
         sources=cpu_sources + (cuda_sources if with_cuda else []),
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + ([libstdcxx] if libstdcxx else []),
         define_macros=macros,
         py_limited_api=False,
     )

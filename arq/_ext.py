@@ -7,10 +7,58 @@ op falls back to its plain PyTorch reference and one warning says so.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
+import os
+import struct
+import sys
 import warnings
 
 _log = logging.getLogger("arq")
+
+
+def elf_needed_libraries(path: str) -> list[str] | None:
+    """The ``DT_NEEDED`` entries of a little-endian ELF64 shared object, or None if it is not one."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    (section_offset,) = struct.unpack_from("<Q", data, 0x28)
+    entry_size, count = struct.unpack_from("<HH", data, 0x3A)
+    # Elf64_Shdr: name, type, flags, addr, offset, size, link, info, addralign, entsize
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size) for i in range(count)]
+    needed = []
+    for section in sections:
+        if section[1] != 6:  # SHT_DYNAMIC
+            continue
+        strings = sections[section[6]][4]
+        for j in range(section[5] // 16):
+            tag, value = struct.unpack_from("<qQ", data, section[4] + 16 * j)
+            if tag == 1:  # DT_NEEDED
+                start = strings + value
+                needed.append(data[start:data.index(b"\0", start)].decode())
+    return needed
+
+
+def _private_cxx_runtime() -> str | None:
+    """Why arq._C must not be loaded, if it carries its own copy of libstdc++ (Linux), else None.
+
+    Such a build (a compiler that links libstdc++ statically) puts a second C++ runtime in the
+    process beside the one torch loaded; the two disagree on locale facets and the first
+    integer formatted into an error message crashes the interpreter. setup.py links the loaded
+    libstdc++ explicitly to prevent it; this catches a build made some other way.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    spec = importlib.util.find_spec("arq._C")
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        return None
+    needed = elf_needed_libraries(spec.origin)
+    if needed is None or any(name.startswith("libstdc++") for name in needed):
+        return None
+    return (f"{spec.origin} links libstdc++ statically (no libstdc++.so among {needed}), so it would run "
+            "a second C++ runtime beside torch's; rebuild with `pip install --no-build-isolation -e .` "
+            "using this setup.py")
 
 
 @functools.lru_cache(maxsize=None)
@@ -18,6 +66,11 @@ def compiled_ops_available() -> bool:
     """True when ``arq._C`` imported and registered its ops."""
     import torch  # noqa: F401  (arq._C links against libtorch/libc10, which importing torch loads)
 
+    problem = _private_cxx_runtime()
+    if problem:
+        warnings.warn(f"arq: not loading compiled ops (arq._C): {problem}; using the pure-PyTorch fallbacks.",
+                      RuntimeWarning, stacklevel=3)
+        return False
     try:
         from arq import _C  # noqa: F401
     except ImportError as error:

@@ -5,12 +5,15 @@ same float32 order, see arq/ops.py). Every CPU micro-kernel the machine supports
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import os
+import sys
 
 import pytest
 import torch
 
-from arq import ops
+from arq import _ext, ops
 from arq._ext import compiled_ops_available, cuda_ops_available
 from arq.quant import packing
 
@@ -336,3 +339,33 @@ def test_dispatcher_backends():
         ops.vote_count(torch.zeros(1, 2), torch.zeros(3, 2), None, 3, backend="fast")
     with pytest.raises(RuntimeError, match="does not run on cpu"):
         ops.vote_count(torch.zeros(1, 2), torch.zeros(3, 2), None, 3, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------- the build
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF and libstdc++ are Linux's")
+def test_extension_uses_the_shared_libstdcxx():
+    """A _C with libstdc++ linked in statically crashed on its first integer-formatting error
+    (benchmarks/results/gpu-h200-2026-11-27); setup.py links the loaded libstdc++ instead."""
+    origin = importlib.util.find_spec("arq._C").origin
+    needed = _ext.elf_needed_libraries(origin)
+    assert any(name.startswith("libstdc++.so") for name in needed), needed
+    assert _ext._private_cxx_runtime() is None
+
+
+def test_elf_needed_libraries_reads_a_known_library(tmp_path):
+    libc10 = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+    if sys.platform.startswith("linux"):
+        assert any(name.startswith("libc.so") for name in _ext.elf_needed_libraries(libc10))
+    not_elf = tmp_path / "x.so"
+    not_elf.write_bytes(b"not an ELF file")
+    assert _ext.elf_needed_libraries(str(not_elf)) is None
+
+
+def test_a_statically_linked_runtime_is_refused(monkeypatch):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux only")
+    monkeypatch.setattr(_ext, "elf_needed_libraries", lambda path: ["libc10.so", "libc.so.6"])
+    problem = _ext._private_cxx_runtime()
+    assert problem is not None and "statically" in problem and "rebuild" in problem
