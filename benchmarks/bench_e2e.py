@@ -22,8 +22,10 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
 GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1000:
 
 * ``locuslab_fp32``        the locuslab loop, eager FP32 (cuDNN TF32)
-* ``fp16_cl_cudagraphs``   FP16 channels_last model under ``torch.compile(mode="reduce-overhead")``
-                           (CUDA graphs), noise, argmax and counts on the GPU, one sync at the end
+* ``fp16_cl_cudagraphs``   FP16 channels_last model (cuDNN), one batch of noise, forward, argmax and
+                           counts captured as one CUDA graph and replayed; one sync at the end
+* ``fp16_cl_compiled``     (on request) the same loop around ``torch.compile(mode="reduce-overhead")``:
+                           Inductor's kernels under its CUDA graphs (a minute or more of compile for ResNet-110)
 * ``arq_fp32``             ``arq.certify`` on the float model (CUDA/Triton noise and votes)
 * ``arq_fp16_cl``          ``arq.certify`` on the FP16 channels_last model
 * ``arq_w8a8``, ``arq_w4a4``  ``arq.certify`` on the W8A8 / W4A4 model: the engine runs arq's
@@ -56,7 +58,9 @@ N0 = 100
 if DEVICE == "cuda":
     BATCH = 1000
     SAMPLES = {"resnet20": 20_000, "resnet110": 10_000}
-    VARIANTS = ["locuslab_fp32", "fp16_cl_cudagraphs", "arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w4a4"]
+    # the CUDA graph is captured last, after every other variant's first call has allocated what it needs
+    VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w4a4", "fp16_cl_cudagraphs"]
+    torch.backends.cudnn.benchmark = True  # every variant alike: cuDNN picks its fastest algorithms
 else:
     BATCH = 400
     SAMPLES = {"resnet20": 2000, "resnet110": 800}
@@ -146,6 +150,57 @@ def _lean_gpu_loop(model, x, num, batch_size, num_classes, sigma):
         return counts.cpu()
 
 
+def _graphed_fp16_loop(model, x, batch_size, num_classes, sigma):
+    """``run(num)``: one batch (noise, forward, argmax, counts) captured as a CUDA graph, replayed.
+
+    The PyTorch peer of the issue's GPU target: FP16 channels_last, CUDA graphs, no host sync
+    until the counts are read. ``num`` must be a multiple of ``batch_size``.
+    """
+    base = x.half().unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=x.device)
+    ones = torch.ones(batch_size, dtype=torch.int64, device=x.device)
+
+    def one_batch():
+        noisy = base + sigma * torch.randn_like(base)
+        counts.scatter_add_(0, model(noisy).argmax(1), ones)  # bincount syncs; scatter_add_ is capturable
+
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: cuDNN autotuning, workspaces
+            for _ in range(3):
+                one_batch()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            one_batch()
+
+    def run(num):
+        if num % batch_size:
+            raise ValueError(f"num must be a multiple of batch_size={batch_size}, got {num}")
+        counts.zero_()
+        for _ in range(num // batch_size):
+            graph.replay()
+        return counts.cpu()
+
+    return run
+
+
+def macs_per_sample(arch: str) -> int:
+    from arq.quant.cost import bitops
+
+    return bitops(make_model(arch), None, (1, 3, 32, 32)).total_macs
+
+
+# dense int8 tensor-core peak (datasheet, SXM parts; a lead, not a measurement) in ops/s
+INT8_PEAK_OPS = {"H100": 1979e12, "H200": 1979e12}
+
+
+def int8_peak_ops() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((peak for key, peak in INT8_PEAK_OPS.items() if key in name), None)
+
+
 def build(arch: str, variant: str, image: torch.Tensor):
     """``(zero-argument callable running SAMPLES[arch] samples, build seconds, note)``."""
     samples = SAMPLES[arch]
@@ -158,6 +213,10 @@ def build(arch: str, variant: str, image: torch.Tensor):
             net = model.cuda()
             fn = lambda: locuslab_sample_noise(net, x, samples, BATCH, 10, SIGMA)  # noqa: E731
         elif variant == "fp16_cl_cudagraphs":
+            net = copy.deepcopy(model).cuda().half().to(memory_format=torch.channels_last)
+            fn = _graphed_fp16_loop(net, x, BATCH, 10, SIGMA)
+            fn = (lambda run: lambda: run(samples))(fn)
+        elif variant == "fp16_cl_compiled":
             net = torch.compile(copy.deepcopy(model).cuda().half().to(memory_format=torch.channels_last),
                                 mode="reduce-overhead", dynamic=False)
             xh = x.half()
@@ -204,6 +263,15 @@ def image():
 _prepared: dict[str, dict] = {}
 
 
+def _sync(variant: str) -> None:
+    """Wait for the GPU after each call, so an asynchronous CUDA error names the variant that caused it."""
+    if DEVICE == "cuda":
+        try:
+            torch.cuda.synchronize()
+        except Exception as error:
+            raise RuntimeError(f"CUDA error after variant {variant!r}") from error
+
+
 def prepared(arch: str, image: torch.Tensor) -> dict:
     """Every variant of ``arch``, built, called once (compiling), then timed round robin.
 
@@ -226,6 +294,7 @@ def prepared(arch: str, image: torch.Tensor) -> dict:
         fn, build_s, note = build(arch, variant, image)
         first = time.perf_counter()
         result = fn()  # compiles where there is something to compile
+        _sync(variant)
         entries[variant] = {"fn": fn, "build_s": build_s, "first_call_s": time.perf_counter() - first,
                             "result": result, "times": []}
         print(f"\n{arch} {variant}: built in {build_s:.0f} s, first call {entries[variant]['first_call_s']:.0f} s",
@@ -235,6 +304,7 @@ def prepared(arch: str, image: torch.Tensor) -> dict:
         for variant, entry in entries.items():
             start = time.perf_counter()
             entry["fn"]()
+            _sync(variant)
             entry["times"].append(time.perf_counter() - start)
     for entry in entries.values():
         entry["rate"] = SAMPLES[arch] / statistics.median(entry["times"])
@@ -263,6 +333,13 @@ def test_e2e(benchmark, arch, variant, image):
                 loadavg_round_robin=[state["loadavg_before"], state["loadavg_after"]])
     if isinstance(entry["result"], arq.Certificate):
         info["certificate_backend"] = entry["result"].backend
+    if DEVICE == "cuda":
+        macs = macs_per_sample(arch)
+        info["macs_per_sample"] = macs
+        peak = int8_peak_ops()
+        if peak:  # 2 ops per MAC; what share of the card's int8 limit this rate would use
+            info["share_of_int8_peak"] = round(rate * macs * 2 / peak, 5)
+            info["int8_peak_ops_datasheet"] = peak
     if variant.startswith("arq_"):
         info["ratio_to_best_non_arq"] = round(rate / max(others), 3)
     print(f"\n{DEVICE} {arch} {variant:>20}: {rate:9.1f} samples/s (median of {ROUNDS} round-robin rounds), "
