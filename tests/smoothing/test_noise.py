@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import stats
 
-from arq._ext import compiled_ops_available
+from arq._ext import compiled_ops_available, cuda_ops_available
 from arq.smoothing import noise
 
 requires_compiled = pytest.mark.skipif(not compiled_ops_available(), reason="arq._C not built")
@@ -77,6 +77,20 @@ def test_cpp_noise_is_bit_identical_to_reference(shape, dtype):
     out = noise.noisy_batch(x, 0.37, backend="cpp", **kwargs)
     assert out.dtype == dtype and out.shape == (29, *shape)
     assert torch.equal(out.view(-1).view(torch.uint8) if dtype.itemsize == 1 else out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not cuda_ops_available(), reason="needs CUDA and arq CUDA ops")
+@pytest.mark.parametrize("shape", [(3, 32, 32), (3, 5, 7), (1,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_noise_is_bit_identical_to_reference(shape, dtype):
+    generator = torch.Generator().manual_seed(hash((shape, str(dtype), "cuda")) % 2**31)
+    x = torch.rand(shape, generator=generator).to(dtype)
+    kwargs = dict(seed=2**40 + 17, input_index=123456, draw=1, sample_start=4_000_000_000, count=1000)
+    expected = noise.noisy_batch(x, 0.37, backend="torch", **kwargs)
+    out = noise.noisy_batch(x.cuda(), 0.37, backend="cuda", **kwargs)
+    assert out.is_cuda and out.dtype == dtype and out.shape == (1000, *shape)
+    assert torch.equal(out.cpu(), expected)
 
 
 def test_noisy_batch_adds_sigma_times_noise():
