@@ -344,7 +344,12 @@ def finetune_model(model: nn.Module, train_data: Any, config: FinetuneConfig) ->
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     losses: list[float] = []
     with torch.random.fork_rng(devices=[] if device.type != "cuda" else [device]):
-        torch.manual_seed(config.seed)
+        # only the generators fork_rng restores: torch.manual_seed would reseed every CUDA
+        # device too and leave the caller's CUDA random state changed
+        torch.default_generator.manual_seed(config.seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(config.seed)
         model.train()
         for _ in range(config.epochs):
             for inputs, labels in _training_batches(train_data, config, generator):

@@ -163,7 +163,7 @@ class DDPGAgent:
     def __init__(self, obs_dim: int, steps_per_episode: int, config: DDPGConfig | None = None):
         self.config = config = config or DDPGConfig()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+            torch.default_generator.manual_seed(config.seed)  # not torch.manual_seed: it reseeds CUDA too
             self.actor = Actor(obs_dim, config.hidden, config.init_w)
             self.critic = Critic(obs_dim, config.hidden, config.init_w)
         self.actor_target = Actor(obs_dim, config.hidden, config.init_w)

@@ -217,3 +217,18 @@ def test_fake_quant_reference_runs_on_gpu_and_matches_cpu():
     # cuDNN's TF32/other summation order only: top-1 agrees, logits close
     assert float((result.argmax(1) == expected.argmax(1)).float().mean()) >= 0.95
     assert float((result - expected).abs().max()) <= 0.05 * float(expected.abs().max())
+
+
+def test_finetuning_on_cpu_leaves_the_cuda_generators_alone(mnist, monkeypatch):
+    """A seeded fine-tune on the CPU never reseeds CUDA's generators (it did, through
+    torch.manual_seed, which reseeds every CUDA device outside what fork_rng restores)."""
+    (train_x, train_y), _ = mnist
+    model = mnist_net(seed=0)
+
+    def refuse(seed):
+        raise AssertionError("fine-tuning on the CPU reseeded the CUDA generators")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+    quant.quantize(model, Policy.uniform(model, 4, 4), train_x[:64],
+                   finetune=FinetuneConfig(epochs=1, batch_size=32, max_steps=2, seed=3),
+                   train_data=(train_x[:128], train_y[:128]))

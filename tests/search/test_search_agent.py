@@ -88,3 +88,11 @@ def test_actor_learns_a_one_step_bandit(sign):
     after = agent.greedy(state)
     assert abs(before - 0.5) < 0.01
     assert (after > 0.8) if sign > 0 else (after < 0.2), after
+
+
+def test_agent_construction_leaves_the_cuda_generators_alone(monkeypatch):
+    def refuse(seed):
+        raise AssertionError("seeding the agent reseeded the CUDA generators")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+    DDPGAgent(10, 4, DDPGConfig(seed=5))
