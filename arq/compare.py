@@ -133,12 +133,20 @@ def certify_rows(model: nn.Module, test_set, indices: Sequence[int], path: str, 
     if [row.idx for row in done] != list(indices[:len(done)]):
         raise ValueError(f"{path} holds rows for other test indices: delete it or use the same --images")
     rows = list(done)
+    remaining = list(indices[len(done):])
+    if remaining:
+        from arq.smoothing.engine import prepare_model
+
+        # one image's samples stay below the engine's compile threshold: showing it the whole
+        # remaining run compiles a quantized model's integer form once, when that repays it
+        model_device = device if device is not None else next(model.parameters()).device
+        prepare_model(model, "auto", model_device, work=len(remaining) * (config.n + config.n0))
     from tqdm import tqdm
 
     with open(path, "a", encoding="utf-8") as output:
         if output.tell() == 0:
             output.write(HEADER + "\n")
-        for index in tqdm(indices[len(done):], disable=not progress, unit="image", file=sys.stderr,
+        for index in tqdm(remaining, disable=not progress, unit="image", file=sys.stderr,
                           desc=os.path.basename(path)):
             x, label = test_set[index]
             started = time.perf_counter()

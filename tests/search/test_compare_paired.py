@@ -37,3 +37,25 @@ def test_interval_covers_zero_for_exchangeable_noise_and_not_for_a_real_gap():
 def test_mismatched_images_are_refused():
     with pytest.raises(ValueError, match="same test indices"):
         paired_acr_difference(rows([0.1, 0.2]), rows([0.1]))
+
+
+def test_certify_rows_shows_the_engine_the_remaining_run(tiny, tiny_model, tmp_path, monkeypatch):
+    """compare certifies one image at a time; the engine is prepared once with the samples of
+    every image still to do, so a quantized model compiles once when that repays it."""
+    from arq import compare
+    from arq.smoothing import engine
+
+    calls = []
+    real = engine.prepare_model
+    monkeypatch.setattr(engine, "prepare_model", lambda model, backend, device, **kw: calls.append(kw) or
+                        real(model, backend, device, **kw))
+    images, labels = tiny.tiny_data(6, 3)
+    test_set = list(zip(images, labels.tolist()))
+    config = compare.CompareConfig(n=40, n0=10, batch_size=50)
+    path = str(tmp_path / "certify_tiny.tsv")
+    first = compare.certify_rows(tiny_model, test_set, [0, 2, 4], path, config)
+    assert calls[0] == {"work": 3 * (40 + 10)}
+    again = compare.certify_rows(tiny_model, test_set, [0, 2, 4, 5], path, config)  # resumes after 3 rows
+    assert calls[-1] == {"work": 1 * (40 + 10)}
+    assert [row.idx for row in again] == [0, 2, 4, 5]
+    assert [(r.predict, r.radius, r.correct) for r in again[:3]] == [(r.predict, r.radius, r.correct) for r in first]
