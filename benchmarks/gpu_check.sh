@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU check for arq (issue 5): build the CUDA extension, run the GPU tests and the
-# kernel and end-to-end benchmarks, and write a summary JSON, all under $OUT, in < 8 minutes
-# (measured on an H200: about 7; give the device call a timeout of 500 s, and rerun only the steps
+# kernel and end-to-end benchmarks, and write a summary JSON, all under $OUT, in < 9 minutes
+# (measured on an H200: about 7.5; give the device call a timeout of 550 s, and rerun only the steps
 # that need it with ARQ_CHECK_STEPS). $OUT gets at most 8 files (the device tool returns no more):
-# env.json, steps.tsv, summary.json, the benchmark JSONs (at most four) and logs.tgz (every step's log and the tests' JUnit XML, re-packed
+# env.json, steps.tsv, summary.json, the benchmark JSONs (at most four) and logs.tgz (every step's log,
+# the tests' JUnit XML and the kernel profile, re-packed
 # after each step so that a run cut short still returns what it did).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        (run from anywhere; cds to the repo root)
@@ -18,9 +19,9 @@
 # when it ran to the end; read the summary for the steps' results.
 #
 # Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
-# (default 450: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
+# (default 500: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
 # test and benchmark steps to run, space-separated: tests_gpu tests_kernels bench_e2e_gpu_resnet110
-# bench_e2e_gpu_resnet20 bench_kernels memcheck; default all).
+# bench_e2e_gpu_resnet20 bench_kernels profile memcheck; default all).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -29,7 +30,7 @@ WORK=${ARQ_CHECK_WORK:-/tmp/arq-gpu-work}
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/logs"
 START=$(date +%s)
-BUDGET=${ARQ_CHECK_BUDGET_S:-450}
+BUDGET=${ARQ_CHECK_BUDGET_S:-500}
 DEADLINE=$((START + BUDGET))
 STEPS_FILE="$OUT/steps.tsv"
 : > "$STEPS_FILE"
@@ -185,13 +186,15 @@ if [ "$HAS_CUDA" = 1 ]; then
     done
     wanted bench_kernels && step bench_kernels 80 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         --benchmark-only --benchmark-group-by=group --benchmark-json="$OUT/bench_kernels.json"
+    # where the quantized path's GPU time goes, kernel by kernel (JSON in logs.tgz)
+    wanted profile && step profile 90 "$PYTHON" -m benchmarks.gpu_profile "$WORK/profile_resnet110.json" resnet110
     # out-of-bounds accesses in any GPU path of the end-to-end benchmark, named by kernel
     if wanted memcheck && command -v compute-sanitizer > /dev/null 2>&1; then
         step memcheck 120 compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 3 \
             "$PYTHON" -m benchmarks.gpu_memcheck resnet110
     fi
 else
-    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet20 bench_kernels memcheck; do
+    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet20 bench_kernels profile memcheck; do
         skip "$name" "no CUDA device"
     done
 fi

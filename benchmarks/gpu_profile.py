@@ -1,0 +1,64 @@
+"""Where the GPU time of one quantized certification goes, kernel by kernel (torch.profiler).
+
+The H200 runs (benchmarks/results/gpu-h200-2026-11-27) measured the packed W4A4 path at 0.28x
+the FP16 CUDA-graph peer on ResNet-110 without saying where the time goes; this names it:
+``arq.certify`` of a W4A4 (and W8A8) ResNet-110 at batch 1000, after a warm-up call, under
+``torch.profiler``, every CUDA kernel's total time grouped by name, written as JSON with the
+share of the whole. benchmarks/gpu_check.sh runs it (step ``profile``).
+
+    python -m benchmarks.gpu_profile OUT.json [resnet110|resnet20]
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import arq
+from benchmarks.bench_e2e import _quantized, make_model
+
+BATCH = 1000
+SAMPLES = 5000
+
+
+def kernel_table(bits: tuple[int, int], arch: str) -> dict:
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)).cuda()
+    model = _quantized(make_model(arch), bits).cuda()
+    run = lambda: arq.certify(model, x, n=SAMPLES - 100, n0=100, batch_size=BATCH)  # noqa: E731
+    run()  # compiles the Triton kernels
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        certificate = run()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0)
+        if device_us > 0:
+            rows.append({"name": event.key[:160], "calls": event.count, "device_us": round(device_us, 1)})
+    rows.sort(key=lambda row: -row["device_us"])
+    total = sum(row["device_us"] for row in rows)
+    for row in rows:
+        row["share"] = round(row["device_us"] / total, 4) if total else None
+    return {"bits": list(bits), "arch": arch, "samples": SAMPLES, "batch": BATCH, "backend": certificate.backend,
+            "device_total_us": round(total, 1), "kernels": rows[:40]}
+
+
+def main(out_path: str, arch: str = "resnet110") -> None:
+    torch.backends.cudnn.benchmark = True
+    tables = [kernel_table(bits, arch) for bits in ((4, 4), (8, 8))]
+    with open(out_path, "w", encoding="utf-8") as handle:
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tables": tables}, handle,
+                  indent=1)
+    for table in tables:
+        print(f"W{table['bits'][0]}A{table['bits'][1]} {arch}: {table['device_total_us'] / 1e3:.1f} ms of kernels "
+              f"for {SAMPLES} samples [{table['backend']}]")
+        for row in table["kernels"][:12]:
+            print(f"  {row['share']:6.1%} {row['device_us'] / 1e3:8.2f} ms {row['calls']:6d}x  {row['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *sys.argv[2:3])
