@@ -4,6 +4,7 @@
 * :mod:`arq_kernels.votes`          ``vote_count``, ``argmax_count``: last layer + argmax + class counts
 * :mod:`arq_kernels.packed_matmul`  ``packed_linear``: int8 x packed 2-8 bit weights, fused epilogue
 * :mod:`arq_kernels.packed_conv`    ``packed_conv2d``: NHWC implicit-GEMM convolution, same epilogue
+* :mod:`arq_kernels.quantize`       ``quantize_nhwc``: float32 activations to the int8 NHWC codes above
 
 Each module has the same outline (candidate configs in ``configs/*.json``, kernel, launcher
 that checks shapes, allocates and launches) and a plain PyTorch reference of the same
@@ -27,6 +28,8 @@ _EXPORTS = {
     "unpack_weights": "packed_matmul",
     "packed_conv2d": "packed_conv",
     "packed_conv2d_reference": "packed_conv",
+    "quantize_nhwc": "quantize",
+    "quantize_nhwc_reference": "quantize",
 }
 
 __all__ = sorted(_EXPORTS) + ["triton_available"]

@@ -43,6 +43,7 @@ def _variants():
     import triton.language as tl
 
     from arq_kernels import noise, packed_conv, packed_matmul, votes
+    from arq_kernels import quantize as quantize_family
 
     fused = {"enable_fp_fusion": False}
     variants = []
@@ -83,7 +84,7 @@ def _variants():
     ))
 
     # -- packed linear / conv: every bit width, each epilogue kind --------------------------------
-    gemm_types = {"x_ptr": "*i8", "w_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+    gemm_types = {"x_ptr": "*i8", "w_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "wsum_ptr": "*i32",
                   "x_scale": "fp32", "res_scale": "fp32", "out_scale": "fp32"}
     epilogues = [
         ("raw", {"res_ptr": "*i32", "out_ptr": "*i32"}, dict(HAS_BIAS=False, RELU=False, RES_MODE=0, OUT_MODE=0, OUT_DTYPE=tl.int32)),
@@ -96,16 +97,23 @@ def _variants():
         label, ptrs, epi = epilogues[bits % len(epilogues)]
         variants.append((
             f"packed_linear[b{bits}, {label}]", packed_matmul._packed_linear_kernel, {**gemm_types, **ptrs},
-            {"BITS": bits, "VALUES": 32 // bits, "WORD_TILES": 64 % (32 // bits) == 0, **epi, **blocks},
+            {"X_ZP": bits == 8, "BITS": bits, "VALUES": 32 // bits, "WORD_TILES": 64 % (32 // bits) == 0, **epi,
+             **blocks},
             {"num_warps": 4, "num_stages": 3, **fused},
         ))
     for kh, bits in [(3, 4), (1, 8), (3, 2)]:
         label, ptrs, epi = epilogues[(kh + bits) % len(epilogues)]
         variants.append((
             f"packed_conv2d[{kh}x{kh}, b{bits}, {label}]", packed_conv._packed_conv2d_kernel, {**gemm_types, **ptrs},
-            {"KH": kh, "KW": kh, "BITS": bits, "VALUES": 32 // bits, "WORD_TILES": 64 % (32 // bits) == 0, **epi, **blocks},
+            {"X_ZP": bits == 8, "KH": kh, "KW": kh, "BITS": bits, "VALUES": 32 // bits,
+             "WORD_TILES": 64 % (32 // bits) == 0, **epi, **blocks},
             {"num_warps": 4, "num_stages": 3, **fused},
         ))
+    # -- quantize: float32 activations to int8 NHWC codes -------------------------------------------
+    variants.append((
+        "quantize_nhwc", quantize_family._quantize_nhwc_kernel, {"x_ptr": "*fp32", "out_ptr": "*i8", "scale": "fp32"},
+        {"BLOCK": 2048}, {"num_warps": 8, "num_stages": 1, **fused},
+    ))
     return variants
 
 

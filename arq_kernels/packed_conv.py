@@ -6,7 +6,9 @@ The convolution is the GEMM ``out[m, n] = sum_k A[m, k] q[n, k]`` with
 ``k = (kh, kw, c)`` in that order (``K = KH * KW * C``, docs/design.md's packed conv weight
 order, ``arq.quant.packing.conv_weight_to_matrix``). ``A`` is never built: each K tile's
 activations are gathered from ``x[b, oh * sh - ph + kh, ow * sw - pw + kw, c]``, zero outside
-the image (the zero point of symmetric codes is 0). Any KH x KW (1x1 and 3x3 are the ResNet
+the image: the input's zero point ``z`` (0 for symmetric codes; -128 for 8-bit unsigned codes
+carried as int8), so that padding contributes the real value 0 after the ``-z * sum q`` correction
+of :func:`arq_kernels.packed_matmul.packed_linear`. Any KH x KW (1x1 and 3x3 are the ResNet
 cases), any stride and padding; dilation 1, groups 1.
 
 Outline: candidate configs (``configs/packed_conv.json``), kernel, launcher
@@ -18,10 +20,10 @@ Blocked algorithm (one program = BLOCK_M output pixels x BLOCK_N output channels
     (b, oh, ow) = split(m)
     for k in range(0, K, BLOCK_K):
         (kh, kw, c) = split(k)
-        a = x[b, oh*sh - ph + kh, ow*sw - pw + kw, c]   # int8 gather, 0 in the padding
+        a = x[b, oh*sh - ph + kh, ow*sw - pw + kw, c]   # int8 gather, z in the padding
         w = sign_extend(field(packed[n, k]))            # int8 [BLOCK_K, BLOCK_N]
         acc += a @ w                                    # int32
-    epilogue(acc) -> out[b, oh, ow, n]
+    epilogue(acc - z * sum_k w) -> out[b, oh, ow, n]
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from arq_kernels.packed_matmul import (
     unpack_weight_words,
     word_tiles,
     unpack_weights,
+    zero_point_weight_sums,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -56,20 +59,20 @@ CANDIDATES = CANDIDATES_GEMM
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point"])
+@triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point", "x_zero_point"])
 def _packed_conv2d_kernel(
-    # pointers
-    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    # pointers (wsum_ptr: int32 [N] weight row sums, read when X_ZP)
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, wsum_ptr,
     # sizes: input [B, H, W, C], output [B, OH, OW, N] seen as [M, N], K = KH * KW * C
     H, W, C, OH, OW, M, N, K,
     # geometry
     stride_h, stride_w, pad_h, pad_w,
     # strides of x (NHWC) and of the packed weight rows; residual and out are contiguous [M, N]
     stride_xb, stride_xh, stride_xw, stride_xc, stride_wn,
-    # epilogue scalars
-    x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
+    # the input's zero point z (codes c = x - z), then the epilogue scalars
+    x_zero_point, x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
     # meta-parameters
-    KH: tl.constexpr, KW: tl.constexpr, BITS: tl.constexpr, VALUES: tl.constexpr, WORD_TILES: tl.constexpr,
+    X_ZP: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BITS: tl.constexpr, VALUES: tl.constexpr, WORD_TILES: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, RES_MODE: tl.constexpr,
     OUT_MODE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -102,11 +105,15 @@ def _packed_conv2d_kernel(
         ok = m_ok[:, None] & (k < K)[None, :] & inside
         a = tl.load(x_ptr + row_base[:, None] + ih * stride_xh + iw * stride_xw + c[None, :] * stride_xc,
                     mask=ok, other=0)
+        if X_ZP:  # the padding holds the real 0, i.e. the code z (k >= K meets zero weights)
+            a = tl.where(inside, a, x_zero_point).to(tl.int8)
         if WORD_TILES:
             w = unpack_weight_words(w_ptr, k0, n, num_words, N, stride_wn, BITS, VALUES, BLOCK_K, BLOCK_N)
         else:
             w = unpack_weight_tile(w_ptr, k, n, K, N, stride_wn, BITS, VALUES)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    if X_ZP:
+        acc = acc - x_zero_point * tl.load(wsum_ptr + n, mask=n < N, other=0)[None, :]
 
     epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
                    N, 1, N, 1,
@@ -168,19 +175,23 @@ def packed_conv2d(
     out_zero_point: int = 0,
     qmin: int | None = None,
     qmax: int | None = None,
+    x_zero_point: int = 0,
+    weight_sums: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """2-D convolution of int8 NHWC codes with packed 2-8 bit weights, fused epilogue.
 
     Args:
-        x_nhwc_int8: int8 ``[B, H, W, C]`` activation codes (any strides; ``x = x_scale * codes``).
+        x_nhwc_int8: int8 ``[B, H, W, C]`` codes holding ``c + z`` (any strides; ``activation = x_scale * c``,
+            ``z = x_zero_point``; the padding is the activation 0).
         packed_weight: int32 ``[N, ceil(KH*KW*C / (32 // w_bits))]``, rows in ``(kh, kw, c)`` order
             (``arq.quant.packing.pack_layer_weight`` of a ``[N, C, KH, KW]`` weight).
         w_bits: 2..8. scales: float32 ``[N]``. bias: float32 ``[N]`` or None.
         kernel_size, stride, padding: ints or (h, w) pairs (dilation 1, groups 1).
         relu, residual, residual_scale, out_scale, out_dtype, out_zero_point, qmin, qmax: the epilogue of
             :func:`arq_kernels.packed_matmul.packed_linear`; ``residual`` is ``[B, OH, OW, N]``.
+        x_zero_point, weight_sums: as :func:`arq_kernels.packed_matmul.packed_linear`.
         out: optional preallocated contiguous ``[B, OH, OW, N]`` output.
         config: launch config override.
 
@@ -210,14 +221,15 @@ def packed_conv2d(
     cfg = dict(config) if config is not None else pick_config("packed_conv", device, "small_n" if n <= 64 else "default")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     x = x_nhwc_int8
+    wsum = zero_point_weight_sums(x_zero_point, weight_sums, packed_weight, w_bits, k)
     _packed_conv2d_kernel[grid](
         x, packed_weight, scales, bias if bias is not None else scales,
-        residual if residual is not None else out, out,
+        residual if residual is not None else out, out, wsum if wsum is not None else packed_weight,
         h, w, c, oh, ow, m, n, k,
         sh, sw, ph, pw,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), packed_weight.stride(0),
-        *epi.scalars,
-        KH=kh, KW=kw, BITS=w_bits, VALUES=values, WORD_TILES=word_tiles(values, cfg),
+        int(x_zero_point), *epi.scalars,
+        X_ZP=wsum is not None, KH=kh, KW=kw, BITS=w_bits, VALUES=values, WORD_TILES=word_tiles(values, cfg),
         HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
         OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
@@ -250,9 +262,10 @@ def exact_int_conv2d_nhwc(x_nhwc: torch.Tensor, q: torch.Tensor, kernel_hw, stri
 def packed_conv2d_reference(
     x_nhwc_int8, packed_weight, w_bits, scales, bias=None, *, kernel_size, stride=1, padding=0, relu=False,
     residual=None, out_scale=None, x_scale=1.0, residual_scale=None, out_dtype=None, out_zero_point=0,
-    qmin=None, qmax=None, out=None, config=None,
+    qmin=None, qmax=None, x_zero_point=0, weight_sums=None, out=None, config=None,
 ) -> torch.Tensor:
-    """Plain-torch :func:`packed_conv2d`: unpack, exact convolution, the same float32 epilogue."""
+    """Plain-torch :func:`packed_conv2d`: unpack, exact convolution of ``x - z`` (zero padding), the
+    same float32 epilogue."""
     _, kernel_hw, strides, pads, (batch, _, _, _), (oh, ow), k = _geometry(
         x_nhwc_int8, packed_weight, w_bits, kernel_size, stride, padding
     )
@@ -262,7 +275,8 @@ def packed_conv2d_reference(
     res2d = residual.reshape(m, n) if residual is not None else None
     epi = EpilogueArgs(m, n, x_nhwc_int8.device, scales, bias, relu, res2d, residual_scale, x_scale,
                        out_scale, out_dtype, out_zero_point, qmin, qmax)
-    acc = exact_int_conv2d_nhwc(x_nhwc_int8, q, kernel_hw, strides, pads).reshape(m, n)
+    codes = x_nhwc_int8.to(torch.int16) - int(x_zero_point)
+    acc = exact_int_conv2d_nhwc(codes, q, kernel_hw, strides, pads).reshape(m, n)
     result = epilogue_reference(acc, epi, scales, bias, relu, res2d).reshape(batch, oh, ow, n)
     if out is not None:
         out.copy_(result)

@@ -197,18 +197,18 @@ def tile_indices(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point"])
+@triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point", "x_zero_point"])
 def _packed_linear_kernel(
-    # pointers
-    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    # pointers (wsum_ptr: int32 [N] sums of each weight row, read when X_ZP)
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, wsum_ptr,
     # sizes
     M, N, K,
     # strides (the packed weight's word stride is 1)
     stride_xm, stride_xk, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
-    # epilogue scalars
-    x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
+    # the input's zero point z (codes c = x - z), then the epilogue scalars
+    x_zero_point, x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
     # meta-parameters
-    BITS: tl.constexpr, VALUES: tl.constexpr, WORD_TILES: tl.constexpr,
+    X_ZP: tl.constexpr, BITS: tl.constexpr, VALUES: tl.constexpr, WORD_TILES: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, RES_MODE: tl.constexpr,
     OUT_MODE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -231,6 +231,8 @@ def _packed_linear_kernel(
         else:
             b = unpack_weight_tile(w_ptr, k, n, K, N, stride_wn, BITS, VALUES)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    if X_ZP:  # sum_k (x - z) q = sum_k x q - z sum_k q
+        acc = acc - x_zero_point * tl.load(wsum_ptr + n, mask=n < N, other=0)[None, :]
 
     epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
                    stride_rm, stride_rn, stride_om, stride_on,
@@ -297,6 +299,20 @@ class EpilogueArgs:
         return out
 
 
+def zero_point_weight_sums(x_zero_point: int, weight_sums, packed_weight, w_bits: int, k: int):
+    """The int32 ``[N]`` weight row sums the kernels need for a nonzero input zero point, else None."""
+    if isinstance(x_zero_point, bool) or not isinstance(x_zero_point, int) or not -128 <= x_zero_point <= 127:
+        raise ValueError(f"x_zero_point must be an int in -128..127, got {x_zero_point!r}")
+    if x_zero_point == 0:
+        return None
+    n = packed_weight.shape[0]
+    if weight_sums is None:
+        weight_sums = unpack_weights(packed_weight, w_bits, k).to(torch.int64).sum(1).to(torch.int32)
+    if weight_sums.shape != (n,) or weight_sums.dtype != torch.int32 or weight_sums.device != packed_weight.device:
+        raise ValueError(f"weight_sums must be int32 [{n}] on {packed_weight.device}")
+    return weight_sums.contiguous()
+
+
 def word_tiles(values: int, cfg: dict) -> bool:
     """Whether the word-at-a-time unpacking applies (VALUES divides BLOCK_K; config may force it off)."""
     return bool(cfg.get("WORD_TILES", True)) and cfg["BLOCK_K"] % values == 0
@@ -319,13 +335,16 @@ def packed_linear(
     qmin: int | None = None,
     qmax: int | None = None,
     in_features: int | None = None,
+    x_zero_point: int = 0,
+    weight_sums: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """``out[m, n] = epilogue(sum_k x[m, k] q[n, k])`` for int8 ``x [M, K]`` and packed ``q``.
+    """``out[m, n] = epilogue(sum_k (x[m, k] - z) q[n, k])`` for int8 ``x [M, K]`` and packed ``q``.
 
     Args:
-        x_int8: int8 ``[M, K]`` activation codes (``x = x_scale * codes``).
+        x_int8: int8 ``[M, K]`` activation codes ``x`` holding ``c + z`` (``activation = x_scale * c``;
+            ``z = x_zero_point``, 0 by default: 8-bit unsigned codes 0..255 travel as int8 with z = -128).
         packed_weight: int32 ``[N, ceil(K / (32 // w_bits))]`` (``pack_weights``; row-contiguous).
         w_bits: weight bit width, 2..8.
         scales: float32 ``[N]`` per-output-channel weight scales.
@@ -338,6 +357,10 @@ def packed_linear(
             the raw accumulator (no epilogue).
         out_zero_point, qmin, qmax: code levels (defaults: int8 [-127, 127], uint8 [-z, 255 - z]).
         in_features: K, when it is not ``x_int8.shape[1]`` (it always is; checked).
+        x_zero_point: ``z`` in -128..127. The kernel adds ``-z * sum_k q[n, k]`` to the int32
+            accumulator (exact: the true sum is below 2^31 for K <= 65535).
+        weight_sums: int32 ``[N]`` row sums of the unpacked weight (computed when None and z != 0;
+            layers pass theirs once).
         out: optional preallocated contiguous ``[M, N]`` output.
         config: launch config override.
 
@@ -367,13 +390,15 @@ def packed_linear(
     cfg = dict(config) if config is not None else pick_config("packed_matmul", x_int8.device, "small_n" if n <= 64 else "default")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     res = residual if residual is not None else out
+    wsum = zero_point_weight_sums(x_zero_point, weight_sums, packed_weight, w_bits, k)
     _packed_linear_kernel[grid](
         x_int8, packed_weight, scales, bias if bias is not None else scales, res, out,
+        wsum if wsum is not None else packed_weight,
         m, n, k,
         x_int8.stride(0), x_int8.stride(1), packed_weight.stride(0),
         res.stride(0), res.stride(1), out.stride(0), out.stride(1),
-        *epi.scalars,
-        BITS=w_bits, VALUES=values, WORD_TILES=word_tiles(values, cfg),
+        int(x_zero_point), *epi.scalars,
+        X_ZP=wsum is not None, BITS=w_bits, VALUES=values, WORD_TILES=word_tiles(values, cfg),
         HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
         OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
@@ -422,14 +447,15 @@ def epilogue_reference(acc: torch.Tensor, epi: EpilogueArgs, scales, bias, relu,
 def packed_linear_reference(
     x_int8, packed_weight, w_bits, scales, bias=None, *, x_scale=1.0, relu=False, residual=None,
     residual_scale=None, out_scale=None, out_dtype=None, out_zero_point=0, qmin=None, qmax=None,
-    in_features=None, out=None, config=None,
+    in_features=None, x_zero_point=0, weight_sums=None, out=None, config=None,
 ) -> torch.Tensor:
-    """Plain-torch :func:`packed_linear`: unpack, exact int64 matmul, the same float32 epilogue."""
+    """Plain-torch :func:`packed_linear`: unpack, exact int64 matmul of ``x - z``, the same float32 epilogue."""
     m, k = x_int8.shape
     q = unpack_weights(packed_weight, w_bits, k)
     epi = EpilogueArgs(m, q.shape[0], x_int8.device, scales, bias, relu, residual, residual_scale, x_scale,
                        out_scale, out_dtype, out_zero_point, qmin, qmax)
-    result = epilogue_reference(exact_int_matmul(x_int8, q), epi, scales, bias, relu, residual)
+    codes = x_int8.to(torch.int16) - int(x_zero_point)
+    result = epilogue_reference(exact_int_matmul(codes, q), epi, scales, bias, relu, residual)
     if out is not None:
         out.copy_(result)
         return out

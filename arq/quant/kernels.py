@@ -14,19 +14,22 @@ docs/design.md, K in ``(kh, kw, c)`` order for a convolution), a packed layer co
     acc[n] = sum_k c_k * q[n, k]                     exact, int32 (the kernel)
     y[n]   = float32(acc[n]) * s_x * s_w[n] + bias[n]  float32 (the ops' fused epilogue)
 
-A convolution runs on NHWC codes (the input is permuted in, the output back to a contiguous
-NCHW float32 tensor), so everything between layers (normalization, ReLU, pooling, residual
-adds) is the same float32 code as in the fake-quant model.
+A convolution runs on NHWC codes and returns its NHWC result as an NCHW float32 tensor in
+channels_last layout (a view, no copy; the next packed layer then reads it without a layout
+copy), so everything between layers (normalization, ReLU, pooling, residual adds) is the same
+float32 code as in the fake-quant model.
 
 Which kernel runs (``backend``, recorded as each packed layer's ``backend`` attribute):
 
 * ``"cpp"``: ``arq.ops.packed_conv2d`` / ``packed_linear`` with ``backend="cpp"`` (``arq._C``, CPU).
 * ``"triton"``: the Triton kernels of ``arq_kernels`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
   They are called directly, not through ``arq.ops`` (whose dispatcher refuses CPU tensors for
-  Triton and passes its positional epilogue arguments to launchers that take them by keyword),
-  and they take int8 codes only: 8-bit unsigned codes (0..255) are split into
-  ``c = 2 * (c >> 1) + (c & 1)``, two exact int32 accumulations combined in int32, and the
-  float32 epilogue above applied in torch.
+  Triton and passes its positional epilogue arguments to launchers that take them by keyword).
+  A float32 input becomes its codes in one pass (``arq_kernels.quantize_nhwc``: the same
+  quotient, rounding and clamp as above, written as int8 NHWC); the kernels take int8 only, so
+  8-bit unsigned codes 0..255 travel as ``c - 128`` with zero point -128, which the kernel
+  undoes exactly in int32 (``- z * sum_k q[n, k]``, the padding holding ``z``), and the float32
+  epilogue above runs inside the kernel.
 * ``"torch"``: ``arq.ops``' plain PyTorch reference (exact float64 integer GEMM, same epilogue).
 * ``"auto"``: ``"triton"`` for CUDA tensors (``"torch"`` without Triton), ``"cpp"`` on CPU when
   ``arq._C`` is built, else ``"torch"``; resolved per input device.
@@ -54,7 +57,6 @@ from __future__ import annotations
 import copy
 import os
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -129,19 +131,6 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _f32(value: float) -> float:
-    return float(np.float32(value))
-
-
-def _epilogue(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, x_scale: float) -> torch.Tensor:
-    """arq.ops' float32 epilogue (``acc * x_scale * scales[n] + bias[n]``, in that order) on an int32 ``acc``."""
-    y = acc.to(torch.float32) * _f32(x_scale)
-    y = y * scales
-    if bias is not None:
-        y = y + bias
-    return y
-
-
 class _PackedLayer(nn.Module):
     """Shared state: input quantization to codes, packed weight, scales, bias, backend."""
 
@@ -159,7 +148,11 @@ class _PackedLayer(nn.Module):
         weight_codes = layer.integer_weight()
         self.out_features = int(weight_codes.shape[0])
         self.k = int(weight_codes[0].numel())
-        self.register_buffer("packed_weight", pack_weights(conv_weight_to_matrix(weight_codes), self.w_bits))
+        weight_matrix = conv_weight_to_matrix(weight_codes)
+        self.register_buffer("packed_weight", pack_weights(weight_matrix, self.w_bits))
+        # Triton takes int8 codes: 0..255 travel as c - 128, undone with the weight row sums
+        self.triton_zero_point = -128 if self.code_max > 127 else 0
+        self.register_buffer("weight_sums", weight_matrix.to(torch.int64).sum(1).to(torch.int32))
         self.register_buffer("w_scale", layer.weight_scale.detach().float().clone().contiguous())
         bias = layer.bias.detach().float().clone().contiguous() if layer.bias is not None else None
         self.register_buffer("bias", bias)
@@ -182,11 +175,18 @@ class _PackedLayer(nn.Module):
             self.backend = backend
         return self.backend
 
-    def _triton_codes(self, codes: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """``codes`` as int8 tensors with int32 weights: ``c = sum_i weight_i * part_i``."""
-        if codes.dtype == torch.int8 or self.code_max <= 127:
-            return [(1, codes.to(torch.int8))]
-        return [(2, (codes >> 1).to(torch.int8)), (1, (codes & 1).to(torch.int8))]
+    def _triton_input(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 ``c + triton_zero_point`` of a ``[B, C, H, W]`` (as NHWC) or ``[M, K]`` input."""
+        import arq_kernels
+
+        if x.dtype == torch.float32:
+            return arq_kernels.quantize_nhwc(x, self.x_scale, self.code_min, self.code_max, self.triton_zero_point)
+        codes = self.codes(x).to(torch.int16) + self.triton_zero_point
+        codes = codes.permute(0, 2, 3, 1) if x.dim() == 4 else codes
+        return codes.to(torch.int8).contiguous()
+
+    def _triton_args(self) -> dict:
+        return dict(x_scale=self.x_scale, x_zero_point=self.triton_zero_point, weight_sums=self.weight_sums)
 
     def extra_repr(self) -> str:
         return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, signed={self.signed}, "
@@ -208,33 +208,22 @@ class PackedConv2d(_PackedLayer):
         self._init_packed(layer, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # channels_last codes: the NHWC permute below is then a contiguous view
-        codes = self.codes(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-        backend = self._backend_for(codes.device)
-        kh, kw = self.kernel_size
+        backend = self._backend_for(x.device)
         if backend == "triton":
-            out = self._triton(codes)
+            import arq_kernels
+
+            out = arq_kernels.packed_conv2d(self._triton_input(x), self.packed_weight, self.w_bits, self.w_scale,
+                                            self.bias, kernel_size=self.kernel_size, stride=self.stride,
+                                            padding=self.padding, **self._triton_args())
         else:
             from arq import ops
 
+            # channels_last codes: the NHWC permute is then a contiguous view
+            codes = self.codes(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+            kh, kw = self.kernel_size
             out = ops.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, self.x_scale,
                                     kh, kw, self.stride, self.padding, backend=backend)
-        return out.permute(0, 3, 1, 2).contiguous()
-
-    def _triton(self, codes: torch.Tensor) -> torch.Tensor:
-        import arq_kernels
-
-        common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, x_scale=self.x_scale)
-        parts = self._triton_codes(codes)
-        if len(parts) == 1:
-            return arq_kernels.packed_conv2d(parts[0][1], self.packed_weight, self.w_bits, self.w_scale, self.bias,
-                                             **common)
-        acc = None
-        for factor, part in parts:
-            raw = arq_kernels.packed_conv2d(part, self.packed_weight, self.w_bits, self.w_scale, None,
-                                            out_dtype=torch.int32, **common)
-            acc = raw * factor if acc is None else acc + raw * factor
-        return _epilogue(acc, self.w_scale, self.bias, self.x_scale)
+        return out.permute(0, 3, 1, 2)  # NCHW in channels_last layout: a view of the NHWC result
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -253,30 +242,19 @@ class PackedLinear(_PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]
-        codes = self.codes(x.reshape(-1, x.shape[-1])).contiguous()
-        backend = self._backend_for(codes.device)
+        rows = x.reshape(-1, x.shape[-1])
+        backend = self._backend_for(rows.device)
         if backend == "triton":
-            out = self._triton(codes)
+            import arq_kernels
+
+            out = arq_kernels.packed_linear(self._triton_input(rows), self.packed_weight, self.w_bits, self.w_scale,
+                                            self.bias, **self._triton_args())
         else:
             from arq import ops
 
-            out = ops.packed_linear(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, self.x_scale,
-                                    backend=backend)
+            out = ops.packed_linear(self.codes(rows).contiguous(), self.packed_weight, self.w_bits, self.w_scale,
+                                    self.bias, self.x_scale, backend=backend)
         return out.reshape(*leading, self.out_features)
-
-    def _triton(self, codes: torch.Tensor) -> torch.Tensor:
-        import arq_kernels
-
-        parts = self._triton_codes(codes)
-        if len(parts) == 1:
-            return arq_kernels.packed_linear(parts[0][1], self.packed_weight, self.w_bits, self.w_scale, self.bias,
-                                             x_scale=self.x_scale)
-        acc = None
-        for factor, part in parts:
-            raw = arq_kernels.packed_linear(part, self.packed_weight, self.w_bits, self.w_scale, None,
-                                            x_scale=self.x_scale, out_dtype=torch.int32)
-            acc = raw * factor if acc is None else acc + raw * factor
-        return _epilogue(acc, self.w_scale, self.bias, self.x_scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()

@@ -116,3 +116,43 @@ def test_gpu_cifar_layer(ks, stride, pad, bits):
                         out_dtype=torch.int32)
     expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), stride=stride, padding=pad)
     assert torch.equal(got.cpu().to(torch.int64), expected.permute(0, 2, 3, 1).to(torch.int64))
+
+
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[6]], ids=["k3s1p1b2", "k3s2p1b3", "k3s1p1b8"])
+def test_unsigned_8_bit_codes_through_the_zero_point(geometry, device, generator):
+    """Codes 0..255 carried as int8 ``c - 128`` (x_zero_point = -128): the int32 accumulator equals
+    the exact convolution of the codes themselves, the padding counting as the activation 0."""
+    batch, h, w, c, n, ks, stride, pad, bits = geometry
+    _, weight, packed = _case(geometry, generator)
+    codes = torch.randint(0, 256, (batch, h, w, c), generator=generator)
+    codes.view(-1)[:4] = torch.tensor([0, 255, 128, 127])
+    expected = F.conv2d(codes.permute(0, 3, 1, 2).double(), weight.double(), stride=stride, padding=pad)
+    expected = expected.permute(0, 2, 3, 1).to(torch.int64)
+    shifted = (codes - 128).to(torch.int8)
+    out = torch.full(expected.shape, -(1 << 31), dtype=torch.int32, device=device)
+    got = packed_conv2d(shifted.to(device), packed.to(device), bits, torch.ones(n, device=device), kernel_size=ks,
+                        stride=stride, padding=pad, out_dtype=torch.int32, x_zero_point=-128, out=out)
+    assert torch.equal(got.cpu().to(torch.int64), expected)
+    # the float epilogue and the reference, with weight sums given or computed
+    scales = torch.rand(n, generator=generator) + 0.5
+    bias = torch.randn(n, generator=generator)
+    weight_sums = weight.to(torch.int64).sum((1, 2, 3)).to(torch.int32)
+    common = dict(kernel_size=ks, stride=stride, padding=pad, x_scale=0.013, relu=True, x_zero_point=-128)
+    reference = packed_conv2d_reference(shifted, packed, bits, scales, bias, **common)
+    for sums in (weight_sums.to(device), None):
+        result = packed_conv2d(shifted.to(device), packed.to(device), bits, scales.to(device), bias.to(device),
+                               weight_sums=sums, **common)
+        assert torch.equal(result.cpu(), reference)
+    truth = torch.clamp_min(expected.double() * 0.013 * scales.double() + bias.double(), 0)
+    torch.testing.assert_close(reference.double(), truth, rtol=1e-5, atol=1e-5 * float(truth.abs().max()))
+
+
+def test_zero_point_arguments_are_checked(device, generator):
+    x, _, packed = _case(GEOMETRIES[0], generator)
+    n = GEOMETRIES[0][4]
+    with pytest.raises(ValueError, match="x_zero_point"):
+        packed_conv2d(x.to(device), packed.to(device), 2, torch.ones(n, device=device), kernel_size=3, padding=1,
+                      x_zero_point=-129)
+    with pytest.raises(ValueError, match="weight_sums"):
+        packed_conv2d(x.to(device), packed.to(device), 2, torch.ones(n, device=device), kernel_size=3, padding=1,
+                      x_zero_point=-128, weight_sums=torch.zeros(n + 1, dtype=torch.int32, device=device))

@@ -172,3 +172,25 @@ def test_gpu_large(bits):
     assert torch.equal(got.cpu().to(torch.int64), x.to(torch.int64) @ q.to(torch.int64).T)
     got = packed_linear(x.cuda(), packed.cuda(), bits, scales.cuda(), bias.cuda(), x_scale=0.02, relu=True, out_scale=0.1)
     assert torch.equal(got.cpu(), packed_linear_reference(x, packed, bits, scales, bias, x_scale=0.02, relu=True, out_scale=0.1))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_unsigned_8_bit_codes_through_the_zero_point(bits, device, generator):
+    """Codes 0..255 as int8 ``c - 128`` with x_zero_point = -128: the accumulator is the exact
+    ``sum_k c q`` (the kernel subtracts ``z * sum_k q``), extremes and odd sizes included."""
+    q = _weights(N, K, bits, generator, extreme=bits % 2 == 0)
+    packed = pack_weights(q, bits)
+    codes = torch.randint(0, 256, (M, K), generator=generator)
+    codes[0], codes[1] = 255, 0
+    expected = codes.to(torch.int64) @ q.to(torch.int64).T
+    out = torch.full((M, N), -(1 << 31), dtype=torch.int32, device=device)
+    got = packed_linear((codes - 128).to(torch.int8).to(device), packed.to(device), bits,
+                        torch.ones(N, device=device), out_dtype=torch.int32, x_zero_point=-128, out=out,
+                        config=MANY_PROGRAMS if bits == 5 else None)
+    assert torch.equal(got.cpu().to(torch.int64), expected)
+    scales = torch.rand(N, generator=generator) + 0.5
+    reference = packed_linear_reference((codes - 128).to(torch.int8), packed, bits, scales, x_scale=0.02,
+                                        x_zero_point=-128)
+    result = packed_linear((codes - 128).to(torch.int8).to(device), packed.to(device), bits, scales.to(device),
+                           x_scale=0.02, x_zero_point=-128)
+    assert torch.equal(result.cpu(), reference)

@@ -51,7 +51,9 @@ def _check_layer(layer, packed, x):
     assert codes.dtype == (torch.int8 if bool(quantizer.signed) else torch.uint8)
     assert torch.equal(codes.to(torch.int32), expected_codes)
     assert int(codes.max()) <= quantizer.levels[1] and int(codes.min()) >= quantizer.levels[0]
-    assert result.dtype == torch.float32 and result.shape == reference.shape and result.is_contiguous()
+    # a convolution's NCHW result is a channels_last view of its NHWC output (no layout copy)
+    layout = torch.channels_last if result.dim() == 4 else torch.contiguous_format
+    assert result.dtype == torch.float32 and result.shape == reference.shape and result.is_contiguous(memory_format=layout)
     torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
     return reference, result
 
@@ -263,7 +265,7 @@ def _tiny_net():
         nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
         nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5), nn.ReLU(), nn.Linear(5, 3),
     ).eval()
-    # signed 5-bit input codes, unsigned 8-bit codes (the split path), unsigned 6 and 3 bits
+    # signed 5-bit input codes, unsigned 8-bit codes (int8 with zero point -128 on Triton), unsigned 6 and 3 bits
     policy = Policy({"0": LayerBits(4, 5), "2": LayerBits(8, 8), "5": LayerBits(3, 6), "7": LayerBits(2, 3)})
     return model, policy
 
@@ -274,9 +276,9 @@ def _compare_triton_with_cpp(device: str) -> None:
     x = torch.rand(3, 2, 6, 6, generator=torch.Generator().manual_seed(5)) - 0.3
     qmodel = quant.quantize(model, policy, x)
     cpp = to_kernels(qmodel, backend="cpp")
-    assert cpp[0].signed and not cpp[2].signed and cpp[2].code_max == 255  # int8, and the 8-bit uint8 split
+    assert cpp[0].signed and not cpp[2].signed and cpp[2].code_max == 255  # int8, and 8-bit uint8 codes
     with torch.no_grad():
-        assert int(cpp[2].codes(torch.relu(cpp[0](x))).max()) > 127  # codes the split path must handle
+        assert int(cpp[2].codes(torch.relu(cpp[0](x))).max()) > 127  # codes the zero point must carry
     triton_model = to_kernels(qmodel.to(device), backend="triton")
     assert triton_model.arq_kernels["backend"] == "triton"
     assert all(m.backend == "triton" for m in triton_model.modules() if isinstance(m, (PackedConv2d, PackedLinear)))
