@@ -10,6 +10,7 @@ pytest-benchmark prints each Triton kernel beside its baselines from the same ru
   epilogue) on already unpacked weights.
 * ``conv-<layer>-<bits>b-<n>``: NHWC implicit GEMM (``packed_conv2d``) vs cuDNN fp16
   channels_last and float32 (TF32) convolution of the dequantized weight.
+* ``quantize-<n>``: a packed layer's input codes, torch (divide, round, clamp, cast) vs ``quantize_nhwc``.
 * ``votes-<classes>-<n>``: ``vote_count`` (int8 and fp16 features) / ``argmax_count`` vs
   ``F.linear + argmax + bincount``.
 
@@ -153,6 +154,29 @@ def test_packed_conv(benchmark, variant, layer, bits, batch):
         fn = lambda: packed_conv2d(x, packed, bits, scales, bias, kernel_size=ks, stride=stride,  # noqa: E731
                                    padding=pad, relu=True, x_scale=0.02, out_scale=0.05)
     _run(benchmark, f"conv-{layer}-{bits}b-{batch}", fn, batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize: a packed layer's input codes
+# ------------------------------------------------------------------------------------------------
+
+QUANTIZE_VARIANTS = ["torch_codes_nhwc", "triton_quantize_nhwc"]
+
+
+@pytest.mark.parametrize("batch", [1024, 4096])
+@pytest.mark.parametrize("variant", QUANTIZE_VARIANTS)
+def test_quantize(benchmark, variant, batch):
+    """A stage-1 ResNet activation (16 x 32 x 32, channels_last float32) to 8-bit unsigned codes as
+    int8 NHWC (zero point -128): torch's divide, round, clamp, shift, cast vs one Triton pass."""
+    from arq_kernels.quantize import quantize_nhwc
+
+    x = torch.rand(batch, 16, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last) * 4
+    scale = torch.tensor(4 / 255, device="cuda")
+    if variant == "torch_codes_nhwc":
+        fn = lambda: (torch.clamp(torch.round(x / scale), 0, 255) - 128).to(torch.int8).permute(0, 2, 3, 1)  # noqa: E731
+    else:
+        fn = lambda: quantize_nhwc(x, 4 / 255, 0, 255, -128)  # noqa: E731
+    _run(benchmark, f"quantize-{batch}", fn, batch)
 
 
 # ------------------------------------------------------------------------------------------------
