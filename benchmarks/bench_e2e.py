@@ -31,6 +31,8 @@ GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1
 * ``arq_w8a8``, ``arq_w4a4``  ``arq.certify`` on the W8A8 / W4A4 model: the engine runs arq's
                            packed Triton kernels (``arq.quant.kernels``; ``certificate_backend``
                            "...+packed"), or the fake-quant model where they are unavailable
+* ``arq_fp16_cl_graphs``, ``arq_w4a4_graphs``  the same with the engine's CUDA graphs
+                           (``prepare_model(..., cuda_graphs=True)``, "...+graphs")
 
 Run (CPU):  ``OMP_WAIT_POLICY=PASSIVE pytest benchmarks/bench_e2e.py --benchmark-only
 --benchmark-json benchmarks/results/cpu-e2e-<date>.json``.  ``ARQ_E2E_ARCHS=resnet20`` limits the
@@ -59,7 +61,8 @@ if DEVICE == "cuda":
     BATCH = 1000
     SAMPLES = {"resnet20": 20_000, "resnet110": 10_000}
     # the CUDA graph is captured last, after every other variant's first call has allocated what it needs
-    VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w4a4", "fp16_cl_cudagraphs"]
+    VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_fp16_cl_graphs", "arq_w8a8", "arq_w4a4",
+                "arq_w4a4_graphs", "fp16_cl_cudagraphs"]
     torch.backends.cudnn.benchmark = True  # every variant alike: cuDNN picks its fastest algorithms
 else:
     BATCH = 400
@@ -221,14 +224,18 @@ def build(arch: str, variant: str, image: torch.Tensor):
                                 mode="reduce-overhead", dynamic=False)
             xh = x.half()
             fn = lambda: _lean_gpu_loop(net, xh, samples, BATCH, 10, SIGMA)  # noqa: E731
-        elif variant in ("arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w4a4"):
+        elif variant in ("arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w4a4", "arq_fp16_cl_graphs", "arq_w4a4_graphs"):
             if variant == "arq_fp32":
                 net = model.cuda()
-            elif variant == "arq_fp16_cl":
+            elif variant.startswith("arq_fp16_cl"):
                 net = copy.deepcopy(model).cuda().half().to(memory_format=torch.channels_last)
                 net.arq_metadata = model.arq_metadata
             else:  # arq.quant.kernels' packed Triton kernels when present ("+packed"), else fake-quant
                 net = _quantized(model, (8, 8) if variant == "arq_w8a8" else (4, 4)).cuda()
+            if variant.endswith("_graphs"):
+                from arq.smoothing.engine import prepare_model
+
+                prepare_model(net, "auto", "cuda", cuda_graphs=True)  # certify then reuses the graphed entry
             fn = lambda: arq.certify(net, x, n=samples - N0, n0=N0, batch_size=BATCH, backend="auto")  # noqa: E731
         else:
             raise ValueError(variant)

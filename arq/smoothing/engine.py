@@ -45,6 +45,11 @@ one call is large (``compile_threshold`` samples, default 1,000,000), when a com
 was prepared explicitly (``prepare_model(..., compile=True)``), or when ``ARQ_COMPILE=1``;
 ``ARQ_COMPILE=0`` disables it. ``arq certify`` / ``arq predict`` prepare the model once with
 the whole run's work (inputs x samples), so a long run over single inputs compiles once.
+
+CUDA graphs (opt-in until measured on a GPU: ``prepare_model(..., cuda_graphs=True)`` or
+``ARQ_CUDA_GRAPHS=1``): on CUDA any of the above, float models included, can be replayed from
+one CUDA graph per batch shape (:class:`CudaGraphForward`, tag "+graphs"), which removes the
+per-layer launch cost of a deep network; the noise and the votes stay outside the graph.
 """
 from __future__ import annotations
 
@@ -84,9 +89,10 @@ def is_quantized(model: nn.Module) -> bool:
 
 def _fingerprint(model: nn.Module) -> tuple:
     """Changes when the policy or any parameter/buffer is replaced or modified in place."""
-    policy = model.arq_quant["policy"]
+    info = getattr(model, "arq_quant", None)
+    policy = info.get("policy") if isinstance(info, dict) else None
     try:
-        policy_key = policy.to_json()
+        policy_key = policy.to_json() if policy is not None else None
     except Exception:  # not an arq Policy: fall back to identity
         policy_key = id(policy)
     tensors = tuple(
@@ -125,6 +131,7 @@ def prepare_model(
     compile: bool | None = None,
     work: int | None = None,
     compile_threshold: int = COMPILE_THRESHOLD,
+    cuda_graphs: bool | None = None,
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """What to call for ``model`` under the (already resolved) noise ``backend`` on ``device``.
 
@@ -137,6 +144,9 @@ def prepare_model(
             if one was prepared, else compile when ``work >= compile_threshold`` or
             ``ARQ_COMPILE=1``.
         work: samples the caller is about to evaluate (for the compile heuristic).
+        cuda_graphs: on CUDA, replay the model from CUDA graphs (:class:`CudaGraphForward`, tag
+            "+graphs") (True / False), or None: reuse a graphed entry if one was prepared, else
+            only when ``ARQ_CUDA_GRAPHS=1``. Opt-in until it has been measured on a GPU.
 
     Returns:
         ``(callable, tag)``: the callable maps ``[B, C, H, W]`` to logits ``[B, K]``; ``tag`` is
@@ -150,6 +160,14 @@ def prepare_model(
 
         backend = _choose_backend(backend, torch.device(device))
     device = torch.device(device)
+    inner, tag = _prepare_inner(model, backend, device, compile, work, compile_threshold)
+    if device.type != "cuda" or not isinstance(model, nn.Module):
+        return inner, tag
+    return _graphed(model, inner, tag, device, cuda_graphs)
+
+
+def _prepare_inner(model, backend: str, device: torch.device, compile, work, compile_threshold):
+    """prepare_model without CUDA graphs."""
     if not isinstance(model, nn.Module) or not is_quantized(model):
         return model, ""
     if backend == "torch":
@@ -218,6 +236,85 @@ def _prepare_packed_gpu(model: nn.Module, backend: str, device: torch.device):
                 return model, "+fakequant"
         _, callable_model, tag = entries[key]
     return callable_model, tag
+
+
+class CudaGraphForward:
+    """``model``'s forward replayed from CUDA graphs, one graph per input shape, dtype and strides.
+
+    The first call of a shape runs the model three times on a side stream (Triton compiles,
+    cuDNN picks its algorithms, the allocator settles), then captures one call; later calls copy
+    the batch into the graph's input tensor and replay. A replay runs the captured kernels on
+    the same parameters and buffers, so its logits are the eager model's (up to a cuDNN
+    algorithm choice, as between two eager runs); the noise is made outside the graph, so the
+    samples, counts and the certificate's guarantee are unchanged.
+
+    The returned logits are the graph's output tensor, overwritten by the next call: callers
+    consume them (counts, argmax) before calling again, in stream order, as
+    :func:`arq.smoothing.core.sample_counts` and ``sample_predictions`` do. A graph holds the
+    storage of the parameters it captured: :func:`prepare_model` drops it (fingerprint) when any
+    parameter or buffer is replaced or changed in place. A shape whose capture fails runs
+    eagerly from then on, after one warning.
+    """
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor]):
+        self.model = model
+        self._graphs: dict[tuple, tuple | None] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.stride(), x.device)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x)
+        entry = self._graphs[key]
+        if entry is None:
+            return self.model(x)
+        graph, static_input, static_output = entry
+        static_input.copy_(x)
+        graph.replay()
+        return static_output
+
+    def _capture(self, x: torch.Tensor):
+        static_input = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        static_input.copy_(x)
+        try:
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.model(static_input)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_output = self.model(static_input)
+        except Exception as error:  # a model that cannot be captured still certifies, eagerly
+            import warnings
+
+            warnings.warn(f"arq: CUDA graph capture failed for input shape {tuple(x.shape)} "
+                          f"({type(error).__name__}: {error}); running eagerly", RuntimeWarning, stacklevel=3)
+            return None
+        return graph, static_input, static_output
+
+
+def _cuda_graphs_wanted(cuda_graphs: bool | None, prepared: bool) -> bool:
+    if cuda_graphs is not None:
+        return bool(cuda_graphs)
+    env = os.environ.get("ARQ_CUDA_GRAPHS", "").strip().lower()
+    if env:
+        return env not in ("0", "false", "no", "off")
+    return prepared
+
+
+def _graphed(model: nn.Module, inner, tag: str, device: torch.device, cuda_graphs: bool | None):
+    """``(inner, tag)``, or its :class:`CudaGraphForward` (tag + "+graphs") when graphs are wanted."""
+    fingerprint = _fingerprint(model)
+    key = ("graphs", str(device), tag)
+    with _LOCK:
+        entries = _entries(model, fingerprint)
+        if not _cuda_graphs_wanted(cuda_graphs, key in entries):
+            return inner, tag
+        if key not in entries:
+            entries[key] = (fingerprint, CudaGraphForward(inner), tag + "+graphs")
+        _, graphed, graphed_tag = entries[key]
+    return graphed, graphed_tag
 
 
 def clear_cache(model: nn.Module | None = None) -> None:

@@ -138,3 +138,44 @@ def test_a_packed_kernel_model_is_not_converted_again():
     qmodel = arq.quantize(model, policy, torch.rand(16, 1, 28, 28))
     assert is_quantized(qmodel)
     assert not is_quantized(to_kernels(qmodel, backend="torch"))
+
+
+# ------------------------------------------------------------------------------------------- CUDA graphs
+
+
+def test_cuda_graphs_are_opt_in(monkeypatch, qmodel):
+    monkeypatch.delenv("ARQ_CUDA_GRAPHS", raising=False)
+    assert not engine._cuda_graphs_wanted(None, prepared=False)
+    assert engine._cuda_graphs_wanted(None, prepared=True)  # an entry prepared with graphs is reused
+    assert engine._cuda_graphs_wanted(True, prepared=False) and not engine._cuda_graphs_wanted(False, prepared=True)
+    monkeypatch.setenv("ARQ_CUDA_GRAPHS", "1")
+    assert engine._cuda_graphs_wanted(None, prepared=False)
+    monkeypatch.setenv("ARQ_CUDA_GRAPHS", "0")
+    assert not engine._cuda_graphs_wanted(None, prepared=True)
+    # on the CPU there is nothing to graph, whatever is asked
+    float_model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    assert engine.prepare_model(float_model, "torch", "cpu", cuda_graphs=True) == (float_model, "")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_count_as_the_eager_model(qmodel, mnist):
+    """Float and packed models: the same votes with and without graphs; a replaced parameter
+    drops the graph (fingerprint) instead of replaying stale weights."""
+    from arq.smoothing.core import sample_counts
+
+    images = mnist[0][:2].cuda()
+    for model in (copy.deepcopy(Plain(qmodel)).cuda().eval(), copy.deepcopy(qmodel).cuda().eval()):
+        eager, tag = engine.prepare_model(model, "auto", "cuda", cuda_graphs=False)
+        graphed, graphed_tag = engine.prepare_model(model, "auto", "cuda", cuda_graphs=True)
+        assert graphed_tag == tag + "+graphs" and isinstance(graphed, engine.CudaGraphForward)
+        assert engine.prepare_model(model, "auto", "cuda")[0] is graphed  # prepared once, then reused
+        common = dict(sigma=0.6, num=700, draw=1, seed=3, batch_size=256, num_classes=10, backend="auto")
+        for index, image in enumerate(images):  # 256, 256 and 188: two graph shapes
+            expected = sample_counts(eager, image, input_index=index, **common)
+            assert torch.equal(sample_counts(graphed, image, input_index=index, **common), expected)
+        with torch.no_grad():
+            parameter = next(p for p in model.parameters() if p.dim() > 1)
+            parameter.mul_(-1.0)  # in place: new version counter
+        assert engine.prepare_model(model, "auto", "cuda")[0] is not graphed
+        engine.clear_cache(model)
