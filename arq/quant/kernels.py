@@ -17,7 +17,9 @@ docs/design.md, K in ``(kh, kw, c)`` order for a convolution), a packed layer co
 A convolution runs on NHWC codes and returns its NHWC result as an NCHW float32 tensor in
 channels_last layout (a view, no copy; the next packed layer then reads it without a layout
 copy), so everything between layers (normalization, ReLU, pooling, residual adds) is the same
-float32 code as in the fake-quant model.
+float32 code as in the fake-quant model. With the Triton backend, a convolution whose output
+only feeds another packed convolution (through ReLUs or identities) writes that layer's int8
+codes directly (:func:`_chain_convolutions`): the same codes, without the float tensor.
 
 Which kernel runs (``backend``, recorded as each packed layer's ``backend`` attribute):
 
@@ -206,9 +208,17 @@ class PackedConv2d(_PackedLayer):
         self.stride = int(layer.stride[0])
         self.padding = _symmetric_padding(layer)
         self._init_packed(layer, backend)
+        # set by to_kernels' chaining (Triton only): this layer writes the next one's int8 NHWC
+        # codes (scale, q_lo, q_hi, zero point, ReLU before them), and/or reads such codes
+        self.output_codes: tuple[float, int, int, int, bool] | None = None
+        self.takes_codes = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self._backend_for(x.device)
+        if self.output_codes is not None or self.takes_codes:
+            if backend != "triton":
+                raise RuntimeError("a chained PackedConv2d runs on the Triton backend only")
+            return self._chained(x)
         if backend == "triton":
             import arq_kernels
 
@@ -224,6 +234,21 @@ class PackedConv2d(_PackedLayer):
             out = ops.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, self.x_scale,
                                     kh, kw, self.stride, self.padding, backend=backend)
         return out.permute(0, 3, 1, 2)  # NCHW in channels_last layout: a view of the NHWC result
+
+    def _chained(self, x: torch.Tensor) -> torch.Tensor:
+        """Triton, reading int8 NHWC codes when ``takes_codes`` and writing the next layer's codes
+        (``[B, OH, OW, N]`` int8, not a float tensor) when ``output_codes`` is set."""
+        import arq_kernels
+
+        codes = x if self.takes_codes else self._triton_input(x)
+        common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, **self._triton_args())
+        if self.output_codes is None:
+            out = arq_kernels.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, **common)
+            return out.permute(0, 3, 1, 2)
+        scale, q_lo, q_hi, zero_point, relu = self.output_codes
+        return arq_kernels.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, relu=relu,
+                                         out_scale=scale, out_dtype=torch.int8, out_zero_point=zero_point,
+                                         qmin=q_lo, qmax=q_hi, **common)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -309,7 +334,80 @@ def _fallback_reason(layer: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def to_kernels(qmodel: nn.Module, *, backend: str = "auto") -> nn.Module:
+def _is_relu(node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+class _PackedTracer(torch.fx.Tracer):
+    """Keeps the packed layers (and any fake-quant layer left) whole."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (*PACKED_LAYER_TYPES, *QUANT_LAYER_TYPES)) or super().is_leaf_module(
+            module, qualified_name)
+
+
+def _chain_convolutions(model: nn.Module) -> tuple[nn.Module, int]:
+    """Triton: ``PackedConv2d -> [ReLU / Identity]* -> PackedConv2d`` pairs pass int8 NHWC codes.
+
+    Where a convolution's output reaches another packed convolution only (each node between has
+    one user, and both layers have one call site), the producer's epilogue applies the ReLU and
+    quantizes to the consumer's codes (``out_scale`` = its step, its levels and zero point), and
+    the consumer reads them as they are: no float output, no quantize pass. The codes are the
+    unchained path's bit for bit (the same float32 epilogue value, the same exact quotient and
+    rounding). Returns the rewritten model (a GraphModule; the model itself when nothing is
+    chained or it cannot be traced) and the number of chained pairs.
+    """
+    try:
+        graph = _PackedTracer().trace(model)
+    except Exception:  # data-dependent Python: leave the model as it is
+        return model, 0
+    modules = dict(model.named_modules())
+    call_sites: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            call_sites[node.target] = call_sites.get(node.target, 0) + 1
+
+    def single_conv(node) -> PackedConv2d | None:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        return layer if isinstance(layer, PackedConv2d) and call_sites[node.target] == 1 else None
+
+    chained = 0
+    for node in list(graph.nodes):
+        producer = single_conv(node)
+        if producer is None or producer.output_codes is not None:
+            continue
+        passed, relu, current = [], False, node
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            if _is_relu(user, modules) or (user.op == "call_module" and isinstance(modules.get(user.target), nn.Identity)):
+                relu = relu or _is_relu(user, modules)
+                passed.append(user)
+                current = user
+                continue
+            consumer = single_conv(user)
+            if consumer is not None and not consumer.takes_codes and len(user.args) == 1 and not user.kwargs:
+                producer.output_codes = (consumer.x_scale, consumer.code_min, consumer.code_max,
+                                         consumer.triton_zero_point, relu)
+                consumer.takes_codes = True
+                user.replace_input_with(current, node)
+                for dead in reversed(passed):
+                    graph.erase_node(dead)
+                chained += 1
+            break
+    if not chained:
+        return model, 0
+    rewritten = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    for attribute in ("arq_metadata", "arq_quant"):
+        if hasattr(model, attribute):
+            setattr(rewritten, attribute, getattr(model, attribute))
+    return rewritten, chained
+
+
+def to_kernels(qmodel: nn.Module, *, backend: str = "auto", chain: bool = True) -> nn.Module:
     """A copy of the fake-quant ``qmodel`` whose quantized layers run arq's packed kernels.
 
     Every QuantConv2d / QuantLinear with ``w_bits <= 8`` and ``a_bits <= 8`` becomes a
@@ -318,11 +416,14 @@ def to_kernels(qmodel: nn.Module, *, backend: str = "auto") -> nn.Module:
     and the tolerance). ``qmodel`` is unchanged. The result is in eval mode, for inference only
     (no gradients through the integer kernels), maps ``[B, C, H, W]`` to float32 logits like
     ``qmodel``, keeps ``arq_metadata`` / ``arq_quant``, and has ``arq_kernels = {"backend",
-    "packed": [names], "fake_quant": {name: reason}}``.
+    "packed": [names], "fake_quant": {name: reason}, "chained": pairs}``.
 
     Args:
         qmodel: the output of :func:`arq.quant.quantize` (calibrated).
         backend: "auto", "cpp", "triton" or "torch" (the module docstring says where each runs).
+        chain: with backend "triton", let ``conv -> [ReLU] -> conv`` pairs pass int8 codes
+            (:func:`_chain_convolutions`; the same codes, fewer passes). The result then runs on
+            Triton only.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be an nn.Module, got {type(qmodel).__name__}")
@@ -350,5 +451,8 @@ def to_kernels(qmodel: nn.Module, *, backend: str = "auto") -> nn.Module:
         packed.append(name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    model.arq_kernels = {"backend": chosen, "packed": packed, "fake_quant": fake_quant}
+    chained = 0
+    if backend == "triton" and chain:  # codes between layers: the Triton kernels' int8 NHWC format
+        model, chained = _chain_convolutions(model)
+    model.arq_kernels = {"backend": chosen, "packed": packed, "fake_quant": fake_quant, "chained": chained}
     return model

@@ -280,7 +280,7 @@ def _compare_triton_with_cpp(device: str) -> None:
     with torch.no_grad():
         assert int(cpp[2].codes(torch.relu(cpp[0](x))).max()) > 127  # codes the zero point must carry
     triton_model = to_kernels(qmodel.to(device), backend="triton")
-    assert triton_model.arq_kernels["backend"] == "triton"
+    assert triton_model.arq_kernels["backend"] == "triton" and triton_model.arq_kernels["chained"] == 1
     assert all(m.backend == "triton" for m in triton_model.modules() if isinstance(m, (PackedConv2d, PackedLinear)))
     with torch.no_grad():
         expected = cpp(x)
@@ -288,6 +288,48 @@ def _compare_triton_with_cpp(device: str) -> None:
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     # "auto": "triton" for CUDA tensors, "cpp" on the CPU
     assert to_kernels(qmodel, backend="auto").arq_kernels["backend"] == ("triton" if device == "cuda" else "cpp")
+    # conv -> ReLU -> conv passing int8 codes (unsigned 8-bit: zero point -128) gives the
+    # unchained Triton model's output bit for bit
+    unchained = to_kernels(qmodel.to(device), backend="triton", chain=False)
+    assert unchained.arq_kernels["chained"] == 0
+    with torch.no_grad():
+        assert torch.equal(unchained(x.to(device)).cpu(), result)
+    _compare_chained_residual_net(device)
+
+
+def _compare_chained_residual_net(device: str) -> None:
+    """A residual block (conv1 -> ReLU -> conv2, + shortcut, ReLU): conv1 -> conv2 chains, the
+    block output (two users) does not; chained, unchained and cpp agree."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 6, 3, padding=1)
+            self.conv1 = nn.Conv2d(6, 6, 3, padding=1)
+            self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x):
+            out = torch.relu(self.stem(x))
+            y = self.conv2(torch.relu(self.conv1(out)))
+            out = torch.relu(y + out)
+            return self.head(out.mean((2, 3)))
+
+    torch.manual_seed(3)
+    model = Block().eval()
+    policy = Policy({"stem": LayerBits(6, 8), "conv1": LayerBits(4, 8), "conv2": LayerBits(3, 5),
+                     "head": LayerBits(8, 8)})
+    x = torch.rand(2, 3, 7, 9, generator=torch.Generator().manual_seed(6))
+    qmodel = quant.quantize(model, policy, x)
+    chained = to_kernels(qmodel.to(device), backend="triton")
+    assert chained.arq_kernels["chained"] == 1 and chained.conv1.output_codes is not None
+    assert chained.conv2.takes_codes and chained.stem.output_codes is None
+    unchained = to_kernels(qmodel.to(device), backend="triton", chain=False)
+    with torch.no_grad():
+        result = chained(x.to(device)).cpu()
+        assert torch.equal(result, unchained(x.to(device)).cpu())
+        expected = to_kernels(qmodel.cpu(), backend="cpp")(x)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 @pytest.mark.triton
