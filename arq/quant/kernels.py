@@ -215,29 +215,22 @@ class PackedConv2d(_PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self._backend_for(x.device)
-        if self.output_codes is not None or self.takes_codes:
-            if backend != "triton":
-                raise RuntimeError("a chained PackedConv2d runs on the Triton backend only")
-            return self._chained(x)
         if backend == "triton":
-            import arq_kernels
+            return self._triton(x)
+        if self.output_codes is not None or self.takes_codes:
+            raise RuntimeError("a chained PackedConv2d runs on the Triton backend only")
+        from arq import ops
 
-            out = arq_kernels.packed_conv2d(self._triton_input(x), self.packed_weight, self.w_bits, self.w_scale,
-                                            self.bias, kernel_size=self.kernel_size, stride=self.stride,
-                                            padding=self.padding, **self._triton_args())
-        else:
-            from arq import ops
-
-            # channels_last codes: the NHWC permute is then a contiguous view
-            codes = self.codes(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-            kh, kw = self.kernel_size
-            out = ops.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, self.x_scale,
-                                    kh, kw, self.stride, self.padding, backend=backend)
+        # channels_last codes: the NHWC permute is then a contiguous view
+        codes = self.codes(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        kh, kw = self.kernel_size
+        out = ops.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, self.x_scale,
+                                kh, kw, self.stride, self.padding, backend=backend)
         return out.permute(0, 3, 1, 2)  # NCHW in channels_last layout: a view of the NHWC result
 
-    def _chained(self, x: torch.Tensor) -> torch.Tensor:
-        """Triton, reading int8 NHWC codes when ``takes_codes`` and writing the next layer's codes
-        (``[B, OH, OW, N]`` int8, not a float tensor) when ``output_codes`` is set."""
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        """The float32 NCHW (channels_last) result, or, when chained, the next layer's int8 NHWC codes;
+        reading ``x`` as such codes when ``takes_codes``."""
         import arq_kernels
 
         codes = x if self.takes_codes else self._triton_input(x)
@@ -334,14 +327,6 @@ def _fallback_reason(layer: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def _is_relu(node, modules: dict) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
-    if node.op == "call_function":
-        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
-    return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
 class _PackedTracer(torch.fx.Tracer):
     """Keeps the packed layers (and any fake-quant layer left) whole."""
 
@@ -361,6 +346,8 @@ def _chain_convolutions(model: nn.Module) -> tuple[nn.Module, int]:
     rounding). Returns the rewritten model (a GraphModule; the model itself when nothing is
     chained or it cannot be traced) and the number of chained pairs.
     """
+    from arq.quant.execution import _is_identity, _is_relu
+
     try:
         graph = _PackedTracer().trace(model)
     except Exception:  # data-dependent Python: leave the model as it is
@@ -383,7 +370,7 @@ def _chain_convolutions(model: nn.Module) -> tuple[nn.Module, int]:
         passed, relu, current = [], False, node
         while len(current.users) == 1:
             user = next(iter(current.users))
-            if _is_relu(user, modules) or (user.op == "call_module" and isinstance(modules.get(user.target), nn.Identity)):
+            if _is_relu(user, modules) or _is_identity(user, modules):
                 relu = relu or _is_relu(user, modules)
                 passed.append(user)
                 current = user
