@@ -326,7 +326,6 @@ def _fallback_reason(layer: nn.Module) -> str | None:
     return None
 
 
-@torch.no_grad()
 class _PackedTracer(torch.fx.Tracer):
     """Keeps the packed layers (and any fake-quant layer left) whole."""
 
@@ -394,6 +393,7 @@ def _chain_convolutions(model: nn.Module) -> tuple[nn.Module, int]:
     return rewritten, chained
 
 
+@torch.no_grad()
 def to_kernels(qmodel: nn.Module, *, backend: str = "auto", chain: bool = True) -> nn.Module:
     """A copy of the fake-quant ``qmodel`` whose quantized layers run arq's packed kernels.
 
