@@ -312,7 +312,9 @@ def _graphed(model: nn.Module, inner, tag: str, device: torch.device, cuda_graph
         if not _cuda_graphs_wanted(cuda_graphs, key in entries):
             return inner, tag
         if key not in entries:
-            entries[key] = (fingerprint, CudaGraphForward(inner), tag + "+graphs")
+            # the cache is keyed weakly by the model: an entry must not hold the model itself
+            target = weakref.proxy(inner) if inner is model else inner
+            entries[key] = (fingerprint, CudaGraphForward(target), tag + "+graphs")
         _, graphed, graphed_tag = entries[key]
     return graphed, graphed_tag
 

@@ -157,6 +157,22 @@ def test_cuda_graphs_are_opt_in(monkeypatch, qmodel):
     assert engine.prepare_model(float_model, "torch", "cpu", cuda_graphs=True) == (float_model, "")
 
 
+def test_a_graphed_float_model_is_still_freed():
+    """The graphed entry of a float model wraps the model itself: it must not keep it alive
+    through the weakly keyed cache (building the entry touches no GPU; capture is lazy)."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    graphed, tag = engine._graphed(model, model, "", torch.device("cuda"), cuda_graphs=True)
+    assert isinstance(graphed, engine.CudaGraphForward) and tag == "+graphs"
+    assert engine._graphed(model, model, "", torch.device("cuda"), cuda_graphs=None)[0] is graphed
+    alive = weakref.ref(model)
+    del model, graphed
+    gc.collect()
+    assert alive() is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_replays_count_as_the_eager_model(qmodel, mnist):
