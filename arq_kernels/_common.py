@@ -48,12 +48,20 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def pick_config(family: str, device: torch.device, bucket: str = "default") -> dict:
+def width_buckets(n: int) -> tuple[str, ...]:
+    """The GEMM config buckets for ``n`` output columns, narrowest first: a tile as wide as the
+    layer (N = 16 or 32 in CIFAR ResNets) instead of a 64- or 128-wide one that is mostly padding."""
+    buckets = ("n16", "n32", "small_n", "default")
+    return buckets[0 if n <= 16 else 1 if n <= 32 else 2 if n <= 64 else 3:]
+
+
+def pick_config(family: str, device: torch.device, bucket: str | tuple[str, ...] = "default") -> dict:
     """The tuned launch config of ``family`` for ``device`` (``configs/<family>.json``).
 
     The JSON maps a device key (``"interpreter"``, a CUDA device name such as
     ``"NVIDIA H100 80GB HBM3"``, or ``"cuda"`` for any other GPU) to ``{bucket: config}``;
-    a config is a dict of block sizes plus ``num_warps`` and ``num_stages``.
+    a config is a dict of block sizes plus ``num_warps`` and ``num_stages``. ``bucket`` may be
+    a sequence: the first one the device's table has wins, else ``"default"``.
     """
     table = _config_table(family)
     if interpreting() or device.type != "cuda":
@@ -62,7 +70,10 @@ def pick_config(family: str, device: torch.device, bucket: str = "default") -> d
         name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
         key = name if name in table else "cuda"
     configs = table[key]
-    return dict(configs.get(bucket, configs["default"]))
+    for name in (bucket,) if isinstance(bucket, str) else bucket:
+        if name in configs:
+            return dict(configs[name])
+    return dict(configs["default"])
 
 
 def launch_options(config: dict) -> dict:

@@ -109,6 +109,24 @@ def _variants():
              "WORD_TILES": 64 % (32 // bits) == 0, **epi, **blocks},
             {"num_warps": 4, "num_stages": 3, **fused},
         ))
+    # -- the narrow tiles of the n16 / n32 buckets (CIFAR ResNet widths), as configs/*.json hold them
+    for block_n, block_k, bits in [(16, 32, 4), (32, 64, 8)]:
+        narrow = {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+        label, ptrs, epi = epilogues[1]  # int8 codes out, residual, ReLU: a chained ResNet conv
+        variants.append((
+            f"packed_conv2d[3x3, b{bits}, {label}, n{block_n}]", packed_conv._packed_conv2d_kernel,
+            {**gemm_types, **ptrs},
+            {"X_ZP": bits == 8, "KH": 3, "KW": 3, "BITS": bits, "VALUES": 32 // bits,
+             "WORD_TILES": block_k % (32 // bits) == 0, **epi, **narrow},
+            {"num_warps": 4, "num_stages": 3, **fused},
+        ))
+    variants.append((
+        "packed_linear[b4, fp16+res, n16]", packed_matmul._packed_linear_kernel, {**gemm_types, **epilogues[2][1]},
+        {"X_ZP": False, "BITS": 4, "VALUES": 8, "WORD_TILES": True, **epilogues[2][2],
+         "BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 8},
+        {"num_warps": 4, "num_stages": 3, **fused},
+    ))
+
     # -- quantize: float32 activations to int8 NHWC codes -------------------------------------------
     variants.append((
         "quantize_nhwc", quantize_family._quantize_nhwc_kernel, {"x_ptr": "*fp32", "out_ptr": "*i8", "scale": "fp32"},

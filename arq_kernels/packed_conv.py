@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from arq_kernels._common import launch_options, pick_config
+from arq_kernels._common import launch_options, pick_config, width_buckets
 from arq_kernels.packed_matmul import CANDIDATES as CANDIDATES_GEMM
 from arq_kernels.packed_matmul import (
     EpilogueArgs,
@@ -218,7 +218,7 @@ def packed_conv2d(
     out = epi.output((batch, oh, ow, n), device, out)
     if m == 0 or n == 0:
         return out
-    cfg = dict(config) if config is not None else pick_config("packed_conv", device, "small_n" if n <= 64 else "default")
+    cfg = dict(config) if config is not None else pick_config("packed_conv", device, width_buckets(n))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     x = x_nhwc_int8
     wsum = zero_point_weight_sums(x_zero_point, weight_sums, packed_weight, w_bits, k)

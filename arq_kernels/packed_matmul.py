@@ -41,7 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from arq_kernels._common import as_float32, launch_options, pick_config, quant_levels, quantize_codes, quantize_reference, to_float_dtype
+from arq_kernels._common import (
+    as_float32,
+    launch_options,
+    pick_config,
+    quant_levels,
+    quantize_codes,
+    quantize_reference,
+    to_float_dtype,
+    width_buckets,
+)
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -55,6 +64,8 @@ CANDIDATES = [
     for m, n, k, w, s in [
         (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
         (256, 64, 64, 8, 3), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4), (128, 16, 64, 4, 4),
+        # narrow tiles for the n16 / n32 buckets (CIFAR ResNet widths)
+        (128, 16, 32, 4, 3), (256, 16, 32, 4, 3), (64, 32, 32, 4, 3), (256, 32, 64, 8, 3),
     ]
 ]
 
@@ -387,7 +398,7 @@ def packed_linear(
         return out
     if k == 0:
         raise ValueError("K must be >= 1")
-    cfg = dict(config) if config is not None else pick_config("packed_matmul", x_int8.device, "small_n" if n <= 64 else "default")
+    cfg = dict(config) if config is not None else pick_config("packed_matmul", x_int8.device, width_buckets(n))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     res = residual if residual is not None else out
     wsum = zero_point_weight_sums(x_zero_point, weight_sums, packed_weight, w_bits, k)

@@ -19,6 +19,8 @@ Without CUDA every case is skipped (the CPU interpreter's timings mean nothing).
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,14 +219,16 @@ def test_votes(benchmark, variant, classes, features, batch):
 
 
 def tune(batch: int = 4096) -> dict:
-    """``{family: {device_name: {"default": best_config}}}`` measured with triton.testing.do_bench.
+    """``{family: {device_name: {bucket: best_config}}}`` measured with triton.testing.do_bench.
 
-    Merge the printed entries into ``arq_kernels/configs/<family>.json`` (the kernels read them
-    by ``torch.cuda.get_device_name()``).
+    The packed convolution is tuned per width bucket on the CIFAR ResNet layer of that width
+    (``arq_kernels._common.width_buckets``: n16 = stage 1, n32 = stage 2, small_n = stage 3, each
+    3x3 over ``batch // 4`` images, 4-bit weights, chained int8 output). Merge the entries into
+    ``arq_kernels/configs/<family>.json`` (the kernels read them by ``torch.cuda.get_device_name()``).
     """
     from triton.testing import do_bench
 
-    from arq_kernels import noise, packed_conv, packed_matmul, votes
+    from arq_kernels import noise, packed_conv, packed_matmul, quantize, votes
 
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(3, 32, 32, device="cuda")
@@ -232,42 +236,53 @@ def tune(batch: int = 4096) -> dict:
     q = torch.randint(-7, 8, (512, 1024), generator=generator, dtype=torch.int8)
     packed4 = packed_matmul.pack_weights(q, 4).cuda()
     scales = torch.rand(512, generator=generator).cuda() * 0.01
-    xc = torch.randint(-127, 128, (batch // 4, 16, 16, 32), generator=generator, dtype=torch.int8).cuda()
-    qc = torch.randint(-7, 8, (32, 3 * 3 * 32), generator=generator, dtype=torch.int8)
-    packed_c = packed_matmul.pack_weights(qc, 4).cuda()
     feats = torch.randint(-127, 128, (batch, 64), generator=generator, dtype=torch.int8).cuda()
     w_last = torch.randint(-127, 128, (10, 64), generator=generator, dtype=torch.int8).cuda()
+    activations = torch.rand(batch // 4, 16, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+
+    def conv_case(size, channels):
+        xc = torch.randint(-127, 128, (batch // 4, size, size, channels), generator=generator, dtype=torch.int8).cuda()
+        qc = torch.randint(-7, 8, (channels, 9 * channels), generator=generator, dtype=torch.int8)
+        packed_c = packed_matmul.pack_weights(qc, 4).cuda()
+        return lambda cfg: packed_conv.packed_conv2d(xc, packed_c, 4, scales[:channels], kernel_size=3, padding=1,
+                                                     relu=True, out_scale=0.05, config=cfg)
+
     cases = {
-        "noise": (noise.CANDIDATES, lambda cfg: noise.noisy_input(
+        ("noise", "default"): (noise.CANDIDATES, lambda cfg: noise.noisy_input(
             x, SIGMA, seed=0, input_index=0, draw=1, sample_start=0, count=batch, out_dtype=torch.int8,
             out_scale=0.02, layout="nhwc", config=cfg)),
-        "packed_matmul": (packed_matmul.CANDIDATES, lambda cfg: packed_matmul.packed_linear(
+        ("packed_matmul", "default"): (packed_matmul.CANDIDATES, lambda cfg: packed_matmul.packed_linear(
             x8, packed4, 4, scales, relu=True, out_scale=0.05, config=cfg)),
-        "packed_conv": (packed_conv.CANDIDATES, lambda cfg: packed_conv.packed_conv2d(
-            xc, packed_c, 4, scales[:32], kernel_size=3, padding=1, relu=True, out_scale=0.05, config=cfg)),
-        "votes": (votes.CANDIDATES, lambda cfg: votes.vote_count(
+        ("packed_conv", "n16"): (packed_conv.CANDIDATES, conv_case(32, 16)),
+        ("packed_conv", "n32"): (packed_conv.CANDIDATES, conv_case(16, 32)),
+        ("packed_conv", "small_n"): (packed_conv.CANDIDATES, conv_case(8, 64)),
+        ("quantize", "default"): (quantize.CANDIDATES, lambda cfg: quantize.quantize_nhwc(
+            activations, 4 / 255, 0, 255, -128, config=cfg)),
+        ("votes", "default"): (votes.CANDIDATES, lambda cfg: votes.vote_count(
             feats, w_last, None, 10, feature_scale=0.02, weight_scale=scales[:10], config=cfg)),
     }
     name = torch.cuda.get_device_name()
-    best = {}
-    for family, (candidates, run) in cases.items():
+    best: dict = {}
+    for (family, bucket), (candidates, run) in cases.items():
         timings = []
         for cfg in candidates:
             try:
                 timings.append((do_bench(lambda: run(cfg)), cfg))
             except Exception as error:  # noqa: BLE001 - a config may not fit this GPU
-                print(f"{family} {cfg}: {type(error).__name__}")
+                print(f"{family}/{bucket} {cfg}: {type(error).__name__}", file=sys.stderr)
         timings.sort(key=lambda item: item[0])
         for ms, cfg in timings:
-            print(f"{family:14s} {ms * 1e3:9.1f} us  {cfg}")
-        best[family] = {name: {"default": timings[0][1]}}
+            print(f"{family:14s} {bucket:8s} {ms * 1e3:9.1f} us  {cfg}", file=sys.stderr)
+        if timings:
+            best.setdefault(family, {name: {}})[name][bucket] = {**timings[0][1], "measured_us": round(timings[0][0] * 1e3, 2)}
     return best
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m benchmarks.bench_kernels OUT.json  (progress on stderr)
     import json
-    import sys
 
     if not torch.cuda.is_available():
         sys.exit("tuning needs a CUDA device")
-    print(json.dumps(tune(), indent=1))
+    result = tune()
+    with open(sys.argv[1], "w", encoding="utf-8") if len(sys.argv) > 1 else sys.stdout as handle:
+        json.dump(result, handle, indent=1)

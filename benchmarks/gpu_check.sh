@@ -21,7 +21,8 @@
 # Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
 # (default 470: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
 # test and benchmark steps to run, space-separated: tests_gpu tests_kernels bench_e2e_gpu_resnet110
-# bench_e2e_gpu_resnet20 bench_kernels profile memcheck; default all).
+# bench_e2e_gpu_resnet20 bench_kernels profile memcheck; default all; "tune", only when named,
+# measures the Triton launch configs on the card).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -186,6 +187,11 @@ if [ "$HAS_CUDA" = 1 ]; then
     done
     wanted bench_kernels && step bench_kernels 80 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         --benchmark-only --benchmark-group-by=group --benchmark-json="$OUT/bench_kernels.json"
+    # launch configs measured on this card (opt-in: ARQ_CHECK_STEPS="tune"; JSON in logs.tgz, to
+    # merge into arq_kernels/configs/*.json)
+    if [[ " ${ARQ_CHECK_STEPS:-} " == *" tune "* ]]; then
+        step tune 240 "$PYTHON" -m benchmarks.bench_kernels "$WORK/tuned_configs.json"
+    fi
     # where the quantized path's GPU time goes, kernel by kernel (JSON in logs.tgz)
     wanted profile && step profile 90 "$PYTHON" -m benchmarks.gpu_profile "$WORK/profile_resnet110.json" resnet110
     # out-of-bounds accesses in any GPU path of the end-to-end benchmark, named by kernel

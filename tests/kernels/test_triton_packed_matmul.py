@@ -194,3 +194,22 @@ def test_unsigned_8_bit_codes_through_the_zero_point(bits, device, generator):
     result = packed_linear((codes - 128).to(torch.int8).to(device), packed.to(device), bits, scales.to(device),
                            x_scale=0.02, x_zero_point=-128)
     assert torch.equal(result.cpu(), reference)
+
+
+def test_gemm_configs_follow_the_layer_width(monkeypatch):
+    """N = 16 / 32 (CIFAR ResNet widths) get tiles that wide on a GPU; a device table without a
+    narrow bucket falls back to the next wider one, then to "default"."""
+    from arq_kernels import _common
+
+    assert _common.width_buckets(10) == ("n16", "n32", "small_n", "default")
+    assert _common.width_buckets(32) == ("n32", "small_n", "default")
+    assert _common.width_buckets(64) == ("small_n", "default") and _common.width_buckets(65) == ("default",)
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "_device_name", lambda index: "Some GPU")  # the "cuda" table
+    gpu = torch.device("cuda", 0)
+    for family in ("packed_conv", "packed_matmul"):
+        assert _common.pick_config(family, gpu, _common.width_buckets(16))["BLOCK_N"] == 16
+        assert _common.pick_config(family, gpu, _common.width_buckets(32))["BLOCK_N"] == 32
+        assert _common.pick_config(family, gpu, _common.width_buckets(64))["BLOCK_N"] == 64
+        assert _common.pick_config(family, gpu, _common.width_buckets(512))["BLOCK_N"] == 128
+        assert _common.pick_config(family, gpu, ("no_such_bucket",)) == _common.pick_config(family, gpu)
