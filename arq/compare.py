@@ -139,7 +139,8 @@ def certify_rows(model: nn.Module, test_set, indices: Sequence[int], path: str, 
 
         # one image's samples stay below the engine's compile threshold: showing it the whole
         # remaining run compiles a quantized model's integer form once, when that repays it
-        model_device = device if device is not None else next(model.parameters()).device
+        first = next(model.parameters(), None)
+        model_device = device if device is not None else (first.device if first is not None else torch.device("cpu"))
         prepare_model(model, "auto", model_device, work=len(remaining) * (config.n + config.n0))
     from tqdm import tqdm
 
