@@ -291,6 +291,59 @@ def _unfused_conv(node, modules: dict, call_sites: dict) -> IntegerConv2d | None
     return conv
 
 
+def _call_sites(graph) -> dict[str, int]:
+    """How many nodes of ``graph`` call each submodule."""
+    sites: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            sites[node.target] = sites.get(node.target, 0) + 1
+    return sites
+
+
+def _chain_through_activations(graph, modules: dict, producer_of, consumer_of, link) -> int:
+    """Rewire ``producer -> [ReLU / identity]* -> consumer`` chains to pass codes; the number chained.
+
+    For each node whose layer ``producer_of(node)`` returns, follow single users through ReLUs
+    and identities; where the next user calls a layer ``consumer_of(user)`` returns, with that
+    one input and not yet reading codes, ``link(producer, consumer, relu)`` records the codes the
+    producer will write (``relu``: a ReLU was passed), the consumer is marked ``takes_codes`` and
+    reads the producer directly, and the nodes passed are erased.
+    """
+    chained = 0
+    for node in list(graph.nodes):
+        producer = producer_of(node)
+        if producer is None:
+            continue
+        passed, relu, current = [], False, node
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            user_is_relu = _is_relu(user, modules)
+            if user_is_relu or _is_identity(user, modules):
+                relu = relu or user_is_relu
+                passed.append(user)
+                current = user
+                continue
+            consumer = consumer_of(user)
+            if consumer is not None and not consumer.takes_codes and len(user.args) == 1 and not user.kwargs:
+                link(producer, consumer, relu)
+                consumer.takes_codes = True
+                user.replace_input_with(current, node)
+                for dead in reversed(passed):
+                    graph.erase_node(dead)
+                chained += 1
+            break
+    return chained
+
+
+def _rewritten(module: nn.Module, graph) -> torch.fx.GraphModule:
+    """``graph`` as a module in place of ``module``, keeping arq's model attributes."""
+    rewritten = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
+    for attribute in ("arq_metadata", "arq_quant"):
+        if hasattr(module, attribute):
+            setattr(rewritten, attribute, getattr(module, attribute))
+    return rewritten
+
+
 def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> nn.Module:
     """``module`` with conv -> [ReLU/identity]* -> integer layer pairs chained and, with
     ``residuals``, residual adds moved into convolutions (module docstring).
@@ -309,46 +362,25 @@ def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> nn.Mod
                 setattr(module, name, new_child)
         return module
     modules = dict(module.named_modules())
-    call_sites: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            call_sites[node.target] = call_sites.get(node.target, 0) + 1
-    chained = 0
-    for node in list(graph.nodes):
-        producer = _unfused_conv(node, modules, call_sites)
-        if producer is None:
-            continue
-        passed, relu, current = [], False, node
-        while len(current.users) == 1:
-            user = next(iter(current.users))
-            user_is_relu = _is_relu(user, modules)
-            if user_is_relu or _is_identity(user, modules):
-                relu = relu or user_is_relu
-                passed.append(user)
-                current = user
-                continue
-            consumer = modules.get(user.target) if user.op == "call_module" else None
-            if (isinstance(consumer, (IntegerConv2d, IntegerLinear)) and call_sites[user.target] == 1
-                    and not consumer.takes_codes and len(user.args) == 1 and not user.kwargs):
-                scale, zero_point = consumer.x_scale, consumer.zero_point
-                low = (consumer.code_min - zero_point) * scale
-                producer.output_codes = (scale, zero_point, max(0.0, low) if relu else low,
-                                         (consumer.code_max - zero_point) * scale)
-                consumer.takes_codes = True
-                user.replace_input_with(current, node)
-                for dead in reversed(passed):
-                    graph.erase_node(dead)
-                chained += 1
-            break
+    call_sites = _call_sites(graph)
+
+    def consumer_of(user):
+        layer = modules.get(user.target) if user.op == "call_module" else None
+        return layer if isinstance(layer, (IntegerConv2d, IntegerLinear)) and call_sites[user.target] == 1 else None
+
+    def link(producer, consumer, relu):
+        scale, zero_point = consumer.x_scale, consumer.zero_point
+        low = (consumer.code_min - zero_point) * scale
+        producer.output_codes = (scale, zero_point, max(0.0, low) if relu else low,
+                                 (consumer.code_max - zero_point) * scale)
+
+    chained = _chain_through_activations(graph, modules, lambda node: _unfused_conv(node, modules, call_sites),
+                                         consumer_of, link)
     if residuals:
         chained += _fuse_residuals(graph, modules, call_sites)
     if not chained:
         return module
-    rewritten = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
-    for attribute in ("arq_metadata", "arq_quant"):
-        if hasattr(module, attribute):
-            setattr(rewritten, attribute, getattr(module, attribute))
-    return rewritten
+    return _rewritten(module, graph)
 
 
 _FRESH_OUTPUT_LAYERS = (IntegerConv2d, IntegerLinear, *QUANT_LAYER_TYPES, nn.Conv2d, nn.Linear)

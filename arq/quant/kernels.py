@@ -345,52 +345,31 @@ def _chain_convolutions(model: nn.Module) -> tuple[nn.Module, int]:
     rounding). Returns the rewritten model (a GraphModule; the model itself when nothing is
     chained or it cannot be traced) and the number of chained pairs.
     """
-    from arq.quant.execution import _is_identity, _is_relu
+    from arq.quant.execution import _call_sites, _chain_through_activations, _rewritten
 
     try:
         graph = _PackedTracer().trace(model)
     except Exception:  # data-dependent Python: leave the model as it is
         return model, 0
     modules = dict(model.named_modules())
-    call_sites: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            call_sites[node.target] = call_sites.get(node.target, 0) + 1
+    call_sites = _call_sites(graph)
 
     def single_conv(node) -> PackedConv2d | None:
         layer = modules.get(node.target) if node.op == "call_module" else None
         return layer if isinstance(layer, PackedConv2d) and call_sites[node.target] == 1 else None
 
-    chained = 0
-    for node in list(graph.nodes):
-        producer = single_conv(node)
-        if producer is None or producer.output_codes is not None:
-            continue
-        passed, relu, current = [], False, node
-        while len(current.users) == 1:
-            user = next(iter(current.users))
-            if _is_relu(user, modules) or _is_identity(user, modules):
-                relu = relu or _is_relu(user, modules)
-                passed.append(user)
-                current = user
-                continue
-            consumer = single_conv(user)
-            if consumer is not None and not consumer.takes_codes and len(user.args) == 1 and not user.kwargs:
-                producer.output_codes = (consumer.x_scale, consumer.code_min, consumer.code_max,
-                                         consumer.triton_zero_point, relu)
-                consumer.takes_codes = True
-                user.replace_input_with(current, node)
-                for dead in reversed(passed):
-                    graph.erase_node(dead)
-                chained += 1
-            break
+    def unchained_conv(node) -> PackedConv2d | None:
+        layer = single_conv(node)
+        return layer if layer is not None and layer.output_codes is None else None
+
+    def link(producer, consumer, relu):
+        producer.output_codes = (consumer.x_scale, consumer.code_min, consumer.code_max,
+                                 consumer.triton_zero_point, relu)
+
+    chained = _chain_through_activations(graph, modules, unchained_conv, single_conv, link)
     if not chained:
         return model, 0
-    rewritten = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
-    for attribute in ("arq_metadata", "arq_quant"):
-        if hasattr(model, attribute):
-            setattr(rewritten, attribute, getattr(model, attribute))
-    return rewritten, chained
+    return _rewritten(model, graph), chained
 
 
 @torch.no_grad()
