@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import mmap
 import os
 import struct
 import sys
@@ -18,9 +19,18 @@ _log = logging.getLogger("arq")
 
 
 def elf_needed_libraries(path: str) -> list[str] | None:
-    """The ``DT_NEEDED`` entries of a little-endian ELF64 shared object, or None if it is not one."""
+    """The ``DT_NEEDED`` entries of a little-endian ELF64 shared object, or None if it is not one.
+
+    Mapped, not read: only the headers and the dynamic section are touched, not the megabytes
+    of code (this runs when the compiled ops are first used)."""
     with open(path, "rb") as handle:
-        data = handle.read()
+        if os.fstat(handle.fileno()).st_size < 64:
+            return None
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _needed_from_elf(data)
+
+
+def _needed_from_elf(data) -> list[str] | None:
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return None
     (section_offset,) = struct.unpack_from("<Q", data, 0x28)
@@ -36,7 +46,10 @@ def elf_needed_libraries(path: str) -> list[str] | None:
             tag, value = struct.unpack_from("<qQ", data, section[4] + 16 * j)
             if tag == 1:  # DT_NEEDED
                 start = strings + value
-                needed.append(data[start:data.index(b"\0", start)].decode())
+                end = data.find(b"\0", start)
+                if end < 0:
+                    raise ValueError(f"unterminated DT_NEEDED name at offset {start}")
+                needed.append(data[start:end].decode())
     return needed
 
 
