@@ -92,8 +92,10 @@ class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
     def from_float(cls, conv: nn.Conv2d, bits: LayerBits, config: QuantConfig | None = None) -> "QuantConv2d":
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+        # skip_init: the float layer's weights replace the initial ones, so drawing them would
+        # only consume the caller's random generator
+        layer = nn.utils.skip_init(
+            cls, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
             bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device=conv.weight.device, dtype=conv.weight.dtype,
@@ -114,8 +116,8 @@ class QuantLinear(_QuantLayerMixin, nn.Linear):
     def from_float(cls, linear: nn.Linear, bits: LayerBits, config: QuantConfig | None = None) -> "QuantLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
+        layer = nn.utils.skip_init(
+            cls, linear.in_features, linear.out_features, bias=linear.bias is not None,
             device=linear.weight.device, dtype=linear.weight.dtype,
         )
         return layer._adopt(linear, bits, config)

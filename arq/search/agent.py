@@ -166,8 +166,9 @@ class DDPGAgent:
             torch.default_generator.manual_seed(config.seed)  # not torch.manual_seed: it reseeds CUDA too
             self.actor = Actor(obs_dim, config.hidden, config.init_w)
             self.critic = Critic(obs_dim, config.hidden, config.init_w)
-        self.actor_target = Actor(obs_dim, config.hidden, config.init_w)
-        self.critic_target = Critic(obs_dim, config.hidden, config.init_w)
+            # the targets start as copies; their own initial draws stay off the caller's generator
+            self.actor_target = Actor(obs_dim, config.hidden, config.init_w)
+            self.critic_target = Critic(obs_dim, config.hidden, config.init_w)
         self.actor_target.load_state_dict(self.actor.state_dict())
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)

@@ -232,3 +232,24 @@ def test_finetuning_on_cpu_leaves_the_cuda_generators_alone(mnist, monkeypatch):
     quant.quantize(model, Policy.uniform(model, 4, 4), train_x[:64],
                    finetune=FinetuneConfig(epochs=1, batch_size=32, max_steps=2, seed=3),
                    train_data=(train_x[:128], train_y[:128]))
+
+
+def test_quantize_leaves_the_callers_cpu_generator_alone(mnist):
+    """Quantizing, calibrating and a seeded fine-tune draw only from their own generators:
+    a caller's random stream continues as if quantize had not run."""
+    (train_x, train_y), _ = mnist
+    model = mnist_net(seed=0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 4), train_x[:64],
+                            finetune=FinetuneConfig(epochs=1, batch_size=32, max_steps=2, seed=3),
+                            train_data=(train_x[:128], train_y[:128]))
+    assert torch.equal(torch.get_rng_state(), before)
+    # the initial draws were skipped, not needed: the result does not depend on the caller's seed
+    torch.manual_seed(999)
+    again = quant.quantize(model, Policy.uniform(model, 4, 4), train_x[:64],
+                           finetune=FinetuneConfig(epochs=1, batch_size=32, max_steps=2, seed=3),
+                           train_data=(train_x[:128], train_y[:128]))
+    for (name, a), (_, b) in zip(quant.quantizable_layers(qmodel), quant.quantizable_layers(again)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.weight_scale, b.weight_scale), name
+        assert a.weight.dtype == torch.float32 and torch.isfinite(a.weight).all(), name

@@ -96,3 +96,13 @@ def test_agent_construction_leaves_the_cuda_generators_alone(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
     DDPGAgent(10, 4, DDPGConfig(seed=5))
+
+
+def test_agent_construction_leaves_the_callers_cpu_generator_alone():
+    torch.manual_seed(321)
+    before = torch.get_rng_state()
+    agent = DDPGAgent(10, 4, DDPGConfig(seed=5))
+    assert torch.equal(torch.get_rng_state(), before)
+    for online, target in ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target)):
+        for a, b in zip(online.state_dict().values(), target.state_dict().values()):
+            assert torch.equal(a, b)
