@@ -18,6 +18,12 @@ thousandths is noise. One certify TSV per model (``arq analyze`` reads them),
 the table (Markdown and CSV) and a plot of certified accuracy against radius are written
 to the output folder. Every step resumes: searches from their checkpoints, certification
 after the last complete TSV row.
+
+A full-scale run takes hours per row on a CPU. ``only`` splits it across processes that share
+the output folder: each certifies some rows (each row has its own TSV and policy file, and
+every row is deterministic: its own seeded calibration, fine-tuning and counter-based noise,
+whatever ran before it in the process), and a last call without ``only`` finds every row
+complete and writes the table and plot.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -265,6 +271,7 @@ def compare(
     *,
     policies: dict[str, Policy | Callable[[], tuple[Policy, float | None]]],
     progress: bool = False,
+    only: Collection[str] | None = None,
 ) -> list[ModelRow]:
     """Certify the float model, the uniform baselines and ``policies`` (module docstring).
 
@@ -275,8 +282,11 @@ def compare(
         config: :class:`CompareConfig`.
         policies: ``{label: Policy}`` or ``{label: callable returning (Policy, search seconds)}``
             (a search run only when needed), e.g. ``{"HAQ": ..., "ARQ": ...}``.
+        progress: show a progress bar per row.
+        only: certify just these rows (``"float"``, ``"W4A4"``, ``"HAQ"``, ...) and write no
+            table (module docstring); ``None``: every row, then the table and plot.
     Returns:
-        The :class:`ModelRow` of every model, in table order.
+        The :class:`ModelRow` of every model certified, in table order.
     """
     from arq.analyze import plot_certified_accuracy
     from arq.search.run import take
@@ -287,6 +297,14 @@ def compare(
     sigma = metadata.get("sigma")
     if sigma is None:
         raise ValueError("model.arq_metadata['sigma'] is required: compare certifies at the model's noise level")
+    named: list[tuple[str, Policy | Callable]] = [
+        (f"W{w}A{a}", Policy.uniform(model, w, a)) for w, a in config.uniform] + list(policies.items())
+    if only is not None:
+        labels = ["float"] + [label for label, _ in named]
+        unknown = sorted(set(only) - set(labels))
+        if unknown or not only:
+            raise ValueError(f"only must name rows of this comparison ({', '.join(labels)}), got "
+                             f"{', '.join(unknown) if unknown else 'none'}")
     indices = test_subset(len(test_set), config.images)
     test_images, test_labels = take(test_set, indices)
     input_shape = tuple(test_images.shape[1:])
@@ -306,10 +324,10 @@ def compare(
         rows = certify_rows(candidate, test_set, indices, path, config, progress=progress)
         return ModelRow(label, rows, _clean_accuracy(candidate, test_images, test_labels), share, seconds, policy)
 
-    results = [certified("float", model.eval(), 1.0, None, None)]
-    named: list[tuple[str, Policy | Callable]] = [
-        (f"W{w}A{a}", Policy.uniform(model, w, a)) for w, a in config.uniform] + list(policies.items())
+    results = [certified("float", model.eval(), 1.0, None, None)] if only is None or "float" in only else []
     for label, policy in named:
+        if only is not None and label not in only:
+            continue  # another process certifies it; its search, if any, is not run here
         seconds = None
         if callable(policy) and not isinstance(policy, Policy):
             policy, seconds = policy()
@@ -317,6 +335,8 @@ def compare(
         candidate = quantize(model, policy, train_images[:config.calibration_images], finetune=finetune,
                              train_data=(train_images, train_labels) if finetune else None, config=quant_config)
         results.append(certified(label, candidate, policy_share(model, policy, input_shape), seconds, policy))
+    if only is not None:
+        return results  # the table needs every row: a call without ``only`` writes it
 
     table = format_compare_table(results, config.radii)
     paired = paired_differences(results, [label for label, _ in named[len(config.uniform):]])

@@ -22,6 +22,20 @@ from arq.cli import common
 from arq.cli.search import add_search_options, default_paths, load_model_and_data, run_one_search, search_config
 
 
+def row_labels(text: str) -> tuple[str, ...]:
+    """``"float,w8a8,haq"`` -> ``("float", "W8A8", "HAQ")``: rows of the table, as it names them."""
+    labels = []
+    for item in text.split(","):
+        item = item.strip()
+        if item.lower() == "float":
+            labels.append("float")
+        elif item.upper() in ("HAQ", "ARQ") or re.fullmatch(r"[Ww][2-8][Aa][2-8]", item):
+            labels.append(item.upper())
+        else:
+            raise argparse.ArgumentTypeError(f"expected rows like float,W8A8,HAQ,ARQ, got {item!r}")
+    return tuple(labels)
+
+
 def uniform_policies(text: str) -> tuple[tuple[int, int], ...]:
     """``"W8A8,W4A4"`` -> ``((8, 8), (4, 4))``: the uniform baselines of the table (2-8 bits)."""
     pairs = []
@@ -65,6 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--haq-policy", default=None, help="use this HAQ policy (JSON) instead of searching")
     parser.add_argument("--arq-policy", default=None, help="use this ARQ policy (JSON) instead of searching")
     parser.add_argument("--resume", action="store_true", help="continue searches and certification in --out")
+    parser.add_argument("--only", type=row_labels, default=None,
+                        help="certify only these rows, e.g. float,W8A8 or HAQ (run several such processes on one "
+                             "--out with --resume, then one without --only to write the table)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_search_options(parser)
     parser.set_defaults(run=run)
@@ -86,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise common.CommandError(str(error)) from None
+    if args.only is not None:
+        rows = ["float"] + [f"W{w}A{a}" for w, a in args.uniform] + ["HAQ", "ARQ"]
+        unknown = [label for label in args.only if label not in rows]
+        if unknown:
+            raise common.CommandError(f"--only must name rows of this comparison ({', '.join(rows)}), "
+                                      f"got {', '.join(unknown)}")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
         raise common.CommandError(f"{args.out} is not empty: pass --resume to continue that comparison, or delete it")
     os.makedirs(args.out, exist_ok=True)
@@ -118,9 +141,14 @@ def run(args: argparse.Namespace) -> int:
             policies[label] = searched(reward)
     try:
         results = compare(model, train_set, test_set, args.out, config, policies=policies,
-                          progress=sys.stderr.isatty())  # bars only on a terminal, as arq certify
+                          progress=sys.stderr.isatty(), only=args.only)  # bars only on a terminal
     except ValueError as error:
-        raise common.CommandError(str(error)) from None
+        raise common.CommandError(str(error).replace("only must", "--only must")) from None
+    if args.only is not None:
+        done = ", ".join(f"{row.label} ({len(row.rows)} images)" for row in results)
+        print(f"arq compare: certified {done} in {args.out}; once every row is done, rerun without --only "
+              "and with --resume to write the table", file=sys.stderr)
+        return 0
     with open(os.path.join(args.out, "compare.md"), encoding="utf-8") as handle:
         print(handle.read(), end="")  # the table and the paired differences compare() just wrote
     print(f"arq compare: table in {os.path.join(args.out, 'compare.md')}, plot in "

@@ -119,3 +119,46 @@ def test_compare_cli_rejects_bad_uniform(installed, tmp_path, capsys, text):
     assert main(["compare", "--model", "tiny", "--out", str(tmp_path / "cmp"), "--uniform", text]) == 2
     assert "--uniform" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_cli_only_splits_rows_across_runs(installed, tmp_path, capsys):
+    """Rows certified by separate --only runs on one folder equal a single run's rows, and the
+    run that finds every row done writes the table."""
+    from arq.cli.main import main
+
+    policy = tmp_path / "given.json"
+    Policy.from_haq(installed, [[3, 3], [4, 2], [3, 3]]).save(policy)
+    common = ["--model", "tiny", "--images", "4", "--n", "60", "--n0", "10", "--final-finetune-steps", "2",
+              "--uniform", "W4A4", "--haq-policy", str(policy), "--arq-policy", str(policy), "--radii", "0",
+              *SMALL]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["compare", "--out", str(whole), *common]) == 0
+    assert main(["compare", "--out", str(split), "--only", "arq,w4a4", *common]) == 0
+    assert sorted(p.name for p in split.glob("certify_*.tsv")) == ["certify_ARQ.tsv", "certify_W4A4.tsv"]
+    assert not (split / "compare.md").exists()
+    assert "rerun without --only" in capsys.readouterr().err
+    assert main(["compare", "--out", str(split), "--only", "float,HAQ", "--resume", *common]) == 0
+    assert main(["compare", "--out", str(split), "--resume", *common]) == 0
+
+    def rows(folder, label):  # every column but the time
+        return [line.split("\t")[:-1] for line in (folder / f"certify_{label}.tsv").read_text().splitlines()]
+
+    for label in ("float", "W4A4", "HAQ", "ARQ"):
+        assert rows(split, label) == rows(whole, label), label
+        assert len(rows(split, label)) == 5
+    tables = [(folder / "compare.md").read_text().split("\n\n")[0] for folder in (whole, split)]
+    assert tables[0] == tables[1]
+
+
+@pytest.mark.parametrize("text, message", [("W9A9", "--only"), ("float,W8A8", "W8A8")])
+def test_compare_cli_rejects_bad_only(installed, tmp_path, capsys, text, message):
+    from arq.cli.main import main
+
+    policy = tmp_path / "given.json"
+    Policy.from_haq(installed, [[3, 3], [3, 3], [3, 3]]).save(policy)
+    code = main(["compare", "--model", "tiny", "--out", str(tmp_path / "cmp"), "--uniform", "W4A4", "--only", text,
+                 "--haq-policy", str(policy), "--arq-policy", str(policy), *SMALL])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--only" in err and message in err
+    assert not (tmp_path / "cmp").exists()
