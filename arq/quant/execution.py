@@ -220,6 +220,24 @@ class IntegerConv2d(_IntegerLayer):
                 f"{', takes codes' if self.takes_codes else ''}{chained}{residual}")
 
 
+@torch.library.custom_op("arq::onednn_linear", mutates_args=())
+def _onednn_linear(codes: torch.Tensor, x_scale: float, zero_point: int, packed_weight: torch.Tensor,
+                   w_scale: torch.Tensor, w_zero_point: torch.Tensor, bias: torch.Tensor | None,
+                   out_features: int) -> torch.Tensor:
+    """oneDNN's u8 x s8 linear with float32 output, as one opaque op: Inductor lowers
+    ``onednn.qlinear_pointwise`` only for weights it prepacked itself, and a graph break
+    instead made torch.compile trace every IntegerLinear separately (one frame per layer and
+    batch size, past its recompile limit on a LeNet)."""
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, x_scale, zero_point, packed_weight, w_scale, w_zero_point, bias, 1.0, 0, torch.float32, "none", [], "",
+    )
+
+
+@_onednn_linear.register_fake
+def _(codes, x_scale, zero_point, packed_weight, w_scale, w_zero_point, bias, out_features):
+    return codes.new_empty((codes.shape[0], out_features), dtype=torch.float32)
+
+
 class IntegerLinear(_IntegerLayer):
     """oneDNN int8 linear with float32 output; see the module docstring."""
 
@@ -229,14 +247,9 @@ class IntegerLinear(_IntegerLayer):
         self.out_features = weight_codes.shape[0]
         self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(weight_codes, None), persistent=False)
 
-    # Inductor lowers qlinear only for weights it prepacked itself; keep it out of compiled graphs
-    # (one graph break at the classifier, negligible next to the convolutions).
-    @torch.compiler.disable
     def _linear(self, codes, zero_point, bias):
-        return torch.ops.onednn.qlinear_pointwise(
-            codes, self.x_scale, zero_point, self.packed_weight, self.w_scale, self.w_zero_point, bias,
-            1.0, 0, torch.float32, "none", [], "",
-        )
+        return _onednn_linear(codes, self.x_scale, zero_point, self.packed_weight, self.w_scale, self.w_zero_point,
+                              bias, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]

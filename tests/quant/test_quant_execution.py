@@ -126,19 +126,30 @@ def test_to_integer_rejects_float_and_non_cpu_models():
 
 @pytest.mark.slow
 def test_compiled_integer_model_matches_eager():
+    """One graph per batch size: the linear layers (oneDNN qlinear behind arq::onednn_linear)
+    no longer break it, which made torch.compile trace every layer alone (LeNet: past the
+    recompile limit)."""
+    import torch._dynamo
+
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4),
     ).eval()
     x = torch.rand(16, 3, 16, 16)
     qmodel = quant.quantize(model, Policy.uniform(model, 4, 8), x)
     eager = to_integer(qmodel)
     compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     with torch.no_grad():
-        expected = eager(x)
-        result = compiled(x)
-    torch.testing.assert_close(result, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+        for batch in (x, x[:5]):
+            expected = eager(batch)
+            result = compiled(batch)
+            torch.testing.assert_close(result, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
 def _chained(model):
