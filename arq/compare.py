@@ -41,8 +41,9 @@ from torch import nn
 from arq.quant import FinetuneConfig, Policy, QuantConfig, quantize
 from arq.search.budget import policy_share
 
-__all__ = ["CompareConfig", "ModelRow", "PairedDifference", "certify_rows", "compare", "format_compare_table",
-           "format_paired_differences", "paired_acr_difference", "paired_differences", "test_subset"]
+__all__ = ["CompareConfig", "ModelRow", "PairedDifference", "certify_rows", "check_rows", "compare",
+           "format_compare_table", "format_paired_differences", "paired_acr_difference", "paired_differences",
+           "table_rows", "test_subset", "uniform_label"]
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -262,6 +263,24 @@ def format_paired_differences(differences: Sequence[PairedDifference]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def uniform_label(w_bits: int, a_bits: int) -> str:
+    """A uniform baseline's row: ``W4A4``."""
+    return f"W{w_bits}A{a_bits}"
+
+
+def table_rows(uniform: Sequence[tuple[int, int]], searched: Sequence[str]) -> list[str]:
+    """The table's rows in order: ``float``, each uniform baseline, the searched labels."""
+    return ["float"] + [uniform_label(w, a) for w, a in uniform] + list(searched)
+
+
+def check_rows(only: Collection[str], labels: Sequence[str], name: str = "only") -> None:
+    """ValueError naming ``name`` unless ``only`` is a non-empty selection of ``labels``."""
+    unknown = sorted(set(only) - set(labels))
+    if unknown or not only:
+        raise ValueError(f"{name} must name rows of this comparison ({', '.join(labels)}), got "
+                         f"{', '.join(unknown) if unknown else 'none'}")
+
+
 def compare(
     model: nn.Module,
     train_set,
@@ -298,13 +317,9 @@ def compare(
     if sigma is None:
         raise ValueError("model.arq_metadata['sigma'] is required: compare certifies at the model's noise level")
     named: list[tuple[str, Policy | Callable]] = [
-        (f"W{w}A{a}", Policy.uniform(model, w, a)) for w, a in config.uniform] + list(policies.items())
+        (uniform_label(w, a), Policy.uniform(model, w, a)) for w, a in config.uniform] + list(policies.items())
     if only is not None:
-        labels = ["float"] + [label for label, _ in named]
-        unknown = sorted(set(only) - set(labels))
-        if unknown or not only:
-            raise ValueError(f"only must name rows of this comparison ({', '.join(labels)}), got "
-                             f"{', '.join(unknown) if unknown else 'none'}")
+        check_rows(only, table_rows(config.uniform, list(policies)))
     indices = test_subset(len(test_set), config.images)
     test_images, test_labels = take(test_set, indices)
     input_shape = tuple(test_images.shape[1:])

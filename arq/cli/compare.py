@@ -22,6 +22,9 @@ from arq.cli import common
 from arq.cli.search import add_search_options, default_paths, load_model_and_data, run_one_search, search_config
 
 
+_UNIFORM = re.compile(r"\s*[Ww]([2-8])[Aa]([2-8])\s*")
+
+
 def row_labels(text: str) -> tuple[str, ...]:
     """``"float,w8a8,haq"`` -> ``("float", "W8A8", "HAQ")``: rows of the table, as it names them."""
     labels = []
@@ -29,7 +32,7 @@ def row_labels(text: str) -> tuple[str, ...]:
         item = item.strip()
         if item.lower() == "float":
             labels.append("float")
-        elif item.upper() in ("HAQ", "ARQ") or re.fullmatch(r"[Ww][2-8][Aa][2-8]", item):
+        elif item.upper() in ("HAQ", "ARQ") or _UNIFORM.fullmatch(item):
             labels.append(item.upper())
         else:
             raise argparse.ArgumentTypeError(f"expected rows like float,W8A8,HAQ,ARQ, got {item!r}")
@@ -40,7 +43,7 @@ def uniform_policies(text: str) -> tuple[tuple[int, int], ...]:
     """``"W8A8,W4A4"`` -> ``((8, 8), (4, 4))``: the uniform baselines of the table (2-8 bits)."""
     pairs = []
     for item in text.split(","):
-        match = re.fullmatch(r"\s*[Ww]([2-8])[Aa]([2-8])\s*", item)
+        match = _UNIFORM.fullmatch(item)
         if match is None:
             raise argparse.ArgumentTypeError("expected a comma-separated list like W8A8,W4A4 (weight and "
                                              f"activation bits 2-8), got {item.strip()!r}")
@@ -90,7 +93,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from arq.analyze import parse_radii
-    from arq.compare import CompareConfig, compare
+    from arq.compare import CompareConfig, check_rows, compare, table_rows
     from arq.quant import Policy
 
     try:
@@ -103,12 +106,11 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise common.CommandError(str(error)) from None
-    if args.only is not None:
-        rows = ["float"] + [f"W{w}A{a}" for w, a in args.uniform] + ["HAQ", "ARQ"]
-        unknown = [label for label in args.only if label not in rows]
-        if unknown:
-            raise common.CommandError(f"--only must name rows of this comparison ({', '.join(rows)}), "
-                                      f"got {', '.join(unknown)}")
+    if args.only is not None:  # before the output folder or any data exist
+        try:
+            check_rows(args.only, table_rows(args.uniform, ["HAQ", "ARQ"]), name="--only")
+        except ValueError as error:
+            raise common.CommandError(str(error)) from None
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
         raise common.CommandError(f"{args.out} is not empty: pass --resume to continue that comparison, or delete it")
     os.makedirs(args.out, exist_ok=True)
@@ -143,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         results = compare(model, train_set, test_set, args.out, config, policies=policies,
                           progress=sys.stderr.isatty(), only=args.only)  # bars only on a terminal
     except ValueError as error:
-        raise common.CommandError(str(error).replace("only must", "--only must")) from None
+        raise common.CommandError(str(error)) from None
     if args.only is not None:
         done = ", ".join(f"{row.label} ({len(row.rows)} images)" for row in results)
         print(f"arq compare: certified {done} in {args.out}; once every row is done, rerun without --only "
