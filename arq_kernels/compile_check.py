@@ -85,12 +85,15 @@ def _variants():
 
     # -- packed linear / conv: every bit width, each epilogue kind --------------------------------
     gemm_types = {"x_ptr": "*i8", "w_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "wsum_ptr": "*i32",
-                  "x_scale": "fp32", "res_scale": "fp32", "out_scale": "fp32"}
+                  "codes_ptr": "*i8", "x_scale": "fp32", "res_scale": "fp32", "out_scale": "fp32"}
     epilogues = [
         ("raw", {"res_ptr": "*i32", "out_ptr": "*i32"}, dict(HAS_BIAS=False, RELU=False, RES_MODE=0, OUT_MODE=0, OUT_DTYPE=tl.int32)),
         ("int8+res+relu", {"res_ptr": "*i8", "out_ptr": "*i8"}, dict(HAS_BIAS=True, RELU=True, RES_MODE=2, OUT_MODE=2, OUT_DTYPE=tl.int8)),
         ("fp16+res", {"res_ptr": "*fp32", "out_ptr": "*fp16"}, dict(HAS_BIAS=True, RELU=False, RES_MODE=1, OUT_MODE=1, OUT_DTYPE=tl.float16)),
         ("bf16", {"res_ptr": "*bf16", "out_ptr": "*bf16"}, dict(HAS_BIAS=True, RELU=True, RES_MODE=0, OUT_MODE=1, OUT_DTYPE=tl.bfloat16)),
+        # float32 and its int8 codes (codes_also): a fused ResNet block output
+        ("fp32+codes+res+relu", {"res_ptr": "*fp32", "out_ptr": "*fp32"},
+         dict(HAS_BIAS=True, RELU=True, RES_MODE=1, OUT_MODE=3, OUT_DTYPE=tl.float32)),
     ]
     blocks = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
     for bits in range(2, 9):
@@ -110,9 +113,10 @@ def _variants():
             {"num_warps": 4, "num_stages": 3, **fused},
         ))
     # -- the narrow tiles of the n16 / n32 buckets (CIFAR ResNet widths), as configs/*.json hold them
-    for block_n, block_k, bits in [(16, 32, 4), (32, 64, 8)]:
+    for block_n, block_k, bits, which in [(16, 32, 4, 1), (32, 64, 8, 1), (16, 32, 4, 4), (64, 64, 8, 4)]:
         narrow = {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
-        label, ptrs, epi = epilogues[1]  # int8 codes out, residual, ReLU: a chained ResNet conv
+        # int8 codes out (a chained conv1), or float and codes with the residual (a block's conv2)
+        label, ptrs, epi = epilogues[which]
         variants.append((
             f"packed_conv2d[3x3, b{bits}, {label}, n{block_n}]", packed_conv._packed_conv2d_kernel,
             {**gemm_types, **ptrs},

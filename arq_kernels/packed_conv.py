@@ -61,8 +61,9 @@ CANDIDATES = CANDIDATES_GEMM
 
 @triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point", "x_zero_point"])
 def _packed_conv2d_kernel(
-    # pointers (wsum_ptr: int32 [N] weight row sums, read when X_ZP)
-    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, wsum_ptr,
+    # pointers (wsum_ptr: int32 [N] weight row sums, read when X_ZP; codes_ptr: the int8 codes of
+    # the float output, written when OUT_MODE == 3)
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr, wsum_ptr,
     # sizes: input [B, H, W, C], output [B, OH, OW, N] seen as [M, N], K = KH * KW * C
     H, W, C, OH, OW, M, N, K,
     # geometry
@@ -115,7 +116,7 @@ def _packed_conv2d_kernel(
     if X_ZP:
         acc = acc - x_zero_point * tl.load(wsum_ptr + n, mask=n < N, other=0)[None, :]
 
-    epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr,
                    N, 1, N, 1,
                    x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
                    HAS_BIAS, RELU, RES_MODE, OUT_MODE, OUT_DTYPE)
@@ -177,9 +178,10 @@ def packed_conv2d(
     qmax: int | None = None,
     x_zero_point: int = 0,
     weight_sums: torch.Tensor | None = None,
+    codes_also: tuple[float, int, int, int] | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """2-D convolution of int8 NHWC codes with packed 2-8 bit weights, fused epilogue.
 
     Args:
@@ -191,12 +193,13 @@ def packed_conv2d(
         kernel_size, stride, padding: ints or (h, w) pairs (dilation 1, groups 1).
         relu, residual, residual_scale, out_scale, out_dtype, out_zero_point, qmin, qmax: the epilogue of
             :func:`arq_kernels.packed_matmul.packed_linear`; ``residual`` is ``[B, OH, OW, N]``.
-        x_zero_point, weight_sums: as :func:`arq_kernels.packed_matmul.packed_linear`.
+        x_zero_point, weight_sums, codes_also: as :func:`arq_kernels.packed_matmul.packed_linear`.
         out: optional preallocated contiguous ``[B, OH, OW, N]`` output.
         config: launch config override.
 
     Returns:
-        ``[B, OH, OW, N]`` (NHWC, contiguous) in ``out_dtype``: the next layer's input as is.
+        ``[B, OH, OW, N]`` (NHWC, contiguous) in ``out_dtype``: the next layer's input as is; with
+        ``codes_also``, ``(out, codes)``, codes int8 ``[B, OH, OW, N]`` (a packed layer's input).
     """
     values, (kh, kw), (sh, sw), (ph, pw), (batch, h, w, c), (oh, ow), k = _geometry(
         x_nhwc_int8, packed_weight, w_bits, kernel_size, stride, padding
@@ -214,17 +217,20 @@ def packed_conv2d(
         residual = residual.contiguous()
     epi = EpilogueArgs(m, n, device, scales, bias, relu,
                        residual.reshape(m, n) if residual is not None else None, residual_scale, x_scale,
-                       out_scale, out_dtype, out_zero_point, qmin, qmax)
+                       out_scale, out_dtype, out_zero_point, qmin, qmax, codes_also)
     out = epi.output((batch, oh, ow, n), device, out)
+    codes = epi.codes_output((batch, oh, ow, n), device)
+    result = out if codes is None else (out, codes)
     if m == 0 or n == 0:
-        return out
+        return result
     cfg = dict(config) if config is not None else pick_config("packed_conv", device, width_buckets(n))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     x = x_nhwc_int8
     wsum = zero_point_weight_sums(x_zero_point, weight_sums, packed_weight, w_bits, k)
     _packed_conv2d_kernel[grid](
         x, packed_weight, scales, bias if bias is not None else scales,
-        residual if residual is not None else out, out, wsum if wsum is not None else packed_weight,
+        residual if residual is not None else out, out, codes if codes is not None else out,
+        wsum if wsum is not None else packed_weight,
         h, w, c, oh, ow, m, n, k,
         sh, sw, ph, pw,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), packed_weight.stride(0),
@@ -235,7 +241,7 @@ def packed_conv2d(
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
         **launch_options(cfg),
     )
-    return out
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +268,8 @@ def exact_int_conv2d_nhwc(x_nhwc: torch.Tensor, q: torch.Tensor, kernel_hw, stri
 def packed_conv2d_reference(
     x_nhwc_int8, packed_weight, w_bits, scales, bias=None, *, kernel_size, stride=1, padding=0, relu=False,
     residual=None, out_scale=None, x_scale=1.0, residual_scale=None, out_dtype=None, out_zero_point=0,
-    qmin=None, qmax=None, x_zero_point=0, weight_sums=None, out=None, config=None,
-) -> torch.Tensor:
+    qmin=None, qmax=None, x_zero_point=0, weight_sums=None, codes_also=None, out=None, config=None,
+):
     """Plain-torch :func:`packed_conv2d`: unpack, exact convolution of ``x - z`` (zero padding), the
     same float32 epilogue."""
     _, kernel_hw, strides, pads, (batch, _, _, _), (oh, ow), k = _geometry(
@@ -274,10 +280,17 @@ def packed_conv2d_reference(
     m = batch * oh * ow
     res2d = residual.reshape(m, n) if residual is not None else None
     epi = EpilogueArgs(m, n, x_nhwc_int8.device, scales, bias, relu, res2d, residual_scale, x_scale,
-                       out_scale, out_dtype, out_zero_point, qmin, qmax)
+                       out_scale, out_dtype, out_zero_point, qmin, qmax, codes_also)
     codes = x_nhwc_int8.to(torch.int16) - int(x_zero_point)
     acc = exact_int_conv2d_nhwc(codes, q, kernel_hw, strides, pads).reshape(m, n)
-    result = epilogue_reference(acc, epi, scales, bias, relu, res2d).reshape(batch, oh, ow, n)
+    result = epilogue_reference(acc, epi, scales, bias, relu, res2d)
+    if isinstance(result, tuple):
+        y, y_codes = (part.reshape(batch, oh, ow, n) for part in result)
+        if out is not None:
+            out.copy_(y)
+            y = out
+        return y, y_codes
+    result = result.reshape(batch, oh, ow, n)
     if out is not None:
         out.copy_(result)
         return out

@@ -21,6 +21,7 @@ when no multiply-add is contracted, which ``enable_fp_fusion=False`` guarantees)
     y = y + residual[m, n]                         # float, or codes * residual_scale
     y = max(y, 0)                                  # ReLU
     out = y | quantize(y, out_scale) | acc         # float / int8, uint8 codes / raw int32
+    codes = quantize(y, out_scale)                 # with ``codes_also``: float32 y and int8 codes
 
 Outline: candidate configs (``configs/packed_matmul.json``), Triton helpers (shared with
 :mod:`arq_kernels.packed_conv`), kernel, launcher :func:`packed_linear`, plain-torch references
@@ -154,7 +155,7 @@ def unpack_weight_words(w_ptr, k0, n, num_words, N, stride_wn,
 @triton.jit
 def epilogue_store(
     acc, m, n, M, N,
-    w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr,
     stride_rm, stride_rn, stride_om, stride_on,
     x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, RES_MODE: tl.constexpr,
@@ -163,7 +164,9 @@ def epilogue_store(
     """Scale, bias, residual, ReLU, (re)quantize and store an int32 ``[BLOCK_M, BLOCK_N]`` tile.
 
     RES_MODE: 0 none, 1 float residual, 2 integer codes times ``res_scale``.
-    OUT_MODE: 0 raw int32 accumulator, 1 float (OUT_DTYPE), 2 int8/uint8 codes (OUT_DTYPE).
+    OUT_MODE: 0 raw int32 accumulator, 1 float (OUT_DTYPE), 2 int8/uint8 codes (OUT_DTYPE),
+    3 float32 to ``out_ptr`` and its int8 codes to ``codes_ptr`` (same strides): a result that
+    feeds both float users and a packed layer.
     """
     m_ok = m < M
     n_ok = n < N
@@ -188,6 +191,9 @@ def epilogue_store(
             tl.store(out_ptrs, quantize_codes(y, out_scale, q_lo, q_hi, zero_point).to(OUT_DTYPE), mask=mask)
         else:
             tl.store(out_ptrs, to_float_dtype(y, OUT_DTYPE), mask=mask)
+        if OUT_MODE == 3:
+            codes_ptrs = codes_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :] * stride_on
+            tl.store(codes_ptrs, quantize_codes(y, out_scale, q_lo, q_hi, zero_point).to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -210,8 +216,9 @@ def tile_indices(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 @triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point", "x_zero_point"])
 def _packed_linear_kernel(
-    # pointers (wsum_ptr: int32 [N] sums of each weight row, read when X_ZP)
-    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, wsum_ptr,
+    # pointers (wsum_ptr: int32 [N] sums of each weight row, read when X_ZP; codes_ptr: int8 [M, N]
+    # codes of the float output, written when OUT_MODE == 3)
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr, wsum_ptr,
     # sizes
     M, N, K,
     # strides (the packed weight's word stride is 1)
@@ -245,7 +252,7 @@ def _packed_linear_kernel(
     if X_ZP:  # sum_k (x - z) q = sum_k x q - z sum_k q
         acc = acc - x_zero_point * tl.load(wsum_ptr + n, mask=n < N, other=0)[None, :]
 
-    epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr,
                    stride_rm, stride_rn, stride_om, stride_on,
                    x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
                    HAS_BIAS, RELU, RES_MODE, OUT_MODE, OUT_DTYPE)
@@ -260,7 +267,7 @@ class EpilogueArgs:
     """Checked epilogue settings shared by packed_linear and packed_conv2d."""
 
     def __init__(self, m, n, device, scales, bias, relu, residual, residual_scale, x_scale,
-                 out_scale, out_dtype, out_zero_point, qmin, qmax):
+                 out_scale, out_dtype, out_zero_point, qmin, qmax, codes_also=None):
         if scales is None or scales.shape != (n,) or scales.dtype != torch.float32 or scales.device != device:
             raise ValueError(f"scales must be float32 [{n}] on {device}")
         if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32 or bias.device != device):
@@ -295,12 +302,35 @@ class EpilogueArgs:
         self.out_dtype = out_dtype
         self.out_mode = 0 if self.raw else (2 if self.codes else 1)
         self.tl_out = tl.int32 if self.raw else (_OUT_CODES[out_dtype] if self.codes else _OUT_FLOAT[out_dtype])
+        self.codes_also = None
+        if codes_also is not None:
+            # the codes must be those of the stored float32 value (what the next layer would read)
+            if out_dtype != torch.float32:
+                raise ValueError(f"codes_also needs a float32 output, got out_dtype={out_dtype}")
+            try:
+                codes_scale, code_lo, code_hi, codes_zero_point = codes_also
+                codes_scale = float(codes_scale)
+                code_lo, code_hi, codes_zero_point = int(code_lo), int(code_hi), int(codes_zero_point)
+            except (TypeError, ValueError):
+                raise ValueError(f"codes_also must be (scale, q_lo, q_hi, zero_point), got {codes_also!r}") from None
+            if not codes_scale > 0.0:
+                raise ValueError(f"codes_also's scale must be > 0, got {codes_scale}")
+            if not -128 <= code_lo + codes_zero_point <= code_hi + codes_zero_point <= 127:
+                raise ValueError(f"codes_also's levels [{code_lo}, {code_hi}] + zero point {codes_zero_point} "
+                                 "do not fit int8")
+            self.codes_also = (codes_scale, code_lo, code_hi, codes_zero_point)
+            self.out_mode = 3
+            out_scale, out_zero_point, (self.q_lo, self.q_hi) = codes_scale, codes_zero_point, (code_lo, code_hi)
         self.scalars = (
             as_float32(x_scale),
             as_float32(residual_scale) if residual_scale is not None else 1.0,
             as_float32(out_scale) if out_scale is not None else 1.0,
             self.q_lo, self.q_hi, int(out_zero_point),
         )
+
+    def codes_output(self, shape, device):
+        """The int8 codes tensor of ``codes_also`` (None without it)."""
+        return torch.empty(shape, dtype=torch.int8, device=device) if self.codes_also is not None else None
 
     def output(self, shape, device, out):
         if out is None:
@@ -348,9 +378,10 @@ def packed_linear(
     in_features: int | None = None,
     x_zero_point: int = 0,
     weight_sums: torch.Tensor | None = None,
+    codes_also: tuple[float, int, int, int] | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``out[m, n] = epilogue(sum_k (x[m, k] - z) q[n, k])`` for int8 ``x [M, K]`` and packed ``q``.
 
     Args:
@@ -372,11 +403,14 @@ def packed_linear(
             accumulator (exact: the true sum is below 2^31 for K <= 65535).
         weight_sums: int32 ``[N]`` row sums of the unpacked weight (computed when None and z != 0;
             layers pass theirs once).
+        codes_also: ``(scale, q_lo, q_hi, zero_point)``: with a float32 output, also write the int8
+            codes ``clamp(round(y / scale), q_lo, q_hi) + zero_point`` of it (a packed consumer's
+            input, bit for bit what quantizing the stored output would give).
         out: optional preallocated contiguous ``[M, N]`` output.
         config: launch config override.
 
     Returns:
-        ``[M, N]`` in ``out_dtype``.
+        ``[M, N]`` in ``out_dtype``; with ``codes_also``, ``(out, codes)`` (codes int8 ``[M, N]``).
     """
     values = _check_bits(w_bits)
     if x_int8.dim() != 2 or x_int8.dtype != torch.int8:
@@ -392,10 +426,12 @@ def packed_linear(
         raise ValueError("x_int8 and packed_weight must be on the same device")
     n = packed_weight.shape[0]
     epi = EpilogueArgs(m, n, x_int8.device, scales, bias, relu, residual, residual_scale, x_scale,
-                       out_scale, out_dtype, out_zero_point, qmin, qmax)
+                       out_scale, out_dtype, out_zero_point, qmin, qmax, codes_also)
     out = epi.output((m, n), x_int8.device, out)
+    codes = epi.codes_output((m, n), x_int8.device)
+    result = out if codes is None else (out, codes)
     if m == 0 or n == 0:
-        return out
+        return result
     if k == 0:
         raise ValueError("K must be >= 1")
     cfg = dict(config) if config is not None else pick_config("packed_matmul", x_int8.device, width_buckets(n))
@@ -404,7 +440,7 @@ def packed_linear(
     wsum = zero_point_weight_sums(x_zero_point, weight_sums, packed_weight, w_bits, k)
     _packed_linear_kernel[grid](
         x_int8, packed_weight, scales, bias if bias is not None else scales, res, out,
-        wsum if wsum is not None else packed_weight,
+        codes if codes is not None else out, wsum if wsum is not None else packed_weight,
         m, n, k,
         x_int8.stride(0), x_int8.stride(1), packed_weight.stride(0),
         res.stride(0), res.stride(1), out.stride(0), out.stride(1),
@@ -415,7 +451,7 @@ def packed_linear(
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
         **launch_options(cfg),
     )
-    return out
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,22 +488,27 @@ def epilogue_reference(acc: torch.Tensor, epi: EpilogueArgs, scales, bias, relu,
         y = torch.clamp_min(y, 0.0)
     if epi.codes:
         return quantize_reference(y, out_scale, q_lo, q_hi, zero_point, epi.out_dtype)
+    if epi.codes_also is not None:
+        return y, quantize_reference(y, out_scale, q_lo, q_hi, zero_point, torch.int8)
     return y.to(epi.out_dtype)
 
 
 def packed_linear_reference(
     x_int8, packed_weight, w_bits, scales, bias=None, *, x_scale=1.0, relu=False, residual=None,
     residual_scale=None, out_scale=None, out_dtype=None, out_zero_point=0, qmin=None, qmax=None,
-    in_features=None, x_zero_point=0, weight_sums=None, out=None, config=None,
-) -> torch.Tensor:
+    in_features=None, x_zero_point=0, weight_sums=None, codes_also=None, out=None, config=None,
+):
     """Plain-torch :func:`packed_linear`: unpack, exact int64 matmul of ``x - z``, the same float32 epilogue."""
     m, k = x_int8.shape
     q = unpack_weights(packed_weight, w_bits, k)
     epi = EpilogueArgs(m, q.shape[0], x_int8.device, scales, bias, relu, residual, residual_scale, x_scale,
-                       out_scale, out_dtype, out_zero_point, qmin, qmax)
+                       out_scale, out_dtype, out_zero_point, qmin, qmax, codes_also)
     codes = x_int8.to(torch.int16) - int(x_zero_point)
     result = epilogue_reference(exact_int_matmul(codes, q), epi, scales, bias, relu, residual)
     if out is not None:
+        if isinstance(result, tuple):
+            out.copy_(result[0])
+            return out, result[1]
         out.copy_(result)
         return out
     return result

@@ -17,9 +17,13 @@ docs/design.md, K in ``(kh, kw, c)`` order for a convolution), a packed layer co
 A convolution runs on NHWC codes and returns its NHWC result as an NCHW float32 tensor in
 channels_last layout (a view, no copy; the next packed layer then reads it without a layout
 copy), so everything between layers (normalization, ReLU, pooling, residual adds) is the same
-float32 code as in the fake-quant model. With the Triton backend, a convolution whose output
-only feeds another packed convolution (through ReLUs or identities) writes that layer's int8
-codes directly (:func:`_chain_convolutions`): the same codes, without the float tensor.
+float32 code as in the fake-quant model. With the Triton backend, :func:`_chain_convolutions`
+moves work between layers into the convolutions' epilogues, with the same float32 values and
+codes as the unfused model: a convolution whose output only feeds another packed convolution
+(through ReLUs or identities) writes that layer's int8 codes instead of its float output; a
+residual add (and the ReLU after it) moves into the convolution before it; and a convolution
+whose output feeds a packed convolution and other users writes both its float output and the
+consumer's codes, so no separate quantization pass reads it again.
 
 Which kernel runs (``backend``, recorded as each packed layer's ``backend`` attribute):
 
@@ -208,17 +212,24 @@ class PackedConv2d(_PackedLayer):
         self.stride = int(layer.stride[0])
         self.padding = _symmetric_padding(layer)
         self._init_packed(layer, backend)
-        # set by to_kernels' chaining (Triton only): this layer writes the next one's int8 NHWC
-        # codes (scale, q_lo, q_hi, zero point, ReLU before them), and/or reads such codes
+        # set by to_kernels' fusion (Triton only, _chain_convolutions): this layer writes the next
+        # one's int8 NHWC codes instead of its float output (scale, q_lo, q_hi, zero point, ReLU
+        # before them), or its float output and such codes (codes_also: the same minus the ReLU,
+        # which epilogue_relu covers); reads such codes (takes_codes); adds a float residual
+        # (forward's ``residual``) and applies a ReLU in its epilogue (epilogue_relu)
         self.output_codes: tuple[float, int, int, int, bool] | None = None
+        self.codes_also: tuple[float, int, int, int] | None = None
         self.takes_codes = False
+        self.epilogue_relu = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         backend = self._backend_for(x.device)
         if backend == "triton":
-            return self._triton(x)
-        if self.output_codes is not None or self.takes_codes:
-            raise RuntimeError("a chained PackedConv2d runs on the Triton backend only")
+            return self._triton(x, residual)
+        if (self.output_codes is not None or self.codes_also is not None or self.takes_codes
+                or self.epilogue_relu or residual is not None):
+            raise RuntimeError("a fused PackedConv2d (to_kernels with backend='triton') runs on the Triton "
+                               "backend only")
         from arq import ops
 
         # channels_last codes: the NHWC permute is then a contiguous view
@@ -228,20 +239,33 @@ class PackedConv2d(_PackedLayer):
                                 kh, kw, self.stride, self.padding, backend=backend)
         return out.permute(0, 3, 1, 2)  # NCHW in channels_last layout: a view of the NHWC result
 
-    def _triton(self, x: torch.Tensor) -> torch.Tensor:
-        """The float32 NCHW (channels_last) result, or, when chained, the next layer's int8 NHWC codes;
-        reading ``x`` as such codes when ``takes_codes``."""
+    def _triton(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The float32 NCHW (channels_last) result ``relu?(conv(x) + residual?)``; when fused, the next
+        layer's int8 NHWC codes instead, or ``(result, codes)``; reading ``x`` as such codes when
+        ``takes_codes``."""
         import arq_kernels
 
         codes = x if self.takes_codes else self._triton_input(x)
-        common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, **self._triton_args())
-        if self.output_codes is None:
-            out = arq_kernels.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, **common)
-            return out.permute(0, 3, 1, 2)
-        scale, q_lo, q_hi, zero_point, relu = self.output_codes
-        return arq_kernels.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, relu=relu,
-                                         out_scale=scale, out_dtype=torch.int8, out_zero_point=zero_point,
-                                         qmin=q_lo, qmax=q_hi, **common)
+        common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                      relu=self.epilogue_relu, **self._triton_args())
+        if residual is not None:
+            if residual.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"the fused residual must be a float32/16 or bfloat16 tensor, got {residual.dtype}")
+            # exact widening, as torch's float32 + float16 promotion does; NCHW -> NHWC (a view
+            # for channels_last, the layout the packed layers return)
+            common["residual"] = residual.to(torch.float32).permute(0, 2, 3, 1)
+        if self.output_codes is not None:
+            scale, q_lo, q_hi, zero_point, relu = self.output_codes
+            common["relu"] = common["relu"] or relu
+            return arq_kernels.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias,
+                                             out_scale=scale, out_dtype=torch.int8, out_zero_point=zero_point,
+                                             qmin=q_lo, qmax=q_hi, **common)
+        if self.codes_also is not None:
+            out, next_codes = arq_kernels.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale,
+                                                        self.bias, codes_also=self.codes_also, **common)
+            return out.permute(0, 3, 1, 2), next_codes
+        out = arq_kernels.packed_conv2d(codes, self.packed_weight, self.w_bits, self.w_scale, self.bias, **common)
+        return out.permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -334,42 +358,149 @@ class _PackedTracer(torch.fx.Tracer):
             module, qualified_name)
 
 
-def _chain_convolutions(model: nn.Module) -> tuple[nn.Module, int]:
-    """Triton: ``PackedConv2d -> [ReLU / Identity]* -> PackedConv2d`` pairs pass int8 NHWC codes.
+def _chain_convolutions(model: nn.Module, shared: set[int] | None = None) -> tuple[nn.Module, dict[str, int]]:
+    """Triton: move the work between packed convolutions into their epilogues (traced with torch.fx).
 
-    Where a convolution's output reaches another packed convolution only (each node between has
-    one user, and both layers have one call site), the producer's epilogue applies the ReLU and
-    quantizes to the consumer's codes (``out_scale`` = its step, its levels and zero point), and
-    the consumer reads them as they are: no float output, no quantize pass. The codes are the
-    unchained path's bit for bit (the same float32 epilogue value, the same exact quotient and
-    rounding). Returns the rewritten model (a GraphModule; the model itself when nothing is
-    chained or it cannot be traced) and the number of chained pairs.
+    Three rewrites, each giving the unfused model's float32 values and codes bit for bit (the
+    epilogue computes the same float32 value, then the same exact quotient and rounding):
+
+    1. ``conv -> [ReLU / Identity]* -> conv``, each node between with one user: the producer
+       applies the ReLU and writes the consumer's int8 NHWC codes (``out_scale`` = its step, its
+       levels and zero point); the consumer reads them as they are ("chained").
+    2. ``conv -> [Identity]* -> add(residual) -> [ReLU]``: the add and the ReLU move into the
+       convolution's epilogue, which reads the float residual (computed before it in the graph)
+       ("residuals").
+    3. A convolution whose output (after rewrite 2, through single-user ReLUs / identities) feeds
+       a packed convolution and other users: it writes its float32 output and, in the same pass,
+       that consumer's codes (``codes_also``); the consumer reads the codes ("chained").
+
+    Only layers called once and not shared under two names take part. Where the model cannot be
+    traced as a whole (data-dependent Python, such as an input check), its children are
+    rewritten one by one. Returns the model (a GraphModule where rewritten) and the counts.
     """
     from arq.quant.execution import _call_sites, _chain_through_activations, _rewritten
 
+    if shared is None:
+        seen: dict[int, int] = {}
+        for _, module in model.named_modules(remove_duplicate=False):
+            seen[id(module)] = seen.get(id(module), 0) + 1
+        shared = {key for key, count in seen.items() if count > 1}
+    counts = {"chained": 0, "residuals": 0}
     try:
         graph = _PackedTracer().trace(model)
-    except Exception:  # data-dependent Python: leave the model as it is
-        return model, 0
+    except Exception:  # not traceable as a whole: the parts
+        for name, child in list(model.named_children()):
+            if isinstance(child, PACKED_LAYER_TYPES):
+                continue
+            new_child, child_counts = _chain_convolutions(child, shared)
+            if new_child is not child:
+                setattr(model, name, new_child)
+            for key in counts:
+                counts[key] += child_counts[key]
+        return model, counts
     modules = dict(model.named_modules())
     call_sites = _call_sites(graph)
 
     def single_conv(node) -> PackedConv2d | None:
         layer = modules.get(node.target) if node.op == "call_module" else None
-        return layer if isinstance(layer, PackedConv2d) and call_sites[node.target] == 1 else None
+        if isinstance(layer, PackedConv2d) and call_sites[node.target] == 1 and id(layer) not in shared:
+            return layer
+        return None
 
     def unchained_conv(node) -> PackedConv2d | None:
         layer = single_conv(node)
-        return layer if layer is not None and layer.output_codes is None else None
+        return layer if layer is not None and layer.output_codes is None and layer.codes_also is None else None
 
     def link(producer, consumer, relu):
         producer.output_codes = (consumer.x_scale, consumer.code_min, consumer.code_max,
                                  consumer.triton_zero_point, relu)
 
-    chained = _chain_through_activations(graph, modules, unchained_conv, single_conv, link)
-    if not chained:
-        return model, 0
-    return _rewritten(model, graph), chained
+    counts["chained"] = _chain_through_activations(graph, modules, unchained_conv, single_conv, link)
+    counts["residuals"] = _fuse_packed_residuals(graph, modules, unchained_conv)
+    counts["chained"] += _write_codes_also(graph, modules, unchained_conv, single_conv)
+    if counts["chained"] or counts["residuals"]:
+        graph.lint()
+        model = _rewritten(model, graph)
+    return model, counts
+
+
+def _fuse_packed_residuals(graph, modules: dict, unchained_conv) -> int:
+    """Rewrite 2 of :func:`_chain_convolutions`: ``conv -> [Identity]* -> add(r) -> [ReLU]`` becomes
+    ``conv(x, residual=r)`` with the ReLU in its epilogue; the number fused."""
+    from arq.quant.execution import _is_add, _is_identity, _is_relu
+
+    order = {node: position for position, node in enumerate(graph.nodes)}
+    fused = 0
+    for node in list(graph.nodes):
+        producer = unchained_conv(node)
+        if producer is None or producer.epilogue_relu or len(node.args) != 1 or node.kwargs:
+            continue
+        passed, current = [], node
+        while len(current.users) == 1 and _is_identity(next(iter(current.users)), modules):
+            current = next(iter(current.users))
+            passed.append(current)
+        if len(current.users) != 1 or not _is_add(add := next(iter(current.users))):
+            continue
+        others = [arg for arg in add.args if arg is not current]
+        # the residual must exist before the convolution runs (graph order) and be a tensor node
+        if len(others) != 1 or not isinstance(others[0], torch.fx.Node) or order[others[0]] > order[node]:
+            continue
+        relu = next(iter(add.users)) if len(add.users) == 1 else None
+        relu = relu if relu is not None and _is_relu(relu, modules) else None
+        (relu or add).replace_all_uses_with(node)
+        node.kwargs = {"residual": others[0]}
+        for dead in ([relu] if relu is not None else []) + [add] + list(reversed(passed)):
+            graph.erase_node(dead)
+        producer.epilogue_relu = relu is not None
+        fused += 1
+    return fused
+
+
+def _write_codes_also(graph, modules: dict, unchained_conv, single_conv) -> int:
+    """Rewrite 3 of :func:`_chain_convolutions` (and rewrite 1 for a convolution that rewrite 2
+    left with a single packed consumer); the number of consumers now reading codes."""
+    import operator
+
+    from arq.quant.execution import _is_identity, _is_relu
+
+    linked = 0
+    for node in list(graph.nodes):
+        producer = unchained_conv(node)
+        if producer is None:
+            continue
+        passed, relu, current = [], False, node
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            if not (_is_relu(user, modules) or _is_identity(user, modules)):
+                break
+            relu = relu or _is_relu(user, modules)
+            passed.append(user)
+            current = user
+        consumers = [user for user in current.users
+                     if user.args == (current,) and current not in user.kwargs.values()
+                     and (layer := single_conv(user)) is not None and not layer.takes_codes]
+        if not consumers:
+            continue
+        consumer_node = consumers[0]
+        consumer = modules[consumer_node.target]
+        target = (consumer.x_scale, consumer.code_min, consumer.code_max, consumer.triton_zero_point)
+        if len(current.users) == 1:  # the consumer is the only reader: codes instead of floats
+            producer.output_codes = (*target, relu)
+            consumer_node.args = (node,)
+        else:
+            producer.codes_also = target
+            producer.epilogue_relu = producer.epilogue_relu or relu
+            with graph.inserting_after(node):
+                values = graph.call_function(operator.getitem, (node, 0))
+            with graph.inserting_after(values):
+                codes = graph.call_function(operator.getitem, (node, 1))
+            current.replace_all_uses_with(values, delete_user_cb=lambda user: user not in (values, codes))
+            consumer_node.args = (codes,)
+        for dead in reversed(passed):
+            graph.erase_node(dead)
+        consumer.takes_codes = True
+        linked += 1
+    return linked
 
 
 @torch.no_grad()
@@ -382,14 +513,15 @@ def to_kernels(qmodel: nn.Module, *, backend: str = "auto", chain: bool = True) 
     and the tolerance). ``qmodel`` is unchanged. The result is in eval mode, for inference only
     (no gradients through the integer kernels), maps ``[B, C, H, W]`` to float32 logits like
     ``qmodel``, keeps ``arq_metadata`` / ``arq_quant``, and has ``arq_kernels = {"backend",
-    "packed": [names], "fake_quant": {name: reason}, "chained": pairs}``.
+    "packed": [names], "fake_quant": {name: reason}, "chained": pairs passing codes, "residuals":
+    residual adds fused}``.
 
     Args:
         qmodel: the output of :func:`arq.quant.quantize` (calibrated).
         backend: "auto", "cpp", "triton" or "torch" (the module docstring says where each runs).
-        chain: with backend "triton", let ``conv -> [ReLU] -> conv`` pairs pass int8 codes
-            (:func:`_chain_convolutions`; the same codes, fewer passes). The result then runs on
-            Triton only.
+        chain: with backend "triton", fuse the work between convolutions into their epilogues
+            (:func:`_chain_convolutions`: codes passed between layers, residual adds; the same
+            values and codes, fewer passes). The result then runs on Triton only.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be an nn.Module, got {type(qmodel).__name__}")
@@ -417,8 +549,8 @@ def to_kernels(qmodel: nn.Module, *, backend: str = "auto", chain: bool = True) 
         packed.append(name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    chained = 0
+    fused = {"chained": 0, "residuals": 0}
     if backend == "triton" and chain:  # codes between layers: the Triton kernels' int8 NHWC format
-        model, chained = _chain_convolutions(model)
-    model.arq_kernels = {"backend": chosen, "packed": packed, "fake_quant": fake_quant, "chained": chained}
+        model, fused = _chain_convolutions(model)
+    model.arq_kernels = {"backend": chosen, "packed": packed, "fake_quant": fake_quant, **fused}
     return model

@@ -9,6 +9,7 @@ pytest.importorskip("triton", reason="Triton is not installed (pip install 'arq[
 
 from arq_kernels.packed_conv import packed_conv2d, packed_conv2d_reference  # noqa: E402
 from arq_kernels.packed_matmul import pack_weights  # noqa: E402
+from arq_kernels.quantize import quantize_nhwc_reference  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -93,6 +94,54 @@ def test_fused_epilogue_matches_reference(geometry, spec, device, generator):
     expected = packed_conv2d_reference(x, packed, bits, scales, bias, residual=residual, **kwargs)
     assert got.dtype == expected.dtype and got.shape == expected.shape
     assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize(
+    "geometry, levels",
+    [(GEOMETRIES[0], (-7, 7, 0)), (GEOMETRIES[1], (0, 255, -128)), (GEOMETRIES[6], (0, 15, 0))],
+    ids=["signed4", "unsigned8_zp", "unsigned4"],
+)
+def test_codes_also_writes_the_float_output_and_its_codes(geometry, levels, device, generator):
+    """``codes_also``: the float32 result (bias, float residual, ReLU) and, in the same pass, the int8
+    codes a packed consumer reads, bit for bit what quantizing the stored float32 output gives."""
+    _, _, _, _, n, ks, stride, pad, bits = geometry
+    x, _, packed = _case(geometry, generator)
+    scales = torch.rand(n, generator=generator) * 0.01 + 0.001
+    bias = torch.randn(n, generator=generator)
+    shape = packed_conv2d_reference(x, packed, bits, scales, kernel_size=ks, stride=stride, padding=pad,
+                                    out_dtype=torch.int32).shape
+    residual = torch.randn(shape, generator=generator)
+    q_lo, q_hi, zero_point = levels
+    step = 0.07
+    kwargs = dict(kernel_size=ks, stride=stride, padding=pad, x_scale=0.02, relu=True,
+                  codes_also=(step, q_lo, q_hi, zero_point))
+    out = torch.full(shape, float("nan"), device=device)
+    got, codes = packed_conv2d(x.to(device), packed.to(device), bits, scales.to(device), bias.to(device),
+                               residual=residual.to(device), out=out, **kwargs)
+    assert got.data_ptr() == out.data_ptr() and codes.dtype == torch.int8 and codes.shape == shape
+    expected, expected_codes = packed_conv2d_reference(x, packed, bits, scales, bias, residual=residual, **kwargs)
+    assert torch.equal(got.cpu(), expected) and torch.equal(codes.cpu(), expected_codes)
+    # the consumer's own quantization of the stored output (quantize_nhwc's reference, NCHW in)
+    consumer = quantize_nhwc_reference(got.cpu().permute(0, 3, 1, 2), step, q_lo, q_hi, zero_point)
+    assert torch.equal(codes.cpu(), consumer)
+    assert int(codes.min()) >= q_lo + zero_point and int(codes.max()) <= q_hi + zero_point
+    assert len(torch.unique(codes)) > 2  # the codes span a range, not a clamp
+
+
+def test_codes_also_is_checked(device, generator):
+    x, _, packed = _case(GEOMETRIES[0], generator)
+    n = GEOMETRIES[0][4]
+    common = dict(kernel_size=3, padding=1)
+    ones = torch.ones(n, device=device)
+    with pytest.raises(ValueError, match="float32 output"):
+        packed_conv2d(x.to(device), packed.to(device), 2, ones, out_dtype=torch.float16, codes_also=(0.1, -7, 7, 0),
+                      **common)
+    with pytest.raises(ValueError, match="do not fit int8"):
+        packed_conv2d(x.to(device), packed.to(device), 2, ones, codes_also=(0.1, 0, 255, 0), **common)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        packed_conv2d(x.to(device), packed.to(device), 2, ones, codes_also=(0.0, -7, 7, 0), **common)
+    with pytest.raises(ValueError, match="codes_also must be"):
+        packed_conv2d(x.to(device), packed.to(device), 2, ones, codes_also=(0.1, -7), **common)
 
 
 def test_rejects_bad_arguments(device):

@@ -143,6 +143,23 @@ def test_fused_epilogue_matches_reference(name, bits, device, generator):
         assert not torch.isnan(got).any()
 
 
+@pytest.mark.parametrize("bits", [2, 5])
+def test_codes_also_matches_reference(bits, device, generator):
+    """The float32 output and its int8 codes (``codes_also``) from one pass, against the reference
+    and against quantizing the stored output."""
+    x = _int8((M, K), generator)
+    packed = pack_weights(_weights(N, K, bits, generator), bits)
+    scales = torch.rand(N, generator=generator) * 0.02 + 0.001
+    bias = torch.randn(N, generator=generator)
+    kwargs = dict(x_scale=0.021, relu=bits == 2, codes_also=(0.05, -31, 31, 0))
+    got, codes = packed_linear(x.to(device), packed.to(device), bits, scales.to(device), bias.to(device),
+                               out=torch.full((M, N), float("nan"), device=device), **kwargs)
+    expected, expected_codes = packed_linear_reference(x, packed, bits, scales, bias, **kwargs)
+    assert torch.equal(got.cpu(), expected) and torch.equal(codes.cpu(), expected_codes)
+    requantized = torch.clamp(torch.round(got.cpu() / torch.tensor(0.05)), -31, 31).to(torch.int8)
+    assert torch.equal(codes.cpu(), requantized)
+
+
 def test_rejects_bad_arguments(device):
     x = torch.zeros(4, 10, dtype=torch.int8, device=device)
     packed = torch.zeros(3, packed_width(10, 4), dtype=torch.int32, device=device)

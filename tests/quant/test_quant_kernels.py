@@ -295,11 +295,13 @@ def _compare_triton_with_cpp(device: str) -> None:
     with torch.no_grad():
         assert torch.equal(unchained(x.to(device)).cpu(), result)
     _compare_chained_residual_net(device)
+    _compare_fused_resnet(device)
 
 
 def _compare_chained_residual_net(device: str) -> None:
-    """A residual block (conv1 -> ReLU -> conv2, + shortcut, ReLU): conv1 -> conv2 chains, the
-    block output (two users) does not; chained, unchained and cpp agree."""
+    """A residual block (conv1 -> ReLU -> conv2, + shortcut, ReLU): conv1 -> conv2 chains; the
+    stem's output (two users: conv1 and the add) is written as floats and conv1's codes; the
+    add and the last ReLU move into conv2; fused, unfused and cpp agree."""
 
     class Block(nn.Module):
         def __init__(self):
@@ -322,14 +324,42 @@ def _compare_chained_residual_net(device: str) -> None:
     x = torch.rand(2, 3, 7, 9, generator=torch.Generator().manual_seed(6))
     qmodel = quant.quantize(model, policy, x)
     chained = to_kernels(qmodel.to(device), backend="triton")
-    assert chained.arq_kernels["chained"] == 1 and chained.conv1.output_codes is not None
-    assert chained.conv2.takes_codes and chained.stem.output_codes is None
+    assert chained.arq_kernels["chained"] == 2 and chained.arq_kernels["residuals"] == 1
+    assert chained.conv1.output_codes is not None and chained.conv2.takes_codes
+    assert chained.stem.output_codes is None and chained.stem.codes_also is not None and chained.conv1.takes_codes
+    assert chained.conv2.epilogue_relu and chained.conv2.output_codes is None and chained.conv2.codes_also is None
     unchained = to_kernels(qmodel.to(device), backend="triton", chain=False)
     with torch.no_grad():
         result = chained(x.to(device)).cpu()
         assert torch.equal(result, unchained(x.to(device)).cpu())
         expected = to_kernels(qmodel.cpu(), backend="cpp")(x)
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def _compare_fused_resnet(device: str) -> None:
+    """arq's CIFAR ResNet behind its input normalization (whose input check keeps torch.fx from
+    tracing the whole model: the ResNet is rewritten on its own). Uniform 4 bits: every block's
+    conv1 -> conv2 chains, every residual add + ReLU moves into conv2, and the stem and each
+    block output write the codes of one packed consumer (conv1, or the downsampling shortcut);
+    mixed bits (a fake-quant layer, 8-bit unsigned codes): whatever is fused. Fused and unfused
+    give the same logits bit for bit."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 3, 12, 12, generator=generator)
+    for policy_of in (lambda m: Policy.uniform(m, 4, 4), mixed_resnet_policy):
+        model = cifar_resnet(depth=8, seed=4)
+        qmodel = quant.quantize(model, policy_of(model), torch.rand(6, 3, 12, 12, generator=generator)).to(device)
+        fused = to_kernels(qmodel, backend="triton")
+        unfused = to_kernels(qmodel, backend="triton", chain=False)
+        counts = fused.arq_kernels
+        if counts["fake_quant"]:
+            assert counts["residuals"] >= 1 and counts["chained"] >= 1
+        else:  # 3 blocks: 3 conv1 -> conv2 pairs, 3 residuals, stem and 2 block outputs with codes_also
+            assert (counts["chained"], counts["residuals"]) == (6, 3)
+            assert sum(m.codes_also is not None for m in fused.modules() if isinstance(m, PackedConv2d)) == 3
+        with torch.no_grad():
+            logits = fused(x.to(device))
+            assert torch.equal(logits, unfused(x.to(device)))
+        assert logits.shape == (2, 10) and torch.isfinite(logits).all()
 
 
 @pytest.mark.triton
