@@ -14,6 +14,7 @@ import json
 import sys
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import arq
@@ -21,6 +22,14 @@ from benchmarks.bench_e2e import _quantized, make_model
 
 BATCH = 1000
 SAMPLES = 5000
+
+
+def _is_kernel(event) -> bool:
+    """A GPU kernel's row (not an operator's, which repeats its kernels' device time)."""
+    device_type = getattr(event, "device_type", None)
+    if device_type is not None:
+        return device_type == DeviceType.CUDA
+    return not event.key.startswith("aten::")
 
 
 def kernel_table(bits: tuple[int, int], arch: str) -> dict:
@@ -38,9 +47,12 @@ def kernel_table(bits: tuple[int, int], arch: str) -> dict:
         if device_us is None:
             device_us = getattr(event, "self_cuda_time_total", 0)
         if device_us > 0:
-            rows.append({"name": event.key[:160], "calls": event.count, "device_us": round(device_us, 1)})
+            rows.append({"name": event.key[:160], "calls": event.count, "device_us": round(device_us, 1),
+                         "kind": "kernel" if _is_kernel(event) else "operator"})
     rows.sort(key=lambda row: -row["device_us"])
-    total = sum(row["device_us"] for row in rows)
+    # operators (aten::...) carry the device time of the kernels they launch, which have rows of
+    # their own: the total and the shares count kernels only
+    total = sum(row["device_us"] for row in rows if row["kind"] == "kernel")
     for row in rows:
         row["share"] = round(row["device_us"] / total, 4) if total else None
     return {"bits": list(bits), "arch": arch, "samples": SAMPLES, "batch": BATCH, "backend": certificate.backend,
@@ -56,7 +68,7 @@ def main(out_path: str, arch: str = "resnet110") -> None:
     for table in tables:
         print(f"W{table['bits'][0]}A{table['bits'][1]} {arch}: {table['device_total_us'] / 1e3:.1f} ms of kernels "
               f"for {SAMPLES} samples [{table['backend']}]")
-        for row in table["kernels"][:12]:
+        for row in [row for row in table["kernels"] if row["kind"] == "kernel"][:12]:
             print(f"  {row['share']:6.1%} {row['device_us'] / 1e3:8.2f} ms {row['calls']:6d}x  {row['name'][:90]}")
 
 
