@@ -424,6 +424,23 @@ def _chain_convolutions(model: nn.Module, shared: set[int] | None = None) -> tup
     return model, counts
 
 
+_INPLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift", "imatmul", "setitem"}
+
+
+def _may_mutate(node, modules: dict) -> bool:
+    """Whether ``node`` may write into one of its inputs (an in-place op or an in-place module)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (name in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
+                or bool(node.kwargs.get("inplace", False)))
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    return False
+
+
 def _fuse_packed_residuals(graph, modules: dict, unchained_conv) -> int:
     """Rewrite 2 of :func:`_chain_convolutions`: ``conv -> [Identity]* -> add(r) -> [ReLU]`` becomes
     ``conv(x, residual=r)`` with the ReLU in its epilogue; the number fused."""
@@ -444,6 +461,12 @@ def _fuse_packed_residuals(graph, modules: dict, unchained_conv) -> int:
         others = [arg for arg in add.args if arg is not current]
         # the residual must exist before the convolution runs (graph order) and be a tensor node
         if len(others) != 1 or not isinstance(others[0], torch.fx.Node) or order[others[0]] > order[node]:
+            continue
+        # and hold the same value then as at the add: nothing between may write into it, nor
+        # the add itself (``r += conv(x)`` changes r for its other readers)
+        if _may_mutate(add, modules) and add.args[0] is not current:
+            continue
+        if any(_may_mutate(user, modules) for user in others[0].users if user is not add and order[user] > order[node]):
             continue
         relu = next(iter(add.users)) if len(add.users) == 1 else None
         relu = relu if relu is not None and _is_relu(relu, modules) else None
@@ -479,7 +502,8 @@ def _write_codes_also(graph, modules: dict, unchained_conv, single_conv) -> int:
         consumers = [user for user in current.users
                      if user.args == (current,) and current not in user.kwargs.values()
                      and (layer := single_conv(user)) is not None and not layer.takes_codes]
-        if not consumers:
+        # the codes are those of the value the epilogue stored: no reader may change it in place
+        if not consumers or any(_may_mutate(user, modules) for user in current.users):
             continue
         consumer_node = consumers[0]
         consumer = modules[consumer_node.target]

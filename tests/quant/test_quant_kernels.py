@@ -296,6 +296,7 @@ def _compare_triton_with_cpp(device: str) -> None:
         assert torch.equal(unchained(x.to(device)).cpu(), result)
     _compare_chained_residual_net(device)
     _compare_fused_resnet(device)
+    _compare_in_place_writes_block_fusion(device)
 
 
 def _compare_chained_residual_net(device: str) -> None:
@@ -334,6 +335,50 @@ def _compare_chained_residual_net(device: str) -> None:
         assert torch.equal(result, unchained(x.to(device)).cpu())
         expected = to_kernels(qmodel.cpu(), backend="cpp")(x)
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def _compare_in_place_writes_block_fusion(device: str) -> None:
+    """Fusion reads the residual when the convolution runs and writes codes of the stored output:
+    a residual written in place after the convolution (``s.mul_``) keeps its add in torch, and an
+    output that a reader changes in place gets no codes_also. (``s += y`` is no such write: torch.fx
+    records Python's in-place operators on traced values as out-of-place ones, so that add fuses.)
+    The logits equal the unfused model's in every case."""
+
+    class Block(nn.Module):
+        def __init__(self, mode: str):
+            super().__init__()
+            self.mode = mode
+            self.stem = nn.Conv2d(3, 5, 3, padding=1)
+            self.conv = nn.Conv2d(5, 5, 3, padding=1)
+            self.head = nn.Conv2d(5, 5, 1)
+
+        def forward(self, x):
+            s = torch.relu(self.stem(x))
+            if self.mode == "mutated_output":  # changed in place before the packed conv reads it
+                s.add_(1.0)
+            y = self.conv(s)
+            if self.mode == "mutated_residual":
+                s.mul_(2.0)
+                out = torch.relu(y + s)
+            elif self.mode == "iadd_into_residual":
+                s += y
+                out = s + 0.5 * s
+            else:  # y scaled first: no residual fusion, so the conv is a consumer of s alone
+                out = 2.0 * y + s
+            return self.head(out).mean((2, 3))
+
+    generator = torch.Generator().manual_seed(8)
+    x = torch.rand(2, 3, 6, 7, generator=generator)
+    for mode in ("mutated_residual", "iadd_into_residual", "mutated_output"):
+        torch.manual_seed(9)
+        model = Block(mode).eval()
+        policy = Policy({"stem": LayerBits(4, 6), "conv": LayerBits(4, 4), "head": LayerBits(6, 6)})
+        qmodel = quant.quantize(model, policy, torch.rand(4, 3, 6, 7, generator=generator)).to(device)
+        fused = to_kernels(qmodel, backend="triton")
+        assert fused.arq_kernels["residuals"] == (1 if mode == "iadd_into_residual" else 0), mode
+        assert fused.stem.codes_also is None, mode  # written in place, or read as the residual too
+        with torch.no_grad():
+            assert torch.equal(fused(x.to(device)), to_kernels(qmodel, backend="triton", chain=False)(x.to(device)))
 
 
 def _compare_fused_resnet(device: str) -> None:
