@@ -7,15 +7,23 @@ Quantization of a float ``y`` to integer codes (``arq.quant.quantizers``; zero p
 
     q = clamp(round_half_even(y / s), q_lo, q_hi) + z
 
-with ``y`` and ``s`` float32 and ``y / s`` the IEEE float32 quotient. The kernels compute that
-quotient as ``float32(float64(y) / float64(s))``, which is the correctly rounded float32
-quotient (double rounding is innocuous for ``/`` when 53 >= 2 * 24 + 2), because Triton's
-float32 ``/`` on NVIDIA GPUs is the approximate ``div.full.f32``.
+with ``y`` and ``s`` float32 and ``y / s`` the IEEE float32 quotient. Triton's float32 ``/``
+on NVIDIA GPUs is the approximate ``div.full.f32``, so the kernels form that quotient one of two
+ways, chosen per process by the environment variable ``ARQ_TRITON_DIVISION`` (read at import):
+
+* ``f64`` (default): ``float32(float64(y) / float64(s))``, the correctly rounded float32
+  quotient (double rounding is innocuous for ``/`` when 53 >= 2 * 24 + 2);
+* ``rn``: ``tl.div_rn(y, s)``, IEEE float32 division rounded to nearest (``div.rn.f32``).
+
+Both give the same correctly rounded quotient, hence the same codes bit for bit; they differ
+only in speed (float64 division is a long instruction sequence on GPUs). The certificate's
+guarantee does not depend on the choice.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -24,6 +32,13 @@ import triton
 import triton.language as tl
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: How :func:`quantize_codes` divides (module docstring): "f64" or "rn".
+QUOTIENT_DIVISION = os.environ.get("ARQ_TRITON_DIVISION", "f64").strip().lower() or "f64"
+if QUOTIENT_DIVISION not in ("f64", "rn"):
+    raise ValueError(f"ARQ_TRITON_DIVISION must be 'f64' or 'rn', got {os.environ['ARQ_TRITON_DIVISION']!r}")
+# a constexpr global: part of every kernel's cache key (and fixed for the process)
+_DIVIDE_RN = tl.constexpr(QUOTIENT_DIVISION == "rn")
 
 # ---------------------------------------------------------------------------------------------
 # configs (data, apart from the kernels)
@@ -38,8 +53,6 @@ def _config_table(family: str) -> dict:
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its numpy interpreter (``TRITON_INTERPRET=1``)."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -127,15 +140,19 @@ def quantize_reference(y: torch.Tensor, scale: float, q_lo: int, q_hi: int, zero
 def quantize_codes(y, scale, q_lo, q_hi, zero_point):
     """int32 codes ``clamp(round_half_even(y / scale), q_lo, q_hi) + zero_point`` of float32 ``y``.
 
-    ``scale`` is a float32 scalar; the quotient is the IEEE float32 one (module docstring), the
-    clamp comes first so the integer conversion never overflows, then the exact half-to-even
-    rounding from ``floor`` (no libdevice ``rint``, so the interpreter and the GPU agree).
+    ``scale`` is a float32 scalar; the quotient is the IEEE float32 one, formed as
+    ``ARQ_TRITON_DIVISION`` says (module docstring); the clamp comes first so the integer
+    conversion never overflows, then the exact half-to-even rounding from ``floor`` (no
+    libdevice ``rint``, so the interpreter and the GPU agree).
     ``q_lo`` and ``q_hi`` must be tensors: kernels list them in ``do_not_specialize`` (an int
     argument equal to 1 would otherwise become a constexpr). ``scale`` is a float32 kernel
     argument on the GPU but a Python float under the interpreter: launchers pass
     :func:`as_float32` values, so both widen to the same float64.
     """
-    quotient = (y.to(tl.float64) / scale).to(tl.float32)
+    if _DIVIDE_RN:
+        quotient = tl.div_rn(y, scale)
+    else:
+        quotient = (y.to(tl.float64) / scale).to(tl.float32)
     lo = q_lo.to(tl.float32)
     hi = q_hi.to(tl.float32)
     quotient = tl.minimum(tl.maximum(quotient, lo), hi)  # integer bounds: commutes with rounding

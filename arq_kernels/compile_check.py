@@ -8,7 +8,8 @@ launchers use, and checks properties of the PTX that the bit-exactness contracts
 * no fused multiply-add in float64 or float32 (``enable_fp_fusion=False``), so the noise is the
   reference's sequence of correctly rounded operations and the epilogues match torch;
 * float64 division is the correctly rounded ``div.rn.f64``; no ``div.full.f32`` (the
-  approximate float32 division Triton emits for ``/``) in any kernel.
+  approximate float32 division Triton emits for ``/``) in any kernel; with
+  ``ARQ_TRITON_DIVISION=rn``, every kernel that quantizes divides with ``div.rn.f32``.
 
 Run: ``TRITON_INTERPRET=0 python -m arq_kernels.compile_check [--arch 90] [--arch 80]``
 (exit status 1 when a kernel fails). ``tests/kernels/test_triton_compile.py`` runs it in a
@@ -146,12 +147,19 @@ _FORBIDDEN = {
 }
 
 
+def _quantizes(label: str) -> bool:
+    """Whether the variant writes integer codes (and so divides by a quantization step)."""
+    return any(part in label for part in ("quantize_nhwc", "noisy_input[int8]", "noisy_input[uint8]", "int8+", "codes"))
+
+
 def check(arch: int, verbose: bool = True, only: str | None = None) -> list[str]:
     """Compile every variant (whose label contains ``only``, when given) for ``sm_<arch>``;
     returns the failures (empty when all pass)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from arq_kernels._common import QUOTIENT_DIVISION
 
     target = GPUTarget("cuda", arch, 32)
     failures = []
@@ -171,6 +179,8 @@ def check(arch: int, verbose: bool = True, only: str | None = None) -> list[str]
                 problems.append("no cubin")
             if "noisy_input" in label and "div.rn.f64" not in ptx:
                 problems.append("no div.rn.f64")
+            if QUOTIENT_DIVISION == "rn" and _quantizes(label) and not re.search(r"\bdiv\.rn(\.ftz)?\.f32\b", ptx):
+                problems.append("no div.rn.f32 (ARQ_TRITON_DIVISION=rn)")
         except Exception as error:  # noqa: BLE001 - report every kernel, then fail
             problems = [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
         seconds = time.perf_counter() - start

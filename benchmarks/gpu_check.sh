@@ -21,8 +21,8 @@
 # Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
 # (default 470: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
 # test and benchmark steps to run, space-separated: tests_gpu tests_kernels bench_e2e_gpu_resnet110
-# bench_e2e_gpu_resnet20 bench_kernels profile memcheck; default all; "tune", only when named,
-# measures the Triton launch configs on the card).
+# bench_e2e_gpu_resnet110_div_rn bench_e2e_gpu_resnet20 bench_kernels profile memcheck; default all;
+# "tune", only when named, measures the Triton launch configs on the card).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -179,10 +179,21 @@ if [ "$HAS_CUDA" = 1 ]; then
         if [ "$arch" = resnet110 ] && wanted "bench_e2e_gpu_$arch" \
                 && [ "$(tail -n 1 "$STEPS_FILE" | cut -f2)" != 0 ]; then
             # it failed: the same without the CUDA-graph baseline, for arq's own numbers at least
+            # (JSON in logs.tgz: $OUT's eight files are taken)
             step bench_e2e_gpu_resnet110_nograph 90 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=5 \
                 ARQ_E2E_VARIANTS=arq_fp32,arq_fp16_cl,arq_w8a8,arq_w4a4 \
                 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
-                --benchmark-json="$OUT/bench_e2e_gpu_${arch}_nograph.json"
+                --benchmark-json="$WORK/bench_e2e_gpu_${arch}_nograph.json"
+        fi
+        if [ "$arch" = resnet110 ] && wanted bench_e2e_gpu_resnet110_div_rn; then
+            # the A/B of the requantization's division (arq_kernels._common: the same codes either
+            # way): the packed paths again with ARQ_TRITON_DIVISION=rn, in their own Triton cache,
+            # with the FP16 CUDA-graph peer measured in the same run
+            step bench_e2e_gpu_resnet110_div_rn 90 env ARQ_TRITON_DIVISION=rn TRITON_CACHE_DIR="$WORK/triton-cache-rn" \
+                ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=5 \
+                ARQ_E2E_VARIANTS=arq_w8a8,arq_w4a4,fp16_cl_cudagraphs \
+                "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
+                --benchmark-json="$OUT/bench_e2e_gpu_${arch}_div_rn.json"
         fi
     done
     wanted bench_kernels && step bench_kernels 80 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
@@ -200,16 +211,17 @@ if [ "$HAS_CUDA" = 1 ]; then
             "$PYTHON" -m benchmarks.gpu_memcheck resnet110
     fi
 else
-    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet20 bench_kernels profile memcheck; do
+    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet110_div_rn bench_e2e_gpu_resnet20 \
+            bench_kernels profile memcheck; do
         skip "$name" "no CUDA device"
     done
 fi
 
 # ----------------------------------------------------------------------------- summary
 GPU_NAME="$GPU_NAME" MISSING_BEFORE="$MISSING_BEFORE" MISSING_AFTER="$MISSING_AFTER" OPS="$OPS" \
-ELAPSED=$(($(date +%s) - START)) BUDGET="$BUDGET" "$PYTHON" - "$OUT" <<'EOF' || echo "summary: python failed" >&2
+ELAPSED=$(($(date +%s) - START)) BUDGET="$BUDGET" "$PYTHON" - "$OUT" "$WORK" <<'EOF' || echo "summary: python failed" >&2
 import json, os, sys
-out = sys.argv[1]
+out, work = sys.argv[1], sys.argv[2]
 steps = []
 with open(os.path.join(out, "steps.tsv"), encoding="utf-8") as handle:
     for line in handle:
@@ -232,15 +244,16 @@ summary = {
     "files": sorted(os.listdir(out)),
 }
 rows = []
-for arch in ("resnet110", "resnet110_nograph", "resnet20"):
-    e2e = os.path.join(out, f"bench_e2e_gpu_{arch}.json")
+for arch in ("resnet110", "resnet110_nograph", "resnet110_div_rn", "resnet20"):
+    e2e = os.path.join(work if arch.endswith("nograph") else out, f"bench_e2e_gpu_{arch}.json")
     try:  # absent, or empty when the step failed before pytest-benchmark wrote it
         benches = json.load(open(e2e, encoding="utf-8")).get("benchmarks", [])
     except (OSError, ValueError):
         continue
     for bench in benches:
         extra = bench.get("extra_info", {})
-        rows.append({"name": bench["name"], "samples_per_s": extra.get("samples_per_s"),
+        rows.append({"name": bench["name"] + ("[div_rn]" if arch.endswith("div_rn") else ""),
+                     "samples_per_s": extra.get("samples_per_s"),
                      "speedup_vs_locuslab": extra.get("speedup_vs_locuslab"),
                      "ratio_to_best_non_arq": extra.get("ratio_to_best_non_arq"),
                      "share_of_int8_peak": extra.get("share_of_int8_peak"),

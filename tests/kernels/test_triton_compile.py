@@ -43,3 +43,19 @@ def test_kernels_compile_for_sm90_without_fma_contraction(tmp_path):
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     assert report.count(" ok") == 9, report
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this Triton build ships no ptxas")
+def test_quantizing_kernels_divide_with_div_rn_f32_when_asked(tmp_path):
+    """ARQ_TRITON_DIVISION=rn: the quantizing kernels compile with ``div.rn.f32`` (checked in their
+    PTX by compile_check) and still without FMA contraction."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),
+               ARQ_TRITON_DIVISION="rn", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "arq_kernels.compile_check", "--arch", "90", "--only",
+         "quantize_nhwc;noisy_input[int8];packed_conv2d[3x3, b4, fp32+codes"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    assert report.count(" ok") == 3, report

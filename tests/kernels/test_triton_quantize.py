@@ -59,3 +59,81 @@ def test_rows_and_empty_and_bad_input(device, generator):
         quantize_nhwc(torch.zeros(2, 3, device=device), 0.1, 0, 255)  # 0..255 needs zero point -128
     with pytest.raises(ValueError, match="out must be"):
         quantize_nhwc(torch.zeros(2, 3, device=device), 0.1, -7, 7, out=torch.empty(3, 2, dtype=torch.int8))
+
+
+def _hard_quotients(scale: float, generator) -> torch.Tensor:
+    """float32 values whose quotient by ``scale`` lies next to a rounding boundary: each tie
+    ``(k + 1/2) * scale`` rounded to float32 and its float32 neighbours, subnormals, zeros, large
+    values, and random values."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    k = torch.arange(-300, 300, dtype=torch.float32)
+    ties = (k + 0.5) * s
+    near = torch.cat([ties, torch.nextafter(ties, torch.tensor(float("inf"))),
+                      torch.nextafter(ties, torch.tensor(float("-inf")))])
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-39, 3.4e38, -3.4e38, 1e-30, 5e6])
+    noise = torch.randn(3000, generator=generator) * 300 * scale
+    return torch.cat([near, special, noise])
+
+
+@pytest.mark.parametrize("division", ["f64", "rn"])
+def test_both_divisions_give_the_reference_codes(division, device, generator, monkeypatch):
+    """ARQ_TRITON_DIVISION's two quotients (float64 then float32, or tl.div_rn) are the correctly
+    rounded float32 quotient: the codes equal torch's IEEE division, next to every rounding
+    boundary too. (On a GPU the choice is fixed per process: the gpu test below.)"""
+    if device.type != "cpu":
+        pytest.skip("switches the division inside this process: interpreter only")
+    import triton.language as tl
+
+    import arq_kernels._common as common
+
+    monkeypatch.setattr(common, "_DIVIDE_RN", tl.constexpr(division == "rn"))
+    for scale in (0.037, 1 / 3, 0.1, 7.3e-3, 2.5):
+        x = _hard_quotients(scale, generator).reshape(-1, 3)  # [M, K] rows
+        for q_lo, q_hi, zero_point in ((-127, 127, 0), (0, 255, -128), (-7, 7, 0)):
+            expected = quantize_nhwc_reference(x, scale, q_lo, q_hi, zero_point)
+            got = quantize_nhwc(x, scale, q_lo, q_hi, zero_point, config={"BLOCK": 8192, "num_warps": 4})
+            assert torch.equal(got, expected), (division, scale, q_lo, q_hi)
+
+
+def test_division_setting_is_checked():
+    import subprocess
+    import sys
+
+    env = dict(__import__("os").environ, ARQ_TRITON_DIVISION="fast")
+    done = subprocess.run([sys.executable, "-c", "import arq_kernels._common"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "ARQ_TRITON_DIVISION must be 'f64' or 'rn'" in done.stderr
+
+
+_GPU_DIVISION_CHECK = """
+import torch
+from arq_kernels._common import QUOTIENT_DIVISION
+from arq_kernels.quantize import quantize_nhwc, quantize_nhwc_reference
+import tests.kernels.test_triton_quantize as t
+assert QUOTIENT_DIVISION == "rn", QUOTIENT_DIVISION
+generator = torch.Generator().manual_seed(11)
+for scale in (0.037, 1 / 3, 0.1, 7.3e-3, 2.5):
+    x = t._hard_quotients(scale, generator).reshape(-1, 3).cuda()
+    for q_lo, q_hi, zero_point in ((-127, 127, 0), (0, 255, -128), (-7, 7, 0)):
+        expected = quantize_nhwc_reference(x.cpu(), scale, q_lo, q_hi, zero_point)
+        assert torch.equal(quantize_nhwc(x, scale, q_lo, q_hi, zero_point).cpu(), expected), (scale, q_lo)
+print("rn ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_div_rn_gives_the_reference_codes(tmp_path):
+    """ARQ_TRITON_DIVISION=rn on the GPU (a fresh process and Triton cache): div.rn.f32 codes equal
+    the reference's next to every rounding boundary."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, ARQ_TRITON_DIVISION="rn", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _GPU_DIVISION_CHECK], env=env, cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "rn ok" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
