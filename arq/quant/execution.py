@@ -327,25 +327,55 @@ def _chain_through_activations(graph, modules: dict, producer_of, consumer_of, l
         producer = producer_of(node)
         if producer is None:
             continue
-        passed, relu, current = [], False, node
-        while len(current.users) == 1:
-            user = next(iter(current.users))
-            user_is_relu = _is_relu(user, modules)
-            if user_is_relu or _is_identity(user, modules):
-                relu = relu or user_is_relu
-                passed.append(user)
-                current = user
-                continue
-            consumer = consumer_of(user)
-            if consumer is not None and not consumer.takes_codes and len(user.args) == 1 and not user.kwargs:
-                link(producer, consumer, relu)
-                consumer.takes_codes = True
-                user.replace_input_with(current, node)
-                for dead in reversed(passed):
-                    graph.erase_node(dead)
-                chained += 1
-            break
+        passed, relu, current = _follow_activations(node, modules)
+        if len(current.users) != 1:
+            continue
+        user = next(iter(current.users))
+        consumer = consumer_of(user)
+        if consumer is not None and not consumer.takes_codes and len(user.args) == 1 and not user.kwargs:
+            link(producer, consumer, relu)
+            consumer.takes_codes = True
+            user.replace_input_with(current, node)
+            for dead in reversed(passed):
+                graph.erase_node(dead)
+            chained += 1
     return chained
+
+
+def _follow_activations(node, modules: dict):
+    """From ``node``, follow single users through ReLUs and identities: ``(passed, relu, last)``,
+    the nodes passed in order, whether one was a ReLU, and the last node reached (``node`` itself
+    when none was passed)."""
+    passed, relu, current = [], False, node
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        user_is_relu = _is_relu(user, modules)
+        if not (user_is_relu or _is_identity(user, modules)):
+            break
+        relu = relu or user_is_relu
+        passed.append(user)
+        current = user
+    return passed, relu, current
+
+
+def _rewrite_by_parts(module: nn.Module, tracer_type: type, rewrite, leaf_types: tuple) -> tuple[nn.Module, dict]:
+    """``rewrite(module, graph) -> (module, counts)`` on ``module`` traced by ``tracer_type()``;
+    where it cannot be traced as a whole (data-dependent Python, such as an input check), on its
+    children one by one (``leaf_types`` skipped), replacing those rewritten and summing counts."""
+    try:
+        graph = tracer_type().trace(module)
+    except Exception:  # not traceable as a whole: the parts
+        counts: dict = {}
+        for name, child in list(module.named_children()):
+            if isinstance(child, leaf_types):
+                continue
+            new_child, child_counts = _rewrite_by_parts(child, tracer_type, rewrite, leaf_types)
+            if new_child is not child:
+                setattr(module, name, new_child)
+            for key, value in child_counts.items():
+                counts[key] = counts.get(key, 0) + value
+        return module, counts
+    return rewrite(module, graph)
 
 
 def _rewritten(module: nn.Module, graph) -> torch.fx.GraphModule:
@@ -364,16 +394,14 @@ def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> nn.Mod
     Traces ``module`` with torch.fx; where that fails, its children one by one. Returns the
     rewritten module (``module`` itself when nothing was fused).
     """
-    try:
-        graph = _IntegerTracer().trace(module)
-    except Exception:  # not traceable as a whole (data-dependent Python): try the parts
-        for name, child in list(module.named_children()):
-            if isinstance(child, (IntegerConv2d, IntegerLinear)):
-                continue
-            new_child = _fuse_integer_epilogues(child, residuals)
-            if new_child is not child:
-                setattr(module, name, new_child)
-        return module
+    rewritten, _ = _rewrite_by_parts(module, _IntegerTracer, functools.partial(_fuse_traced, residuals=residuals),
+                                     (IntegerConv2d, IntegerLinear))
+    return rewritten
+
+
+def _fuse_traced(module: nn.Module, graph, residuals: bool) -> tuple[nn.Module, dict]:
+    """:func:`_fuse_integer_epilogues` on one traced module: the module (rewritten when anything
+    was fused) and ``{"fused": count}``."""
     modules = dict(module.named_modules())
     call_sites = _call_sites(graph)
 
@@ -392,8 +420,8 @@ def _fuse_integer_epilogues(module: nn.Module, residuals: bool = True) -> nn.Mod
     if residuals:
         chained += _fuse_residuals(graph, modules, call_sites)
     if not chained:
-        return module
-    return _rewritten(module, graph)
+        return module, {"fused": 0}
+    return _rewritten(module, graph), {"fused": chained}
 
 
 _FRESH_OUTPUT_LAYERS = (IntegerConv2d, IntegerLinear, *QUANT_LAYER_TYPES, nn.Conv2d, nn.Linear)
@@ -447,16 +475,20 @@ def _residual_buffer_is_dead(residual, add, conv, modules: dict, order: dict) ->
     return True
 
 
-def _fuse_residuals(graph, modules: dict, call_sites: dict) -> int:
-    """conv -> [identity]* -> add(residual) -> [ReLU]: the add and ReLU move into the conv's epilogue.
+def _fuse_residual_adds(graph, modules: dict, producer_of, residual_ok, kwarg: str, mark) -> int:
+    """``conv -> [identity]* -> add(residual) -> [ReLU]``: the add and the ReLU move into the conv.
 
-    Only where the residual is computed before the conv and nothing after the conv reads it
-    (oneDNN's sum post-op writes into the residual's buffer).
+    For each node with one input whose layer ``producer_of(node)`` returns, follow single-user
+    identities to a sole add user with one other (tensor) operand ``r``; where
+    ``residual_ok(r, add, node, order)`` allows it (``order``: each node's position in the
+    graph), the add's (or the ReLU after it) users read the conv instead, the conv's call gets
+    ``{kwarg: r}``, ``mark(producer, relu)`` records on the layer whether a ReLU moved too, and
+    the add, the ReLU and the identities passed are erased. Returns the number fused.
     """
     order = {node: position for position, node in enumerate(graph.nodes)}
     fused = 0
     for node in list(graph.nodes):
-        producer = _unfused_conv(node, modules, call_sites)
+        producer = producer_of(node)
         if producer is None or len(node.args) != 1 or node.kwargs:
             continue
         passed, current = [], node
@@ -468,18 +500,30 @@ def _fuse_residuals(graph, modules: dict, call_sites: dict) -> int:
         others = [arg for arg in add.args if arg is not current]
         if len(others) != 1 or not isinstance(others[0], torch.fx.Node):
             continue
-        if not _residual_buffer_is_dead(others[0], add, node, modules, order):
-            continue
         residual = others[0]
+        if not residual_ok(residual, add, node, order):
+            continue
         relu = next(iter(add.users)) if len(add.users) == 1 else None
         relu = relu if relu is not None and _is_relu(relu, modules) else None
         (relu or add).replace_all_uses_with(node)
-        node.kwargs = {"accumulate": residual}
+        node.kwargs = {kwarg: residual}
         for dead in ([relu] if relu is not None else []) + [add] + list(reversed(passed)):
             graph.erase_node(dead)
-        producer.residual_relu = relu is not None
+        mark(producer, relu is not None)
         fused += 1
     return fused
+
+
+def _fuse_residuals(graph, modules: dict, call_sites: dict) -> int:
+    """:func:`_fuse_residual_adds` for the integer CPU path, into oneDNN's sum post-op.
+
+    Only where the residual is computed before the conv and nothing after the conv reads it
+    (oneDNN's sum post-op writes into the residual's buffer).
+    """
+    return _fuse_residual_adds(
+        graph, modules, lambda node: _unfused_conv(node, modules, call_sites),
+        lambda residual, add, conv, order: _residual_buffer_is_dead(residual, add, conv, modules, order),
+        "accumulate", lambda producer, relu: setattr(producer, "residual_relu", relu))
 
 
 def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) -> nn.Module:

@@ -61,6 +61,7 @@ order ("cpp" and "torch" bit for bit; Triton's fused epilogue multiplies ``s_x *
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import torch
@@ -358,7 +359,7 @@ class _PackedTracer(torch.fx.Tracer):
             module, qualified_name)
 
 
-def _chain_convolutions(model: nn.Module, shared: set[int] | None = None) -> tuple[nn.Module, dict[str, int]]:
+def _chain_convolutions(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
     """Triton: move the work between packed convolutions into their epilogues (traced with torch.fx).
 
     Three rewrites, each giving the unfused model's float32 values and codes bit for bit (the
@@ -378,26 +379,21 @@ def _chain_convolutions(model: nn.Module, shared: set[int] | None = None) -> tup
     traced as a whole (data-dependent Python, such as an input check), its children are
     rewritten one by one. Returns the model (a GraphModule where rewritten) and the counts.
     """
+    from arq.quant.execution import _rewrite_by_parts
+
+    seen: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        seen[id(module)] = seen.get(id(module), 0) + 1
+    shared = {key for key, count in seen.items() if count > 1}
+    model, counts = _rewrite_by_parts(model, _PackedTracer, functools.partial(_chain_traced, shared=shared),
+                                      PACKED_LAYER_TYPES)
+    return model, {"chained": 0, "residuals": 0, **counts}
+
+
+def _chain_traced(model: nn.Module, graph, shared: set[int]) -> tuple[nn.Module, dict[str, int]]:
+    """:func:`_chain_convolutions` on one traced module (``shared``: ids of layers under two names)."""
     from arq.quant.execution import _call_sites, _chain_through_activations, _rewritten
 
-    if shared is None:
-        seen: dict[int, int] = {}
-        for _, module in model.named_modules(remove_duplicate=False):
-            seen[id(module)] = seen.get(id(module), 0) + 1
-        shared = {key for key, count in seen.items() if count > 1}
-    counts = {"chained": 0, "residuals": 0}
-    try:
-        graph = _PackedTracer().trace(model)
-    except Exception:  # not traceable as a whole: the parts
-        for name, child in list(model.named_children()):
-            if isinstance(child, PACKED_LAYER_TYPES):
-                continue
-            new_child, child_counts = _chain_convolutions(child, shared)
-            if new_child is not child:
-                setattr(model, name, new_child)
-            for key in counts:
-                counts[key] += child_counts[key]
-        return model, counts
     modules = dict(model.named_modules())
     call_sites = _call_sites(graph)
 
@@ -415,7 +411,7 @@ def _chain_convolutions(model: nn.Module, shared: set[int] | None = None) -> tup
         producer.output_codes = (consumer.x_scale, consumer.code_min, consumer.code_max,
                                  consumer.triton_zero_point, relu)
 
-    counts["chained"] = _chain_through_activations(graph, modules, unchained_conv, single_conv, link)
+    counts = {"chained": _chain_through_activations(graph, modules, unchained_conv, single_conv, link)}
     counts["residuals"] = _fuse_packed_residuals(graph, modules, unchained_conv)
     counts["chained"] += _write_codes_also(graph, modules, unchained_conv, single_conv)
     if counts["chained"] or counts["residuals"]:
@@ -442,41 +438,30 @@ def _may_mutate(node, modules: dict) -> bool:
 
 
 def _fuse_packed_residuals(graph, modules: dict, unchained_conv) -> int:
-    """Rewrite 2 of :func:`_chain_convolutions`: ``conv -> [Identity]* -> add(r) -> [ReLU]`` becomes
-    ``conv(x, residual=r)`` with the ReLU in its epilogue; the number fused."""
-    from arq.quant.execution import _is_add, _is_identity, _is_relu
+    """Rewrite 2 of :func:`_chain_convolutions` (:func:`arq.quant.execution._fuse_residual_adds`):
+    ``conv -> [Identity]* -> add(r) -> [ReLU]`` becomes ``conv(x, residual=r)`` with the ReLU in its
+    epilogue; the number fused."""
+    from arq.quant.execution import _fuse_residual_adds
 
-    order = {node: position for position, node in enumerate(graph.nodes)}
-    fused = 0
-    for node in list(graph.nodes):
-        producer = unchained_conv(node)
-        if producer is None or producer.epilogue_relu or len(node.args) != 1 or node.kwargs:
-            continue
-        passed, current = [], node
-        while len(current.users) == 1 and _is_identity(next(iter(current.users)), modules):
-            current = next(iter(current.users))
-            passed.append(current)
-        if len(current.users) != 1 or not _is_add(add := next(iter(current.users))):
-            continue
-        others = [arg for arg in add.args if arg is not current]
-        # the residual must exist before the convolution runs (graph order) and be a tensor node
-        if len(others) != 1 or not isinstance(others[0], torch.fx.Node) or order[others[0]] > order[node]:
-            continue
-        # and hold the same value then as at the add: nothing between may write into it, nor
-        # the add itself (``r += conv(x)`` changes r for its other readers)
-        if _may_mutate(add, modules) and add.args[0] is not current:
-            continue
-        if any(_may_mutate(user, modules) for user in others[0].users if user is not add and order[user] > order[node]):
-            continue
-        relu = next(iter(add.users)) if len(add.users) == 1 else None
-        relu = relu if relu is not None and _is_relu(relu, modules) else None
-        (relu or add).replace_all_uses_with(node)
-        node.kwargs = {"residual": others[0]}
-        for dead in ([relu] if relu is not None else []) + [add] + list(reversed(passed)):
-            graph.erase_node(dead)
-        producer.epilogue_relu = relu is not None
-        fused += 1
-    return fused
+    def producer_of(node) -> PackedConv2d | None:
+        layer = unchained_conv(node)
+        return layer if layer is not None and not layer.epilogue_relu else None
+
+    def residual_ok(residual, add, conv, order) -> bool:
+        # the residual must exist before the convolution runs (graph order) and hold the same
+        # value then as at the add: nothing after the conv may write into it, nor the add itself
+        # (``r += conv(x)`` changes r for its other readers)
+        if order[residual] > order[conv]:
+            return False
+        if _may_mutate(add, modules) and add.args[0] is residual:
+            return False
+        return not any(_may_mutate(user, modules) for user in residual.users
+                       if user is not add and order[user] > order[conv])
+
+    def mark(producer: PackedConv2d, relu: bool) -> None:
+        producer.epilogue_relu = relu
+
+    return _fuse_residual_adds(graph, modules, producer_of, residual_ok, "residual", mark)
 
 
 def _write_codes_also(graph, modules: dict, unchained_conv, single_conv) -> int:
@@ -484,21 +469,14 @@ def _write_codes_also(graph, modules: dict, unchained_conv, single_conv) -> int:
     left with a single packed consumer); the number of consumers now reading codes."""
     import operator
 
-    from arq.quant.execution import _is_identity, _is_relu
+    from arq.quant.execution import _follow_activations
 
     linked = 0
     for node in list(graph.nodes):
         producer = unchained_conv(node)
         if producer is None:
             continue
-        passed, relu, current = [], False, node
-        while len(current.users) == 1:
-            user = next(iter(current.users))
-            if not (_is_relu(user, modules) or _is_identity(user, modules)):
-                break
-            relu = relu or _is_relu(user, modules)
-            passed.append(user)
-            current = user
+        passed, relu, current = _follow_activations(node, modules)
         consumers = [user for user in current.users
                      if user.args == (current,) and current not in user.kwargs.values()
                      and (layer := single_conv(user)) is not None and not layer.takes_codes]

@@ -36,6 +36,17 @@ def _case(geometry, generator):
     return x, weight, packed
 
 
+def _epilogue_case(geometry, generator):
+    """``_case``'s codes and packed weight, per-channel scales and a bias, and the output shape."""
+    _, _, _, _, n, ks, stride, pad, bits = geometry
+    x, _, packed = _case(geometry, generator)
+    scales = torch.rand(n, generator=generator) * 0.01 + 0.001
+    bias = torch.randn(n, generator=generator)
+    shape = packed_conv2d_reference(x, packed, bits, scales, kernel_size=ks, stride=stride, padding=pad,
+                                    out_dtype=torch.int32).shape
+    return x, packed, scales, bias, shape
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"k{g[5]}s{g[6]}p{g[7]}b{g[8]}")
 def test_int32_accumulator_equals_torch_conv(geometry, device, generator):
     """Raw int32 output against an exact convolution of the original [N, C, KH, KW] weight."""
@@ -74,12 +85,8 @@ def test_tiling_with_many_programs_and_strided_input(geometry, word_tiles, devic
 )
 def test_fused_epilogue_matches_reference(geometry, spec, device, generator):
     spec = dict(spec)
-    _, _, _, _, n, ks, stride, pad, bits = geometry
-    x, _, packed = _case(geometry, generator)
-    scales = torch.rand(n, generator=generator) * 0.01 + 0.001
-    bias = torch.randn(n, generator=generator)
-    out_shape = packed_conv2d_reference(x, packed, bits, scales, kernel_size=ks, stride=stride, padding=pad,
-                                        out_dtype=torch.int32).shape
+    _, _, _, _, _, ks, stride, pad, bits = geometry
+    x, packed, scales, bias, out_shape = _epilogue_case(geometry, generator)
     kind = spec.pop("residual")
     residual, residual_scale = None, None
     if kind == "int8":
@@ -104,12 +111,8 @@ def test_fused_epilogue_matches_reference(geometry, spec, device, generator):
 def test_codes_also_writes_the_float_output_and_its_codes(geometry, levels, device, generator):
     """``codes_also``: the float32 result (bias, float residual, ReLU) and, in the same pass, the int8
     codes a packed consumer reads, bit for bit what quantizing the stored float32 output gives."""
-    _, _, _, _, n, ks, stride, pad, bits = geometry
-    x, _, packed = _case(geometry, generator)
-    scales = torch.rand(n, generator=generator) * 0.01 + 0.001
-    bias = torch.randn(n, generator=generator)
-    shape = packed_conv2d_reference(x, packed, bits, scales, kernel_size=ks, stride=stride, padding=pad,
-                                    out_dtype=torch.int32).shape
+    _, _, _, _, _, ks, stride, pad, bits = geometry
+    x, packed, scales, bias, shape = _epilogue_case(geometry, generator)
     residual = torch.randn(shape, generator=generator)
     q_lo, q_hi, zero_point = levels
     step = 0.07
