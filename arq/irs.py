@@ -57,6 +57,7 @@ import torch
 from arq.smoothing import statistics
 from arq.smoothing.core import ABSTAIN, _model_device, _model_dtype, certify, sample_predictions
 from arq.smoothing.noise import DRAW_ESTIMATE, MAX_COUNTER, noise_tv_bound, noisy_batch
+from arq.smoothing.engine import model_batches
 
 __all__ = [
     "DEFAULT_ALPHA_ZETA",
@@ -267,7 +268,7 @@ def replay_predictions(
             size = min(batch_size, count - offset)
             batch = noisy_batch(x, sigma, seed=seed, input_index=input_index, draw=DRAW_ESTIMATE,
                                 sample_start=start + offset, count=size, backend=backend)
-            predictions.append(model(batch).argmax(dim=1))
+            predictions.extend(model(part).argmax(dim=1) for part in model_batches(batch))
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 

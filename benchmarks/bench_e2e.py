@@ -16,8 +16,14 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
                            the integer oneDNN model (``arq.quant.to_integer``), C++ votes
 * ``arq_w8a8_compiled``    the same with the integer model compiled (prepared once with
                            ``arq.smoothing.engine.prepare_model(..., compile=True)``)
-* ``arq_w4a4``             the same for W4A4 (``arq_w4a4_compiled`` on request: ``ARQ_E2E_VARIANTS``,
-                           a comma-separated list; ``locuslab_fp32`` is always included)
+* ``arq_w4a4``, ``arq_w4a4_compiled``  the same for W4A4
+* ``<peer>_b100``          a peer's loop at batch 100 (``locuslab_fp32_b100``, ``locuslab_pt2e_int8_b100``,
+                           ...): arq's engine splits CPU batches into chunks of at most 128 samples
+                           (``arq.smoothing.engine.model_batches``; 400 -> 4 x 100), so each peer is also
+                           timed at that batch size, where it too runs faster
+* ``<arq variant>_nochunk`` the arq variant with ``ARQ_CPU_CHUNK=0`` (whole batches of 400), on request
+
+``ARQ_E2E_VARIANTS`` (a comma-separated list) picks variants; ``locuslab_fp32`` is always included.
 
 GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1000:
 
@@ -67,8 +73,9 @@ if DEVICE == "cuda":
 else:
     BATCH = 400
     SAMPLES = {"resnet20": 2000, "resnet110": 800}
-    VARIANTS = ["locuslab_fp32", "locuslab_compiled", "locuslab_pt2e_int8", "arq_w8a8", "arq_w8a8_compiled",
-                "arq_w4a4"]
+    VARIANTS = ["locuslab_fp32", "locuslab_compiled", "locuslab_pt2e_int8", "locuslab_fp32_b100",
+                "locuslab_compiled_b100", "locuslab_pt2e_int8_b100", "arq_w8a8", "arq_w8a8_compiled", "arq_w4a4",
+                "arq_w4a4_compiled"]
 if os.environ.get("ARQ_E2E_VARIANTS"):  # e.g. "locuslab_fp32,arq_w4a4,arq_w4a4_compiled"
     VARIANTS = ["locuslab_fp32"] + [v for v in os.environ["ARQ_E2E_VARIANTS"].split(",") if v and v != "locuslab_fp32"]
 ARCHS = [a for a in os.environ.get("ARQ_E2E_ARCHS", "resnet20,resnet110").split(",") if a]
@@ -115,7 +122,7 @@ def _calibration() -> torch.Tensor:
     return torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def _pt2e_int8(model: torch.nn.Module) -> torch.nn.Module:
+def _pt2e_int8(model: torch.nn.Module, batch: int = BATCH) -> torch.nn.Module:
     """torchao pt2e static int8 with X86InductorQuantizer, compiled with freezing (as bench_quant.py)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
@@ -123,13 +130,13 @@ def _pt2e_int8(model: torch.nn.Module) -> torch.nn.Module:
     from benchmarks.bench_quant import _functional_relu_copy
 
     stock = _functional_relu_copy(model)
-    exported = torch.export.export(stock, (torch.rand(BATCH, 3, 32, 32),)).module()
+    exported = torch.export.export(stock, (torch.rand(batch, 3, 32, 32),)).module()
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
-    # export specializes the batch size: calibrate with one batch of BATCH noisy images
+    # export specializes the batch size: calibrate with one batch of noisy images
     generator = torch.Generator().manual_seed(2)
-    calibration = torch.rand(BATCH, 3, 32, 32, generator=generator)
-    prepared(calibration + SIGMA * torch.randn(BATCH, 3, 32, 32, generator=generator))
+    calibration = torch.rand(batch, 3, 32, 32, generator=generator)
+    prepared(calibration + SIGMA * torch.randn(batch, 3, 32, 32, generator=generator))
     converted = convert_pt2e(prepared)
     return torch.compile(converted, dynamic=False)  # freezing: set globally in prepared()
 
@@ -240,14 +247,19 @@ def build(arch: str, variant: str, image: torch.Tensor):
         else:
             raise ValueError(variant)
         return fn, time.perf_counter() - start, note
-    if variant == "locuslab_fp32":
-        fn = lambda: locuslab_sample_noise(model, image, samples, BATCH, 10, SIGMA)  # noqa: E731
-    elif variant == "locuslab_compiled":
+    peer, _, small = variant.partition("_b")
+    batch = int(small) if small else BATCH
+    if peer == "locuslab_fp32":
+        fn = lambda: locuslab_sample_noise(model, image, samples, batch, 10, SIGMA)  # noqa: E731
+    elif peer == "locuslab_compiled":
         net = torch.compile(model, dynamic=False)
-        fn = lambda: locuslab_sample_noise(net, image, samples, BATCH, 10, SIGMA)  # noqa: E731
-    elif variant == "locuslab_pt2e_int8":
-        net = _pt2e_int8(model)
-        fn = lambda: locuslab_sample_noise(net, image, samples, BATCH, 10, SIGMA)  # noqa: E731
+        fn = lambda: locuslab_sample_noise(net, image, samples, batch, 10, SIGMA)  # noqa: E731
+    elif peer == "locuslab_pt2e_int8":
+        net = _pt2e_int8(model, batch)
+        fn = lambda: locuslab_sample_noise(net, image, samples, batch, 10, SIGMA)  # noqa: E731
+    elif variant.endswith("_nochunk"):
+        chunked, build_s, note = build(arch, variant[:-len("_nochunk")], image)
+        fn = (lambda run: lambda: _without_chunks(run))(chunked)
     elif variant.startswith("arq_w"):
         bits = (8, 8) if variant.startswith("arq_w8a8") else (4, 4)
         qmodel = _quantized(model, bits)
@@ -260,6 +272,19 @@ def build(arch: str, variant: str, image: torch.Tensor):
     else:
         raise ValueError(variant)
     return fn, time.perf_counter() - start, note
+
+
+def _without_chunks(run):
+    """``run()`` with ``ARQ_CPU_CHUNK=0``: arq's engine gives the model whole batches."""
+    saved = os.environ.get("ARQ_CPU_CHUNK")
+    os.environ["ARQ_CPU_CHUNK"] = "0"
+    try:
+        return run()
+    finally:
+        if saved is None:
+            del os.environ["ARQ_CPU_CHUNK"]
+        else:
+            os.environ["ARQ_CPU_CHUNK"] = saved
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ from arq.smoothing.noise import (
     noise_tv_bound,
     noisy_batch,
 )
-from arq.smoothing.engine import prepare_model
+from arq.smoothing.engine import model_batches, prepare_model
 from arq.smoothing.votes import count_votes
 
 from arq import ABSTAIN  # noqa: E402  (one definition, re-exported by arq)
@@ -228,7 +228,8 @@ def sample_counts(
     with torch.inference_mode():
         for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
                                     batch_size=batch_size, backend=backend):
-            counts += count_votes(model(batch), num_classes, backend=backend)
+            for part in model_batches(batch):
+                counts += count_votes(model(part), num_classes, backend=backend)
             bar.update(batch.shape[0])
     bar.close()
     return counts
@@ -251,9 +252,9 @@ def sample_predictions(
     The same samples as ``sample_counts`` (IRS replays them to compare two models).
     """
     with torch.inference_mode():
-        predictions = [model(batch).argmax(dim=1) for batch in _noisy_batches(
+        predictions = [model(part).argmax(dim=1) for batch in _noisy_batches(
             x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index, batch_size=batch_size,
-            backend=backend)]
+            backend=backend) for part in model_batches(batch)]
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 
@@ -280,7 +281,8 @@ def certify(
         x: the input(s), finite floats.
         sigma: the noise level; defaults to ``model.arq_metadata['sigma']``.
         n, n0: estimation and selection sample counts. alpha: failure probability.
-        batch_size: noisy samples per forward pass (bounds memory; does not change results).
+        batch_size: noisy samples made at a time (bounds memory; does not change results). On
+            CPU the model sees them in chunks of at most 128 (``arq.smoothing.engine.model_batches``).
         seed: the noise seed. input_index: the Philox input counter(s), default 0..B-1
             (the CLI uses the data set index so that certificates do not depend on ``--skip``).
         num_classes: checked against the model's output. device: where to run (default: the model's).

@@ -46,6 +46,17 @@ was prepared explicitly (``prepare_model(..., compile=True)``), or when ``ARQ_CO
 ``ARQ_COMPILE=0`` disables it. ``arq certify`` / ``arq predict`` prepare the model once with
 the whole run's work (inputs x samples), so a long run over single inputs compiles once.
 
+CPU model chunks: on CPU the model sees at most ``CPU_CHUNK`` (128) samples per call
+(:func:`model_batches`; ``ARQ_CPU_CHUNK`` overrides it, 0 gives the model whole batches).
+A noisy batch of ``batch_size`` samples is made in one piece and then split into near-equal
+chunks, so the noise, the votes and the guarantee are those of the whole batch: splitting
+only changes which samples share one call of the model, and every sample's logits are
+computed from that sample alone (eval mode). Why: a batch of 400 CIFAR samples makes 26 MB
+float32 activations per layer, which glibc maps and unmaps on every call (page faults) and
+which overflow the caches; chunks of 100-200 ran the compiled W4A4 ResNet-20 1.3-1.5x faster
+(1 and 2 threads), and at worst (ResNet-110, one thread) changed nothing measurable
+(``benchmarks/bench_e2e.py``). One certify call then compiles one or two chunk shapes.
+
 CUDA graphs (opt-in until measured on a GPU: ``prepare_model(..., cuda_graphs=True)`` or
 ``ARQ_CUDA_GRAPHS=1``): on CUDA any of the above, float models included, can be replayed from
 one CUDA graph per batch shape (:class:`CudaGraphForward`, tag "+graphs"), which removes the
@@ -63,6 +74,36 @@ from torch import nn
 
 #: samples per certify call (inputs x (n + n0)) above which the integer model is compiled
 COMPILE_THRESHOLD = 1_000_000
+
+#: the most samples a CPU model sees per call (module docstring); ARQ_CPU_CHUNK overrides it
+CPU_CHUNK = 128
+
+
+def cpu_chunk() -> int:
+    """The CPU chunk size in force: ``ARQ_CPU_CHUNK`` when set (0 = whole batches), else ``CPU_CHUNK``."""
+    env = os.environ.get("ARQ_CPU_CHUNK", "").strip()
+    if not env:
+        return CPU_CHUNK
+    try:
+        value = int(env)
+    except ValueError:
+        raise ValueError(f"ARQ_CPU_CHUNK must be a non-negative integer (0: no chunks), got {env!r}") from None
+    if value < 0:
+        raise ValueError(f"ARQ_CPU_CHUNK must be a non-negative integer (0: no chunks), got {env!r}")
+    return value
+
+
+def model_batches(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``batch`` as the model is to see it: on CPU, near-equal chunks (views along dim 0) of at
+    most :func:`cpu_chunk` samples, in order; elsewhere, or when it is small enough, ``(batch,)``.
+
+    ``400`` samples give four chunks of 100 and ``1000`` give eight of 125, so a compiled model
+    meets one or two shapes per batch size.
+    """
+    chunk = cpu_chunk() if batch.device.type == "cpu" else 0
+    if chunk <= 0 or batch.shape[0] <= chunk:
+        return (batch,)
+    return batch.tensor_split(-(-batch.shape[0] // chunk))
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()

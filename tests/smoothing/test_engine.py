@@ -195,3 +195,57 @@ def test_cuda_graph_replays_count_as_the_eager_model(qmodel, mnist):
             parameter.mul_(-1.0)  # in place: new version counter
         assert engine.prepare_model(model, "auto", "cuda")[0] is not graphed
         engine.clear_cache(model)
+
+
+def test_model_batches_split_cpu_batches_into_near_equal_chunks(monkeypatch):
+    monkeypatch.delenv("ARQ_CPU_CHUNK", raising=False)
+    sizes = lambda n: [part.shape[0] for part in engine.model_batches(torch.empty(n, 3))]  # noqa: E731
+    assert sizes(400) == [100] * 4 and sizes(1000) == [125] * 8
+    assert sizes(129) == [65, 64] and sizes(128) == [128] and sizes(7) == [7]
+    batch = torch.arange(1000.0).reshape(-1, 1)
+    assert torch.equal(torch.cat(engine.model_batches(batch)), batch)  # in order, nothing lost
+    storage = batch.untyped_storage().data_ptr()
+    assert all(part.untyped_storage().data_ptr() == storage for part in engine.model_batches(batch))  # views
+    assert sizes(0) == [0]
+    assert [p.shape[0] for p in engine.model_batches(torch.empty(400, 3, device="meta"))] == [400]  # CPU only
+    monkeypatch.setenv("ARQ_CPU_CHUNK", "0")
+    assert sizes(400) == [400]
+    monkeypatch.setenv("ARQ_CPU_CHUNK", "150")
+    assert sizes(400) == [134, 133, 133]
+    for bad in ("-1", "many"):
+        monkeypatch.setenv("ARQ_CPU_CHUNK", bad)
+        with pytest.raises(ValueError, match="ARQ_CPU_CHUNK"):
+            engine.model_batches(torch.empty(400, 3))
+
+
+class _PixelVotes(nn.Module):
+    """Each sample's logits from that sample alone, exactly (float64 of 10 pixels); records call sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.arq_metadata = {"sigma": 0.5, "num_classes": 10}
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return x.flatten(1)[:, 300:310].double()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_chunks_change_no_certificate_count_or_prediction(monkeypatch, mnist, backend):
+    if backend == "cpp" and not compiled_ops_available():
+        pytest.skip("needs arq._C")
+    image = mnist[0][0]
+    results = {}
+    for chunk in ("0", "128"):
+        monkeypatch.setenv("ARQ_CPU_CHUNK", chunk)
+        model = _PixelVotes()
+        certificate = arq.certify(model, image, n=1000, n0=100, batch_size=400, backend=backend)
+        prediction = arq.predict(model, image, n=1000, batch_size=400, backend=backend)
+        predictions = arq.smoothing.core.sample_predictions(model, image, sigma=0.5, num=1000, draw=1, seed=0,
+                                                            input_index=0, batch_size=400, backend=backend)
+        results[chunk] = (certificate, prediction, predictions, model.calls)
+    whole, chunked = results["0"], results["128"]
+    assert whole[0] == chunked[0] and whole[1] == chunked[1] and torch.equal(whole[2], chunked[2])
+    assert max(whole[3]) == 400 and max(chunked[3]) == 100  # 400 -> four chunks of 100
+    assert sum(whole[3]) == sum(chunked[3])  # every sample evaluated once either way
