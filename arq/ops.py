@@ -3,6 +3,7 @@
 * :func:`packed_linear`  ``y = epilogue(x @ W.T)``, x int8/uint8 ``[..., K]``, W 2-8 bit packed ``[N, K]``
 * :func:`packed_conv2d`  the same on NHWC activations (implicit GEMM, K in ``(kh, kw, c)`` order)
 * :func:`vote_count`     last linear layer + argmax + per-class counts, only ``int64[num_classes]`` returned
+* :func:`requantize_codes`  uint8 codes of one activation grid -> uint8 codes of another (residual streams)
 
 Weights use the packed format of docs/design.md (:mod:`arq.quant.packing`): ``32 // b`` two's-complement
 b-bit fields per int32 word along K, shape ``[N, ceil(K / (32 // b))]``; ``w = q * scales[n]``.
@@ -47,6 +48,8 @@ __all__ = [
     "packed_conv2d_reference",
     "vote_count",
     "vote_count_reference",
+    "requantize_codes",
+    "requantize_codes_reference",
     "pack_weights",
     "unpack_weights",
     "conv_weight_to_matrix",
@@ -119,6 +122,16 @@ def vote_count_reference(features, weight, bias, num_classes):
 # ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
+
+
+def requantize_codes_reference(codes, in_scale, in_zero, out_scale, out_zero, out_min, out_max):
+    """``clamp(round(((c - in_zero) * in_scale) / out_scale) + out_zero, out_min, out_max)`` as uint8, in
+    float32 in that order (round half to even): the codes an activation quantizer of scale ``out_scale``
+    gives the values ``(c - in_zero) * in_scale`` of codes ``c``. The scales are float32 numbers."""
+    in_scale = torch.tensor(in_scale, dtype=torch.float32)
+    out_scale = torch.tensor(out_scale, dtype=torch.float32)
+    values = (codes.to(torch.float32) - in_zero) * in_scale
+    return torch.clamp(torch.round(values / out_scale) + out_zero, out_min, out_max).to(torch.uint8)
 
 
 def _has_kernel(name: str, key: str) -> bool:
@@ -293,6 +306,29 @@ def vote_count(features, weight, bias, num_classes, *, backend="auto"):
 # ---------------------------------------------------------------------------------------------
 
 
+def requantize_codes(codes, in_scale, in_zero, out_scale, out_zero, out_min, out_max, *, backend="auto"):
+    """:func:`requantize_codes_reference` (uint8 ``codes`` of any shape, same shape and memory format
+    out), through ``arq::requantize_codes`` on CPU (a 256-entry table of the same float32 formula,
+    so every backend gives the same codes)."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    for name, value in (("in_scale", in_scale), ("out_scale", out_scale)):
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if not 0 <= out_min <= out_max <= 255:
+        raise ValueError(f"need 0 <= out_min <= out_max <= 255, got out_min={out_min}, out_max={out_max}")
+    for name, value in (("in_zero", in_zero), ("out_zero", out_zero)):
+        if not 0 <= value <= 255:
+            raise ValueError(f"{name} must be in 0..255, got {value}")
+    if backend not in ("auto", "cpp", "torch"):
+        raise ValueError(f"backend must be 'auto', 'cpp' or 'torch' for requantize_codes, got {backend!r}")
+    if backend != "torch" and codes.device.type == "cpu" and _has_kernel("requantize_codes", "CPU"):
+        return torch.ops.arq.requantize_codes(codes, in_scale, in_zero, out_scale, out_zero, out_min, out_max)
+    if backend == "cpp":
+        raise RuntimeError(f"arq::requantize_codes: no C++ kernel for {codes.device.type} (build arq._C)")
+    return requantize_codes_reference(codes, in_scale, in_zero, out_scale, out_zero, out_min, out_max)
+
+
 def _out_dtype(relu: bool, out_scale: float) -> torch.dtype:
     if out_scale > 0:
         return torch.uint8 if relu else torch.int8
@@ -316,6 +352,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("arq::vote_count")
     def _vote_count_fake(features, weight, bias, num_classes):
         return features.new_empty((num_classes,), dtype=torch.int64)
+
+    @torch.library.register_fake("arq::requantize_codes")
+    def _requantize_codes_fake(codes, in_scale, in_zero, out_scale, out_zero, out_min, out_max):
+        return torch.empty_like(codes)
 
 
 if compiled_ops_available():

@@ -124,3 +124,29 @@ def test_votes(benchmark, rows, impl, threads):
         fn = lambda: torch.bincount(F.linear(features, weight, bias).argmax(1), minlength=classes)  # noqa: E731
     _info(benchmark, rows=rows, d=d, classes=classes)
     benchmark(fn)
+
+
+# ------------------------------------------------------------------------------------------- requantize
+
+REQUANT_IMPLS = ["arq_requantize_codes", "torch_compiled", "torch_eager"]
+
+
+@pytest.mark.parametrize("impl", REQUANT_IMPLS)
+def test_requantize(benchmark, impl, threads):
+    """A residual stream's uint8 codes into a 4-bit layer's codes ([100, 16, 32, 32] channels_last: one
+    CIFAR ResNet stage-1 activation of a 100-sample chunk): arq's op against the same float32 formula
+    eager and through torch.compile (what the compiled integer model would otherwise run)."""
+    benchmark.group = f"requantize-t{threads}"
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (100, 16, 32, 32), generator=gen, dtype=torch.uint8)
+    codes = codes.contiguous(memory_format=torch.channels_last)
+    grid = (0.025692012, 0, 0.35294077, 0, 0, 15)
+    if impl == "arq_requantize_codes":
+        fn = lambda: torch.ops.arq.requantize_codes(codes, *grid)  # noqa: E731
+    else:
+        reference = lambda c: ops.requantize_codes_reference(c, *grid)  # noqa: E731
+        compiled = torch.compile(reference, dynamic=False) if impl == "torch_compiled" else reference
+        fn = lambda: compiled(codes)  # noqa: E731
+    assert torch.equal(fn(), ops.requantize_codes_reference(codes, *grid))
+    _info(benchmark, elements=codes.numel())
+    benchmark(fn)

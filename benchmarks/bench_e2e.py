@@ -17,6 +17,8 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
 * ``arq_w8a8_compiled``    the same with the integer model compiled (prepared once with
                            ``arq.smoothing.engine.prepare_model(..., compile=True)``)
 * ``arq_w4a4``, ``arq_w4a4_compiled``  the same for W4A4
+* ``arq_w4a4r8``, ``arq_w4a4r8_compiled``  W4A4 with an 8-bit residual stream (``QuantConfig(residual_bits=8)``):
+                           uint8 between blocks, the add inside oneDNN's conv (as pt2e does)
 * ``<peer>_b100``          a peer's loop at batch 100 (``locuslab_fp32_b100``, ``locuslab_pt2e_int8_b100``,
                            ...): arq's engine splits CPU batches into chunks of at most 128 samples
                            (``arq.smoothing.engine.model_batches``; 400 -> 4 x 100), so each peer is also
@@ -75,7 +77,7 @@ else:
     SAMPLES = {"resnet20": 2000, "resnet110": 800}
     VARIANTS = ["locuslab_fp32", "locuslab_compiled", "locuslab_pt2e_int8", "locuslab_fp32_b100",
                 "locuslab_compiled_b100", "locuslab_pt2e_int8_b100", "arq_w8a8", "arq_w8a8_compiled", "arq_w4a4",
-                "arq_w4a4_compiled"]
+                "arq_w4a4_compiled", "arq_w4a4r8", "arq_w4a4r8_compiled"]
 if os.environ.get("ARQ_E2E_VARIANTS"):  # e.g. "locuslab_fp32,arq_w4a4,arq_w4a4_compiled"
     VARIANTS = ["locuslab_fp32"] + [v for v in os.environ["ARQ_E2E_VARIANTS"].split(",") if v and v != "locuslab_fp32"]
 ARCHS = [a for a in os.environ.get("ARQ_E2E_ARCHS", "resnet20,resnet110").split(",") if a]
@@ -141,8 +143,9 @@ def _pt2e_int8(model: torch.nn.Module, batch: int = BATCH) -> torch.nn.Module:
     return torch.compile(converted, dynamic=False)  # freezing: set globally in prepared()
 
 
-def _quantized(model: torch.nn.Module, bits: tuple[int, int]) -> torch.nn.Module:
-    return arq.quantize(model, arq.quant.Policy.uniform(model, *bits), _calibration())
+def _quantized(model: torch.nn.Module, bits: tuple[int, int], residual_bits: int = 32) -> torch.nn.Module:
+    return arq.quantize(model, arq.quant.Policy.uniform(model, *bits), _calibration(),
+                        config=arq.quant.QuantConfig(residual_bits=residual_bits))
 
 
 def _lean_gpu_loop(model, x, num, batch_size, num_classes, sigma):
@@ -262,7 +265,7 @@ def build(arch: str, variant: str, image: torch.Tensor):
         fn = (lambda run: lambda: _without_chunks(run))(chunked)
     elif variant.startswith("arq_w"):
         bits = (8, 8) if variant.startswith("arq_w8a8") else (4, 4)
-        qmodel = _quantized(model, bits)
+        qmodel = _quantized(model, bits, 8 if variant.split("_")[1].endswith("r8") else 32)
         if variant.endswith("_compiled"):
             from arq.smoothing.engine import prepare_model
 

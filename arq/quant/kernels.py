@@ -70,6 +70,7 @@ from torch import nn
 from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
 from arq.quant.packing import conv_weight_to_matrix, pack_weights
 from arq.quant.policy import FLOAT_BITS, MAX_BITS, quantizable_layers
+from arq.quant.quantizers import ActivationQuantizer
 
 __all__ = ["PackedConv2d", "PackedLinear", "to_kernels", "resolve_backend", "KERNEL_BACKENDS"]
 
@@ -355,8 +356,8 @@ class _PackedTracer(torch.fx.Tracer):
     """Keeps the packed layers (and any fake-quant layer left) whole."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (*PACKED_LAYER_TYPES, *QUANT_LAYER_TYPES)) or super().is_leaf_module(
-            module, qualified_name)
+        return isinstance(module, (*PACKED_LAYER_TYPES, *QUANT_LAYER_TYPES, ActivationQuantizer)) or \
+            super().is_leaf_module(module, qualified_name)
 
 
 def _chain_convolutions(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:

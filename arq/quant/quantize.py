@@ -6,7 +6,8 @@ Steps, in order:
    follows:  W' = W * a[n],  b' = (b - mu) * a + beta,     a = gamma / sqrt(var + eps)
    precedes: W' = W * a[c],  b' = b + sum_{c,kh,kw} W[n,c,kh,kw] (beta - mu a)[c];
 2. replace each Conv2d/Linear by QuantConv2d/QuantLinear at the policy's bits;
-3. calibrate activation ranges on the calibration inputs plus Gaussian noise;
+3. with ``config.residual_bits`` < 32, quantize the residual stream (``arq.quant.residual``);
+   then calibrate activation ranges on the calibration inputs plus Gaussian noise;
 4. optionally fine-tune under Gaussian noise augmentation at the model's sigma
    (Cohen et al. 2019 train under the noise they certify with), SGD as in HAQ.
 """
@@ -21,7 +22,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
-from arq.quant.policy import Policy, quantizable_layers
+from arq.quant.policy import FLOAT_BITS, Policy, quantizable_layers
+from arq.quant.residual import quantize_residual_stream
 from arq.quant.quantizers import ActivationQuantizer, QuantConfig
 
 #: Relative tolerance of the check that BatchNorm folding did not change the model.
@@ -431,6 +433,9 @@ def quantize(
     for name, layer in quantizable_layers(qmodel):
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         _set_submodule(qmodel, name, cls.from_float(layer, policy[name], config))
+    if config.residual_bits != FLOAT_BITS and not quantize_residual_stream(qmodel, config.residual_bits, config):
+        raise ValueError(f"config.residual_bits={config.residual_bits} but the model has no residual block "
+                         "(a module returning add(a, b) or relu(add(a, b)) that torch.fx can trace)")
 
     sigma = config.calibration_sigma
     if sigma is None:

@@ -53,6 +53,13 @@ class QuantConfig:
             space, as the smoothed classifier sees them); ``None`` takes
             ``model.arq_metadata["sigma"]`` when present, else 0.
         seed: seeds the calibration noise.
+        residual_bits: bits of the residual stream. At 2..8 every residual block's output
+            (a module whose forward returns ``add(a, b)`` or ``relu(add(a, b))``, as a ResNet
+            block does) passes through one more activation quantizer,
+            ``block.residual_quantizer``, calibrated like the others, so the tensors that run
+            between blocks are b-bit codes and the integer CPU model keeps them as uint8
+            (``arq.quant.execution``; torchao's pt2e int8 flow quantizes the same tensors).
+            32 (default) leaves the residual stream in float32, as HAQ does.
     """
 
     weight_clip: WeightClip = "auto"
@@ -64,6 +71,7 @@ class QuantConfig:
     calibration_batch_size: int = 256
     calibration_sigma: float | None = None
     seed: int = 0
+    residual_bits: int = FLOAT_BITS
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("auto", "max", "mse"):
@@ -86,6 +94,10 @@ class QuantConfig:
             raise ValueError(f"calibration_sigma must be >= 0 or None, got {self.calibration_sigma}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if isinstance(self.residual_bits, bool) or not isinstance(self.residual_bits, int) or not (
+                MIN_BITS <= self.residual_bits <= MAX_BITS or self.residual_bits == FLOAT_BITS):
+            raise ValueError(f"residual_bits must be an int in {MIN_BITS}..{MAX_BITS} or {FLOAT_BITS} (float), "
+                             f"got {self.residual_bits!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,6 +30,7 @@ from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
 from arq.quant.packing import pack_layer_weight, unpack_layer_weight
 from arq.quant.policy import FLOAT_BITS, Policy, quantizable_layers
 from arq.quant.quantizers import QuantConfig
+from arq.quant.residual import quantize_residual_stream
 
 FORMAT_VERSION = "1"
 
@@ -166,6 +167,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str
             if quant_layer.input_quantizer.enabled:
                 quant_layer.input_quantizer.set_range(float(input_scale), bool(input_signed))
         _replace(qmodel, name, quant_layer)
+    if config.residual_bits != FLOAT_BITS:
+        quantize_residual_stream(qmodel, config.residual_bits, config)
     missing, unexpected = qmodel.load_state_dict(tensors, strict=False)
     quant_keys = {k for k in qmodel.state_dict() if any(k.startswith(n + ".") for n, _ in quantizable_layers(qmodel))}
     missing = [k for k in missing if k not in quant_keys]

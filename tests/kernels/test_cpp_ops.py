@@ -269,6 +269,59 @@ def test_vote_count_empty_batch():
     assert counts.tolist() == [0, 0, 0]
 
 
+# ------------------------------------------------------------------------------------------- requantize_codes
+
+REQUANT_GRIDS = [  # (in_scale, in_zero, out_scale, out_zero, out_min, out_max)
+    (0.025692012, 0, 0.35294077, 0, 0, 15),       # an 8-bit residual stream into a 4-bit layer
+    (0.5, 128, 0.25, 128, 0, 255),                 # signed, ties at every other code
+    (0.01, 3, 0.0100001, 0, 2, 200),               # near-equal scales, clamped at both ends
+    (1.0, 0, 3.0, 0, 0, 255),                      # exact thirds: x.5 ties round to even
+]
+
+
+@pytest.mark.parametrize("grid", REQUANT_GRIDS, ids=range(len(REQUANT_GRIDS)))
+@pytest.mark.parametrize("shape, layout", [((256,), "contiguous"), ((3, 5, 7, 11), "channels_last"),
+                                           ((2, 3, 9, 13), "contiguous"), ((4, 6, 5), "strided")])
+def test_requantize_codes_is_the_reference_bit_for_bit(grid, shape, layout):
+    gen = torch.Generator().manual_seed(hash((grid, shape)) % 2**31)
+    codes = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    if shape == (256,):
+        codes = torch.arange(256, dtype=torch.uint8)  # every code once
+    if layout == "channels_last":
+        codes = codes.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        codes = torch.randint(0, 256, (4, 12, 5), generator=gen, dtype=torch.uint8)[:, ::2]  # not dense
+    result = ops.requantize_codes(codes, *grid, backend="cpp")
+    expected = ops.requantize_codes_reference(codes, *grid)
+    assert result.dtype == torch.uint8 and result.shape == codes.shape
+    assert torch.equal(result, expected)
+    if layout == "channels_last":
+        assert result.is_contiguous(memory_format=torch.channels_last)  # the layout the next conv reads
+    # the reference is the fake-quant chain itself: dequantize, then an activation quantizer's codes
+    in_scale, in_zero, out_scale, out_zero, out_min, out_max = grid
+    values = (codes.float() - in_zero) * torch.tensor(in_scale)
+    quantized = torch.clamp(torch.round(values / torch.tensor(out_scale)), out_min - out_zero, out_max - out_zero)
+    assert torch.equal(expected.to(torch.int32) - out_zero, quantized.to(torch.int32))
+
+
+def test_requantize_codes_rejects_bad_inputs():
+    codes = torch.zeros(4, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="uint8"):
+        ops.requantize_codes(codes.float(), 0.1, 0, 0.2, 0, 0, 15)
+    with pytest.raises(ValueError, match="in_scale"):
+        ops.requantize_codes(codes, 0.0, 0, 0.2, 0, 0, 15)
+    with pytest.raises(ValueError, match="out_scale"):
+        ops.requantize_codes(codes, 0.1, 0, float("nan"), 0, 0, 15)
+    with pytest.raises(ValueError, match="out_min"):
+        ops.requantize_codes(codes, 0.1, 0, 0.2, 0, 16, 15)
+    with pytest.raises(ValueError, match="in_zero"):
+        ops.requantize_codes(codes, 0.1, 300, 0.2, 0, 0, 15)
+    with pytest.raises(RuntimeError, match="uint8"):
+        torch.ops.arq.requantize_codes(codes.to(torch.int8), 0.1, 0, 0.2, 0, 0, 15)
+    with pytest.raises(ValueError, match="backend"):
+        ops.requantize_codes(codes, 0.1, 0, 0.2, 0, 0, 15, backend="triton")
+
+
 # ------------------------------------------------------------------------------------------- torch.compile support
 
 
@@ -286,6 +339,10 @@ def test_fake_implementations():
         assert yc.shape == (2, 5, 4, 8) and yc.dtype == torch.float32
         counts = torch.ops.arq.vote_count(torch.empty(3, 4), torch.empty(10, 4), None, 10)
         assert counts.shape == (10,) and counts.dtype == torch.int64
+        stream = torch.empty(2, 16, 8, 8, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        codes = torch.ops.arq.requantize_codes(stream, 0.1, 0, 0.3, 0, 0, 15)
+        assert codes.shape == stream.shape and codes.dtype == torch.uint8
+        assert codes.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_opcheck():
@@ -295,6 +352,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.arq.packed_linear, (x, packed, 4, torch.rand(6), torch.randn(6), 0.1, True,
                                                         None, 0.2))
     torch.library.opcheck(torch.ops.arq.vote_count, (torch.randn(9, 20), torch.randn(4, 20), None, 4))
+    torch.library.opcheck(torch.ops.arq.requantize_codes,
+                          (torch.randint(0, 256, (3, 4, 5, 6), dtype=torch.uint8), 0.1, 2, 0.3, 1, 0, 15))
 
 
 # ------------------------------------------------------------------------------------------- CUDA

@@ -73,3 +73,19 @@ def test_cli_uniform_bits_and_errors(tmp_path, tiny_world):
     missing = _parser().parse_args(["quantize", "--model", "m", "--policy", str(tmp_path / "none.json"), "--out", str(out)])
     with pytest.raises(CommandError, match="none.json"):
         missing.run(missing)
+
+
+def test_cli_quantizes_the_residual_stream(tmp_path, tiny_world):
+    from arq.cli.common import CommandError
+
+    out = tmp_path / "r.safetensors"
+    args = _parser().parse_args(["quantize", "--model", "m", "--uniform", "4", "4", "--residual-bits", "8",
+                                 "--out", str(out), "--calibration-size", "8", "--device", "cpu"])
+    assert args.run(args) == 0
+    loaded = quant.load(out, model=cifar_resnet(20))
+    assert loaded.arq_quant["config"].residual_bits == 8
+    assert sum(name.endswith("residual_quantizer") for name, _ in loaded.named_modules()) == 9
+    bad = _parser().parse_args(["quantize", "--model", "m", "--uniform", "4", "4", "--residual-bits", "9",
+                                "--out", str(out), "--device", "cpu"])
+    with pytest.raises(CommandError, match="residual_bits"):
+        bad.run(bad)

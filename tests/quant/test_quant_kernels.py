@@ -386,17 +386,24 @@ def _compare_fused_resnet(device: str) -> None:
     tracing the whole model: the ResNet is rewritten on its own). Uniform 4 bits: every block's
     conv1 -> conv2 chains, every residual add + ReLU moves into conv2, and the stem and each
     block output write the codes of one packed consumer (conv1, or the downsampling shortcut);
-    mixed bits (a fake-quant layer, 8-bit unsigned codes): whatever is fused. Fused and unfused
+    mixed bits (a fake-quant layer, 8-bit unsigned codes): whatever is fused; uniform 4 bits with
+    an 8-bit residual stream (``QuantConfig.residual_bits``): the adds still fuse, and each block
+    output goes through its stream quantizer (torch) instead of writing codes. Fused and unfused
     give the same logits bit for bit."""
     generator = torch.Generator().manual_seed(7)
     x = torch.rand(2, 3, 12, 12, generator=generator)
-    for policy_of in (lambda m: Policy.uniform(m, 4, 4), mixed_resnet_policy):
+    uniform4 = lambda m: Policy.uniform(m, 4, 4)  # noqa: E731
+    for policy_of, residual_bits in ((uniform4, 32), (mixed_resnet_policy, 32), (uniform4, 8)):
         model = cifar_resnet(depth=8, seed=4)
-        qmodel = quant.quantize(model, policy_of(model), torch.rand(6, 3, 12, 12, generator=generator)).to(device)
+        qmodel = quant.quantize(model, policy_of(model), torch.rand(6, 3, 12, 12, generator=generator),
+                                config=quant.QuantConfig(residual_bits=residual_bits)).to(device)
         fused = to_kernels(qmodel, backend="triton")
         unfused = to_kernels(qmodel, backend="triton", chain=False)
         counts = fused.arq_kernels
-        if counts["fake_quant"]:
+        if residual_bits != 32:
+            assert (counts["chained"], counts["residuals"]) == (4, 3)  # conv1 -> conv2 pairs and the stem
+            assert sum(m.bits == 8 for m in fused.modules() if isinstance(m, quant.ActivationQuantizer)) == 3
+        elif counts["fake_quant"]:
             assert counts["residuals"] >= 1 and counts["chained"] >= 1
         else:  # 3 blocks: 3 conv1 -> conv2 pairs, 3 residuals, stem and 2 block outputs with codes_also
             assert (counts["chained"], counts["residuals"]) == (6, 3)

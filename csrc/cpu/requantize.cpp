@@ -1,0 +1,100 @@
+// arq::requantize_codes on CPU: uint8 codes of one quantization grid -> uint8 codes of another,
+//
+//   out = clamp(round(((c - in_zero) * in_scale) / out_scale) + out_zero, out_min, out_max)
+//
+// in float32, in that order, rounding half to even: the reference's float32 operations on the
+// dequantized value (arq.ops.requantize_codes_reference), so every output is the reference's bit for
+// bit (the AVX2 loop does the same IEEE operations eight at a time; nothing is fused or reassociated).
+// Why an op: torch.compile's generated C++ loads uint8 eight at a time through a scalar copy on AVX2,
+// 7-8x slower than this loop (benchmarks/bench_cpp_ops.py::test_requantize, 1 and 2 threads).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace arq {
+namespace {
+
+struct Grid {
+  float in_scale, in_zero, out_scale, out_zero, out_min, out_max;
+};
+
+inline uint8_t requantize_one(uint8_t code, const Grid& g) {
+  const float value = (static_cast<float>(code) - g.in_zero) * g.in_scale;
+  float q = std::nearbyint(value / g.out_scale) + g.out_zero;  // the default mode: half to even
+  q = q < g.out_min ? g.out_min : (q > g.out_max ? g.out_max : q);
+  return static_cast<uint8_t>(q);
+}
+
+void requantize_portable(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t end, const Grid& g) {
+  for (int64_t i = begin; i < end; ++i) dst[i] = requantize_one(src[i], g);
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx2")))
+void requantize_avx2(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t end, const Grid& g) {
+  const __m256 in_scale = _mm256_set1_ps(g.in_scale), in_zero = _mm256_set1_ps(g.in_zero);
+  const __m256 out_scale = _mm256_set1_ps(g.out_scale), out_zero = _mm256_set1_ps(g.out_zero);
+  const __m256 low = _mm256_set1_ps(g.out_min), high = _mm256_set1_ps(g.out_max);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
+    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+    v = _mm256_mul_ps(_mm256_sub_ps(v, in_zero), in_scale);
+    v = _mm256_round_ps(_mm256_div_ps(v, out_scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, out_zero), low), high);
+    const __m256i q = _mm256_cvtps_epi32(v);  // whole numbers in 0..255: exact
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packus_epi16(words, words));
+  }
+  requantize_portable(src, dst, i, end, g);
+}
+
+bool has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+at::Tensor requantize_codes_cpu(const at::Tensor& codes, double in_scale, int64_t in_zero, double out_scale,
+                                int64_t out_zero, int64_t out_min, int64_t out_max) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "requantize_codes: codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK(std::isfinite(in_scale) && in_scale > 0, "requantize_codes: in_scale must be finite and > 0, got ",
+              in_scale);
+  TORCH_CHECK(std::isfinite(out_scale) && out_scale > 0, "requantize_codes: out_scale must be finite and > 0, got ",
+              out_scale);
+  TORCH_CHECK(0 <= out_min && out_min <= out_max && out_max <= 255,
+              "requantize_codes: need 0 <= out_min <= out_max <= 255, got ", out_min, " and ", out_max);
+  TORCH_CHECK(0 <= in_zero && in_zero <= 255 && 0 <= out_zero && out_zero <= 255,
+              "requantize_codes: zero points must be in 0..255, got ", in_zero, " and ", out_zero);
+  // dense in its own memory format (contiguous or channels_last): map the storage in order
+  const at::Tensor input = codes.is_non_overlapping_and_dense() ? codes : codes.contiguous();
+  at::Tensor out = at::empty_like(input);
+  const Grid grid{static_cast<float>(in_scale), static_cast<float>(in_zero), static_cast<float>(out_scale),
+                  static_cast<float>(out_zero), static_cast<float>(out_min), static_cast<float>(out_max)};
+  const uint8_t* src = input.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (has_avx2()) return requantize_avx2(src, dst, begin, end, grid);
+#endif
+    requantize_portable(src, dst, begin, end, grid);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(arq, m) {
+  m.def("requantize_codes(Tensor codes, float in_scale, int in_zero, float out_scale, int out_zero, int out_min, "
+        "int out_max) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(arq, CPU, m) { m.impl("requantize_codes", &requantize_codes_cpu); }
+
+}  // namespace arq

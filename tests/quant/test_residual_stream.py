@@ -1,0 +1,213 @@
+"""The quantized residual stream (QuantConfig.residual_bits): the fake-quant model, its file, and the
+integer CPU model that keeps the stream as uint8 (oneDNN's conv adds it and writes the next codes).
+
+The integer model is held to the tolerance of tests/quant/test_quant_execution.py (documented in
+arq.quant.execution): at most 0.5 % of activation codes differ, logits within 5 % of the largest,
+top-1 equal on >= 99 % of clearly decided inputs.
+"""
+import pytest
+import torch
+from torch import nn
+
+import arq
+import arq.quant as quant
+from arq.quant import Policy, QuantConfig
+from arq.quant.execution import IntegerConv2d, IntegerExecutionConfig, IntegerLinear, StreamCodes, to_integer
+from arq.quant.kernels import PackedConv2d, PackedLinear, resolve_backend
+from arq.quant.quantizers import ActivationQuantizer
+from arq.quant.residual import RESIDUAL_QUANTIZER, residual_blocks
+from quant_nets import cifar_resnet, codes_by_layer
+
+needs_onednn = pytest.mark.skipif(
+    "onednn" not in torch.backends.quantized.supported_engines, reason="needs torch's oneDNN quantized engine"
+)
+RESNET20_BLOCKS = [f"1.layer{stage}.{index}" for stage in (1, 2, 3) for index in range(3)]
+
+
+def _quantized(model, residual_bits=8, bits=(4, 4), seed=0):
+    calibration = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return quant.quantize(model, Policy.uniform(model, *bits), calibration,
+                          config=QuantConfig(residual_bits=residual_bits))
+
+
+def _noisy(count, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, 3, 32, 32, generator=generator) + 0.25 * torch.randn(count, 3, 32, 32,
+                                                                                  generator=generator)
+
+
+@pytest.mark.parametrize("bad", [1, 9, 16, True, "8", 8.0])
+def test_residual_bits_must_be_a_bit_width(bad):
+    with pytest.raises(ValueError, match="residual_bits"):
+        QuantConfig(residual_bits=bad)
+    assert QuantConfig().residual_bits == 32 and QuantConfig(residual_bits=2).residual_bits == 2
+
+
+def test_blocks_are_the_modules_returning_a_residual_add():
+    assert residual_blocks(cifar_resnet(20)) == RESNET20_BLOCKS
+    assert residual_blocks(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))) == []
+    lenet = arq.models.get_architecture("lenet", "mnist")
+    with pytest.raises(ValueError, match="residual_bits"):
+        quant.quantize(lenet, Policy.uniform(lenet, 4, 4), torch.rand(8, 1, 28, 28),
+                       config=QuantConfig(residual_bits=8))
+
+
+def test_every_block_output_lies_on_the_stream_grid():
+    model = cifar_resnet(20)
+    qmodel = _quantized(model)
+    float_stream = _quantized(model, residual_bits=32)
+    extra = set(qmodel.state_dict()) - set(float_stream.state_dict())
+    assert extra == {f"{b}.{RESIDUAL_QUANTIZER}.{key}" for b in RESNET20_BLOCKS for key in ("scale", "signed")}
+    assert set(float_stream.state_dict()) <= set(qmodel.state_dict())  # the blocks keep their keys
+    outputs = {}
+    hooks = [qmodel.get_submodule(name).register_forward_hook(
+        lambda module, args, out, name=name: outputs.__setitem__(name, out)) for name in RESNET20_BLOCKS]
+    with torch.no_grad():
+        logits = qmodel(_noisy(16))
+    for hook in hooks:
+        hook.remove()
+    for name in RESNET20_BLOCKS:
+        quantizer = qmodel.get_submodule(f"{name}.{RESIDUAL_QUANTIZER}")
+        assert isinstance(quantizer, ActivationQuantizer) and quantizer.bits == 8
+        assert not bool(quantizer.signed) and float(quantizer.scale) > 0  # calibrated, after a ReLU
+        codes = outputs[name] / quantizer.scale  # q * s / s: q up to one float rounding
+        assert float((codes - codes.round()).abs().max()) <= 1e-4
+        assert codes.round().min() >= 0 and codes.round().max() <= 255
+    with torch.no_grad():
+        float_logits = float_stream(_noisy(16))
+    assert not torch.equal(logits, float_logits)  # the stream quantizers act
+
+
+def test_saved_model_loads_with_its_stream_quantizers(tmp_path):
+    model = cifar_resnet(20)
+    qmodel = _quantized(model)
+    path = tmp_path / "resnet.safetensors"
+    quant.save(qmodel, path)
+    loaded = quant.load(path, cifar_resnet(20))
+    assert loaded.arq_quant["config"].residual_bits == 8
+    x = _noisy(8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+
+
+def _agrees(result, reference, codes, reference_codes):
+    differing = sum(int((c != reference_codes[name]).sum()) for name, c in codes.items())
+    assert differing <= 5e-3 * sum(c.numel() for c in codes.values())
+    scale = float(reference.abs().max())
+    assert float((result - reference).abs().max()) <= 0.05 * scale
+    top2 = reference.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * scale
+    assert int(clear.sum()) >= 0.75 * reference.shape[0]
+    assert float((result.argmax(1) == reference.argmax(1))[clear].float().mean()) >= 0.99
+
+
+def _integer_codes(model, x):
+    return codes_by_layer(model, x, (IntegerConv2d, IntegerLinear),
+                          lambda m, x: m.input_codes(x).to(torch.int32) - m.zero_point)
+
+
+def _stream_convs(model):
+    return [m for m in model.modules() if isinstance(m, IntegerConv2d) and m.stream_output is not None]
+
+
+@needs_onednn
+@pytest.mark.parametrize("residual_bits", [8, 5])
+def test_integer_model_keeps_the_stream_as_uint8_and_agrees(residual_bits):
+    qmodel = _quantized(cifar_resnet(20), residual_bits=residual_bits)
+    integer = to_integer(qmodel)
+    unfused = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))
+    readers = [m for m in integer.modules() if isinstance(m, IntegerConv2d) and m.stream_zero_point is not None]
+    if residual_bits == 8:
+        # 6 identity blocks add the earlier stream's codes in oneDNN and write their own; the first
+        # block (after the float stem) and the 2 downsampling blocks add in float, then quantize
+        assert len(_stream_convs(integer)) == 6
+        assert "adds the residual stream, writes its codes" in repr(integer)
+    else:  # oneDNN's fused add writes 8-bit unsigned codes only: every stream is quantized after the add
+        assert not _stream_convs(integer)
+    assert len(readers) == 10  # conv1 of blocks 2-9 and both 1x1 shortcuts read uint8 codes
+    assert not _stream_convs(unfused) and not any(isinstance(m, StreamCodes) for m in unfused.modules())
+    x = _noisy(128)
+    reference, reference_codes = codes_by_layer(qmodel, x)
+    for candidate in (integer, unfused):
+        result, codes = _integer_codes(candidate, x)
+        _agrees(result, reference, codes, reference_codes)
+    with torch.no_grad():
+        streams = {}
+        hooks = [m.register_forward_hook(lambda m, a, out: streams.__setitem__(m, out))
+                 for m in _stream_convs(integer) + [m for m in integer.modules() if isinstance(m, StreamCodes)]]
+        integer(x)
+        for hook in hooks:
+            hook.remove()
+    assert streams and all(out.dtype == torch.uint8 for out in streams.values())
+
+
+class _TwoBlocks(nn.Module):
+    """Two residual blocks; ``read_again`` also reads block 1's output after block 2 (its buffer
+    must then survive block 2's fused add)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+
+    def __init__(self, read_again: bool):
+        super().__init__()
+        self.stem, self.block1, self.block2 = nn.Conv2d(4, 4, 1), self.Block(), self.Block()
+        self.read_again = read_again
+
+    def forward(self, x):
+        first = self.block1(torch.relu(self.stem(x)))
+        second = self.block2(first)
+        return second * first if self.read_again else second
+
+
+@needs_onednn
+@pytest.mark.parametrize("read_again", [False, True])
+def test_fused_add_writes_into_the_earlier_stream_only_when_nothing_reads_it_later(read_again):
+    torch.manual_seed(3)
+    model = _TwoBlocks(read_again).eval()
+    x = torch.randn(8, 4, 6, 6).relu()
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 6), x, config=QuantConfig(residual_bits=8))
+    assert residual_blocks(model) == ["block1", "block2"]
+    fused = to_integer(qmodel)
+    unfused = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))
+    assert len(_stream_convs(fused)) == (0 if read_again else 1)
+    with torch.no_grad():
+        expected = unfused(x)
+        result = fused(x)
+        again = fused(x)
+        reference = qmodel(x)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert torch.equal(again, result)
+    torch.testing.assert_close(result, reference, rtol=0, atol=0.05 * float(reference.abs().max()))
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_compiled_stream_model_matches_eager():
+    """torch.compile functionalizes the fused add's write into the earlier stream: same logits."""
+    qmodel = _quantized(cifar_resnet(14), seed=5)  # 2 blocks a stage: 3 fused adds
+    eager = to_integer(qmodel)
+    compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True))
+    assert _stream_convs(eager)
+    x = _noisy(24, seed=6)
+    with torch.no_grad():
+        expected = eager(x)
+        result = compiled(x)
+        again = compiled(x)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(again, result)
+
+
+@pytest.mark.skipif(resolve_backend("auto", "cpu") != "cpp", reason="needs the compiled ops (arq._C)")
+def test_packed_kernel_model_runs_the_stream_quantizers():
+    qmodel = _quantized(cifar_resnet(20), seed=2)
+    kernel_model = quant.to_kernels(qmodel)  # the C++ kernels (the fused Triton path: test_quant_kernels.py)
+    assert sum(isinstance(m, ActivationQuantizer) and m.bits == 8 for m in kernel_model.modules()) == 9
+    x = _noisy(128, seed=3)
+    reference, reference_codes = codes_by_layer(qmodel, x)
+    result, codes = codes_by_layer(kernel_model, x, (PackedConv2d, PackedLinear), lambda m, x: m.codes(x))
+    _agrees(result, reference, codes, reference_codes)
