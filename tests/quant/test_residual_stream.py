@@ -146,16 +146,18 @@ class _TwoBlocks(nn.Module):
     must then survive block 2's fused add)."""
 
     class Block(nn.Module):
-        def __init__(self):
+        def __init__(self, relu: bool = True):
             super().__init__()
             self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.relu = relu
 
         def forward(self, x):
-            return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+            out = self.conv2(torch.relu(self.conv1(x))) + x
+            return torch.relu(out) if self.relu else out
 
-    def __init__(self, read_again: bool):
+    def __init__(self, read_again: bool, relu: bool = True):
         super().__init__()
-        self.stem, self.block1, self.block2 = nn.Conv2d(4, 4, 1), self.Block(), self.Block()
+        self.stem, self.block1, self.block2 = nn.Conv2d(4, 4, 1), self.Block(relu), self.Block(relu)
         self.read_again = read_again
 
     def forward(self, x):
@@ -182,6 +184,30 @@ def test_fused_add_writes_into_the_earlier_stream_only_when_nothing_reads_it_lat
         reference = qmodel(x)
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
     assert torch.equal(again, result)
+    torch.testing.assert_close(result, reference, rtol=0, atol=0.05 * float(reference.abs().max()))
+
+
+@needs_onednn
+@pytest.mark.parametrize("bits", [8, 5])
+def test_signed_streams_without_a_relu_keep_their_zero_point(bits):
+    """Blocks ending in a bare add: signed stream codes (zero point 2^(b-1)), quantized after a float
+    add, read by the next block's layers through requantize_codes with that zero point."""
+    torch.manual_seed(4)
+    model = _TwoBlocks(read_again=False, relu=False).eval()
+    x = torch.randn(16, 4, 6, 6)
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 6), x, config=QuantConfig(residual_bits=bits))
+    assert all(bool(qmodel.get_submodule(f"{b}.{RESIDUAL_QUANTIZER}").signed) for b in ("block1", "block2"))
+    integer = to_integer(qmodel)
+    streams = [m for m in integer.modules() if isinstance(m, StreamCodes)]
+    assert streams and all(m.signed and m.zero_point == 1 << (bits - 1) for m in streams)
+    assert not _stream_convs(integer)  # the fused add writes unsigned 8-bit codes only
+    readers = [m for m in integer.modules() if isinstance(m, IntegerConv2d) and m.stream_zero_point is not None]
+    assert [m.stream_zero_point for m in readers] == [1 << (bits - 1)]  # block2.conv1
+    with torch.no_grad():
+        reference = qmodel(x)
+        result = integer(x)
+        unfused = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))(x)
+    torch.testing.assert_close(result, unfused, rtol=0, atol=1e-5 * float(unfused.abs().max()))
     torch.testing.assert_close(result, reference, rtol=0, atol=0.05 * float(reference.abs().max()))
 
 
