@@ -308,8 +308,8 @@ def vote_count(features, weight, bias, num_classes, *, backend="auto"):
 
 def requantize_codes(codes, in_scale, in_zero, out_scale, out_zero, out_min, out_max, *, backend="auto"):
     """:func:`requantize_codes_reference` (uint8 ``codes`` of any shape, same shape and memory format
-    out), through ``arq::requantize_codes`` on CPU (a 256-entry table of the same float32 formula,
-    so every backend gives the same codes)."""
+    out), through ``arq::requantize_codes`` on CPU (the same float32 operations in the same order,
+    AVX2 or portable, so every backend gives the same codes)."""
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         raise TypeError(f"codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
     for name, value in (("in_scale", in_scale), ("out_scale", out_scale)):

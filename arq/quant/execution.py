@@ -172,7 +172,7 @@ class _IntegerLayer(nn.Module):
         self.register_buffer("stream_scale", stream.scale_tensor.clone())
         self.stream_zero_point = stream.zero_point
         self.stream_scale_value = stream.scale
-        self.stream_table_op = _requantize_op_available()
+        self.stream_requantize_op = _requantize_op_available()
 
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input codes, whether ``x`` is a float activation, already its codes, or
@@ -180,7 +180,7 @@ class _IntegerLayer(nn.Module):
         if self.takes_codes:
             return x
         if self.stream_zero_point is not None:
-            if self.stream_table_op:  # the same float32 formula, as a 256-entry table (arq.ops)
+            if self.stream_requantize_op:  # the same float32 operations in C++ (arq.ops.requantize_codes)
                 return torch.ops.arq.requantize_codes(x, self.stream_scale_value, self.stream_zero_point,
                                                       self.x_scale, self.zero_point, self.code_min, self.code_max)
             return self.codes((x.to(torch.float32) - self.stream_zero_point) * self.stream_scale)

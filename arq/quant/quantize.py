@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
 from arq.quant.policy import FLOAT_BITS, Policy, quantizable_layers
-from arq.quant.residual import quantize_residual_stream
 from arq.quant.quantizers import ActivationQuantizer, QuantConfig
+from arq.quant.residual import quantize_residual_stream
 
 #: Relative tolerance of the check that BatchNorm folding did not change the model.
 FOLD_CHECK_RTOL = 1e-3

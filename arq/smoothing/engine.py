@@ -53,9 +53,10 @@ chunks, so the noise, the votes and the guarantee are those of the whole batch: 
 only changes which samples share one call of the model, and every sample's logits are
 computed from that sample alone (eval mode). Why: a batch of 400 CIFAR samples makes 26 MB
 float32 activations per layer, which glibc maps and unmaps on every call (page faults) and
-which overflow the caches; chunks of 100-200 ran the compiled W4A4 ResNet-20 1.3-1.5x faster
-(1 and 2 threads), and at worst (ResNet-110, one thread) changed nothing measurable
-(``benchmarks/bench_e2e.py``). One certify call then compiles one or two chunk shapes.
+which overflow the caches. Measured on a 2-core AVX2 host: the compiled W4A4 ResNet-20's forward
+passes ran 1.3-1.5x faster in chunks of 100-200 (1 and 2 threads), its certification 1.16x (2
+threads), and ResNet-110 changed nothing measurable (``benchmarks/bench_e2e.py``). One certify
+call then compiles one or two chunk shapes.
 
 CUDA graphs (opt-in until measured on a GPU: ``prepare_model(..., cuda_graphs=True)`` or
 ``ARQ_CUDA_GRAPHS=1``): on CUDA any of the above, float models included, can be replayed from
