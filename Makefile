@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/arq demo $(DEMO_ARGS)
 
 bench: $(VENV)/.installed
-	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/cpu-latest.json
+	$(PY) -m pytest -q benchmarks/bench_*.py --benchmark-only --benchmark-json=benchmarks/results/cpu-latest.json
 
 clean:
 	rm -rf build $(VENV) arq/_C*.so *.egg-info
