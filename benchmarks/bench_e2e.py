@@ -53,6 +53,7 @@ import os
 import platform
 import statistics
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -279,15 +280,8 @@ def build(arch: str, variant: str, image: torch.Tensor):
 
 def _without_chunks(run):
     """``run()`` with ``ARQ_CPU_CHUNK=0``: arq's engine gives the model whole batches."""
-    saved = os.environ.get("ARQ_CPU_CHUNK")
-    os.environ["ARQ_CPU_CHUNK"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"ARQ_CPU_CHUNK": "0"}):
         return run()
-    finally:
-        if saved is None:
-            del os.environ["ARQ_CPU_CHUNK"]
-        else:
-            os.environ["ARQ_CPU_CHUNK"] = saved
 
 
 @pytest.fixture(scope="module")

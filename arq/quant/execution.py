@@ -128,13 +128,6 @@ class IntegerExecutionConfig:
         return (not self.compile) if self.fuse_residuals is None else self.fuse_residuals
 
 
-@functools.lru_cache(maxsize=None)
-def _requantize_op_available() -> bool:
-    from arq.ops import _has_kernel
-
-    return _has_kernel("requantize_codes", "CPU")
-
-
 class _IntegerLayer(nn.Module):
     """Input quantization to uint8 codes shared by the integer conv and linear."""
 
@@ -168,11 +161,14 @@ class _IntegerLayer(nn.Module):
     stream_zero_point: int | None = None
 
     def read_stream(self, stream: "StreamCodes") -> None:
-        """Take ``stream``'s uint8 codes as input (:func:`_quantize_streams`)."""
-        self.register_buffer("stream_scale", stream.scale_tensor.clone())
-        self.stream_zero_point = stream.zero_point
-        self.stream_scale_value = stream.scale
-        self.stream_requantize_op = _requantize_op_available()
+        """Take ``stream``'s uint8 codes as input (:func:`_quantize_streams`): they become this
+        layer's codes through ``arq::requantize_codes``, or its torch reference without arq._C."""
+        from arq.ops import _has_kernel, requantize_codes_reference
+
+        self.stream_zero_point, self.stream_scale = stream.zero_point, stream.scale
+        # chosen once here: the dispatcher's checks would run on every call (and in torch.compile's trace)
+        self.requantize = (torch.ops.arq.requantize_codes if _has_kernel("requantize_codes", "CPU")
+                           else requantize_codes_reference)
 
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input codes, whether ``x`` is a float activation, already its codes, or
@@ -180,10 +176,8 @@ class _IntegerLayer(nn.Module):
         if self.takes_codes:
             return x
         if self.stream_zero_point is not None:
-            if self.stream_requantize_op:  # the same float32 operations in C++ (arq.ops.requantize_codes)
-                return torch.ops.arq.requantize_codes(x, self.stream_scale_value, self.stream_zero_point,
-                                                      self.x_scale, self.zero_point, self.code_min, self.code_max)
-            return self.codes((x.to(torch.float32) - self.stream_zero_point) * self.stream_scale)
+            return self.requantize(x, self.stream_scale, self.stream_zero_point, self.x_scale, self.zero_point,
+                                   self.code_min, self.code_max)
         return self.codes(x)
 
 
@@ -522,11 +516,6 @@ class StreamValues(nn.Module):
         return self.stream.values(codes)
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def _quantize_streams(root: nn.Module, graph, modules: dict, call_sites: dict, in_place: bool) -> int:
     """Residual-stream quantizers (``arq.quant.residual``) become uint8 tensors; the number done.
 
@@ -547,15 +536,17 @@ def _quantize_streams(root: nn.Module, graph, modules: dict, call_sites: dict, i
     oneDNN scales by ``1 / s_r`` where the reference divides: the tolerance of the module docstring.
     """
     streams: dict = {}  # node -> StreamCodes of the codes it produces
+    # positions before any rewrite: the pass only erases nodes until every stream is placed
+    order = {node: position for position, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         quantizer = modules.get(node.target) if node.op == "call_module" else None
         if (not isinstance(quantizer, ActivationQuantizer) or not quantizer.enabled
                 or node.target.rpartition(".")[2] != RESIDUAL_QUANTIZER or len(node.args) != 1 or node.kwargs):
             continue
         stream = StreamCodes(quantizer)
-        fused = _fuse_stream_add(graph, node, stream, streams, modules, call_sites, in_place)
+        fused = _fuse_stream_add(graph, node, stream, streams, modules, call_sites, in_place, order)
         if fused is None:
-            _set_module(root, node.target, stream)
+            root.set_submodule(node.target, stream)
             streams[node] = stream
         else:
             streams[fused] = stream
@@ -579,7 +570,7 @@ def _quantize_streams(root: nn.Module, graph, modules: dict, call_sites: dict, i
 
 
 def _fuse_stream_add(graph, node, stream: StreamCodes, streams: dict, modules: dict, call_sites: dict,
-                     in_place: bool):
+                     in_place: bool, order: dict):
     """The conv node now writing ``stream``'s codes in place of quantizer ``node``
     (:func:`_quantize_streams`), or None where the pattern or the buffer rule does not hold."""
     relu = node.args[0]
@@ -590,7 +581,6 @@ def _fuse_stream_add(graph, node, stream: StreamCodes, streams: dict, modules: d
     add = relu.args[0]
     if not _is_add(add) or len(add.users) != 1:
         return None
-    order = {n: position for position, n in enumerate(graph.nodes)}
     for operand, earlier in (add.args, tuple(reversed(add.args))):
         if earlier not in streams:
             continue

@@ -20,8 +20,6 @@ their keys (plus ``<block>.residual_quantizer.scale`` and ``.signed``).
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 from torch import nn
@@ -41,22 +39,6 @@ class _BlockTracer(torch.fx.Tracer):
         return qualified_name != ""
 
 
-def _is_add(node: torch.fx.Node) -> bool:
-    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in node.args):
-        return False
-    if node.op == "call_function":
-        return node.target in (operator.add, operator.iadd, torch.add)
-    return node.op == "call_method" and node.target == "add"
-
-
-def _is_relu(node: torch.fx.Node, modules: dict) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
-    if node.op == "call_function":
-        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
-    return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
 def _residual_graph(module: nn.Module) -> torch.fx.Graph | None:
     """``module``'s traced graph when it returns ``[relu](add(a, b))``, else None."""
     try:
@@ -67,9 +49,12 @@ def _residual_graph(module: nn.Module) -> torch.fx.Graph | None:
     result = output.args[0]
     if not isinstance(result, torch.fx.Node):
         return None
+    from arq.quant.execution import _is_add, _is_relu  # the integer path's patterns (it imports this module)
+
     modules = dict(module.named_modules())
     inner = result.args[0] if _is_relu(result, modules) and result.args else result
-    if not isinstance(inner, torch.fx.Node) or not _is_add(inner):
+    if (not isinstance(inner, torch.fx.Node) or not _is_add(inner)
+            or not all(isinstance(arg, torch.fx.Node) for arg in inner.args)):
         return None
     if any(arg.op == "placeholder" for arg in inner.args) and all(arg.op == "placeholder" for arg in inner.args):
         return None  # adds two inputs: a merge, not a block computing its own branch
@@ -106,6 +91,5 @@ def quantize_residual_stream(model: nn.Module, bits: int, config: QuantConfig) -
             if not hasattr(rewritten, child_name):
                 rewritten.add_module(child_name, child)
         rewritten.train(block.training)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, rewritten)
+        model.set_submodule(name, rewritten)
     return blocks

@@ -146,3 +146,28 @@ def codes_by_layer(model: nn.Module, x: torch.Tensor, layer_types: tuple = (), l
     for hook in hooks:
         hook.remove()
     return logits, codes
+
+
+def assert_within_tolerance(result, reference, codes: dict, reference_codes: dict, min_clear: float) -> None:
+    """The integer paths' documented tolerance against the fake-quant reference (arq.quant.execution):
+    at most 0.5 % of input codes differ, logits within 5 % of the largest reference logit, and
+    top-1 equal on >= 99 % of the inputs whose reference top-2 margin exceeds 1e-3 of that logit,
+    of which there must be at least ``min_clear``."""
+    differing = sum(int((c != reference_codes[name]).sum()) for name, c in codes.items())
+    assert differing <= 5e-3 * sum(c.numel() for c in codes.values())
+    scale = float(reference.abs().max())
+    assert float((result - reference).abs().max()) <= 0.05 * scale
+    top2 = reference.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * scale
+    assert int(clear.sum()) >= min_clear
+    assert float((result.argmax(1) == reference.argmax(1))[clear].float().mean()) >= 0.99
+
+
+def assert_compiled_matches_eager(eager, compiled, x) -> None:
+    """The compiled model gives the eager model's logits (to 1e-4 of the largest), twice the same."""
+    with torch.no_grad():
+        expected = eager(x)
+        result = compiled(x)
+        again = compiled(x)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(again, result)
