@@ -4,6 +4,7 @@
 * :func:`packed_conv2d`  the same on NHWC activations (implicit GEMM, K in ``(kh, kw, c)`` order)
 * :func:`vote_count`     last linear layer + argmax + per-class counts, only ``int64[num_classes]`` returned
 * :func:`requantize_codes`  uint8 codes of one activation grid -> uint8 codes of another (residual streams)
+* :func:`quantize_codes`    float32 activations -> an activation quantizer's uint8 codes (integer CPU layers)
 
 Weights use the packed format of docs/design.md (:mod:`arq.quant.packing`): ``32 // b`` two's-complement
 b-bit fields per int32 word along K, shape ``[N, ceil(K / (32 // b))]``; ``w = q * scales[n]``.
@@ -50,6 +51,8 @@ __all__ = [
     "vote_count_reference",
     "requantize_codes",
     "requantize_codes_reference",
+    "quantize_codes",
+    "quantize_codes_reference",
     "pack_weights",
     "unpack_weights",
     "conv_weight_to_matrix",
@@ -132,6 +135,14 @@ def requantize_codes_reference(codes, in_scale, in_zero, out_scale, out_zero, ou
     out_scale = torch.tensor(out_scale, dtype=torch.float32)
     values = (codes.to(torch.float32) - in_zero) * in_scale
     return torch.clamp(torch.round(values / out_scale) + out_zero, out_min, out_max).to(torch.uint8)
+
+
+def quantize_codes_reference(x, scale, zero_point, code_min, code_max):
+    """``clamp(round(x / scale) + zero_point, code_min, code_max)`` as uint8, in float32 in that order
+    (round half to even): an activation quantizer's codes of float32 ``x``; ``scale`` is a float32 number.
+    NaN has no code: the torch conversion of NaN to uint8 is undefined, and ``arq::quantize_codes`` raises."""
+    scale = torch.tensor(scale, dtype=torch.float32)
+    return torch.clamp(torch.round(x / scale) + zero_point, code_min, code_max).to(torch.uint8)
 
 
 def _has_kernel(name: str, key: str) -> bool:
@@ -329,6 +340,27 @@ def requantize_codes(codes, in_scale, in_zero, out_scale, out_zero, out_min, out
     return requantize_codes_reference(codes, in_scale, in_zero, out_scale, out_zero, out_min, out_max)
 
 
+def quantize_codes(x, scale, zero_point, code_min, code_max, *, backend="auto"):
+    """:func:`quantize_codes_reference` (float32 ``x`` of any shape, uint8 of the same shape and memory
+    format out), through ``arq::quantize_codes`` on CPU: one pass doing the same float32 operations in
+    the same order (AVX2 or portable), so every backend gives the same codes. The C++ op raises on NaN."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"x must be a float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    if not 0 <= code_min <= code_max <= 255:
+        raise ValueError(f"need 0 <= code_min <= code_max <= 255, got code_min={code_min}, code_max={code_max}")
+    if not 0 <= zero_point <= 255:
+        raise ValueError(f"zero_point must be in 0..255, got {zero_point}")
+    if backend not in ("auto", "cpp", "torch"):
+        raise ValueError(f"backend must be 'auto', 'cpp' or 'torch' for quantize_codes, got {backend!r}")
+    if backend != "torch" and x.device.type == "cpu" and _has_kernel("quantize_codes", "CPU"):
+        return torch.ops.arq.quantize_codes(x, scale, zero_point, code_min, code_max)
+    if backend == "cpp":
+        raise RuntimeError(f"arq::quantize_codes: no C++ kernel for {x.device.type} (build arq._C)")
+    return quantize_codes_reference(x, scale, zero_point, code_min, code_max)
+
+
 def _out_dtype(relu: bool, out_scale: float) -> torch.dtype:
     if out_scale > 0:
         return torch.uint8 if relu else torch.int8
@@ -356,6 +388,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("arq::requantize_codes")
     def _requantize_codes_fake(codes, in_scale, in_zero, out_scale, out_zero, out_min, out_max):
         return torch.empty_like(codes)
+
+    if _has_kernel("quantize_codes", "CPU"):  # an arq._C built before the op has no schema for it
+        @torch.library.register_fake("arq::quantize_codes")
+        def _quantize_codes_fake(x, scale, zero_point, code_min, code_max):
+            return torch.empty_like(x, dtype=torch.uint8)
 
 
 if compiled_ops_available():

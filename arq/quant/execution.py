@@ -128,6 +128,25 @@ class IntegerExecutionConfig:
         return (not self.compile) if self.fuse_residuals is None else self.fuse_residuals
 
 
+def _quantize(x: torch.Tensor, scale_tensor: torch.Tensor, scale: float, zero_point: int, code_min: int,
+              code_max: int) -> torch.Tensor:
+    """An activation quantizer's uint8 codes ``clamp(round(x / s) + z, lo, hi)`` of float ``x``: one pass
+    through ``arq::quantize_codes`` in eager float32 CPU models (eager torch makes five passes and four
+    temporaries), the same torch ops as the reference otherwise (torch.compile fuses them with what
+    comes before). Both give the reference's codes bit for bit (tests/kernels/test_cpp_ops.py)."""
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _has_quantize_kernel()):
+        return torch.ops.arq.quantize_codes(x, scale, zero_point, code_min, code_max)
+    return torch.clamp(torch.round(x / scale_tensor) + zero_point, code_min, code_max).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_quantize_kernel() -> bool:
+    from arq.ops import _has_kernel
+
+    return _has_kernel("quantize_codes", "CPU")
+
+
 class _IntegerLayer(nn.Module):
     """Input quantization to uint8 codes shared by the integer conv and linear."""
 
@@ -155,7 +174,7 @@ class _IntegerLayer(nn.Module):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """``clamp(round(x / s_x), q_lo, q_hi) + z`` as uint8."""
-        return torch.clamp(torch.round(x / self.x_scale_tensor) + self.zero_point, self.code_min, self.code_max).to(torch.uint8)
+        return _quantize(x, self.x_scale_tensor, self.x_scale, self.zero_point, self.code_min, self.code_max)
 
     # set by read_stream: the input arrives as residual-stream codes with this zero point
     stream_zero_point: int | None = None
@@ -495,8 +514,7 @@ class StreamCodes(nn.Module):
         self.register_buffer("scale_tensor", quantizer.scale.detach().clone().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(x / self.scale_tensor) + self.zero_point,
-                           self.code_min, self.code_max).to(torch.uint8)
+        return _quantize(x, self.scale_tensor, self.scale, self.zero_point, self.code_min, self.code_max)
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         return (codes.to(torch.float32) - self.zero_point) * self.scale_tensor

@@ -1,16 +1,24 @@
-// arq::requantize_codes on CPU: uint8 codes of one quantization grid -> uint8 codes of another,
+// Activation codes on CPU, in float32 and in the reference's order, rounding half to even:
 //
+// arq::requantize_codes: uint8 codes of one quantization grid -> uint8 codes of another,
 //   out = clamp(round(((c - in_zero) * in_scale) / out_scale) + out_zero, out_min, out_max)
+// (arq.ops.requantize_codes_reference). Why an op: torch.compile's generated C++ loads uint8 eight
+// at a time through a scalar copy on AVX2, 7-8x slower than this loop
+// (benchmarks/bench_cpp_ops.py::test_requantize, 1 and 2 threads).
 //
-// in float32, in that order, rounding half to even: the reference's float32 operations on the
-// dequantized value (arq.ops.requantize_codes_reference), so every output is the reference's bit for
-// bit (the AVX2 loop does the same IEEE operations eight at a time; nothing is fused or reassociated).
-// Why an op: torch.compile's generated C++ loads uint8 eight at a time through a scalar copy on AVX2,
-// 7-8x slower than this loop (benchmarks/bench_cpp_ops.py::test_requantize, 1 and 2 threads).
+// arq::quantize_codes: float32 activations -> an activation quantizer's uint8 codes,
+//   out = clamp(round(x / scale) + zero_point, code_min, code_max)
+// (arq.ops.quantize_codes_reference). Why an op: eager torch runs it as five passes with four
+// float32 temporaries (div, round, add, clamp, to); here it is one pass.
+//
+// Every output is the reference's bit for bit: the AVX2 loops do the same IEEE operations eight at
+// a time; nothing is fused or reassociated. NaN has no code (the reference's uint8 conversion of NaN
+// is undefined), so quantize_codes raises on it rather than return a code.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #if defined(__x86_64__) || defined(_M_X64)
@@ -61,6 +69,43 @@ bool has_avx2() {
 }
 #endif
 
+struct Quantizer {
+  float scale, zero, code_min, code_max;
+};
+
+// Returns whether x[begin, end) held a NaN (whose codes are then meaningless: the caller raises).
+bool quantize_portable(const float* src, uint8_t* dst, int64_t begin, int64_t end, const Quantizer& g) {
+  bool nan = false;
+  for (int64_t i = begin; i < end; ++i) {
+    nan |= std::isnan(src[i]);
+    float q = std::nearbyint(src[i] / g.scale) + g.zero;
+    q = q < g.code_min ? g.code_min : (q > g.code_max ? g.code_max : q);
+    dst[i] = static_cast<uint8_t>(q);
+  }
+  return nan;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx2")))
+bool quantize_avx2(const float* src, uint8_t* dst, int64_t begin, int64_t end, const Quantizer& g) {
+  const __m256 scale = _mm256_set1_ps(g.scale), zero = _mm256_set1_ps(g.zero);
+  const __m256 low = _mm256_set1_ps(g.code_min), high = _mm256_set1_ps(g.code_max);
+  __m256 nan = _mm256_setzero_ps();
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 x = _mm256_loadu_ps(src + i);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    __m256 v = _mm256_round_ps(_mm256_div_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // max(v, low) gives low for NaN: the code is then discarded by the caller's error
+    v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zero), low), high);
+    const __m256i q = _mm256_cvtps_epi32(v);  // whole numbers in 0..255: exact
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packus_epi16(words, words));
+  }
+  return quantize_portable(src, dst, i, end, g) || _mm256_movemask_ps(nan) != 0;
+}
+#endif
+
 at::Tensor requantize_codes_cpu(const at::Tensor& codes, double in_scale, int64_t in_zero, double out_scale,
                                 int64_t out_zero, int64_t out_min, int64_t out_max) {
   TORCH_CHECK(codes.scalar_type() == at::kByte, "requantize_codes: codes must be uint8, got ", codes.scalar_type());
@@ -88,13 +133,50 @@ at::Tensor requantize_codes_cpu(const at::Tensor& codes, double in_scale, int64_
   return out;
 }
 
+at::Tensor quantize_codes_cpu(const at::Tensor& x, double scale, int64_t zero_point, int64_t code_min,
+                              int64_t code_max) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "quantize_codes: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "quantize_codes: scale must be finite and > 0, got ", scale);
+  TORCH_CHECK(0 <= code_min && code_min <= code_max && code_max <= 255,
+              "quantize_codes: need 0 <= code_min <= code_max <= 255, got ", code_min, " and ", code_max);
+  TORCH_CHECK(0 <= zero_point && zero_point <= 255, "quantize_codes: zero_point must be in 0..255, got ",
+              zero_point);
+  const at::Tensor input = x.is_non_overlapping_and_dense() ? x : x.contiguous();
+  at::Tensor out = at::empty_like(input, input.options().dtype(at::kByte));
+  const Quantizer quantizer{static_cast<float>(scale), static_cast<float>(zero_point),
+                            static_cast<float>(code_min), static_cast<float>(code_max)};
+  const float* src = input.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  std::atomic<bool> nan{false};
+  at::parallel_for(0, input.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    bool chunk_nan;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (has_avx2()) {
+      chunk_nan = quantize_avx2(src, dst, begin, end, quantizer);
+    } else {
+      chunk_nan = quantize_portable(src, dst, begin, end, quantizer);
+    }
+#else
+    chunk_nan = quantize_portable(src, dst, begin, end, quantizer);
+#endif
+    if (chunk_nan) nan.store(true, std::memory_order_relaxed);
+  });
+  TORCH_CHECK(!nan.load(), "quantize_codes: x holds NaN, which has no quantization code (the model's "
+              "activations are not finite)");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(arq, m) {
   m.def("requantize_codes(Tensor codes, float in_scale, int in_zero, float out_scale, int out_zero, int out_min, "
         "int out_max) -> Tensor");
+  m.def("quantize_codes(Tensor x, float scale, int zero_point, int code_min, int code_max) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(arq, CPU, m) { m.impl("requantize_codes", &requantize_codes_cpu); }
+TORCH_LIBRARY_IMPL(arq, CPU, m) {
+  m.impl("requantize_codes", &requantize_codes_cpu);
+  m.impl("quantize_codes", &quantize_codes_cpu);
+}
 
 }  // namespace arq

@@ -322,6 +322,79 @@ def test_requantize_codes_rejects_bad_inputs():
         ops.requantize_codes(codes, 0.1, 0, 0.2, 0, 0, 15, backend="triton")
 
 
+# ------------------------------------------------------------------------------------------- quantize_codes
+
+QUANTIZERS = [  # (scale, zero_point, code_min, code_max)
+    (0.35294077, 0, 0, 15),        # unsigned 4-bit, after a ReLU
+    (0.0371, 8, 1, 15),            # signed 4-bit (zero point 8, levels -7..7)
+    (0.0125, 128, 1, 255),         # signed 8-bit
+    (0.025692012, 0, 0, 255),      # unsigned 8-bit: a residual stream
+]
+
+
+def _quantize_inputs(scale, shape, layout, gen):
+    x = torch.randn(shape, generator=gen) * (40 * scale)
+    flat = x.view(-1)
+    k = torch.randint(-300, 300, (flat.numel(),), generator=gen).float()
+    ties = (k + 0.5) * torch.tensor(scale)  # x / s lands on (or next to) a half: round half to even
+    specials = torch.tensor([float("inf"), -float("inf"), 3e38, -3e38, 1e-40, 0.0, -0.0, 255.5 * scale])
+    mixed = torch.where(torch.rand(flat.numel(), generator=gen) < 0.5, ties, flat)
+    mixed[: min(len(specials), mixed.numel())] = specials[: mixed.numel()]
+    x = mixed.view(shape)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        return x[:, ::2]
+    return x
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS, ids=range(len(QUANTIZERS)))
+@pytest.mark.parametrize("shape, layout", [((1000,), "contiguous"), ((3, 5, 7, 11), "channels_last"),
+                                           ((2, 3, 9, 13), "contiguous"), ((4, 6, 5), "strided"), ((7,), "contiguous")])
+def test_quantize_codes_is_the_reference_bit_for_bit(quantizer, shape, layout):
+    scale, zero_point, code_min, code_max = quantizer
+    gen = torch.Generator().manual_seed(hash((quantizer, shape)) % 2**31)
+    x = _quantize_inputs(scale, shape, layout, gen)
+    result = ops.quantize_codes(x, *quantizer, backend="cpp")
+    expected = ops.quantize_codes_reference(x, *quantizer)
+    assert result.dtype == torch.uint8 and result.shape == x.shape
+    assert torch.equal(result, expected)
+    if layout == "channels_last":
+        assert result.is_contiguous(memory_format=torch.channels_last)  # the layout the next conv reads
+    # the reference is an activation quantizer's codes: its integer level plus the zero point
+    from arq.quant.quantizers import ActivationQuantizer
+
+    bits = 8 if code_max > 15 else 4
+    aq = ActivationQuantizer(bits)
+    aq.set_range(scale, signed=zero_point > 0)
+    q_lo, q_hi = aq.levels
+    assert (q_lo + zero_point, q_hi + zero_point) == (code_min, code_max)
+    finite = torch.isfinite(x)
+    levels = torch.round(aq(x)[finite].double() / torch.tensor(scale).double())
+    assert torch.equal(expected[finite].to(torch.float64) - zero_point, levels)
+
+
+def test_quantize_codes_raises_on_nan_and_bad_inputs():
+    in_vector, in_tail = torch.zeros(43), torch.zeros(43)
+    in_vector[3] = float("nan")  # the AVX2 loop takes 8 at a time: 43 = 5 * 8 + a tail of 3
+    in_tail[41] = float("nan")
+    for bad in (in_vector, in_tail):
+        with pytest.raises(RuntimeError, match="NaN"):
+            ops.quantize_codes(bad, 0.1, 0, 0, 15, backend="cpp")
+    with pytest.raises(TypeError, match="float32"):
+        ops.quantize_codes(torch.zeros(4, dtype=torch.float64), 0.1, 0, 0, 15)
+    with pytest.raises(ValueError, match="scale"):
+        ops.quantize_codes(torch.zeros(4), 0.0, 0, 0, 15)
+    with pytest.raises(ValueError, match="code_min"):
+        ops.quantize_codes(torch.zeros(4), 0.1, 0, 16, 15)
+    with pytest.raises(ValueError, match="zero_point"):
+        ops.quantize_codes(torch.zeros(4), 0.1, 256, 0, 255)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.arq.quantize_codes(torch.zeros(4, dtype=torch.float16), 0.1, 0, 0, 15)
+    with pytest.raises(ValueError, match="backend"):
+        ops.quantize_codes(torch.zeros(4), 0.1, 0, 0, 15, backend="cuda")
+
+
 # ------------------------------------------------------------------------------------------- torch.compile support
 
 
@@ -343,6 +416,10 @@ def test_fake_implementations():
         codes = torch.ops.arq.requantize_codes(stream, 0.1, 0, 0.3, 0, 0, 15)
         assert codes.shape == stream.shape and codes.dtype == torch.uint8
         assert codes.is_contiguous(memory_format=torch.channels_last)
+        activations = torch.empty(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+        codes = torch.ops.arq.quantize_codes(activations, 0.1, 0, 0, 15)
+        assert codes.shape == activations.shape and codes.dtype == torch.uint8
+        assert codes.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_opcheck():
@@ -354,6 +431,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.arq.vote_count, (torch.randn(9, 20), torch.randn(4, 20), None, 4))
     torch.library.opcheck(torch.ops.arq.requantize_codes,
                           (torch.randint(0, 256, (3, 4, 5, 6), dtype=torch.uint8), 0.1, 2, 0.3, 1, 0, 15))
+    torch.library.opcheck(torch.ops.arq.quantize_codes, (torch.randn(3, 4, 5, 6), 0.1, 2, 0, 15))
 
 
 # ------------------------------------------------------------------------------------------- CUDA

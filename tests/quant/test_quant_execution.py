@@ -110,6 +110,35 @@ def test_integer_resnet_agrees_with_fake_quant_reference(policy_name):
     assert_within_tolerance(result, reference, integer_codes, reference_codes, 100)
 
 
+@pytest.mark.parametrize("residual_bits", [32, 8])
+def test_eager_codes_come_from_the_cpp_op_and_equal_the_torch_formula(residual_bits, monkeypatch):
+    """Eager integer models quantize float activations with ``arq::quantize_codes`` (one pass) where
+    the C++ ops are built; the logits equal those of the torch formula bit for bit."""
+    from arq import _ext, ops
+    import arq.quant.execution as execution
+
+    if not _ext.compiled_ops_available() or not ops._has_kernel("quantize_codes", "CPU"):
+        pytest.skip("arq._C not built")
+    model = cifar_resnet(20)
+    generator = torch.Generator().manual_seed(3)
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 4), torch.rand(64, 3, 32, 32, generator=generator),
+                            config=quant.QuantConfig(residual_bits=residual_bits))
+    integer = to_integer(qmodel)
+    x = torch.rand(64, 3, 32, 32, generator=generator) + 0.25 * torch.randn(64, 3, 32, 32, generator=generator)
+    calls, original = [], torch.ops.arq.quantize_codes
+    counted = lambda *args: calls.append(1) or original(*args)  # noqa: E731
+    with torch.no_grad():
+        monkeypatch.setattr(torch.ops.arq, "quantize_codes", counted, raising=False)
+        with_op = integer(x)
+        monkeypatch.setattr(execution, "_has_quantize_kernel", lambda: False)
+        with_torch = integer(x)
+    # float stream: the stem's input, conv1 of the 9 blocks, the 2 shortcut convs, the final linear;
+    # 8-bit stream: the stem's input, block 1's conv1 (the stem's output is float), the 3 streams
+    # added in float (block 1 and the 2 downsampling blocks), the final linear
+    assert len(calls) == (1 + 9 + 2 + 1 if residual_bits == 32 else 1 + 1 + 3 + 1)
+    assert torch.equal(with_op, with_torch)
+
+
 def test_to_integer_rejects_float_and_non_cpu_models():
     with pytest.raises(ValueError, match="no quantized layer"):
         to_integer(cifar_resnet(20))
