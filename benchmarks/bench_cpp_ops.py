@@ -10,6 +10,8 @@ Groups (compare within a group only; each group's rows run back to back on the s
 * ``conv-M``: ``arq.packed_conv2d`` 3x3, 64 -> 64 channels, 16x16 NHWC images (M = B * 256 rows), 4-bit
   weights, bias + ReLU + requantize to uint8, vs float32 ``conv2d`` (channels_last) + bias + ReLU.
 * ``votes-M``: ``arq.vote_count`` (features 64 -> 10 classes) vs ``F.linear`` + ``argmax`` + ``bincount``.
+* ``requantize-t<threads>``, ``quantize-t<threads>``: ``arq::requantize_codes`` (uint8 -> uint8 codes) and
+  ``arq::quantize_codes`` (float32 -> uint8 codes) vs the same float32 formula, eager and compiled.
 
 Rows M = 1024, 4096, 16384; 1 and 2 threads (groups ``<op>-<M>-t<threads>``). The CPU micro-kernel is whatever ``arq.ops.cpu_isa()`` reports (recorded in
 ``extra_info``).
@@ -149,4 +151,29 @@ def test_requantize(benchmark, impl, threads):
         fn = lambda: compiled(codes)  # noqa: E731
     assert torch.equal(fn(), ops.requantize_codes_reference(codes, *grid))
     _info(benchmark, elements=codes.numel())
+    benchmark(fn)
+
+
+# ------------------------------------------------------------------------------------------- quantize
+
+QUANTIZE_IMPLS = ["arq_quantize_codes", "torch_compiled", "torch_eager"]
+
+
+@pytest.mark.parametrize("impl", QUANTIZE_IMPLS)
+def test_quantize(benchmark, impl, threads):
+    """Float32 activations into a 4-bit layer's uint8 codes ([100, 16, 32, 32] channels_last, as above):
+    arq's one-pass op against the same float32 formula eager (what eager integer models ran before the
+    op) and through torch.compile (what compiled integer models run, fused with what comes before)."""
+    benchmark.group = f"quantize-t{threads}"
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(100, 16, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    quantizer = (0.35294077, 0, 0, 15)
+    if impl == "arq_quantize_codes":
+        fn = lambda: torch.ops.arq.quantize_codes(x, *quantizer)  # noqa: E731
+    else:
+        reference = lambda v: ops.quantize_codes_reference(v, *quantizer)  # noqa: E731
+        compiled = torch.compile(reference, dynamic=False) if impl == "torch_compiled" else reference
+        fn = lambda: compiled(x)  # noqa: E731
+    assert torch.equal(fn(), ops.quantize_codes_reference(x, *quantizer))
+    _info(benchmark, elements=x.numel())
     benchmark(fn)

@@ -25,7 +25,9 @@ Likewise a convolution followed (through identities) by a residual add, and opti
 ReLU, adds the residual inside oneDNN's epilogue (its ``sum`` post-op, which writes into
 the residual's buffer: only done where nothing reads that buffer afterwards). Both are
 ``fuse_epilogues``.
-Layers with a 32-bit weight or activation keep their fake-quant (float) form.
+Layers with a 32-bit weight or activation keep their fake-quant (float) form. Float
+activations that do become codes (the input, float residual streams) go through
+``arq::quantize_codes`` in eager models (:func:`_quantize`: one pass, the same codes).
 
 A quantized residual stream (``QuantConfig(residual_bits=8)``, :mod:`arq.quant.residual`) stays
 uint8 between blocks (also ``fuse_epilogues``, :func:`_quantize_streams`): a block ending in
