@@ -139,9 +139,10 @@ def requantize_codes_reference(codes, in_scale, in_zero, out_scale, out_zero, ou
 
 def quantize_codes_reference(x, scale, zero_point, code_min, code_max):
     """``clamp(round(x / scale) + zero_point, code_min, code_max)`` as uint8, in float32 in that order
-    (round half to even): an activation quantizer's codes of float32 ``x``; ``scale`` is a float32 number.
-    NaN has no code: the torch conversion of NaN to uint8 is undefined, and ``arq::quantize_codes`` raises."""
-    scale = torch.tensor(scale, dtype=torch.float32)
+    (round half to even): an activation quantizer's codes of float32 ``x``; ``scale`` is a float32 number
+    or 0-dim float32 tensor (taken as it is). NaN has no code: the torch conversion of NaN to uint8 is
+    undefined, and ``arq::quantize_codes`` raises."""
+    scale = torch.as_tensor(scale, dtype=torch.float32)
     return torch.clamp(torch.round(x / scale) + zero_point, code_min, code_max).to(torch.uint8)
 
 

@@ -128,7 +128,20 @@ def test_votes(benchmark, rows, impl, threads):
     benchmark(fn)
 
 
-# ------------------------------------------------------------------------------------------- requantize
+# ------------------------------------------------------------------------------------------- requantize, quantize
+
+
+def _op_or_formula(impl: str, op, formula, x):
+    """What ``impl`` times: arq's ``op(x)`` ("arq_*"), or the same torch ``formula`` eager or through
+    torch.compile; checked equal to the eager formula first."""
+    if impl.startswith("arq_"):
+        fn = lambda: op(x)  # noqa: E731
+    else:
+        run = torch.compile(formula, dynamic=False) if impl == "torch_compiled" else formula
+        fn = lambda: run(x)  # noqa: E731
+    assert torch.equal(fn(), formula(x))
+    return fn
+
 
 REQUANT_IMPLS = ["arq_requantize_codes", "torch_compiled", "torch_eager"]
 
@@ -143,18 +156,11 @@ def test_requantize(benchmark, impl, threads):
     codes = torch.randint(0, 256, (100, 16, 32, 32), generator=gen, dtype=torch.uint8)
     codes = codes.contiguous(memory_format=torch.channels_last)
     grid = (0.025692012, 0, 0.35294077, 0, 0, 15)
-    if impl == "arq_requantize_codes":
-        fn = lambda: torch.ops.arq.requantize_codes(codes, *grid)  # noqa: E731
-    else:
-        reference = lambda c: ops.requantize_codes_reference(c, *grid)  # noqa: E731
-        compiled = torch.compile(reference, dynamic=False) if impl == "torch_compiled" else reference
-        fn = lambda: compiled(codes)  # noqa: E731
-    assert torch.equal(fn(), ops.requantize_codes_reference(codes, *grid))
+    fn = _op_or_formula(impl, lambda c: torch.ops.arq.requantize_codes(c, *grid),
+                        lambda c: ops.requantize_codes_reference(c, *grid), codes)
     _info(benchmark, elements=codes.numel())
     benchmark(fn)
 
-
-# ------------------------------------------------------------------------------------------- quantize
 
 QUANTIZE_IMPLS = ["arq_quantize_codes", "torch_compiled", "torch_eager"]
 
@@ -168,12 +174,7 @@ def test_quantize(benchmark, impl, threads):
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(100, 16, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
     quantizer = (0.35294077, 0, 0, 15)
-    if impl == "arq_quantize_codes":
-        fn = lambda: torch.ops.arq.quantize_codes(x, *quantizer)  # noqa: E731
-    else:
-        reference = lambda v: ops.quantize_codes_reference(v, *quantizer)  # noqa: E731
-        compiled = torch.compile(reference, dynamic=False) if impl == "torch_compiled" else reference
-        fn = lambda: compiled(x)  # noqa: E731
-    assert torch.equal(fn(), ops.quantize_codes_reference(x, *quantizer))
+    fn = _op_or_formula(impl, lambda v: torch.ops.arq.quantize_codes(v, *quantizer),
+                        lambda v: ops.quantize_codes_reference(v, *quantizer), x)
     _info(benchmark, elements=x.numel())
     benchmark(fn)

@@ -139,7 +139,9 @@ def _quantize(x: torch.Tensor, scale_tensor: torch.Tensor, scale: float, zero_po
     if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
             and _has_quantize_kernel()):
         return torch.ops.arq.quantize_codes(x, scale, zero_point, code_min, code_max)
-    return torch.clamp(torch.round(x / scale_tensor) + zero_point, code_min, code_max).to(torch.uint8)
+    from arq.ops import quantize_codes_reference  # here: arq.ops imports arq.quant
+
+    return quantize_codes_reference(x, scale_tensor, zero_point, code_min, code_max)
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,11 +32,15 @@ struct Grid {
   float in_scale, in_zero, out_scale, out_zero, out_min, out_max;
 };
 
+// clamp(q, low, high) as the reference's torch.clamp on float32 (a whole number q then fits uint8)
+inline uint8_t clamped_code(float q, float low, float high) {
+  return static_cast<uint8_t>(q < low ? low : (q > high ? high : q));
+}
+
 inline uint8_t requantize_one(uint8_t code, const Grid& g) {
   const float value = (static_cast<float>(code) - g.in_zero) * g.in_scale;
-  float q = std::nearbyint(value / g.out_scale) + g.out_zero;  // the default mode: half to even
-  q = q < g.out_min ? g.out_min : (q > g.out_max ? g.out_max : q);
-  return static_cast<uint8_t>(q);
+  // nearbyint in the default mode: half to even
+  return clamped_code(std::nearbyint(value / g.out_scale) + g.out_zero, g.out_min, g.out_max);
 }
 
 void requantize_portable(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t end, const Grid& g) {
@@ -44,6 +48,13 @@ void requantize_portable(const uint8_t* src, uint8_t* dst, int64_t begin, int64_
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
+// Eight clamped whole-number floats (0..255) stored as eight uint8 codes; the conversion is exact.
+__attribute__((target("avx2"))) inline void store_codes(uint8_t* dst, __m256 clamped) {
+  const __m256i q = _mm256_cvtps_epi32(clamped);
+  const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
+}
+
 __attribute__((target("avx2")))
 void requantize_avx2(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t end, const Grid& g) {
   const __m256 in_scale = _mm256_set1_ps(g.in_scale), in_zero = _mm256_set1_ps(g.in_zero);
@@ -55,10 +66,7 @@ void requantize_avx2(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t en
     __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
     v = _mm256_mul_ps(_mm256_sub_ps(v, in_zero), in_scale);
     v = _mm256_round_ps(_mm256_div_ps(v, out_scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, out_zero), low), high);
-    const __m256i q = _mm256_cvtps_epi32(v);  // whole numbers in 0..255: exact
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packus_epi16(words, words));
+    store_codes(dst + i, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, out_zero), low), high));
   }
   requantize_portable(src, dst, i, end, g);
 }
@@ -78,9 +86,7 @@ bool quantize_portable(const float* src, uint8_t* dst, int64_t begin, int64_t en
   bool nan = false;
   for (int64_t i = begin; i < end; ++i) {
     nan |= std::isnan(src[i]);
-    float q = std::nearbyint(src[i] / g.scale) + g.zero;
-    q = q < g.code_min ? g.code_min : (q > g.code_max ? g.code_max : q);
-    dst[i] = static_cast<uint8_t>(q);
+    dst[i] = clamped_code(std::nearbyint(src[i] / g.scale) + g.zero, g.code_min, g.code_max);
   }
   return nan;
 }
@@ -97,10 +103,7 @@ bool quantize_avx2(const float* src, uint8_t* dst, int64_t begin, int64_t end, c
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
     __m256 v = _mm256_round_ps(_mm256_div_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     // max(v, low) gives low for NaN: the code is then discarded by the caller's error
-    v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zero), low), high);
-    const __m256i q = _mm256_cvtps_epi32(v);  // whole numbers in 0..255: exact
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packus_epi16(words, words));
+    store_codes(dst + i, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zero), low), high));
   }
   return quantize_portable(src, dst, i, end, g) || _mm256_movemask_ps(nan) != 0;
 }
@@ -149,17 +152,11 @@ at::Tensor quantize_codes_cpu(const at::Tensor& x, double scale, int64_t zero_po
   uint8_t* dst = out.data_ptr<uint8_t>();
   std::atomic<bool> nan{false};
   at::parallel_for(0, input.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-    bool chunk_nan;
+    auto kernel = quantize_portable;
 #if defined(__x86_64__) || defined(_M_X64)
-    if (has_avx2()) {
-      chunk_nan = quantize_avx2(src, dst, begin, end, quantizer);
-    } else {
-      chunk_nan = quantize_portable(src, dst, begin, end, quantizer);
-    }
-#else
-    chunk_nan = quantize_portable(src, dst, begin, end, quantizer);
+    if (has_avx2()) kernel = quantize_avx2;
 #endif
-    if (chunk_nan) nan.store(true, std::memory_order_relaxed);
+    if (kernel(src, dst, begin, end, quantizer)) nan.store(true, std::memory_order_relaxed);
   });
   TORCH_CHECK(!nan.load(), "quantize_codes: x holds NaN, which has no quantization code (the model's "
               "activations are not finite)");

@@ -269,7 +269,16 @@ def test_vote_count_empty_batch():
     assert counts.tolist() == [0, 0, 0]
 
 
-# ------------------------------------------------------------------------------------------- requantize_codes
+# ------------------------------------------------------------------------------------------- requantize_codes, quantize_codes
+
+
+def _assert_same_codes(result, expected, source, layout):
+    """The op's uint8 codes are the reference's, in ``source``'s shape (and channels_last layout)."""
+    assert result.dtype == torch.uint8 and result.shape == source.shape
+    assert torch.equal(result, expected)
+    if layout == "channels_last":
+        assert result.is_contiguous(memory_format=torch.channels_last)  # the layout the next conv reads
+
 
 REQUANT_GRIDS = [  # (in_scale, in_zero, out_scale, out_zero, out_min, out_max)
     (0.025692012, 0, 0.35294077, 0, 0, 15),       # an 8-bit residual stream into a 4-bit layer
@@ -291,12 +300,8 @@ def test_requantize_codes_is_the_reference_bit_for_bit(grid, shape, layout):
         codes = codes.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         codes = torch.randint(0, 256, (4, 12, 5), generator=gen, dtype=torch.uint8)[:, ::2]  # not dense
-    result = ops.requantize_codes(codes, *grid, backend="cpp")
     expected = ops.requantize_codes_reference(codes, *grid)
-    assert result.dtype == torch.uint8 and result.shape == codes.shape
-    assert torch.equal(result, expected)
-    if layout == "channels_last":
-        assert result.is_contiguous(memory_format=torch.channels_last)  # the layout the next conv reads
+    _assert_same_codes(ops.requantize_codes(codes, *grid, backend="cpp"), expected, codes, layout)
     # the reference is the fake-quant chain itself: dequantize, then an activation quantizer's codes
     in_scale, in_zero, out_scale, out_zero, out_min, out_max = grid
     values = (codes.float() - in_zero) * torch.tensor(in_scale)
@@ -321,8 +326,6 @@ def test_requantize_codes_rejects_bad_inputs():
     with pytest.raises(ValueError, match="backend"):
         ops.requantize_codes(codes, 0.1, 0, 0.2, 0, 0, 15, backend="triton")
 
-
-# ------------------------------------------------------------------------------------------- quantize_codes
 
 QUANTIZERS = [  # (scale, zero_point, code_min, code_max)
     (0.35294077, 0, 0, 15),        # unsigned 4-bit, after a ReLU
@@ -355,12 +358,8 @@ def test_quantize_codes_is_the_reference_bit_for_bit(quantizer, shape, layout):
     scale, zero_point, code_min, code_max = quantizer
     gen = torch.Generator().manual_seed(hash((quantizer, shape)) % 2**31)
     x = _quantize_inputs(scale, shape, layout, gen)
-    result = ops.quantize_codes(x, *quantizer, backend="cpp")
     expected = ops.quantize_codes_reference(x, *quantizer)
-    assert result.dtype == torch.uint8 and result.shape == x.shape
-    assert torch.equal(result, expected)
-    if layout == "channels_last":
-        assert result.is_contiguous(memory_format=torch.channels_last)  # the layout the next conv reads
+    _assert_same_codes(ops.quantize_codes(x, *quantizer, backend="cpp"), expected, x, layout)
     # the reference is an activation quantizer's codes: its integer level plus the zero point
     from arq.quant.quantizers import ActivationQuantizer
 
