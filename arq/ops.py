@@ -146,6 +146,61 @@ def quantize_codes_reference(x, scale, zero_point, code_min, code_max):
     return torch.clamp(torch.round(x / scale) + zero_point, code_min, code_max).to(torch.uint8)
 
 
+def lowbit_conv_max_chunk(max_code: int, w_bits: int) -> int:
+    """How many ``vpmaddubsw`` pair sums ``arq::lowbit_conv2d`` may add in int16 and stay exact for
+    codes in ``[0, max_code]`` and ``w_bits``-bit weights: ``floor(32767 / (2 max_code 2^(w_bits-1)))``;
+    0 where even one pair sum can overflow (the op refuses such layers; oneDNN runs them)."""
+    return 32767 // (2 * int(max_code) * (1 << (int(w_bits) - 1)))
+
+
+def lowbit_conv_weight_tiles(weight_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``arq::lowbit_conv2d``'s weight layout for int8 weight codes ``[O, C, k, k]`` (C a multiple of 4):
+    tiles ``[ceil(O / 8), k * k, C / 4, 8, 4]`` (8 output x 4 input channels per 32 bytes, output
+    channels padded with zeros) and the int32 sums ``sum q[o, :]`` ``[O]``."""
+    if weight_codes.dtype != torch.int8 or weight_codes.dim() != 4 or weight_codes.shape[2] != weight_codes.shape[3]:
+        raise ValueError(f"weight_codes must be int8 [O, C, k, k], got {weight_codes.dtype} {tuple(weight_codes.shape)}")
+    out_channels, channels, k, _ = weight_codes.shape
+    if channels % 4:
+        raise ValueError(f"weight_codes' input channels must be a multiple of 4, got {channels}")
+    blocks = -(-out_channels // 8)
+    padded = torch.zeros((blocks * 8, channels, k, k), dtype=torch.int8)
+    padded[:out_channels] = weight_codes.cpu()
+    tiles = padded.reshape(blocks, 8, channels // 4, 4, k, k).permute(0, 4, 5, 2, 1, 3)
+    tiles = tiles.reshape(blocks, k * k, channels // 4, 8, 4).contiguous()
+    return tiles, weight_codes.cpu().to(torch.int32).sum(dim=(1, 2, 3)).to(torch.int32)
+
+
+def lowbit_conv2d_reference(x, weight_tiles, weight_sums, scale, bias, out_channels, kernel_size, stride, padding,
+                            zero_point, max_code, w_bits, relu=False, residual=None, residual_scale=0.0,
+                            residual_zero_point=0, out_scale=0.0, out_zero_point=0, out_min=0, out_max=255):
+    """Plain-torch :func:`lowbit_conv2d`: the exact integer convolution in float64 (padding reads the
+    zero point's code), then the op's float32 epilogue in its order (csrc/cpu/lowbit_conv.cpp):
+    ``y = float(acc - z sum q) * scale + bias``, plus the residual, ReLU, then float32 ``y`` or the codes
+    ``clamp(round(y * (1 / out_scale)) + out_zero_point, out_min, out_max)``; channels_last out."""
+    blocks, taps, groups = weight_tiles.shape[:3]
+    weight = weight_tiles.reshape(blocks, kernel_size, kernel_size, groups, 8, 4).permute(0, 4, 3, 5, 1, 2)
+    weight = weight.reshape(blocks * 8, groups * 4, kernel_size, kernel_size)[:out_channels]
+    padded = F.pad(x.to(torch.float64), (padding,) * 4, value=float(zero_point))
+    acc = F.conv2d(padded, weight.to(torch.float64), stride=stride).round().to(torch.int64)
+    correction = weight_sums.to(torch.int64) * int(zero_point)
+    y = (acc - correction[:, None, None]).to(torch.int32).to(torch.float32) * scale[:, None, None]
+    if bias is not None:
+        y = y + bias[:, None, None]
+    if residual is not None:
+        if residual.dtype == torch.uint8:
+            r_scale = torch.tensor(residual_scale, dtype=torch.float32)
+            y = y + (residual.to(torch.float32) - float(residual_zero_point)) * r_scale
+        else:
+            y = y + residual
+    if relu:
+        y = torch.relu(y)
+    if out_scale > 0:
+        inverse = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(out_scale, dtype=torch.float32)
+        t = torch.clamp(y * inverse, -1.0e9, 1.0e9)
+        y = torch.clamp(torch.round(t) + out_zero_point, out_min, out_max).to(torch.uint8)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
 def _has_kernel(name: str, key: str) -> bool:
     return compiled_ops_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"arq::{name}", key)
 
@@ -362,6 +417,42 @@ def quantize_codes(x, scale, zero_point, code_min, code_max, *, backend="auto"):
     return quantize_codes_reference(x, scale, zero_point, code_min, code_max)
 
 
+def lowbit_conv2d(x, weight_tiles, weight_sums, scale, bias, out_channels, kernel_size, stride, padding, zero_point,
+                  max_code, w_bits, relu=False, residual=None, residual_scale=0.0, residual_zero_point=0,
+                  out_scale=0.0, out_zero_point=0, out_min=0, out_max=255, *, backend="auto"):
+    """:func:`lowbit_conv2d_reference` through ``arq::lowbit_conv2d`` on CPU: the convolution of uint8
+    activation codes ``x [B, C, H, W]`` (codes in ``[0, max_code]``) with ``w_bits``-bit weight codes
+    (:func:`lowbit_conv_weight_tiles`), adding in int16 where :func:`lowbit_conv_max_chunk` makes it
+    exact, with the epilogue fused. Same bits as the reference on every path (AVX2 or portable).
+
+    Args:
+        scale: float32 ``[O]``, ``s_x s_w[o]``. bias: float32 ``[O]`` or None. zero_point: the codes'
+            zero point (padding reads it). residual: ``[B, O, OH, OW]``, float32 (added as is) with
+            float32 output, or uint8 codes (added as ``(r - residual_zero_point) residual_scale``)
+            with codes output. out_scale: > 0 for uint8 codes out, else float32.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+        raise TypeError(f"x must be uint8 codes [B, C, H, W], got {getattr(x, 'dtype', type(x).__name__)}")
+    if lowbit_conv_max_chunk(max_code, w_bits) < 1:
+        raise ValueError(f"{w_bits}-bit weights with codes up to max_code={max_code} can overflow int16; "
+                         "lowbit_conv2d needs 2 * max_code * 2^(w_bits-1) <= 32767")
+    if backend not in ("auto", "cpp", "torch"):
+        raise ValueError(f"backend must be 'auto', 'cpp' or 'torch' for lowbit_conv2d, got {backend!r}")
+    if residual is not None and (residual.dtype == torch.float32) != (out_scale <= 0):
+        raise ValueError("lowbit_conv2d: a float32 residual goes with float32 output (out_scale <= 0), uint8 "
+                         f"residual codes with codes output (out_scale > 0); got {residual.dtype} and {out_scale}")
+    args = (x, weight_tiles, weight_sums, scale, bias, int(out_channels), int(kernel_size), int(stride), int(padding),
+            int(zero_point), int(max_code), int(w_bits), bool(relu), residual, float(residual_scale),
+            int(residual_zero_point), float(out_scale), int(out_zero_point), int(out_min), int(out_max))
+    if backend != "torch" and x.device.type == "cpu" and _has_kernel("lowbit_conv2d", "CPU"):
+        return torch.ops.arq.lowbit_conv2d(*args)
+    if backend == "cpp":
+        raise RuntimeError(f"arq::lowbit_conv2d: no C++ kernel for {x.device.type} (build arq._C)")
+    if int(x.max()) > max_code:
+        raise ValueError(f"x has a code above max_code={max_code}")
+    return lowbit_conv2d_reference(*args)
+
+
 def _out_dtype(relu: bool, out_scale: float) -> torch.dtype:
     if out_scale > 0:
         return torch.uint8 if relu else torch.int8
@@ -394,6 +485,17 @@ def _register_fakes() -> None:
         @torch.library.register_fake("arq::quantize_codes")
         def _quantize_codes_fake(x, scale, zero_point, code_min, code_max):
             return torch.empty_like(x, dtype=torch.uint8)
+
+    if _has_kernel("lowbit_conv2d", "CPU"):
+        @torch.library.register_fake("arq::lowbit_conv2d")
+        def _lowbit_conv2d_fake(x, weight_tiles, weight_sums, scale, bias, out_channels, kernel_size, stride, padding,
+                                zero_point, max_code, w_bits, relu, residual, residual_scale, residual_zero_point,
+                                out_scale, out_zero_point, out_min, out_max):
+            b, _, h, w = x.shape
+            oh = (h + 2 * padding - kernel_size) // stride + 1
+            ow = (w + 2 * padding - kernel_size) // stride + 1
+            return torch.empty((b, out_channels, oh, ow), dtype=torch.uint8 if out_scale > 0 else torch.float32,
+                               device=x.device, memory_format=torch.channels_last)
 
 
 if compiled_ops_available():

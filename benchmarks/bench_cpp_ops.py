@@ -12,6 +12,8 @@ Groups (compare within a group only; each group's rows run back to back on the s
 * ``votes-M``: ``arq.vote_count`` (features 64 -> 10 classes) vs ``F.linear`` + ``argmax`` + ``bincount``.
 * ``requantize-t<threads>``, ``quantize-t<threads>``: ``arq::requantize_codes`` (uint8 -> uint8 codes) and
   ``arq::quantize_codes`` (float32 -> uint8 codes) vs the same float32 formula, eager and compiled.
+* ``lowbit-conv-<layer>-t<threads>``: ``arq::lowbit_conv2d`` vs oneDNN's u8 x s8 convolution on CIFAR
+  ResNet layers (W4A4, 100 samples, uint8 codes in and out).
 
 Rows M = 1024, 4096, 16384; 1 and 2 threads (groups ``<op>-<M>-t<threads>``). The CPU micro-kernel is whatever ``arq.ops.cpu_isa()`` reports (recorded in
 ``extra_info``).
@@ -177,4 +179,39 @@ def test_quantize(benchmark, impl, threads):
     fn = _op_or_formula(impl, lambda v: torch.ops.arq.quantize_codes(v, *quantizer),
                         lambda v: ops.quantize_codes_reference(v, *quantizer), x)
     _info(benchmark, elements=x.numel())
+    benchmark(fn)
+
+
+LOWBIT_IMPLS = ["arq_lowbit_conv2d", "onednn_qconv2d"]
+# CIFAR ResNet convolutions (in, size, out, kernel, stride) at a certification chunk of 100 samples
+LOWBIT_LAYERS = [(16, 32, 16, 3, 1), (32, 16, 32, 3, 1), (64, 8, 64, 3, 1), (16, 32, 32, 3, 2), (16, 32, 32, 1, 2)]
+
+
+@pytest.mark.parametrize("impl", LOWBIT_IMPLS)
+@pytest.mark.parametrize("layer", LOWBIT_LAYERS, ids=lambda s: "c{}h{}o{}k{}s{}".format(*s))
+def test_lowbit_conv(benchmark, layer, impl, threads):
+    """A W4A4 layer, 4-bit uint8 codes in, the next layer's codes out (ReLU folded into the clamp):
+    ``arq::lowbit_conv2d`` (int16 accumulation) against oneDNN's u8 x s8 convolution with the same
+    epilogue (hardtanh post-op, uint8 out), what ``to_integer`` runs by default."""
+    channels, size, out_channels, kernel, stride = layer
+    benchmark.group = "lowbit-conv-c{}h{}o{}k{}s{}-t{}".format(*layer, threads)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 16, (100, channels, size, size), generator=gen, dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randint(-8, 8, (out_channels, channels, kernel, kernel), generator=gen, dtype=torch.int8)
+    w_scale = torch.rand(out_channels, generator=gen) * 0.01 + 0.01
+    x_scale, out_scale, padding = 0.1, 0.2, kernel // 2
+    if impl == "arq_lowbit_conv2d":
+        tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+        scale = (torch.tensor(x_scale) * w_scale).float()
+        fn = lambda: torch.ops.arq.lowbit_conv2d(x, tiles, sums, scale, None, out_channels, kernel, stride,  # noqa: E731
+                                                 padding, 0, 15, 4, False, None, 0.0, 0, out_scale, 0, 0, 15)
+    else:
+        packed = torch.ops.onednn.qconv_prepack(weight, w_scale, x_scale, 0, [stride] * 2, [padding] * 2, [1, 1], 1,
+                                                None)
+        zero_points = torch.zeros(out_channels, dtype=torch.long)
+        fn = lambda: torch.ops.onednn.qconv2d_pointwise(  # noqa: E731
+            x, x_scale, 0, packed, w_scale, zero_points, None, [stride] * 2, [padding] * 2, [1, 1], 1, out_scale, 0,
+            torch.uint8, "hardtanh", [0.0, 15 * out_scale], "")
+    _info(benchmark, macs=100 * out_channels * channels * kernel * kernel * ((size + 2 * padding - kernel) // stride + 1) ** 2)
     benchmark(fn)

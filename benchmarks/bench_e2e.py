@@ -24,6 +24,8 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
                            (``arq.smoothing.engine.model_batches``; 400 -> 4 x 100), so each peer is also
                            timed at that batch size, where it too runs faster
 * ``<arq variant>_nochunk`` the arq variant with ``ARQ_CPU_CHUNK=0`` (whole batches of 400), on request
+* ``<arq variant>_lowbit`` the arq variant with ``ARQ_CONV_KERNEL=arq``: the integer convolutions
+                           through ``arq::lowbit_conv2d`` where it applies instead of oneDNN, on request
 
 ``ARQ_E2E_VARIANTS`` (a comma-separated list) picks variants; ``locuslab_fp32`` is always included.
 
@@ -264,6 +266,10 @@ def build(arch: str, variant: str, image: torch.Tensor):
     elif variant.endswith("_nochunk"):
         chunked, build_s, note = build(arch, variant[:-len("_nochunk")], image)
         fn = (lambda run: lambda: _without_chunks(run))(chunked)
+    elif variant.endswith("_lowbit"):
+        with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": "arq"}):
+            base, build_s, note = build(arch, variant[:-len("_lowbit")], image)
+        fn = (lambda run: lambda: _with_lowbit_convs(run))(base)
     elif variant.startswith("arq_w"):
         bits = (8, 8) if variant.startswith("arq_w8a8") else (4, 4)
         qmodel = _quantized(model, bits, 8 if variant.split("_")[1].endswith("r8") else 32)
@@ -276,6 +282,13 @@ def build(arch: str, variant: str, image: torch.Tensor):
     else:
         raise ValueError(variant)
     return fn, time.perf_counter() - start, note
+
+
+def _with_lowbit_convs(run):
+    """``run()`` with ``ARQ_CONV_KERNEL=arq``: the integer convolutions through ``arq::lowbit_conv2d``
+    where it applies (the model is prepared inside the first call, so the variable must hold then)."""
+    with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": "arq"}):
+        return run()
 
 
 def _without_chunks(run):

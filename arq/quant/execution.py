@@ -49,6 +49,12 @@ activation codes differ, logits differ by at most 5 % of the largest logit, top-
 agrees on >= 99 % of inputs whose top-2 margin exceeds 1e-3 of the largest logit
 (measured: 0.005-0.24 % codes, 0-1.9 % logit error, 100 % top-1).
 
+With ``IntegerExecutionConfig(conv_kernel="arq")`` (opt-in) the convolutions whose bit widths
+allow it run ``arq::lowbit_conv2d`` instead (csrc/cpu/lowbit_conv.cpp): the same ``acc`` (exact;
+int16 sums of ``vpmaddubsw`` pairs where ``2 code_max 2^(w_bits-1) <= 32767`` keeps them exact,
+widened per chunk), the same epilogues in float32 (scale by ``s_x s_w``, bias, residual, ReLU,
+codes by the reciprocal of ``s_next``), written to new tensors rather than in place.
+
 Hardware note: without VNNI (AVX2, AVX-512 without VNNI) oneDNN multiplies u8 x s8 pairs
 with ``vpmaddubsw``, which saturates the int16 sum of two products above 32767. That can
 only happen when both the activation codes reach 255 (8-bit activations) and the
@@ -59,8 +65,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -106,16 +113,30 @@ class IntegerExecutionConfig:
             when not compiling: oneDNN's sum post-op writes into its input, which
             torch.compile's functionalization answers with copies, while Inductor already
             fuses the add and ReLU into the next quantization. Pass True or False to force.
+        conv_kernel: which kernel runs the convolutions. "onednn" (default): oneDNN's u8 x s8
+            kernels. "arq": ``arq::lowbit_conv2d`` (csrc/cpu/lowbit_conv.cpp) wherever it applies
+            (a square kernel, groups 1, no dilation, input channels a multiple of 4, and bit
+            widths whose ``vpmaddubsw`` pair sums stay exact in int16 so that it can add them in
+            int16: ``2 code_max 2^(w_bits-1) <= 32767``, e.g. 4-bit activations with any weights
+            up to 8 bits, 8-bit ones with up to 7-bit weights); oneDNN runs the other layers.
+            Opt-in: on the 2-core AVX2 development host it measured 0.98-1.10x oneDNN on ResNet
+            3x3 layers and 0.8x on 1x1 ones, end to end level in eager models and slower under
+            torch.compile (README, "Measured performance"). The environment variable
+            ``ARQ_CONV_KERNEL`` sets the default (what ``arq.certify`` uses).
     """
 
     split_8bit: Literal["auto", "always", "never"] = "auto"
     compile: bool = False
     fuse_epilogues: bool = True
     fuse_residuals: bool | None = None
+    conv_kernel: Literal["onednn", "arq"] = field(
+        default_factory=lambda: os.environ.get("ARQ_CONV_KERNEL", "").strip() or "onednn")
 
     def __post_init__(self) -> None:
         if self.split_8bit not in ("auto", "always", "never"):
             raise ValueError(f"split_8bit must be 'auto', 'always' or 'never', got {self.split_8bit!r}")
+        if self.conv_kernel not in ("onednn", "arq"):
+            raise ValueError(f"conv_kernel (or ARQ_CONV_KERNEL) must be 'onednn' or 'arq', got {self.conv_kernel!r}")
         for name in ("compile", "fuse_epilogues"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
@@ -207,13 +228,23 @@ class _IntegerLayer(nn.Module):
 class IntegerConv2d(_IntegerLayer):
     """oneDNN int8 convolution with float32 output; see the module docstring."""
 
-    def __init__(self, layer: QuantConv2d, split_8bit: str = "auto"):
+    def __init__(self, layer: QuantConv2d, split_8bit: str = "auto", conv_kernel: str = "onednn"):
         super().__init__()
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ValueError(f"IntegerConv2d needs zero padding given as ints, got {layer.padding_mode}/{layer.padding}")
         weight_codes = self._init_input(layer, split_8bit)
         self.stride, self.padding = list(layer.stride), list(layer.padding)
         self.dilation, self.groups = list(layer.dilation), layer.groups
+        self.kernel_size = weight_codes.shape[2]
+        self.lowbit = self._lowbit_applies(weight_codes, conv_kernel)
+        if self.lowbit:
+            from arq.ops import lowbit_conv_weight_tiles  # here: arq.ops imports arq.quant
+
+            tiles, sums = lowbit_conv_weight_tiles(weight_codes)
+            self.register_buffer("lowbit_tiles", tiles, persistent=False)
+            self.register_buffer("lowbit_sums", sums, persistent=False)
+            # s_x s_w[n] as the float32 product, the scale of the op's epilogue
+            self.register_buffer("lowbit_scale", (self.x_scale_tensor * self.w_scale).float(), persistent=False)
         # oneDNN's packed weights are opaque tensors: non-persistent buffers (not in the state
         # dict, no deepcopy), buffers so that torch.compile's freezing makes them graph constants
         self.register_buffer("packed_weight", torch.ops.onednn.qconv_prepack(
@@ -223,6 +254,25 @@ class IntegerConv2d(_IntegerLayer):
         self.register_buffer("packed_weight_zero_zp", torch.ops.onednn.qconv_prepack(
             weight_codes, self.w_scale, self.x_scale, 0, self.stride, self.padding, self.dilation, self.groups, None
         ) if self.split else None, persistent=False)
+
+    def _lowbit_applies(self, weight_codes: torch.Tensor, conv_kernel: str) -> bool:
+        """Whether ``arq::lowbit_conv2d`` runs this layer (``IntegerExecutionConfig.conv_kernel``)."""
+        from arq.ops import _has_kernel, lowbit_conv_max_chunk
+
+        if conv_kernel not in ("onednn", "arq"):
+            raise ValueError(f"conv_kernel must be 'onednn' or 'arq', got {conv_kernel!r}")
+        _, in_channels, kernel_h, kernel_w = weight_codes.shape
+        return (conv_kernel == "arq" and kernel_h == kernel_w and self.groups == 1 and self.dilation == [1, 1]
+                and self.stride[0] == self.stride[1] and self.padding[0] == self.padding[1]
+                and in_channels % 4 == 0 and not self.split
+                and lowbit_conv_max_chunk(self.code_max, self.w_bits) >= 1 and _has_kernel("lowbit_conv2d", "CPU"))
+
+    def _lowbit(self, codes, relu=False, residual=None, residual_scale=0.0, residual_zero_point=0, out_scale=0.0,
+                out_zero_point=0, out_min=0, out_max=255):
+        return torch.ops.arq.lowbit_conv2d(
+            codes, self.lowbit_tiles, self.lowbit_sums, self.lowbit_scale, self.bias, self.lowbit_sums.shape[0],
+            self.kernel_size, self.stride[0], self.padding[0], self.zero_point, self.code_max, self.w_bits,
+            relu, residual, residual_scale, residual_zero_point, out_scale, out_zero_point, out_min, out_max)
 
     def _conv(self, codes, zero_point, packed, bias):
         return torch.ops.onednn.qconv2d_pointwise(
@@ -243,6 +293,8 @@ class IntegerConv2d(_IntegerLayer):
     def forward(self, x: torch.Tensor, accumulate: torch.Tensor | None = None,
                 stream_accumulate: torch.Tensor | None = None) -> torch.Tensor:
         codes = self.input_codes(x).contiguous(memory_format=torch.channels_last)
+        if self.lowbit:
+            return self._lowbit_forward(codes, accumulate, stream_accumulate)
         if stream_accumulate is not None:
             written, added, in_place = self.stream_output
             add_stream = _conv_add_stream_in_place if in_place else _onednn_conv_add_stream
@@ -270,6 +322,24 @@ class IntegerConv2d(_IntegerLayer):
         out = self._float_output(codes) + accumulate
         return out.relu() if self.residual_relu else out
 
+    def _lowbit_forward(self, codes, accumulate, stream_accumulate):
+        """:meth:`forward` through ``arq::lowbit_conv2d``: the same four epilogues, none in place."""
+        if stream_accumulate is not None:
+            written, added, _ = self.stream_output
+            return self._lowbit(codes, relu=True, residual=stream_accumulate, residual_scale=added.scale,
+                                residual_zero_point=added.zero_point, out_scale=written.scale,
+                                out_zero_point=written.zero_point, out_min=written.code_min, out_max=written.code_max)
+        if self.output_codes is not None:
+            scale, zero_point, low_code, high_code = self.output_code_range
+            return self._lowbit(codes, out_scale=scale, out_zero_point=zero_point, out_min=low_code, out_max=high_code)
+        if accumulate is None:
+            return self._lowbit(codes)
+        return self._lowbit(codes, relu=bool(self.residual_relu), residual=accumulate.float())
+
+    # set by _fuse_integer_epilogues with output_codes: (s_next, z_next, lowest code, highest code),
+    # the lowest code z_next or above after a ReLU
+    output_code_range: tuple[float, int, int, int] | None = None
+
     def _float_output(self, codes: torch.Tensor) -> torch.Tensor:
         if not self.split:
             return self._conv(codes, self.zero_point, self.packed_weight, self.bias)
@@ -283,8 +353,8 @@ class IntegerConv2d(_IntegerLayer):
         chained = ", writes the next layer's codes" if self.output_codes is not None else ""
         residual = {None: "", False: ", adds the residual", True: ", adds the residual, then ReLU"}[self.residual_relu]
         stream = ", adds the residual stream, writes its codes" if self.stream_output is not None else ""
-        return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}"
-                f"{', takes codes' if self.takes_codes else ''}"
+        return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}, "
+                f"kernel={'arq' if self.lowbit else 'onednn'}{', takes codes' if self.takes_codes else ''}"
                 f"{', takes residual-stream codes' if self.stream_zero_point is not None else ''}{chained}{residual}{stream}")
 
 
@@ -647,6 +717,8 @@ def _fuse_traced(module: nn.Module, graph, residuals: bool) -> tuple[nn.Module, 
         low = (consumer.code_min - zero_point) * scale
         producer.output_codes = (scale, zero_point, max(0.0, low) if relu else low,
                                  (consumer.code_max - zero_point) * scale)
+        low_code = max(consumer.code_min, zero_point) if relu else consumer.code_min
+        producer.output_code_range = (scale, zero_point, low_code, consumer.code_max)
 
     chained = _chain_through_activations(graph, modules, lambda node: _unfused_conv(node, modules, call_sites),
                                          consumer_of, link)
@@ -784,7 +856,7 @@ def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) 
         if isinstance(layer, QuantConv2d):
             if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                 continue
-            replacement = IntegerConv2d(layer, config.split_8bit)
+            replacement = IntegerConv2d(layer, config.split_8bit, config.conv_kernel)
         else:
             replacement = IntegerLinear(layer, config.split_8bit)
         parent_name, _, child = name.rpartition(".")

@@ -1,0 +1,420 @@
+// arq::lowbit_conv2d on CPU: direct NHWC convolution of low-bit uint8 activation codes with
+// int8 weight codes, int16 accumulation where the bit widths make it exact, fused epilogue.
+//
+// Why: without VNNI, an int8 convolution multiplies u8 x s8 byte pairs with vpmaddubsw (two
+// products summed into int16) and widens every pair sum with vpmaddwd before adding in int32
+// (oneDNN's AVX2 kernels). With low-bit codes the pair sums are small: a 4-bit activation code
+// (<= 15) times a 4-bit weight (|q| <= 8) gives |pair| <= 240, so 136 of them add up exactly in
+// int16. Adding in int16 and widening once per chunk halves the multiplies per MAC.
+//
+// Exactness: with codes c in [0, max_code] and weights |q| <= 2^(w_bits-1) =: W, every int16
+// lane of one vpmaddubsw is |c0 q0 + c1 q1| <= 2 max_code W (no saturation when this is <= 32767)
+// and a chunk of L of them sums to at most L * 2 max_code W; L = floor(32767 / (2 max_code W)) >= 1
+// keeps every partial sum exact. The op checks every input code against max_code while it pads
+// the input, so a larger code raises instead of overflowing.
+//
+//   acc[o]  = sum_{taps, c} code[c] * q[o, c]               exact (int16 chunks widened to int32)
+//   y[o]    = float(acc[o] - zero_point * sum q[o, :]) * scale[o] + bias[o]     float32, this order
+//   y      += residual                     (float32 residual, float32 output), or
+//   y      += (float(residual) - residual_zero_point) * residual_scale     (uint8 residual, codes output)
+//   y       = max(y, 0) with relu
+//   out     = y                                                  (out_scale <= 0: float32), or
+//   out     = clamp(round(y * (1 / out_scale)) + out_zero_point, out_min, out_max)   (uint8 codes)
+//
+// round is half to even; 1 / out_scale is one float32 division; nothing is fused into FMAs
+// (-ffp-contract=off), so the AVX2 and portable paths give the same bits as the torch reference
+// arq.ops.lowbit_conv2d_reference. Padding taps read the zero point (the value 0), cancelled
+// exactly by the correction term. Weights arrive as tiles [ceil(O/8), kh*kw, C/4, 8, 4] int8
+// (arq.ops.lowbit_conv_weight_tiles): 8 output channels x 4 input channels per 32-byte vector.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "cpu/packed_common.h"
+
+namespace arq {
+namespace lowbit {
+namespace {
+
+constexpr const char* kOp = "lowbit_conv2d";
+
+struct Geometry {
+  int64_t batch, channels, height, width, kernel, stride, padding;
+  int64_t padded_h, padded_w, out_h, out_w, out_channels, blocks;  // blocks: ceil(O / 8)
+  int64_t groups() const { return channels / 4; }
+  int64_t steps() const { return kernel * kernel * groups(); }  // 32-byte weight vectors per block
+};
+
+struct Epilogue {
+  const int32_t* correction;  // zero_point * sum q[o, :], padded to blocks * 8
+  const float* scale;         // padded to blocks * 8
+  const float* bias;          // padded to blocks * 8 (zeros without bias)
+  const float* residual_f = nullptr;
+  const uint8_t* residual_u8 = nullptr;
+  float residual_scale = 0.0f, residual_zero = 0.0f;
+  bool relu = false, codes = false;
+  float inv_out_scale = 0.0f;
+  int32_t out_zero = 0, out_min = 0, out_max = 255;
+  float* out_f = nullptr;
+  uint8_t* out_u8 = nullptr;
+};
+
+// One output value through the epilogue, in the header's float32 order.
+inline void finish_scalar(int32_t acc, int64_t pixel, int64_t o, int64_t out_channels, const Epilogue& e) {
+  const int64_t at = pixel * out_channels + o;
+  float y = static_cast<float>(acc - e.correction[o]) * e.scale[o];
+  y = y + e.bias[o];
+  if (e.residual_f) y = y + e.residual_f[at];
+  if (e.residual_u8) y = y + (static_cast<float>(e.residual_u8[at]) - e.residual_zero) * e.residual_scale;
+  if (e.relu) y = y < 0.0f ? 0.0f : y;  // NaN stays NaN, as torch.relu
+  if (!e.codes) {
+    e.out_f[at] = y;
+    return;
+  }
+  float t = y * e.inv_out_scale;
+  t = t < -1.0e9f ? -1.0e9f : (t > 1.0e9f ? 1.0e9f : t);  // beyond any clamp range; keeps the int conversion defined
+  const int32_t q = static_cast<int32_t>(std::nearbyint(t)) + e.out_zero;
+  e.out_u8[at] = static_cast<uint8_t>(std::min(std::max(q, e.out_min), e.out_max));
+}
+
+// Portable path: int32 accumulation, one output row (all out_w pixels, all channels).
+void row_scalar(const uint8_t* padded_row, const int8_t* tiles, const Geometry& g, int64_t first_pixel,
+                const Epilogue& e) {
+  const int64_t G = g.groups(), T = g.kernel * g.kernel;
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    const uint8_t* origin = padded_row + ow * g.stride * g.channels;
+    for (int64_t o = 0; o < g.out_channels; ++o) {
+      const int8_t* w = tiles + (o / 8) * T * G * 32 + (o % 8) * 4;
+      int32_t acc = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const uint8_t* x = origin + ((t / g.kernel) * g.padded_w + (t % g.kernel)) * g.channels;
+        for (int64_t c = 0; c < g.channels; ++c)
+          acc += static_cast<int32_t>(x[c]) * static_cast<int32_t>(w[(t * G + c / 4) * 32 + (c % 4)]);
+      }
+      finish_scalar(acc, first_pixel + ow, o, g.out_channels, e);
+    }
+  }
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+bool has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+
+// What a tile's epilogue does, fixed at compile time so its inner loop has no branches.
+enum class Out { kFloat, kFloatResidual, kCodes, kCodesResidual };
+
+// P x Q int32 sums (total[p][q]: pixel pixel + p, channels o0 + 8q ..) through the epilogue.
+// Channel constants are loaded once per block into registers: the uint8 stores may alias any
+// memory, so loads left in the loop would be redone after every store. With ReLU, codes clamp
+// below at max(out_min, out_zero) instead: inv_out_scale > 0, so round(max(y, 0) / s) + z and
+// round(y / s) + z clamped at z agree exactly.
+template <int P, int Q, Out kOut>
+__attribute__((target("avx2")))
+void finish_tile(const int32_t (*total)[Q][8], int64_t pixel, int64_t o0, int64_t out_channels,
+                 const Epilogue& e) {
+  const bool codes = kOut == Out::kCodes || kOut == Out::kCodesResidual;
+  const int32_t low = e.relu && codes ? std::max(e.out_min, e.out_zero) : e.out_min;
+  const __m256i lo = _mm256_set1_epi32(low), hi = _mm256_set1_epi32(e.out_max), zero = _mm256_set1_epi32(e.out_zero);
+  const __m256 inv = _mm256_set1_ps(e.inv_out_scale), t_lo = _mm256_set1_ps(-1.0e9f), t_hi = _mm256_set1_ps(1.0e9f);
+  const __m256 r_zero = _mm256_set1_ps(e.residual_zero), r_scale = _mm256_set1_ps(e.residual_scale);
+  const bool relu = e.relu;
+  float* const out_f = e.out_f;
+  uint8_t* const out_u8 = e.out_u8;
+  const float* const residual_f = e.residual_f;
+  const uint8_t* const residual_u8 = e.residual_u8;
+  for (int q = 0; q < Q; ++q) {
+    const int64_t oq = o0 + 8 * q;
+    if (out_channels - oq < 8) {  // a last partial block: one channel at a time
+      for (int p = 0; p < P; ++p)
+        for (int64_t j = 0; j < out_channels - oq; ++j) finish_scalar(total[p][q][j], pixel + p, oq + j, out_channels, e);
+      continue;
+    }
+    const __m256i correction = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.correction + oq));
+    const __m256 scale = _mm256_loadu_ps(e.scale + oq), bias = _mm256_loadu_ps(e.bias + oq);
+    for (int p = 0; p < P; ++p) {
+      const int64_t at = (pixel + p) * out_channels + oq;
+      const __m256i acc = _mm256_load_si256(reinterpret_cast<const __m256i*>(total[p][q]));
+      __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, correction)), scale), bias);
+      if (kOut == Out::kFloatResidual) y = _mm256_add_ps(y, _mm256_loadu_ps(residual_f + at));
+      if (kOut == Out::kCodesResidual) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(residual_u8 + at));
+        const __m256 r = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+        y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_sub_ps(r, r_zero), r_scale));
+      }
+      if (!codes) {
+        if (relu) y = _mm256_max_ps(_mm256_setzero_ps(), y);  // second operand on NaN: NaN stays
+        _mm256_storeu_ps(out_f + at, y);
+        continue;
+      }
+      const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(y, inv), t_lo), t_hi);
+      __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(t), zero);  // half to even
+      c = _mm256_min_epi32(_mm256_max_epi32(c, lo), hi);
+      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out_u8 + at), _mm_packus_epi16(words, words));
+    }
+  }
+}
+
+// P consecutive output pixels x Q blocks of 8 output channels. `offsets[i]` is step i's input
+// offset from the tile's first tap (tap (kh, kw), group g: (kh * padded_w + kw) * C + 4 g); the
+// weights of block q, step i, are the 32 bytes at w + q * block_stride + 32 i.
+template <int P, int Q, Out kOut>
+__attribute__((target("avx2")))
+void tile(const uint8_t* origin, int64_t pixel_stride, const int64_t* offsets, int64_t steps, int64_t chunk,
+          const int8_t* w, int64_t block_stride, int64_t pixel, int64_t o0, int64_t out_channels,
+          const Epilogue& e) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  // int32 sums of the chunks so far, in memory: the registers hold the P x Q int16 accumulators
+  alignas(32) int32_t total[P][Q][8];
+  for (int64_t i0 = 0; i0 < steps; i0 += chunk) {
+    const int64_t i1 = std::min(steps, i0 + chunk);
+    __m256i acc[P][Q];
+    for (int p = 0; p < P; ++p)
+      for (int q = 0; q < Q; ++q) acc[p][q] = _mm256_setzero_si256();
+    const int8_t* wi = w + i0 * 32;
+    // unrolled: GCC then copies the loop-carried accumulators between registers once per four
+    // steps instead of every step (measured 1.2-1.3x on the loop alone)
+#pragma GCC unroll 4
+    for (int64_t i = i0; i < i1; ++i, wi += 32) {
+      __m256i wv[Q];
+      for (int q = 0; q < Q; ++q) wv[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wi + q * block_stride));
+      const uint8_t* x = origin + offsets[i];
+      for (int p = 0; p < P; ++p) {
+        int32_t four;
+        std::memcpy(&four, x + p * pixel_stride, sizeof(four));
+        const __m256i xv = _mm256_set1_epi32(four);
+        for (int q = 0; q < Q; ++q) acc[p][q] = _mm256_add_epi16(acc[p][q], _mm256_maddubs_epi16(xv, wv[q]));
+      }
+    }
+    // lanes 2j and 2j+1 hold channel j's two int16 partial sums: madd with ones adds them in int32
+    for (int p = 0; p < P; ++p)
+      for (int q = 0; q < Q; ++q) {
+        __m256i sum = _mm256_madd_epi16(acc[p][q], ones);
+        __m256i* dst = reinterpret_cast<__m256i*>(total[p][q]);
+        if (i0 > 0) sum = _mm256_add_epi32(sum, _mm256_load_si256(dst));
+        _mm256_store_si256(dst, sum);
+      }
+  }
+  finish_tile<P, Q, kOut>(total, pixel, o0, out_channels, e);
+}
+
+// Register tiles: P pixels x Q channel blocks, P * Q <= 8 accumulators.
+template <int Q, int P, Out kOut>
+__attribute__((target("avx2")))
+void row_blocks(const uint8_t* padded_row, const int8_t* tiles, const Geometry& g, const int64_t* offsets,
+                int64_t chunk, int64_t block, int64_t first_pixel, const Epilogue& e) {
+  const int64_t block_stride = g.steps() * 32, pixel_stride = g.stride * g.channels;
+  const int8_t* w = tiles + block * block_stride;
+  int64_t ow = 0;
+  for (; ow + P <= g.out_w; ow += P)
+    tile<P, Q, kOut>(padded_row + ow * pixel_stride, pixel_stride, offsets, g.steps(), chunk, w, block_stride,
+                     first_pixel + ow, block * 8, g.out_channels, e);
+  for (; ow < g.out_w; ++ow)
+    tile<1, Q, kOut>(padded_row + ow * pixel_stride, pixel_stride, offsets, g.steps(), chunk, w, block_stride,
+                     first_pixel + ow, block * 8, g.out_channels, e);
+}
+
+template <Out kOut>
+__attribute__((target("avx2")))
+void row_avx2(const uint8_t* padded_row, const int8_t* tiles, const Geometry& g, const int64_t* offsets,
+              int64_t chunk, int64_t first_pixel, const Epilogue& e) {
+  int64_t block = 0;
+  for (; block + 2 <= g.blocks; block += 2)
+    row_blocks<2, 4, kOut>(padded_row, tiles, g, offsets, chunk, block, first_pixel, e);
+  for (; block < g.blocks; ++block) row_blocks<1, 8, kOut>(padded_row, tiles, g, offsets, chunk, block, first_pixel, e);
+}
+
+using RowKernel = void (*)(const uint8_t*, const int8_t*, const Geometry&, const int64_t*, int64_t, int64_t,
+                           const Epilogue&);
+
+RowKernel row_kernel(const Epilogue& e) {
+  if (e.codes) return e.residual_u8 ? &row_avx2<Out::kCodesResidual> : &row_avx2<Out::kCodes>;
+  return e.residual_f ? &row_avx2<Out::kFloatResidual> : &row_avx2<Out::kFloat>;
+}
+#endif
+
+// Image b of the NHWC input into `dst` [padded_h, padded_w, C], padded with the zero point's code;
+// returns the image's largest code (checked against max_code: the int16 accumulation's exactness
+// rests on that bound).
+uint8_t pad_image(const uint8_t* x, const Geometry& g, int64_t b, uint8_t pad_code, uint8_t* dst) {
+  const int64_t row = g.width * g.channels, padded_row = g.padded_w * g.channels, side = g.padding * g.channels;
+  uint8_t largest = 0;
+  std::memset(dst, pad_code, static_cast<size_t>(g.padding * padded_row));
+  std::memset(dst + (g.padding + g.height) * padded_row, pad_code, static_cast<size_t>(g.padding * padded_row));
+  for (int64_t y = 0; y < g.height; ++y) {
+    const uint8_t* s = x + (b * g.height + y) * row;
+    uint8_t* d = dst + (y + g.padding) * padded_row;
+    std::memset(d, pad_code, static_cast<size_t>(side));
+    std::memcpy(d + side, s, static_cast<size_t>(row));
+    std::memset(d + side + row, pad_code, static_cast<size_t>(side));
+    for (int64_t i = 0; i < row; ++i) largest = std::max(largest, s[i]);
+  }
+  return largest;
+}
+
+at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles, const at::Tensor& weight_sums,
+                             const at::Tensor& scale, const std::optional<at::Tensor>& bias, int64_t out_channels,
+                             int64_t kernel_size, int64_t stride, int64_t padding, int64_t zero_point,
+                             int64_t max_code, int64_t w_bits, bool relu, const std::optional<at::Tensor>& residual,
+                             double residual_scale, int64_t residual_zero_point, double out_scale,
+                             int64_t out_zero_point, int64_t out_min, int64_t out_max) {
+  TORCH_CHECK(x.scalar_type() == at::kByte && x.dim() == 4 && x.device().is_cpu(), kOp,
+              ": x must be uint8 codes [B, C, H, W] on the CPU, got ", x.scalar_type(), " ", x.sizes(), " on ",
+              x.device());
+  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, kOp, ": w_bits must be in 2..8, got ", w_bits);
+  TORCH_CHECK(max_code >= 1 && max_code <= 255, kOp, ": max_code must be in 1..255, got ", max_code);
+  TORCH_CHECK(zero_point >= 0 && zero_point <= max_code, kOp, ": zero_point must be in 0..max_code = ", max_code,
+              ", got ", zero_point);
+  const int64_t pair_bound = 2 * max_code * (int64_t{1} << (w_bits - 1));
+  TORCH_CHECK(pair_bound <= 32767, kOp, ": ", w_bits, "-bit weights with codes up to ", max_code,
+              " can overflow int16 (2 * max_code * 2^(w_bits-1) = ", pair_bound, " > 32767); use oneDNN");
+  TORCH_CHECK(kernel_size >= 1 && stride >= 1 && padding >= 0, kOp,
+              ": need kernel_size >= 1, stride >= 1, padding >= 0, got ", kernel_size, ", ", stride, ", ", padding);
+  Geometry g;
+  g.batch = x.size(0);
+  g.channels = x.size(1);
+  g.height = x.size(2);
+  g.width = x.size(3);
+  g.kernel = kernel_size;
+  g.stride = stride;
+  g.padding = padding;
+  g.padded_h = g.height + 2 * padding;
+  g.padded_w = g.width + 2 * padding;
+  TORCH_CHECK(g.channels % 4 == 0 && g.channels > 0, kOp, ": input channels must be a positive multiple of 4, got ",
+              g.channels);
+  TORCH_CHECK(g.padded_h >= kernel_size && g.padded_w >= kernel_size, kOp, ": kernel ", kernel_size,
+              " larger than the padded input ", g.padded_h, "x", g.padded_w);
+  g.out_h = (g.padded_h - kernel_size) / stride + 1;
+  g.out_w = (g.padded_w - kernel_size) / stride + 1;
+  g.out_channels = out_channels;
+  g.blocks = (out_channels + 7) / 8;
+  TORCH_CHECK(out_channels >= 1, kOp, ": out_channels must be >= 1, got ", out_channels);
+  TORCH_CHECK(weight_tiles.scalar_type() == at::kChar && weight_tiles.dim() == 5 && weight_tiles.is_contiguous() &&
+                  weight_tiles.size(0) == g.blocks && weight_tiles.size(1) == kernel_size * kernel_size &&
+                  weight_tiles.size(2) == g.groups() && weight_tiles.size(3) == 8 && weight_tiles.size(4) == 4,
+              kOp, ": weight_tiles must be contiguous int8 [", g.blocks, ", ", kernel_size * kernel_size, ", ",
+              g.groups(), ", 8, 4] (arq.ops.lowbit_conv_weight_tiles), got ", weight_tiles.scalar_type(), " ",
+              weight_tiles.sizes());
+  const int64_t padded_channels = g.blocks * 8;
+  auto vector_of = [&](const at::Tensor& t, at::ScalarType dtype, const char* name) {
+    TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.numel() == out_channels && t.device().is_cpu(), kOp,
+                ": ", name, " must be ", dtype, " [", out_channels, "] on the CPU, got ", t.scalar_type(), " ",
+                t.sizes());
+    at::Tensor padded_t = at::zeros({padded_channels}, t.options());
+    padded_t.narrow(0, 0, out_channels).copy_(t);
+    return padded_t;
+  };
+  const at::Tensor sums = vector_of(weight_sums, at::kInt, "weight_sums");
+  const at::Tensor correction = sums * static_cast<int32_t>(zero_point);
+  const at::Tensor scale_p = vector_of(scale, at::kFloat, "scale");
+  const at::Tensor bias_p = bias.has_value() ? vector_of(*bias, at::kFloat, "bias")
+                                             : at::zeros({padded_channels}, at::kFloat);
+
+  Epilogue e;
+  e.correction = correction.data_ptr<int32_t>();
+  e.scale = scale_p.data_ptr<float>();
+  e.bias = bias_p.data_ptr<float>();
+  e.relu = relu;
+  e.codes = out_scale > 0;
+  const auto out_options = at::TensorOptions().dtype(e.codes ? at::kByte : at::kFloat);
+  at::Tensor out = at::empty({g.batch, out_channels, g.out_h, g.out_w}, out_options.memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor residual_c;
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.sizes() == out.sizes() && (r.scalar_type() == at::kFloat || r.scalar_type() == at::kByte) &&
+                    r.device().is_cpu(), kOp, ": residual must be float32 or uint8 ", out.sizes(), " on the CPU, got ",
+                r.scalar_type(), " ", r.sizes());
+    TORCH_CHECK((r.scalar_type() == at::kFloat) == !e.codes, kOp, ": a float32 residual goes with float32 output "
+                "(out_scale <= 0), uint8 residual codes with codes output (out_scale > 0); got a ", r.scalar_type(),
+                " residual and out_scale = ", out_scale);
+    residual_c = r.contiguous(at::MemoryFormat::ChannelsLast);
+    if (r.scalar_type() == at::kFloat) {
+      e.residual_f = residual_c.data_ptr<float>();
+    } else {
+      TORCH_CHECK(std::isfinite(residual_scale) && residual_scale > 0 && residual_zero_point >= 0 &&
+                      residual_zero_point <= 255, kOp, ": uint8 residual needs residual_scale > 0 and "
+                      "residual_zero_point in 0..255, got ", residual_scale, ", ", residual_zero_point);
+      e.residual_u8 = residual_c.data_ptr<uint8_t>();
+      e.residual_scale = static_cast<float>(residual_scale);
+      e.residual_zero = static_cast<float>(residual_zero_point);
+    }
+  }
+  if (e.codes) {
+    TORCH_CHECK(std::isfinite(out_scale), kOp, ": out_scale must be finite, got ", out_scale);
+    TORCH_CHECK(0 <= out_min && out_min <= out_max && out_max <= 255 && out_zero_point >= 0 && out_zero_point <= 255,
+                kOp, ": need 0 <= out_min <= out_max <= 255 and out_zero_point in 0..255, got ", out_min, ", ", out_max,
+                ", ", out_zero_point);
+    e.inv_out_scale = 1.0f / static_cast<float>(out_scale);
+    e.out_zero = static_cast<int32_t>(out_zero_point);
+    e.out_min = static_cast<int32_t>(out_min);
+    e.out_max = static_cast<int32_t>(out_max);
+    e.out_u8 = out.data_ptr<uint8_t>();
+  } else {
+    e.out_f = out.data_ptr<float>();
+  }
+  if (out.numel() == 0) return out;
+
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const uint8_t* xd = xc.data_ptr<uint8_t>();
+  const int8_t* tiles = weight_tiles.data_ptr<int8_t>();
+  std::vector<int64_t> offsets(static_cast<size_t>(g.steps()));
+  for (int64_t t = 0; t < kernel_size * kernel_size; ++t)
+    for (int64_t gi = 0; gi < g.groups(); ++gi)
+      offsets[t * g.groups() + gi] = ((t / kernel_size) * g.padded_w + t % kernel_size) * g.channels + 4 * gi;
+  const int64_t chunk = 32767 / pair_bound;
+#if defined(__x86_64__) || defined(_M_X64)
+  const RowKernel vector_kernel = packed::select_isa() != packed::Isa::kScalar && has_avx2() ? row_kernel(e) : nullptr;
+#endif
+  std::atomic<int> too_large{0};
+  // one image at a time per thread, padded into a buffer that stays in L1/L2 while its rows run
+  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> padded(static_cast<size_t>(g.padded_h * g.padded_w * g.channels));
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t largest = pad_image(xd, g, b, static_cast<uint8_t>(zero_point), padded.data());
+      if (largest > max_code) {
+        too_large.store(largest);
+        return;
+      }
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const uint8_t* row = padded.data() + oh * g.stride * g.padded_w * g.channels;
+        const int64_t first_pixel = (b * g.out_h + oh) * g.out_w;
+#if defined(__x86_64__) || defined(_M_X64)
+        if (vector_kernel != nullptr) {
+          vector_kernel(row, tiles, g, offsets.data(), chunk, first_pixel, e);
+          continue;
+        }
+#endif
+        row_scalar(row, tiles, g, first_pixel, e);
+      }
+    }
+  });
+  TORCH_CHECK(too_large.load() == 0, kOp, ": an input code is ", too_large.load(), ", above max_code = ", max_code,
+              " (the bound that keeps the int16 accumulation exact)");
+  return out;
+}
+
+}  // namespace
+}  // namespace lowbit
+
+TORCH_LIBRARY_FRAGMENT(arq, m) {
+  m.def(
+      "lowbit_conv2d(Tensor x, Tensor weight_tiles, Tensor weight_sums, Tensor scale, Tensor? bias, int out_channels, "
+      "int kernel_size, int stride, int padding, int zero_point, int max_code, int w_bits, bool relu, "
+      "Tensor? residual, float residual_scale, int residual_zero_point, float out_scale, int out_zero_point, "
+      "int out_min, int out_max) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(arq, CPU, m) { m.impl("lowbit_conv2d", &lowbit::lowbit_conv2d_cpu); }
+
+}  // namespace arq

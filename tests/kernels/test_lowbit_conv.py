@@ -1,0 +1,166 @@
+"""arq::lowbit_conv2d (csrc/cpu/lowbit_conv.cpp) against its torch reference, bit for bit.
+
+The reference computes the integer convolution exactly in float64 and the epilogue in the op's
+float32 order, so every output (float32 values or uint8 codes) must be equal, on the AVX2 path
+(int16 accumulation in chunks) and the portable one (int32).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arq import ops
+from arq._ext import compiled_ops_available
+
+pytestmark = pytest.mark.skipif(not compiled_ops_available() or not ops._has_kernel("lowbit_conv2d", "CPU"),
+                                reason="arq._C with lowbit_conv2d not built")
+
+# (batch, in channels, height, width, out channels, kernel, stride, padding): odd sizes, output
+# channels that are not a multiple of 8 (a partial last block), widths that leave a remainder
+# after the 4-pixel register tiles, 1x1 / 3x3 / 5x5 kernels
+SHAPES = [(3, 16, 32, 32, 16, 3, 1, 1), (2, 8, 7, 9, 12, 3, 2, 1), (2, 4, 5, 5, 3, 1, 1, 0),
+          (2, 64, 8, 8, 64, 3, 1, 1), (2, 16, 9, 9, 32, 1, 2, 0), (1, 12, 6, 6, 40, 3, 1, 1),
+          (2, 8, 5, 5, 24, 5, 1, 2), (1, 20, 11, 3, 7, 3, 2, 0)]
+EPILOGUES = ["float", "float+bias+residual+relu", "codes", "codes+relu", "codes+stream+relu"]
+# (activation bits, weight bits) whose vpmaddubsw pair sums fit int16: 2 max_code 2^(w-1) <= 32767
+BITS = [(a, w) for a in range(2, 9) for w in range(2, 9) if ops.lowbit_conv_max_chunk((1 << a) - 1, w) >= 1]
+
+
+@pytest.fixture(params=["avx2", "scalar"])
+def isa(request, monkeypatch):
+    monkeypatch.setenv("ARQ_CPU_ISA", request.param)
+    monkeypatch.delenv("ARQ_DISABLE_VNNI", raising=False)
+    if request.param == "avx2" and ops.cpu_isa() == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    return request.param
+
+
+def _case(shape, a_bits, w_bits, epilogue, gen, signed=False):
+    batch, channels, height, width, out_channels, kernel, stride, padding = shape
+    max_code = (1 << a_bits) - 1
+    zero_point = 1 << (a_bits - 1) if signed else 0
+    x = torch.randint(0, max_code + 1, (batch, channels, height, width), generator=gen, dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    half = 1 << (w_bits - 1)
+    weight = torch.randint(-half, half, (out_channels, channels, kernel, kernel), generator=gen, dtype=torch.int8)
+    tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+    scale = torch.rand(out_channels, generator=gen) * 0.01 + 1e-3
+    out_h, out_w = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+    kwargs = dict(relu="relu" in epilogue)
+    bias = torch.randn(out_channels, generator=gen) * 0.1 if epilogue != "float" else None
+    if "residual" in epilogue:
+        kwargs["residual"] = torch.randn(batch, out_channels, out_h, out_w, generator=gen)
+    if "stream" in epilogue:
+        kwargs.update(residual=torch.randint(0, 256, (batch, out_channels, out_h, out_w), generator=gen,
+                                             dtype=torch.uint8), residual_scale=0.013, residual_zero_point=5)
+    if "codes" in epilogue:
+        kwargs.update(out_scale=0.05, out_zero_point=3, out_min=1, out_max=250)
+    args = (x, tiles, sums, scale, bias, out_channels, kernel, stride, padding, zero_point, max_code, w_bits)
+    return args, kwargs, weight
+
+
+def _run_poisoned(args, kwargs, backend):
+    """The op after freeing a buffer of 0xFF bytes the size of its output: an output element it
+    failed to write would likely keep that garbage and differ from the reference."""
+    torch.full((1 << 22,), 255, dtype=torch.uint8)
+    return ops.lowbit_conv2d(*args, **kwargs, backend=backend)
+
+
+def _assert_same(result, expected):
+    assert result.dtype == expected.dtype and result.shape == expected.shape
+    assert result.is_contiguous(memory_format=torch.channels_last)
+    if result.is_floating_point():
+        assert not torch.isnan(result).any()
+    mismatches = int((result != expected).sum())
+    assert mismatches == 0, f"{mismatches} of {result.numel()} outputs differ"
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("shape", SHAPES, ids=range(len(SHAPES)))
+def test_matches_reference_bit_for_bit(isa, shape, epilogue):
+    gen = torch.Generator().manual_seed(hash((shape, epilogue)) % 2**31)
+    args, kwargs, _ = _case(shape, 4, 4, epilogue, gen)
+    _assert_same(_run_poisoned(args, kwargs, "cpp"), ops.lowbit_conv2d(*args, **kwargs, backend="torch"))
+
+
+@pytest.mark.parametrize("a_bits,w_bits", BITS)
+@pytest.mark.parametrize("signed", [False, True])
+def test_every_eligible_bit_width(a_bits, w_bits, signed):
+    gen = torch.Generator().manual_seed(a_bits * 16 + w_bits + 100 * signed)
+    args, kwargs, _ = _case((2, 32, 9, 10, 20, 3, 1, 1), a_bits, w_bits, "codes+relu", gen, signed)
+    _assert_same(_run_poisoned(args, kwargs, "cpp"), ops.lowbit_conv2d(*args, **kwargs, backend="torch"))
+
+
+@pytest.mark.parametrize("a_bits,w_bits", [(8, 7), (8, 6), (7, 8), (4, 8), (4, 4), (2, 2)])
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_int16_chunks_exact_at_the_bound(isa, a_bits, w_bits, sign):
+    """Every code at max_code and every weight at -2^(w-1) (or its largest positive value): each
+    vpmaddubsw pair sum and each chunk reach the largest magnitudes the bound allows, over 576-term
+    dot products (several chunks); the float32 outputs must be the exact integer sums."""
+    max_code = (1 << a_bits) - 1
+    x = torch.full((2, 64, 6, 7), max_code, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    value = -(1 << (w_bits - 1)) if sign < 0 else (1 << (w_bits - 1)) - 1
+    weight = torch.full((16, 64, 3, 3), value, dtype=torch.int8)
+    tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+    result = ops.lowbit_conv2d(x, tiles, sums, torch.ones(16), None, 16, 3, 1, 0, 0, max_code, w_bits,
+                               backend="cpp")
+    exact = torch.nn.functional.conv2d(x.to(torch.float64), weight.to(torch.float64)).round().to(torch.int64)
+    assert int(exact.abs().max()) < 2**24  # float32 holds it exactly
+    assert torch.equal(result.to(torch.int64), exact)
+
+
+def test_weight_tiles_round_trip_and_sums():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randint(-8, 8, (13, 12, 3, 3), generator=gen, dtype=torch.int8)
+    tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+    assert tiles.shape == (2, 9, 3, 8, 4) and tiles.dtype == torch.int8 and tiles.is_contiguous()
+    assert torch.equal(sums, weight.to(torch.int32).sum(dim=(1, 2, 3)))
+    # tile [block, tap, group, j, i] is weight[8 block + j, 4 group + i, tap // 3, tap % 3]; padding zeros
+    assert int(tiles[0, 5, 2, 3, 1]) == int(weight[3, 9, 1, 2])
+    assert int(tiles[1, 0, 0, 4, 0]) == int(weight[12, 0, 0, 0])
+    assert int(tiles[1, :, :, 5:].abs().sum()) == 0
+
+
+def test_rejects_bad_inputs():
+    gen = torch.Generator().manual_seed(1)
+    args, kwargs, _ = _case((1, 8, 5, 5, 8, 3, 1, 1), 4, 4, "codes", gen)
+    x = args[0].clone()
+    x[0, 0, 0, 0] = 16  # above max_code 15: int16 exactness no longer holds
+    with pytest.raises(RuntimeError, match="max_code"):
+        ops.lowbit_conv2d(x, *args[1:], **kwargs, backend="cpp")
+    with pytest.raises(ValueError, match="max_code"):
+        ops.lowbit_conv2d(x, *args[1:], **kwargs, backend="torch")
+    with pytest.raises(ValueError, match="overflow int16"):
+        ops.lowbit_conv2d(*args[:10], 255, 8, backend="cpp")
+    with pytest.raises(RuntimeError, match="overflow int16"):
+        torch.ops.arq.lowbit_conv2d(*args[:10], 255, 8, False, None, 0.0, 0, 0.0, 0, 0, 255)
+    with pytest.raises(TypeError, match="uint8"):
+        ops.lowbit_conv2d(args[0].float(), *args[1:], backend="cpp")
+    with pytest.raises(RuntimeError, match="weight_tiles"):
+        ops.lowbit_conv2d(args[0], args[1][:, :4].contiguous(), *args[2:], backend="cpp")
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        ops.lowbit_conv2d(args[0][:, :6], *args[1:], backend="cpp")
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.lowbit_conv2d(*args, residual=torch.zeros(1, 8, 4, 4), backend="cpp")
+    for backend in ("cpp", "torch"):
+        with pytest.raises(ValueError, match="float32 residual goes with float32 output"):
+            ops.lowbit_conv2d(*args, **kwargs, residual=torch.zeros(1, 8, 5, 5), backend=backend)
+    with pytest.raises(RuntimeError, match="uint8 residual codes with codes output"):  # the op checks it too
+        torch.ops.arq.lowbit_conv2d(*args, False, torch.zeros(1, 8, 5, 5, dtype=torch.uint8), 0.1, 0, 0.0, 0, 0, 255)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ops.lowbit_conv_weight_tiles(torch.zeros(8, 6, 3, 3, dtype=torch.int8))
+
+
+def test_fake_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(2)
+    args, kwargs, _ = _case((2, 8, 7, 9, 12, 3, 2, 1), 4, 4, "codes+stream+relu", gen)
+    flat = (*args, kwargs["relu"], kwargs["residual"], kwargs["residual_scale"], kwargs["residual_zero_point"],
+            kwargs["out_scale"], kwargs["out_zero_point"], kwargs["out_min"], kwargs["out_max"])
+    torch.library.opcheck(torch.ops.arq.lowbit_conv2d, flat)
+    with FakeTensorMode() as mode:
+        fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat)
+        out = torch.ops.arq.lowbit_conv2d(*fake)
+        assert out.shape == (2, 12, 4, 5) and out.dtype == torch.uint8
+        assert out.is_contiguous(memory_format=torch.channels_last)
