@@ -65,8 +65,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -119,9 +119,9 @@ class IntegerExecutionConfig:
             widths whose ``vpmaddubsw`` pair sums stay exact in int16 so that it can add them in
             int16: ``2 code_max 2^(w_bits-1) <= 32767``, e.g. 4-bit activations with any weights
             up to 8 bits, 8-bit ones with up to 7-bit weights); oneDNN runs the other layers.
-            Opt-in: on the 2-core AVX2 development host it measured 0.98-1.10x oneDNN on ResNet
-            3x3 layers and 0.8x on 1x1 ones, end to end level in eager models and slower under
-            torch.compile (README, "Measured performance"). The environment variable
+            Opt-in: on the 2-core AVX2 development host it measured 0.8-1.2x oneDNN on ResNet
+            3x3 layers (slowest on 16 channels) and 0.7x on 1x1 ones, end to end level in eager
+            models and slower under torch.compile (README, "Measured performance"). The environment variable
             ``ARQ_CONV_KERNEL`` sets the default (what ``arq.certify`` uses).
     """
 
