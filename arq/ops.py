@@ -154,19 +154,17 @@ def lowbit_conv_max_chunk(max_code: int, w_bits: int) -> int:
 
 
 def lowbit_conv_weight_tiles(weight_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``arq::lowbit_conv2d``'s weight layout for int8 weight codes ``[O, C, k, k]`` (C a multiple of 4):
-    tiles ``[ceil(O / 8), k * k, C / 4, 8, 4]`` (8 output x 4 input channels per 32 bytes, output
-    channels padded with zeros) and the int32 sums ``sum q[o, :]`` ``[O]``."""
+    """``arq::lowbit_conv2d``'s weight layout for int8 weight codes ``[O, C, k, k]``: tiles
+    ``[ceil(O / 8), k * k, ceil(C / 4), 8, 4]`` (8 output x 4 input channels per 32 bytes; the channels
+    added up to those multiples get zero weights) and the int32 sums ``sum q[o, :]`` ``[O]``."""
     if weight_codes.dtype != torch.int8 or weight_codes.dim() != 4 or weight_codes.shape[2] != weight_codes.shape[3]:
         raise ValueError(f"weight_codes must be int8 [O, C, k, k], got {weight_codes.dtype} {tuple(weight_codes.shape)}")
     out_channels, channels, k, _ = weight_codes.shape
-    if channels % 4:
-        raise ValueError(f"weight_codes' input channels must be a multiple of 4, got {channels}")
-    blocks = -(-out_channels // 8)
-    padded = torch.zeros((blocks * 8, channels, k, k), dtype=torch.int8)
-    padded[:out_channels] = weight_codes.cpu()
-    tiles = padded.reshape(blocks, 8, channels // 4, 4, k, k).permute(0, 4, 5, 2, 1, 3)
-    tiles = tiles.reshape(blocks, k * k, channels // 4, 8, 4).contiguous()
+    blocks, groups = -(-out_channels // 8), -(-channels // 4)
+    padded = torch.zeros((blocks * 8, groups * 4, k, k), dtype=torch.int8)
+    padded[:out_channels, :channels] = weight_codes.cpu()
+    tiles = padded.reshape(blocks, 8, groups, 4, k, k).permute(0, 4, 5, 2, 1, 3)
+    tiles = tiles.reshape(blocks, k * k, groups, 8, 4).contiguous()
     return tiles, weight_codes.cpu().to(torch.int32).sum(dim=(1, 2, 3)).to(torch.int32)
 
 
@@ -179,7 +177,7 @@ def lowbit_conv2d_reference(x, weight_tiles, weight_sums, scale, bias, out_chann
     ``clamp(round(y * (1 / out_scale)) + out_zero_point, out_min, out_max)``; channels_last out."""
     blocks, taps, groups = weight_tiles.shape[:3]
     weight = weight_tiles.reshape(blocks, kernel_size, kernel_size, groups, 8, 4).permute(0, 4, 3, 5, 1, 2)
-    weight = weight.reshape(blocks * 8, groups * 4, kernel_size, kernel_size)[:out_channels]
+    weight = weight.reshape(blocks * 8, groups * 4, kernel_size, kernel_size)[:out_channels, :x.shape[1]]
     padded = F.pad(x.to(torch.float64), (padding,) * 4, value=float(zero_point))
     acc = F.conv2d(padded, weight.to(torch.float64), stride=stride).round().to(torch.int64)
     correction = weight_sums.to(torch.int64) * int(zero_point)

@@ -115,7 +115,7 @@ class IntegerExecutionConfig:
             fuses the add and ReLU into the next quantization. Pass True or False to force.
         conv_kernel: which kernel runs the convolutions. "onednn" (default): oneDNN's u8 x s8
             kernels. "arq": ``arq::lowbit_conv2d`` (csrc/cpu/lowbit_conv.cpp) wherever it applies
-            (a square kernel, groups 1, no dilation, input channels a multiple of 4, and bit
+            (a square kernel, groups 1, no dilation, and bit
             widths whose ``vpmaddubsw`` pair sums stay exact in int16 so that it can add them in
             int16: ``2 code_max 2^(w_bits-1) <= 32767``, e.g. 4-bit activations with any weights
             up to 8 bits, 8-bit ones with up to 7-bit weights); oneDNN runs the other layers.
@@ -261,10 +261,10 @@ class IntegerConv2d(_IntegerLayer):
 
         if conv_kernel not in ("onednn", "arq"):
             raise ValueError(f"conv_kernel must be 'onednn' or 'arq', got {conv_kernel!r}")
-        _, in_channels, kernel_h, kernel_w = weight_codes.shape
+        kernel_h, kernel_w = weight_codes.shape[2:]
         return (conv_kernel == "arq" and kernel_h == kernel_w and self.groups == 1 and self.dilation == [1, 1]
                 and self.stride[0] == self.stride[1] and self.padding[0] == self.padding[1]
-                and in_channels % 4 == 0 and not self.split
+                and not self.split
                 and lowbit_conv_max_chunk(self.code_max, self.w_bits) >= 1 and _has_kernel("lowbit_conv2d", "CPU"))
 
     def _lowbit(self, codes, relu=False, residual=None, residual_scale=0.0, residual_zero_point=0, out_scale=0.0,

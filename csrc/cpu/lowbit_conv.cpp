@@ -24,8 +24,9 @@
 // round is half to even; 1 / out_scale is one float32 division; nothing is fused into FMAs
 // (-ffp-contract=off), so the AVX2 and portable paths give the same bits as the torch reference
 // arq.ops.lowbit_conv2d_reference. Padding taps read the zero point (the value 0), cancelled
-// exactly by the correction term. Weights arrive as tiles [ceil(O/8), kh*kw, C/4, 8, 4] int8
-// (arq.ops.lowbit_conv_weight_tiles): 8 output channels x 4 input channels per 32-byte vector.
+// exactly by the correction term. Weights arrive as tiles [ceil(O/8), kh*kw, ceil(C/4), 8, 4] int8
+// (arq.ops.lowbit_conv_weight_tiles): 8 output channels x 4 input channels per 32-byte vector,
+// zeros on the channels padded up to multiples of 8 and 4.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -48,7 +49,8 @@ namespace {
 constexpr const char* kOp = "lowbit_conv2d";
 
 struct Geometry {
-  int64_t batch, channels, height, width, kernel, stride, padding;
+  int64_t batch, in_channels, height, width, kernel, stride, padding;
+  int64_t channels;  // in_channels rounded up to a multiple of 4 (zero weights on the extra ones)
   int64_t padded_h, padded_w, out_h, out_w, out_channels, blocks;  // blocks: ceil(O / 8)
   int64_t groups() const { return channels / 4; }
   int64_t steps() const { return kernel * kernel * groups(); }  // 32-byte weight vectors per block
@@ -244,11 +246,12 @@ RowKernel row_kernel(const Epilogue& e) {
 }
 #endif
 
-// Image b of the NHWC input into `dst` [padded_h, padded_w, C], padded with the zero point's code;
+// Image b of the NHWC input into `dst` [padded_h, padded_w, channels], padded with the zero
+// point's code (also on the channels added up to a multiple of 4, whose weights are zero);
 // returns the image's largest code (checked against max_code: the int16 accumulation's exactness
 // rests on that bound).
 uint8_t pad_image(const uint8_t* x, const Geometry& g, int64_t b, uint8_t pad_code, uint8_t* dst) {
-  const int64_t row = g.width * g.channels, padded_row = g.padded_w * g.channels, side = g.padding * g.channels;
+  const int64_t row = g.width * g.in_channels, padded_row = g.padded_w * g.channels, side = g.padding * g.channels;
   uint8_t largest = 0;
   std::memset(dst, pad_code, static_cast<size_t>(g.padding * padded_row));
   std::memset(dst + (g.padding + g.height) * padded_row, pad_code, static_cast<size_t>(g.padding * padded_row));
@@ -256,8 +259,16 @@ uint8_t pad_image(const uint8_t* x, const Geometry& g, int64_t b, uint8_t pad_co
     const uint8_t* s = x + (b * g.height + y) * row;
     uint8_t* d = dst + (y + g.padding) * padded_row;
     std::memset(d, pad_code, static_cast<size_t>(side));
-    std::memcpy(d + side, s, static_cast<size_t>(row));
-    std::memset(d + side + row, pad_code, static_cast<size_t>(side));
+    if (g.channels == g.in_channels) {
+      std::memcpy(d + side, s, static_cast<size_t>(row));
+    } else {
+      for (int64_t px = 0; px < g.width; ++px) {
+        uint8_t* dp = d + side + px * g.channels;
+        std::memcpy(dp, s + px * g.in_channels, static_cast<size_t>(g.in_channels));
+        std::memset(dp + g.in_channels, pad_code, static_cast<size_t>(g.channels - g.in_channels));
+      }
+    }
+    std::memset(d + side + g.width * g.channels, pad_code, static_cast<size_t>(side));
     for (int64_t i = 0; i < row; ++i) largest = std::max(largest, s[i]);
   }
   return largest;
@@ -283,7 +294,8 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
               ": need kernel_size >= 1, stride >= 1, padding >= 0, got ", kernel_size, ", ", stride, ", ", padding);
   Geometry g;
   g.batch = x.size(0);
-  g.channels = x.size(1);
+  g.in_channels = x.size(1);
+  g.channels = (g.in_channels + 3) / 4 * 4;
   g.height = x.size(2);
   g.width = x.size(3);
   g.kernel = kernel_size;
@@ -291,8 +303,7 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   g.padding = padding;
   g.padded_h = g.height + 2 * padding;
   g.padded_w = g.width + 2 * padding;
-  TORCH_CHECK(g.channels % 4 == 0 && g.channels > 0, kOp, ": input channels must be a positive multiple of 4, got ",
-              g.channels);
+  TORCH_CHECK(g.in_channels > 0, kOp, ": x must have at least one channel");
   TORCH_CHECK(g.padded_h >= kernel_size && g.padded_w >= kernel_size, kOp, ": kernel ", kernel_size,
               " larger than the padded input ", g.padded_h, "x", g.padded_w);
   g.out_h = (g.padded_h - kernel_size) / stride + 1;

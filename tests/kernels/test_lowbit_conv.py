@@ -16,11 +16,13 @@ pytestmark = pytest.mark.skipif(not compiled_ops_available() or not ops._has_ker
                                 reason="arq._C with lowbit_conv2d not built")
 
 # (batch, in channels, height, width, out channels, kernel, stride, padding): odd sizes, output
-# channels that are not a multiple of 8 (a partial last block), widths that leave a remainder
-# after the 4-pixel register tiles, 1x1 / 3x3 / 5x5 kernels
+# channels that are not a multiple of 8 (a partial last block), input channels that are not a
+# multiple of 4 (padded with zero weights), widths that leave a remainder after the 4-pixel
+# register tiles, 1x1 / 3x3 / 5x5 kernels
 SHAPES = [(3, 16, 32, 32, 16, 3, 1, 1), (2, 8, 7, 9, 12, 3, 2, 1), (2, 4, 5, 5, 3, 1, 1, 0),
           (2, 64, 8, 8, 64, 3, 1, 1), (2, 16, 9, 9, 32, 1, 2, 0), (1, 12, 6, 6, 40, 3, 1, 1),
-          (2, 8, 5, 5, 24, 5, 1, 2), (1, 20, 11, 3, 7, 3, 2, 0)]
+          (2, 8, 5, 5, 24, 5, 1, 2), (1, 20, 11, 3, 7, 3, 2, 0), (2, 3, 9, 8, 16, 3, 1, 1),
+          (1, 6, 7, 7, 10, 5, 2, 2), (2, 1, 6, 5, 9, 3, 1, 1)]
 EPILOGUES = ["float", "float+bias+residual+relu", "codes", "codes+relu", "codes+stream+relu"]
 # (activation bits, weight bits) whose vpmaddubsw pair sums fit int16: 2 max_code 2^(w-1) <= 32767
 BITS = [(a, w) for a in range(2, 9) for w in range(2, 9) if ops.lowbit_conv_max_chunk((1 << a) - 1, w) >= 1]
@@ -113,6 +115,9 @@ def test_weight_tiles_round_trip_and_sums():
     gen = torch.Generator().manual_seed(0)
     weight = torch.randint(-8, 8, (13, 12, 3, 3), generator=gen, dtype=torch.int8)
     tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+    odd_tiles, _ = ops.lowbit_conv_weight_tiles(weight[:, :7])  # 7 input channels: the 8th weight is 0
+    assert odd_tiles.shape == (2, 9, 2, 8, 4) and int(odd_tiles[:, :, 1, :, 3].abs().sum()) == 0
+    assert torch.equal(odd_tiles[:, :, :, :, :3], tiles[:, :, :2, :, :3])
     assert tiles.shape == (2, 9, 3, 8, 4) and tiles.dtype == torch.int8 and tiles.is_contiguous()
     assert torch.equal(sums, weight.to(torch.int32).sum(dim=(1, 2, 3)))
     # tile [block, tap, group, j, i] is weight[8 block + j, 4 group + i, tap // 3, tap % 3]; padding zeros
@@ -138,8 +143,9 @@ def test_rejects_bad_inputs():
         ops.lowbit_conv2d(args[0].float(), *args[1:], backend="cpp")
     with pytest.raises(RuntimeError, match="weight_tiles"):
         ops.lowbit_conv2d(args[0], args[1][:, :4].contiguous(), *args[2:], backend="cpp")
-    with pytest.raises(RuntimeError, match="multiple of 4"):
-        ops.lowbit_conv2d(args[0][:, :6], *args[1:], backend="cpp")
+    wider = torch.zeros(1, 12, 5, 5, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="weight_tiles"):  # 12 input channels need 3 groups of 4, not 2
+        ops.lowbit_conv2d(wider, *args[1:], backend="cpp")
     with pytest.raises(RuntimeError, match="residual"):
         ops.lowbit_conv2d(*args, residual=torch.zeros(1, 8, 4, 4), backend="cpp")
     for backend in ("cpp", "torch"):
@@ -147,8 +153,8 @@ def test_rejects_bad_inputs():
             ops.lowbit_conv2d(*args, **kwargs, residual=torch.zeros(1, 8, 5, 5), backend=backend)
     with pytest.raises(RuntimeError, match="uint8 residual codes with codes output"):  # the op checks it too
         torch.ops.arq.lowbit_conv2d(*args, False, torch.zeros(1, 8, 5, 5, dtype=torch.uint8), 0.1, 0, 0.0, 0, 0, 255)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        ops.lowbit_conv_weight_tiles(torch.zeros(8, 6, 3, 3, dtype=torch.int8))
+    with pytest.raises(ValueError, match="int8"):
+        ops.lowbit_conv_weight_tiles(torch.zeros(8, 6, 3, 3))
 
 
 def test_fake_and_opcheck():
