@@ -5,7 +5,9 @@
 // products summed into int16) and widens every pair sum with vpmaddwd before adding in int32
 // (oneDNN's AVX2 kernels). With low-bit codes the pair sums are small: a 4-bit activation code
 // (<= 15) times a 4-bit weight (|q| <= 8) gives |pair| <= 240, so 136 of them add up exactly in
-// int16. Adding in int16 and widening once per chunk halves the multiplies per MAC.
+// int16. Adding in int16 and widening once per chunk halves the multiplies per MAC. Measured on
+// a 2-core AVX2 host, the epilogue and loop overheads eat most of that: 0.7-1.2x oneDNN per
+// ResNet layer, level end to end (README), hence opt-in (IntegerExecutionConfig.conv_kernel).
 //
 // Exactness: with codes c in [0, max_code] and weights |q| <= 2^(w_bits-1) =: W, every int16
 // lane of one vpmaddubsw is |c0 q0 + c1 q1| <= 2 max_code W (no saturation when this is <= 32767)
