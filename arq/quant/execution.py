@@ -246,8 +246,9 @@ class IntegerConv2d(_IntegerLayer):
             # s_x s_w[n] as the float32 product, the scale of the op's epilogue
             self.register_buffer("lowbit_scale", (self.x_scale_tensor * self.w_scale).float(), persistent=False)
         # oneDNN's packed weights are opaque tensors: non-persistent buffers (not in the state
-        # dict, no deepcopy), buffers so that torch.compile's freezing makes them graph constants
-        self.register_buffer("packed_weight", torch.ops.onednn.qconv_prepack(
+        # dict, no deepcopy), buffers so that torch.compile's freezing makes them graph constants;
+        # none where arq::lowbit_conv2d runs the layer (never split)
+        self.register_buffer("packed_weight", None if self.lowbit else torch.ops.onednn.qconv_prepack(
             weight_codes, self.w_scale, self.x_scale, self.zero_point,
             self.stride, self.padding, self.dilation, self.groups, None,
         ), persistent=False)
@@ -330,15 +331,15 @@ class IntegerConv2d(_IntegerLayer):
                                 residual_zero_point=added.zero_point, out_scale=written.scale,
                                 out_zero_point=written.zero_point, out_min=written.code_min, out_max=written.code_max)
         if self.output_codes is not None:
-            scale, zero_point, low_code, high_code = self.output_code_range
+            (scale, zero_point, _, _), (low_code, high_code) = self.output_codes, self.output_code_bounds
             return self._lowbit(codes, out_scale=scale, out_zero_point=zero_point, out_min=low_code, out_max=high_code)
         if accumulate is None:
             return self._lowbit(codes)
         return self._lowbit(codes, relu=bool(self.residual_relu), residual=accumulate.float())
 
-    # set by _fuse_integer_epilogues with output_codes: (s_next, z_next, lowest code, highest code),
-    # the lowest code z_next or above after a ReLU
-    output_code_range: tuple[float, int, int, int] | None = None
+    # set by _fuse_integer_epilogues with output_codes: the next layer's (lowest, highest) code,
+    # the lowest z_next or above after a ReLU (arq::lowbit_conv2d clamps codes, oneDNN values)
+    output_code_bounds: tuple[int, int] | None = None
 
     def _float_output(self, codes: torch.Tensor) -> torch.Tensor:
         if not self.split:
@@ -718,7 +719,7 @@ def _fuse_traced(module: nn.Module, graph, residuals: bool) -> tuple[nn.Module, 
         producer.output_codes = (scale, zero_point, max(0.0, low) if relu else low,
                                  (consumer.code_max - zero_point) * scale)
         low_code = max(consumer.code_min, zero_point) if relu else consumer.code_min
-        producer.output_code_range = (scale, zero_point, low_code, consumer.code_max)
+        producer.output_code_bounds = (low_code, consumer.code_max)
 
     chained = _chain_through_activations(graph, modules, lambda node: _unfused_conv(node, modules, call_sites),
                                          consumer_of, link)

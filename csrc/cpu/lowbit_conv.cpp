@@ -110,11 +110,6 @@ void row_scalar(const uint8_t* padded_row, const int8_t* tiles, const Geometry& 
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
-bool has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
-
 // What a tile's epilogue does, fixed at compile time so its inner loop has no branches.
 enum class Out { kFloat, kFloatResidual, kCodes, kCodesResidual };
 
@@ -387,7 +382,8 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
       offsets[t * g.groups() + gi] = ((t / kernel_size) * g.padded_w + t % kernel_size) * g.channels + 4 * gi;
   const int64_t chunk = 32767 / pair_bound;
 #if defined(__x86_64__) || defined(_M_X64)
-  const RowKernel vector_kernel = packed::select_isa() != packed::Isa::kScalar && has_avx2() ? row_kernel(e) : nullptr;
+  // select_isa() is above kScalar only where the CPU has AVX2 (and not asked for scalar)
+  const RowKernel vector_kernel = packed::select_isa() != packed::Isa::kScalar ? row_kernel(e) : nullptr;
 #endif
   std::atomic<int> too_large{0};
   // one image at a time per thread, padded into a buffer that stays in L1/L2 while its rows run
