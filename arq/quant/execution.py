@@ -44,16 +44,20 @@ reference sums ``(s_x c) (s_w q)`` in float32; one layer given the same input co
 the same codes and agrees to float rounding (about 1e-6 of its output). Through a
 network such a difference can move a value across a rounding boundary of a later
 activation quantizer (one step there), and the change propagates. Tested bounds
-(tests/quant/test_quant_execution.py, ResNet-20, noisy random inputs): at most 0.5 % of
-activation codes differ, logits differ by at most 5 % of the largest logit, top-1
-agrees on >= 99 % of inputs whose top-2 margin exceeds 1e-3 of the largest logit
-(measured: 0.005-0.24 % codes, 0-1.9 % logit error, 100 % top-1).
+(tests/quant/test_quant_execution.py, ResNet-20, noisy random inputs): where an input's codes
+first differ, they differ by one step in at most 32 places; at most 1 % of all activation
+codes differ, logits differ by at most 5 % of the largest logit, top-1 agrees on >= 99 % of
+inputs whose top-2 margin exceeds 1e-3 of the largest logit (measured over 8 seeds and 5
+policies: 0.002-0.61 % codes, first differences one step and at most 23 per input, 0-3.5 %
+logit error, 100 % top-1).
 
-With ``IntegerExecutionConfig(conv_kernel="arq")`` (opt-in) the convolutions whose bit widths
-allow it run ``arq::lowbit_conv2d`` instead (csrc/cpu/lowbit_conv.cpp): the same ``acc`` (exact;
-int16 sums of ``vpmaddubsw`` pairs where ``2 code_max 2^(w_bits-1) <= 32767`` keeps them exact,
-widened per chunk), the same epilogues in float32 (scale by ``s_x s_w``, bias, residual, ReLU,
-codes by the reciprocal of ``s_next``), written to new tensors rather than in place.
+With ``IntegerExecutionConfig(conv_kernel="arq")``, and by default (``"auto"``) for the k x k
+convolutions (k > 1) on AVX2 CPUs without VNNI or AVX-512 (:func:`lowbit_conv_preferred`), the
+convolutions whose bit widths allow it run ``arq::lowbit_conv2d`` (csrc/cpu/lowbit_conv.cpp):
+the same ``acc`` (exact; int16 sums of ``vpmaddubsw`` pairs where
+``2 code_max 2^(w_bits-1) <= 32767`` keeps them exact, widened per chunk), the same epilogues
+in float32 (scale by ``s_x s_w``, bias, residual, ReLU, codes by the reciprocal of ``s_next``),
+written to new tensors rather than in place.
 
 Hardware note: without VNNI (AVX2, AVX-512 without VNNI) oneDNN multiplies u8 x s8 pairs
 with ``vpmaddubsw``, which saturates the int16 sum of two products above 32767. That can
@@ -81,17 +85,34 @@ from arq.quant.residual import RESIDUAL_QUANTIZER
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_vnni() -> bool:
-    """True when /proc/cpuinfo lists AVX-512 VNNI, AVX-VNNI or AMX-INT8 (no u8 x s8 saturation)."""
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_vnni() -> bool:
+    """True when /proc/cpuinfo lists AVX-512 VNNI, AVX-VNNI or AMX-INT8 (no u8 x s8 saturation)."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def lowbit_conv_preferred() -> bool:
+    """Whether ``conv_kernel="auto"`` runs eligible k x k (k > 1) convolutions through
+    ``arq::lowbit_conv2d``: on CPUs whose best integer path is AVX2 (no VNNI, no AVX-512), where
+    oneDNN spends two multiplies per 32 MACs and the op one. Measured there (README, "Measured
+    performance"): level with oneDNN on ResNet-20 and 1.11-1.14x on ResNet-110 end to end, 3x3
+    layers level or faster, 1x1 ones 0.64-0.72x (so those stay on oneDNN). With VNNI oneDNN
+    multiplies once per 64 MACs (AVX-512) and the op has nothing to gain; not measured there."""
+    from arq.ops import _has_kernel, cpu_isa  # here: arq.ops imports arq.quant
+
+    return (not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"} and cpu_isa() == "avx2"
+            and _has_kernel("lowbit_conv2d", "CPU"))
 
 
 @dataclass
@@ -113,15 +134,15 @@ class IntegerExecutionConfig:
             when not compiling: oneDNN's sum post-op writes into its input, which
             torch.compile's functionalization answers with copies, while Inductor already
             fuses the add and ReLU into the next quantization. Pass True or False to force.
-        conv_kernel: which kernel runs the convolutions. "onednn" (default): oneDNN's u8 x s8
-            kernels. "arq": ``arq::lowbit_conv2d`` (csrc/cpu/lowbit_conv.cpp) wherever it applies
-            (a square kernel, groups 1, no dilation, and bit
-            widths whose ``vpmaddubsw`` pair sums stay exact in int16 so that it can add them in
-            int16: ``2 code_max 2^(w_bits-1) <= 32767``, e.g. 4-bit activations with any weights
-            up to 8 bits, 8-bit ones with up to 7-bit weights); oneDNN runs the other layers.
-            Opt-in: on the 2-core AVX2 development host it measured 0.8-1.2x oneDNN on ResNet
-            3x3 layers (slowest on 16 channels) and 0.7x on 1x1 ones, end to end level in eager
-            models and slower under torch.compile (README, "Measured performance"). The environment variable
+        conv_kernel: which kernel runs the convolutions. "onednn": oneDNN's u8 x s8 kernels.
+            "arq": ``arq::lowbit_conv2d`` (csrc/cpu/lowbit_conv.cpp) wherever it applies (a
+            square kernel, groups 1, no dilation, and bit widths whose ``vpmaddubsw`` pair sums
+            stay exact in int16 so that it can add them in int16:
+            ``2 code_max 2^(w_bits-1) <= 32767``, e.g. 4-bit activations with any weights up to
+            8 bits, 8-bit ones with up to 7-bit weights); oneDNN runs the other layers. "auto"
+            (default): "arq" for the eligible k x k convolutions with k > 1 where
+            :func:`lowbit_conv_preferred` (AVX2 CPUs without VNNI or AVX-512), else oneDNN. Both
+            kernels give the same codes up to the module's tolerance. The environment variable
             ``ARQ_CONV_KERNEL`` sets the default (what ``arq.certify`` uses).
     """
 
@@ -129,14 +150,15 @@ class IntegerExecutionConfig:
     compile: bool = False
     fuse_epilogues: bool = True
     fuse_residuals: bool | None = None
-    conv_kernel: Literal["onednn", "arq"] = field(
-        default_factory=lambda: os.environ.get("ARQ_CONV_KERNEL", "").strip() or "onednn")
+    conv_kernel: Literal["auto", "onednn", "arq"] = field(
+        default_factory=lambda: os.environ.get("ARQ_CONV_KERNEL", "").strip() or "auto")
 
     def __post_init__(self) -> None:
         if self.split_8bit not in ("auto", "always", "never"):
             raise ValueError(f"split_8bit must be 'auto', 'always' or 'never', got {self.split_8bit!r}")
-        if self.conv_kernel not in ("onednn", "arq"):
-            raise ValueError(f"conv_kernel (or ARQ_CONV_KERNEL) must be 'onednn' or 'arq', got {self.conv_kernel!r}")
+        if self.conv_kernel not in ("auto", "onednn", "arq"):
+            raise ValueError(f"conv_kernel (or ARQ_CONV_KERNEL) must be 'auto', 'onednn' or 'arq', got "
+                             f"{self.conv_kernel!r}")
         for name in ("compile", "fuse_epilogues"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
@@ -226,9 +248,10 @@ class _IntegerLayer(nn.Module):
 
 
 class IntegerConv2d(_IntegerLayer):
-    """oneDNN int8 convolution with float32 output; see the module docstring."""
+    """u8 x s8 convolution by oneDNN or ``arq::lowbit_conv2d`` (``conv_kernel``), float32 output or
+    fused epilogues; see the module docstring."""
 
-    def __init__(self, layer: QuantConv2d, split_8bit: str = "auto", conv_kernel: str = "onednn"):
+    def __init__(self, layer: QuantConv2d, split_8bit: str = "auto", conv_kernel: str = "auto"):
         super().__init__()
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ValueError(f"IntegerConv2d needs zero padding given as ints, got {layer.padding_mode}/{layer.padding}")
@@ -260,10 +283,11 @@ class IntegerConv2d(_IntegerLayer):
         """Whether ``arq::lowbit_conv2d`` runs this layer (``IntegerExecutionConfig.conv_kernel``)."""
         from arq.ops import _has_kernel, lowbit_conv_max_chunk
 
-        if conv_kernel not in ("onednn", "arq"):
-            raise ValueError(f"conv_kernel must be 'onednn' or 'arq', got {conv_kernel!r}")
+        if conv_kernel not in ("auto", "onednn", "arq"):
+            raise ValueError(f"conv_kernel must be 'auto', 'onednn' or 'arq', got {conv_kernel!r}")
         kernel_h, kernel_w = weight_codes.shape[2:]
-        return (conv_kernel == "arq" and kernel_h == kernel_w and self.groups == 1 and self.dilation == [1, 1]
+        wanted = conv_kernel == "arq" or (conv_kernel == "auto" and kernel_h > 1 and lowbit_conv_preferred())
+        return (wanted and kernel_h == kernel_w and self.groups == 1 and self.dilation == [1, 1]
                 and self.stride[0] == self.stride[1] and self.padding[0] == self.padding[1]
                 and not self.split
                 and lowbit_conv_max_chunk(self.code_max, self.w_bits) >= 1 and _has_kernel("lowbit_conv2d", "CPU"))

@@ -24,7 +24,7 @@ What a ``"cpp+int8"`` certificate certifies. The integer model is what a user de
 CPU. Its integer accumulation is exact, while the fake-quant reference sums
 ``(s_x c)(s_w q)`` in float32, so on a sample near a rounding boundary of some later
 activation quantizer the two can pick a different code and the change propagates (the
-documented tolerance of :mod:`arq.quant.execution`: <= 0.5 % of codes, logits within 5 %
+documented tolerance of :mod:`arq.quant.execution`: <= 1 % of codes, logits within 5 %
 of the largest logit, top-1 equal on >= 99 % of non-tied inputs). A ``"cpp+int8"``
 certificate is therefore a certificate **of the integer model** (its smoothed classifier
 ``g_int``), with the full ``1 - alpha`` guarantee for ``g_int``; it is not a certificate of

@@ -6,8 +6,10 @@
 // (oneDNN's AVX2 kernels). With low-bit codes the pair sums are small: a 4-bit activation code
 // (<= 15) times a 4-bit weight (|q| <= 8) gives |pair| <= 240, so 136 of them add up exactly in
 // int16. Adding in int16 and widening once per chunk halves the multiplies per MAC. Measured on
-// a 2-core AVX2 host, the epilogue and loop overheads eat most of that: 0.7-1.2x oneDNN per
-// ResNet layer, level end to end (README), hence opt-in (IntegerExecutionConfig.conv_kernel).
+// a 2-core AVX2 host, the epilogue and loop overheads eat most of that: 3x3 ResNet layers level
+// with oneDNN or faster, 1x1 ones 0.64-0.72x; end to end level on ResNet-20 and 1.11-1.14x on
+// ResNet-110 (README). IntegerExecutionConfig.conv_kernel="auto" (the default) runs the k x k
+// layers (k > 1) here on such CPUs (arq.quant.execution.lowbit_conv_preferred).
 //
 // Exactness: with codes c in [0, max_code] and weights |q| <= 2^(w_bits-1) =: W, every int16
 // lane of one vpmaddubsw is |c0 q0 + c1 q1| <= 2 max_code W (no saturation when this is <= 32767)
@@ -38,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -314,25 +317,35 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
               kOp, ": weight_tiles must be contiguous int8 [", g.blocks, ", ", kernel_size * kernel_size, ", ",
               g.groups(), ", 8, 4] (arq.ops.lowbit_conv_weight_tiles), got ", weight_tiles.scalar_type(), " ",
               weight_tiles.sizes());
+  // the per-channel vectors padded to whole blocks of 8 in plain vectors: ATen ops here (zeros,
+  // narrow, copy, mul) cost more than the epilogue on the small layers (about 4 % of a W4A4
+  // ResNet-20 forward in torch.profiler)
   const int64_t padded_channels = g.blocks * 8;
-  auto vector_of = [&](const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  auto contiguous_vector = [&](const at::Tensor& t, at::ScalarType dtype, const char* name) {
     TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.numel() == out_channels && t.device().is_cpu(), kOp,
                 ": ", name, " must be ", dtype, " [", out_channels, "] on the CPU, got ", t.scalar_type(), " ",
                 t.sizes());
-    at::Tensor padded_t = at::zeros({padded_channels}, t.options());
-    padded_t.narrow(0, 0, out_channels).copy_(t);
-    return padded_t;
+    return t.contiguous();
   };
-  const at::Tensor sums = vector_of(weight_sums, at::kInt, "weight_sums");
-  const at::Tensor correction = sums * static_cast<int32_t>(zero_point);
-  const at::Tensor scale_p = vector_of(scale, at::kFloat, "scale");
-  const at::Tensor bias_p = bias.has_value() ? vector_of(*bias, at::kFloat, "bias")
-                                             : at::zeros({padded_channels}, at::kFloat);
+  const at::Tensor sums_c = contiguous_vector(weight_sums, at::kInt, "weight_sums");
+  const at::Tensor scale_c = contiguous_vector(scale, at::kFloat, "scale");
+  const at::Tensor bias_c = bias.has_value() ? contiguous_vector(*bias, at::kFloat, "bias") : at::Tensor();
+  const int32_t* sums_d = sums_c.data_ptr<int32_t>();
+  const float* scale_d = scale_c.data_ptr<float>();
+  const float* bias_d = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  std::vector<int32_t> correction(static_cast<size_t>(padded_channels), 0);
+  std::vector<float> scale_p(static_cast<size_t>(padded_channels), 0.0f);
+  std::vector<float> bias_p(static_cast<size_t>(padded_channels), 0.0f);
+  for (int64_t o = 0; o < out_channels; ++o) {
+    correction[o] = sums_d[o] * static_cast<int32_t>(zero_point);
+    scale_p[o] = scale_d[o];
+    if (bias_d != nullptr) bias_p[o] = bias_d[o];
+  }
 
   Epilogue e;
-  e.correction = correction.data_ptr<int32_t>();
-  e.scale = scale_p.data_ptr<float>();
-  e.bias = bias_p.data_ptr<float>();
+  e.correction = correction.data();
+  e.scale = scale_p.data();
+  e.bias = bias_p.data();
   e.relu = relu;
   e.codes = out_scale > 0;
   const auto out_options = at::TensorOptions().dtype(e.codes ? at::kByte : at::kFloat);

@@ -149,12 +149,26 @@ def codes_by_layer(model: nn.Module, x: torch.Tensor, layer_types: tuple = (), l
 
 
 def assert_within_tolerance(result, reference, codes: dict, reference_codes: dict, min_clear: float) -> None:
-    """The integer paths' documented tolerance against the fake-quant reference (arq.quant.execution):
-    at most 0.5 % of input codes differ, logits within 5 % of the largest reference logit, and
+    """The integer paths' documented tolerance against the fake-quant reference (arq.quant.execution).
+
+    ``codes`` in forward order. In each input, the first layer whose codes differ from the
+    reference's shows rounding-boundary flips only: one code step each, at most 32 of them (a
+    wiring or scale error moves more codes, by more). From there the difference may spread, so
+    overall at most 1 % of the codes differ. Logits within 5 % of the largest reference logit;
     top-1 equal on >= 99 % of the inputs whose reference top-2 margin exceeds 1e-3 of that logit,
-    of which there must be at least ``min_clear``."""
+    of which there must be at least ``min_clear``.
+    """
+    names = list(codes)
+    differs_earlier = torch.zeros(codes[names[0]].shape[0], dtype=torch.bool)
+    for name in names:
+        delta = (codes[name] - reference_codes[name]).flatten(1)
+        first = (delta != 0).any(1) & ~differs_earlier
+        if first.any():
+            assert int(delta[first].abs().max()) == 1, f"{name}: codes first differ by more than one step"
+            assert int((delta[first] != 0).sum(1).max()) <= 32, f"{name}: too many first differences in one input"
+        differs_earlier |= (delta != 0).any(1)
     differing = sum(int((c != reference_codes[name]).sum()) for name, c in codes.items())
-    assert differing <= 5e-3 * sum(c.numel() for c in codes.values())
+    assert differing <= 1e-2 * sum(c.numel() for c in codes.values())
     scale = float(reference.abs().max())
     assert float((result - reference).abs().max()) <= 0.05 * scale
     top2 = reference.topk(2, dim=1).values

@@ -24,6 +24,14 @@ needs_onednn = pytest.mark.skipif(
 RESNET20_BLOCKS = [f"1.layer{stage}.{index}" for stage in (1, 2, 3) for index in range(3)]
 
 
+@pytest.fixture(autouse=True)
+def _onednn_unless_named(monkeypatch):
+    """oneDNN's stream paths (in-place adds, the compiled copy) unless a test names ``conv_kernel``:
+    the default "auto" would route the 3x3 convolutions through arq::lowbit_conv2d on an AVX2 host
+    (its stream epilogue is tested in test_quant_execution.py and tests/kernels)."""
+    monkeypatch.setenv("ARQ_CONV_KERNEL", "onednn")
+
+
 def _quantized(model, residual_bits=8, bits=(4, 4), seed=0):
     calibration = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     return quant.quantize(model, Policy.uniform(model, *bits), calibration,
