@@ -192,7 +192,7 @@ LOWBIT_LAYERS = [(16, 32, 16, 3, 1), (32, 16, 32, 3, 1), (64, 8, 64, 3, 1), (16,
 def test_lowbit_conv(benchmark, layer, impl, threads):
     """A W4A4 layer, 4-bit uint8 codes in, the next layer's codes out (ReLU folded into the clamp):
     ``arq::lowbit_conv2d`` (int16 accumulation) against oneDNN's u8 x s8 convolution with the same
-    epilogue (hardtanh post-op, uint8 out), what ``to_integer`` runs by default."""
+    epilogue (hardtanh post-op, uint8 out), what ``to_integer`` runs with ``conv_kernel="onednn"``."""
     channels, size, out_channels, kernel, stride = layer
     benchmark.group = "lowbit-conv-c{}h{}o{}k{}s{}-t{}".format(*layer, threads)
     gen = torch.Generator().manual_seed(5)

@@ -13,7 +13,7 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
 * ``locuslab_pt2e_int8``   the same loop around torchao's pt2e int8 (X86InductorQuantizer) + compile
                            (its own 8-bit observers: speed comparison only, no arq policy)
 * ``arq_w8a8``             ``arq.certify`` on the W8A8 fake-quant model, backend "auto": C++ noise,
-                           the integer oneDNN model (``arq.quant.to_integer``), C++ votes
+                           the integer model (``arq.quant.to_integer``, default ``conv_kernel``), C++ votes
 * ``arq_w8a8_compiled``    the same with the integer model compiled (prepared once with
                            ``arq.smoothing.engine.prepare_model(..., compile=True)``)
 * ``arq_w4a4``, ``arq_w4a4_compiled``  the same for W4A4
@@ -24,8 +24,11 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
                            (``arq.smoothing.engine.model_batches``; 400 -> 4 x 100), so each peer is also
                            timed at that batch size, where it too runs faster
 * ``<arq variant>_nochunk`` the arq variant with ``ARQ_CPU_CHUNK=0`` (whole batches of 400), on request
-* ``<arq variant>_lowbit`` the arq variant with ``ARQ_CONV_KERNEL=arq``: the integer convolutions
-                           through ``arq::lowbit_conv2d`` where it applies instead of oneDNN, on request
+* ``<arq variant>_lowbit`` the arq variant with ``ARQ_CONV_KERNEL=arq``: every integer convolution
+                           through ``arq::lowbit_conv2d`` where it applies (1x1 ones too), on request
+* ``<arq variant>_onednn`` the arq variant with ``ARQ_CONV_KERNEL=onednn``: every integer convolution
+                           through oneDNN (the default "auto" takes ``arq::lowbit_conv2d`` for the
+                           3x3 ones on AVX2 hosts without VNNI or AVX-512), on request
 
 ``ARQ_E2E_VARIANTS`` (a comma-separated list) picks variants; ``locuslab_fp32`` is always included.
 
@@ -266,10 +269,12 @@ def build(arch: str, variant: str, image: torch.Tensor):
     elif variant.endswith("_nochunk"):
         chunked, build_s, note = build(arch, variant[:-len("_nochunk")], image)
         fn = (lambda run: lambda: _without_chunks(run))(chunked)
-    elif variant.endswith("_lowbit"):
-        with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": "arq"}):
-            base, build_s, note = build(arch, variant[:-len("_lowbit")], image)
-        fn = (lambda run: lambda: _with_lowbit_convs(run))(base)
+    elif variant.endswith(("_lowbit", "_onednn")):
+        base_variant, _, kernel = variant.rpartition("_")
+        kernel = "arq" if kernel == "lowbit" else "onednn"
+        with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": kernel}):
+            base, build_s, note = build(arch, base_variant, image)
+        fn = (lambda run, kernel: lambda: _with_conv_kernel(run, kernel))(base, kernel)
     elif variant.startswith("arq_w"):
         bits = (8, 8) if variant.startswith("arq_w8a8") else (4, 4)
         qmodel = _quantized(model, bits, 8 if variant.split("_")[1].endswith("r8") else 32)
@@ -284,10 +289,10 @@ def build(arch: str, variant: str, image: torch.Tensor):
     return fn, time.perf_counter() - start, note
 
 
-def _with_lowbit_convs(run):
-    """``run()`` with ``ARQ_CONV_KERNEL=arq``: the integer convolutions through ``arq::lowbit_conv2d``
-    where it applies (the model is prepared inside the first call, so the variable must hold then)."""
-    with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": "arq"}):
+def _with_conv_kernel(run, kernel: str):
+    """``run()`` with ``ARQ_CONV_KERNEL=kernel`` (the model is prepared inside the first call, so the
+    variable must hold then)."""
+    with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": kernel}):
         return run()
 
 
@@ -382,9 +387,30 @@ def test_e2e(benchmark, arch, variant, image):
         if peak:  # 2 ops per MAC; what share of the card's int8 limit this rate would use
             info["share_of_int8_peak"] = round(rate * macs * 2 / peak, 5)
             info["int8_peak_ops_datasheet"] = peak
+    paired = ""
     if variant.startswith("arq_"):
         info["ratio_to_best_non_arq"] = round(rate / max(others), 3)
+        best_peer = max((v for v in entries if not v.startswith("arq_")), key=lambda v: entries[v]["rate"])
+        median, low, high = paired_ratio(entries[best_peer]["times"], entry["times"])
+        info.update(best_non_arq=best_peer, paired_ratio_to_best_non_arq=[round(x, 3) for x in (median, low, high)])
+        paired = f", paired per round {median:.2f} (quartiles {low:.2f}-{high:.2f})"
+        base = variant.rpartition("_")[0]
+        if variant.endswith(("_lowbit", "_onednn", "_nochunk")) and base in entries:  # an A/B against the variant it modifies
+            median, low, high = paired_ratio(entries[base]["times"], entry["times"])
+            info.update(paired_ratio_to_base=[round(x, 3) for x in (median, low, high)], base_variant=base)
+            paired += f"; {median:.2f} (quartiles {low:.2f}-{high:.2f}) x {base}"
     print(f"\n{DEVICE} {arch} {variant:>20}: {rate:9.1f} samples/s (median of {ROUNDS} round-robin rounds), "
           f"{rate / baseline:5.2f}x locuslab"
-          + (f", {rate / max(others):4.2f}x best non-arq [{info.get('certificate_backend')}]"
+          + (f", {rate / max(others):4.2f}x best non-arq [{info.get('certificate_backend')}]{paired}"
              if variant.startswith("arq_") else ""), flush=True)
+
+
+def paired_ratio(peer_times: list[float], times: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round speed ratios ``peer time / variant time``: each round
+    ran both back to back, so a load change between rounds cancels out of each ratio (the ratio of
+    medians does not); the quartiles show what this shared host's noise leaves."""
+    ratios = [peer / own for peer, own in zip(peer_times, times)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, low, high

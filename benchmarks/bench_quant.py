@@ -5,7 +5,8 @@ One process measures every variant on the same random inputs (samples/s, median 
 
 * ``fp32_eager``        the float model (BatchNorm folded, as quantized models have it)
 * ``fakequant_eager``   arq.quant.quantize's reference model (policy ``--bits``)
-* ``integer_eager``     arq.quant.to_integer: oneDNN u8 x s8 layers, float glue, epilogues
+* ``integer_eager``     arq.quant.to_integer: u8 x s8 layers (oneDNN, or arq::lowbit_conv2d for the
+                        3x3 ones under the default ``conv_kernel="auto"`` on AVX2 hosts), float glue, epilogues
                         fused (``fuse_epilogues``: a conv feeding the next layer through ReLU
                         writes that layer's uint8 codes; a residual add + ReLU runs in the conv)
 * ``integer_compiled``  the same wrapped in torch.compile (Inductor fuses the glue; residual
