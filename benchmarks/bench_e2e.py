@@ -395,7 +395,8 @@ def test_e2e(benchmark, arch, variant, image):
         info.update(best_non_arq=best_peer, paired_ratio_to_best_non_arq=[round(x, 3) for x in (median, low, high)])
         paired = f", paired per round {median:.2f} (quartiles {low:.2f}-{high:.2f})"
         base = variant.rpartition("_")[0]
-        if variant.endswith(("_lowbit", "_onednn", "_nochunk")) and base in entries:  # an A/B against the variant it modifies
+        # an A/B against the variant it modifies
+        if variant.endswith(("_lowbit", "_onednn", "_nochunk")) and base in entries:
             median, low, high = paired_ratio(entries[base]["times"], entry["times"])
             info.update(paired_ratio_to_base=[round(x, 3) for x in (median, low, high)], base_variant=base)
             paired += f"; {median:.2f} (quartiles {low:.2f}-{high:.2f}) x {base}"

@@ -84,6 +84,10 @@ from arq.quant.quantizers import ActivationQuantizer
 from arq.quant.residual import RESIDUAL_QUANTIZER
 
 
+#: IntegerExecutionConfig.conv_kernel's choices
+CONV_KERNELS = ("auto", "onednn", "arq")
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_flags() -> frozenset[str]:
     """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
@@ -106,9 +110,10 @@ def lowbit_conv_preferred() -> bool:
     """Whether ``conv_kernel="auto"`` runs eligible k x k (k > 1) convolutions through
     ``arq::lowbit_conv2d``: on CPUs whose best integer path is AVX2 (no VNNI, no AVX-512), where
     oneDNN spends two multiplies per 32 MACs and the op one. Measured there (README, "Measured
-    performance"): level with oneDNN on ResNet-20 and 1.11-1.14x on ResNet-110 end to end, 3x3
-    layers level or faster, 1x1 ones 0.64-0.72x (so those stay on oneDNN). With VNNI oneDNN
-    multiplies once per 64 MACs (AVX-512) and the op has nothing to gain; not measured there."""
+    performance"), against oneDNN: 3x3 ResNet layers 0.85-1.08x (median), 1x1 ones 0.64-0.71x (so
+    those stay on oneDNN); end to end 0.98-1.03x on ResNet-20 and 0.98-1.11x on ResNet-110
+    (1.08-1.11x with an 8-bit residual stream). With VNNI oneDNN multiplies once per 64 MACs
+    (AVX-512) and the op has nothing to gain; not measured there."""
     from arq.ops import _has_kernel, cpu_isa  # here: arq.ops imports arq.quant
 
     return (not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"} and cpu_isa() == "avx2"
@@ -156,8 +161,8 @@ class IntegerExecutionConfig:
     def __post_init__(self) -> None:
         if self.split_8bit not in ("auto", "always", "never"):
             raise ValueError(f"split_8bit must be 'auto', 'always' or 'never', got {self.split_8bit!r}")
-        if self.conv_kernel not in ("auto", "onednn", "arq"):
-            raise ValueError(f"conv_kernel (or ARQ_CONV_KERNEL) must be 'auto', 'onednn' or 'arq', got "
+        if self.conv_kernel not in CONV_KERNELS:
+            raise ValueError(f"conv_kernel (or ARQ_CONV_KERNEL) must be one of {CONV_KERNELS}, got "
                              f"{self.conv_kernel!r}")
         for name in ("compile", "fuse_epilogues"):
             if not isinstance(getattr(self, name), bool):
@@ -283,8 +288,8 @@ class IntegerConv2d(_IntegerLayer):
         """Whether ``arq::lowbit_conv2d`` runs this layer (``IntegerExecutionConfig.conv_kernel``)."""
         from arq.ops import _has_kernel, lowbit_conv_max_chunk
 
-        if conv_kernel not in ("auto", "onednn", "arq"):
-            raise ValueError(f"conv_kernel must be 'auto', 'onednn' or 'arq', got {conv_kernel!r}")
+        if conv_kernel not in CONV_KERNELS:
+            raise ValueError(f"conv_kernel must be one of {CONV_KERNELS}, got {conv_kernel!r}")
         kernel_h, kernel_w = weight_codes.shape[2:]
         wanted = conv_kernel == "arq" or (conv_kernel == "auto" and kernel_h > 1 and lowbit_conv_preferred())
         return (wanted and kernel_h == kernel_w and self.groups == 1 and self.dilation == [1, 1]

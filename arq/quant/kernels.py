@@ -54,8 +54,8 @@ across a rounding boundary of the next activation quantizer (one code step there
 propagates: a small share of the later codes differ, and the logits agree up to that (the tests
 check one-step first differences, at most 1 % differing codes and >= 99 % top-1 agreement on
 inputs with a clear top-2 margin; measured on noisy random inputs: LeNet 0 % codes and logits
-within 2e-7 of the largest, ResNet-20 0.05-0.22 % codes and within 0.2-1.8 %, top-1 100 %). The backends agree with each
-other on the accumulators exactly and on the float output up to the epilogue's float32 rounding
+within 2e-7 of the largest, ResNet-20 0.05-0.22 % codes and within 0.2-1.8 %, top-1 100 %). The
+backends agree with each other on the accumulators exactly and on the float output up to the epilogue's float32 rounding
 order ("cpp" and "torch" bit for bit; Triton's fused epilogue multiplies ``s_x * s_w[n]`` first).
 """
 from __future__ import annotations

@@ -6,9 +6,9 @@
 // (oneDNN's AVX2 kernels). With low-bit codes the pair sums are small: a 4-bit activation code
 // (<= 15) times a 4-bit weight (|q| <= 8) gives |pair| <= 240, so 136 of them add up exactly in
 // int16. Adding in int16 and widening once per chunk halves the multiplies per MAC. Measured on
-// a 2-core AVX2 host, the epilogue and loop overheads eat most of that: 3x3 ResNet layers level
-// with oneDNN or faster, 1x1 ones 0.64-0.72x; end to end level on ResNet-20 and 1.11-1.14x on
-// ResNet-110 (README). IntegerExecutionConfig.conv_kernel="auto" (the default) runs the k x k
+// a 2-core AVX2 host, the epilogue and loop overheads eat most of that: 3x3 ResNet layers
+// 0.85-1.08x oneDNN (median), 1x1 ones 0.64-0.71x; end to end 0.98-1.03x on ResNet-20 and
+// 0.98-1.11x on ResNet-110 (README). IntegerExecutionConfig.conv_kernel="auto" (the default) runs the k x k
 // layers (k > 1) here on such CPUs (arq.quant.execution.lowbit_conv_preferred).
 //
 // Exactness: with codes c in [0, max_code] and weights |q| <= 2^(w_bits-1) =: W, every int16
@@ -318,8 +318,7 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
               g.groups(), ", 8, 4] (arq.ops.lowbit_conv_weight_tiles), got ", weight_tiles.scalar_type(), " ",
               weight_tiles.sizes());
   // the per-channel vectors padded to whole blocks of 8 in plain vectors: ATen ops here (zeros,
-  // narrow, copy, mul) cost more than the epilogue on the small layers (about 4 % of a W4A4
-  // ResNet-20 forward in torch.profiler)
+  // narrow, copy, mul) took about 4 % of the op's time in torch.profiler (W4A4 ResNet-20)
   const int64_t padded_channels = g.blocks * 8;
   auto contiguous_vector = [&](const at::Tensor& t, at::ScalarType dtype, const char* name) {
     TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.numel() == out_channels && t.device().is_cpu(), kOp,
