@@ -145,15 +145,18 @@ def _op_or_formula(impl: str, op, formula, x):
     return fn
 
 
-REQUANT_IMPLS = ["arq_requantize_codes", "torch_compiled", "torch_eager"]
+REQUANT_IMPLS = ["arq_requantize_codes", "arq_requantize_codes_avx2", "torch_compiled", "torch_eager"]
 
 
 @pytest.mark.parametrize("impl", REQUANT_IMPLS)
-def test_requantize(benchmark, impl, threads):
+def test_requantize(benchmark, impl, threads, monkeypatch):
     """A residual stream's uint8 codes into a 4-bit layer's codes ([100, 16, 32, 32] channels_last: one
-    CIFAR ResNet stage-1 activation of a 100-sample chunk): arq's op against the same float32 formula
+    CIFAR ResNet stage-1 activation of a 100-sample chunk): arq's op (its best path: the 256-entry
+    table on AVX-512 VBMI CPUs; ``_avx2``: its AVX2 division loop) against the same float32 formula
     eager and through torch.compile (what the compiled integer model would otherwise run)."""
     benchmark.group = f"requantize-t{threads}"
+    if impl.endswith("_avx2"):
+        monkeypatch.setenv("ARQ_CPU_ISA", "avx2")
     gen = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 256, (100, 16, 32, 32), generator=gen, dtype=torch.uint8)
     codes = codes.contiguous(memory_format=torch.channels_last)

@@ -36,8 +36,9 @@ and writes the new stream's codes; the layers that read a stream turn its codes 
 with ``arq::requantize_codes`` (the reference's float32 formula on each code); other streams are
 quantized after a float add. Measured on the 2-core AVX2 development host (README, "Measured
 performance"): eager, 1.33x (ResNet-20) and 1.48x (ResNet-110) the float32 stream; compiled,
-level with it (the compiled add works on a uint8 copy: torch.compile cannot take the in-place
-form). It is a modelling choice first: certify it when the deployed network quantizes its adds.
+level with it (the compiled add then worked on a uint8 copy; it now overwrites the earlier
+stream where that is dead, ``arq::onednn_conv_add_stream_into``). It is a modelling choice
+first: certify it when the deployed network quantizes its adds.
 
 Tolerance against the fake-quant reference: the integer accumulation is exact, the
 reference sums ``(s_x c) (s_w q)`` in float32; one layer given the same input computes
@@ -316,8 +317,9 @@ class IntegerConv2d(_IntegerLayer):
     # set by _fuse_integer_epilogues: a residual comes in as ``accumulate``; then ReLU or not
     residual_relu: bool | None = None
 
-    # set by _quantize_streams: (residual stream written, residual stream added, in place); the
-    # add's operand comes in as ``stream_accumulate`` (uint8 codes; overwritten when in place)
+    # set by _quantize_streams: (residual stream written, residual stream added, in place, nothing
+    # reads the added stream after this conv); the add's operand comes in as ``stream_accumulate``
+    # (uint8 codes; overwritten when in place, or when dead in a compiled model)
     stream_output: "tuple[StreamCodes, StreamCodes, bool] | None" = None
 
     def forward(self, x: torch.Tensor, accumulate: torch.Tensor | None = None,
@@ -326,8 +328,13 @@ class IntegerConv2d(_IntegerLayer):
         if self.lowbit:
             return self._lowbit_forward(codes, accumulate, stream_accumulate)
         if stream_accumulate is not None:
-            written, added, in_place = self.stream_output
-            add_stream = _conv_add_stream_in_place if in_place else _onednn_conv_add_stream
+            written, added, in_place, dead = self.stream_output
+            if in_place:
+                add_stream = _conv_add_stream_in_place
+            elif dead and _STREAM_ADD_INTO and torch.compiler.is_compiling():
+                add_stream = torch.ops.arq.onednn_conv_add_stream_into
+            else:
+                add_stream = _onednn_conv_add_stream
             return add_stream(codes, self.x_scale, self.zero_point, self.packed_weight, self.w_scale,
                               self.w_zero_point, stream_accumulate, self.bias, self.stride, self.padding,
                               self.dilation, self.groups, written.scale, written.zero_point, added.scale,
@@ -355,7 +362,7 @@ class IntegerConv2d(_IntegerLayer):
     def _lowbit_forward(self, codes, accumulate, stream_accumulate):
         """:meth:`forward` through ``arq::lowbit_conv2d``: the same four epilogues, none in place."""
         if stream_accumulate is not None:
-            written, added, _ = self.stream_output
+            written, added, _, _ = self.stream_output
             return self._lowbit(codes, relu=True, residual=stream_accumulate, residual_scale=added.scale,
                                 residual_zero_point=added.zero_point, out_scale=written.scale,
                                 out_zero_point=written.zero_point, out_min=written.code_min, out_max=written.code_max)
@@ -416,6 +423,49 @@ def _onednn_conv_add_stream(codes: torch.Tensor, x_scale: float, zero_point: int
 
 
 @_onednn_conv_add_stream.register_fake
+def _(codes, x_scale, zero_point, packed_weight, w_scale, w_zero_point, accumulate, bias, stride, padding,
+      dilation, groups, out_scale, out_zero_point, accumulate_scale, accumulate_zero_point):
+    return torch.empty_like(accumulate, memory_format=torch.channels_last)
+
+
+def _let_functionalized_ops_take_opaque_tensors() -> bool:
+    """torch registers autograd fall-throughs of ``auto_functionalized_v2`` (how torch.compile
+    runs an op that overwrites an input) for the CPU and CUDA keys only; oneDNN's prepacked
+    weights are opaque tensors, dispatched at AutogradOther, where freezing's fake propagation
+    then finds no kernel. The same fall-through for that key: inference needs nothing else.
+    Returns whether compiled models may use :func:`_onednn_conv_add_stream_into`."""
+    try:
+        from torch._C import DispatchKey
+        from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+
+        if auto_functionalized_v2.non_fallthrough_keys.has(DispatchKey.AutogradOther):
+            auto_functionalized_v2.fallthrough(DispatchKey.AutogradOther)
+    except (ImportError, AttributeError):  # another torch: compiled models keep the copying op
+        return False
+    return True
+
+
+#: compiled models overwrite a dead residual stream in place (IntegerConv2d.forward)
+_STREAM_ADD_INTO = _let_functionalized_ops_take_opaque_tensors()
+
+
+@torch.library.custom_op("arq::onednn_conv_add_stream_into", mutates_args=("accumulate",))
+def _onednn_conv_add_stream_into(codes: torch.Tensor, x_scale: float, zero_point: int, packed_weight: torch.Tensor,
+                                 w_scale: torch.Tensor, w_zero_point: torch.Tensor, accumulate: torch.Tensor,
+                                 bias: torch.Tensor | None, stride: list[int], padding: list[int],
+                                 dilation: list[int], groups: int, out_scale: float, out_zero_point: int,
+                                 accumulate_scale: float, accumulate_zero_point: int) -> torch.Tensor:
+    """:func:`_conv_add_stream_in_place` as an op that declares it overwrites ``accumulate``: the
+    compiled form where nothing reads the earlier stream after the conv (``stream_output``).
+    torch.compile's functionalization then passes the buffer itself when it is dead (Inductor's
+    reinplacing) and a copy only where it must, so the copy of :func:`_onednn_conv_add_stream`
+    goes; the result is oneDNN's own (a new tensor: it copies what it wrote)."""
+    return _conv_add_stream_in_place(
+        codes, x_scale, zero_point, packed_weight, w_scale, w_zero_point, accumulate, bias, stride, padding,
+        dilation, groups, out_scale, out_zero_point, accumulate_scale, accumulate_zero_point)
+
+
+@_onednn_conv_add_stream_into.register_fake
 def _(codes, x_scale, zero_point, packed_weight, w_scale, w_zero_point, accumulate, bias, stride, padding,
       dilation, groups, out_scale, out_zero_point, accumulate_scale, accumulate_zero_point):
     return torch.empty_like(accumulate, memory_format=torch.channels_last)
@@ -649,8 +699,10 @@ def _quantize_streams(root: nn.Module, graph, modules: dict, call_sites: dict, i
         c = clamp(round(relu(conv(x) + s_a (a - z_a)) / s_r), 0, 255),
 
     with ``in_place`` (eager models: ``fuse_residuals``) into the earlier stream's buffer, only
-    where nothing reads that buffer after the conv; else into a uint8 copy of it
-    (``arq::onednn_conv_add_stream``, the form torch.compile takes). The earlier stream must
+    where nothing reads that buffer after the conv; else, in compiled models, through
+    ``arq::onednn_conv_add_stream_into`` where that buffer is dead (an op that says it overwrites
+    it, so torch.compile passes the buffer or, only where it must, a copy) and
+    ``arq::onednn_conv_add_stream`` (a uint8 copy, always) where it is not. The earlier stream must
     itself be such codes (the first block of a network, after a float stem, and blocks with a
     downsampling shortcut add in float and then quantize). Consumers: integer layers read the
     codes (``read_stream``: the float values, then their own codes, exactly as the reference),
@@ -715,9 +767,10 @@ def _fuse_stream_add(graph, node, stream: StreamCodes, streams: dict, modules: d
         conv = _unfused_conv(conv_node, modules, call_sites)
         if conv is None or len(conv_node.args) != 1 or conv_node.kwargs:
             continue
-        if in_place and any(order[user] > order[conv_node] for user in earlier.users if user is not add):
+        dead = not any(order[user] > order[conv_node] for user in earlier.users if user is not add)
+        if in_place and not dead:
             continue  # the earlier stream is read after the conv: its buffer is not free
-        conv.stream_output = (stream, streams[earlier], in_place)
+        conv.stream_output = (stream, streams[earlier], in_place, dead)
         node.replace_all_uses_with(conv_node)
         conv_node.kwargs = {"stream_accumulate": earlier}
         for dead in [node, relu, add] + passed:

@@ -35,8 +35,9 @@ is nearly tied, the prediction may too. To certify the fake-quant model itself, 
 
 The cache lives in a ``weakref.WeakKeyDictionary`` keyed by the model object (not in an
 attribute: the integer model cannot be deep-copied, and ``copy.deepcopy(qmodel)`` must keep
-working), one entry per ``(backend, device, compiled)``, each stamped with a fingerprint of
-the model's policy and its parameters and buffers (storage and in-place version counters):
+working), one entry per ``(backend, device, compiled, ARQ_CONV_KERNEL)``, each stamped with a
+fingerprint of the model's policy and its parameters and buffers (storage and in-place version
+counters):
 re-quantizing, calibrating or fine-tuning the model rebuilds the integer model on next use.
 
 Compilation (Inductor fuses the activation quantization with the float glue; the first call
@@ -46,17 +47,22 @@ was prepared explicitly (``prepare_model(..., compile=True)``), or when ``ARQ_CO
 ``ARQ_COMPILE=0`` disables it. ``arq certify`` / ``arq predict`` prepare the model once with
 the whole run's work (inputs x samples), so a long run over single inputs compiles once.
 
-CPU model chunks: on CPU the model sees at most ``CPU_CHUNK`` (128) samples per call
-(:func:`model_batches`; ``ARQ_CPU_CHUNK`` overrides it, 0 gives the model whole batches).
-A noisy batch of ``batch_size`` samples is made in one piece and then split into near-equal
-chunks, so the noise, the votes and the guarantee are those of the whole batch: splitting
-only changes which samples share one call of the model, and every sample's logits are
-computed from that sample alone (eval mode). Why: a batch of 400 CIFAR samples makes 26 MB
-float32 activations per layer, which glibc maps and unmaps on every call (page faults) and
-which overflow the caches. Measured on a 2-core AVX2 host: the compiled W4A4 ResNet-20's forward
-passes ran 1.3-1.5x faster in chunks of 100-200 (1 and 2 threads), its certification 1.16x (2
-threads), and ResNet-110 changed nothing measurable (``benchmarks/bench_e2e.py``). One certify
-call then compiles one or two chunk shapes.
+CPU model chunks: on CPU hosts without AVX-512 the model sees at most ``CPU_CHUNK`` (128)
+samples per call (:func:`model_batches`; ``ARQ_CPU_CHUNK`` overrides it on any host, 0 gives
+the model whole batches). A noisy batch of ``batch_size`` samples is made in one piece and
+then split into near-equal chunks, so the noise, the votes and the guarantee are those of the
+whole batch: splitting only changes which samples share one call of the model, and every
+sample's logits are computed from that sample alone (eval mode). Why: a batch of 400 CIFAR
+samples makes 26 MB float32 activations per layer, which glibc maps and unmaps on every call
+(page faults) and which overflow the caches. Measured on a 2-core AVX2 host: the compiled W4A4
+ResNet-20's forward passes ran 1.3-1.5x faster in chunks of 100-200 (1 and 2 threads), its
+certification 1.16x (2 threads), and ResNet-110 changed nothing measurable
+(``benchmarks/bench_e2e.py``). On a 2-core AVX-512 VNNI host (Zen 4) it is the other way round:
+oneDNN's AVX-512 kernels gain from large batches (torchao's pt2e int8 ResNet-20 certifies 1.19x
+faster in batches of 400 than of 100), and arq's compiled ResNet-20 certified 1.04x (W4A4) and
+1.11x (W4A4, 8-bit residual stream) faster without chunks, paired per round
+(``benchmarks/results/cpu-e2e-resnet20-avx512-chunks-2026-11-28.json``); so there the default is
+whole batches. One certify call then compiles one or two chunk shapes.
 
 CUDA graphs (opt-in until measured on a GPU: ``prepare_model(..., cuda_graphs=True)`` or
 ``ARQ_CUDA_GRAPHS=1``): on CUDA any of the above, float models included, can be replayed from
@@ -76,15 +82,24 @@ from torch import nn
 #: samples per certify call (inputs x (n + n0)) above which the integer model is compiled
 COMPILE_THRESHOLD = 1_000_000
 
-#: the most samples a CPU model sees per call (module docstring); ARQ_CPU_CHUNK overrides it
+#: the most samples a CPU model sees per call on hosts without AVX-512 (module docstring);
+#: ARQ_CPU_CHUNK overrides it
 CPU_CHUNK = 128
 
 
+def default_cpu_chunk() -> int:
+    """``CPU_CHUNK`` on hosts without AVX-512, 0 (whole batches) on AVX-512 ones (module docstring)."""
+    from arq.quant.execution import _cpu_flags  # here: arq.quant imports this package
+
+    return 0 if "avx512f" in _cpu_flags() else CPU_CHUNK
+
+
 def cpu_chunk() -> int:
-    """The CPU chunk size in force: ``ARQ_CPU_CHUNK`` when set (0 = whole batches), else ``CPU_CHUNK``."""
+    """The CPU chunk size in force: ``ARQ_CPU_CHUNK`` when set (0 = whole batches), else
+    :func:`default_cpu_chunk`."""
     env = os.environ.get("ARQ_CPU_CHUNK", "").strip()
     if not env:
-        return CPU_CHUNK
+        return default_cpu_chunk()
     try:
         value = int(env)
     except ValueError:
@@ -221,16 +236,18 @@ def _prepare_inner(model, backend: str, device: torch.device, compile, work, com
     if "onednn" not in torch.backends.quantized.supported_engines or not torch.backends.mkldnn.is_available():
         return model, "+fakequant"
     fingerprint = _fingerprint(model)
+    # the integer model's convolution kernel is read from the environment when it is built
+    conv_kernel = os.environ.get("ARQ_CONV_KERNEL", "").strip() or "auto"
     with _LOCK:
         entries = _entries(model, fingerprint)
         if compile is None and os.environ.get("ARQ_COMPILE", "").strip() == "":
-            if (backend, str(device), True) in entries:
+            if (backend, str(device), True, conv_kernel) in entries:
                 compiled = True
             else:
                 compiled = _compile_wanted(None, work, compile_threshold)
         else:
             compiled = _compile_wanted(compile, work, compile_threshold)
-        key = (backend, str(device), compiled)
+        key = (backend, str(device), compiled, conv_kernel)
         if key not in entries:
             entries[key] = (fingerprint, _build_integer(model, compiled), "+int8-compiled" if compiled else "+int8")
         _, callable_model, tag = entries[key]

@@ -4,7 +4,10 @@
 //   out = clamp(round(((c - in_zero) * in_scale) / out_scale) + out_zero, out_min, out_max)
 // (arq.ops.requantize_codes_reference). Why an op: torch.compile's generated C++ loads uint8 eight
 // at a time through a scalar copy on AVX2, 7-8x slower than this loop
-// (benchmarks/bench_cpp_ops.py::test_requantize, 1 and 2 threads).
+// (benchmarks/bench_cpp_ops.py::test_requantize, 1 and 2 threads). An input code has 256 values,
+// so on CPUs with AVX-512 VBMI the op computes the 256 outputs once per call with the scalar
+// formula and maps the tensor through that table, 64 codes per two vpermi2b: exact by
+// construction, and no division per element (the AVX2 loop is bound by its vdivps).
 //
 // arq::quantize_codes: float32 activations -> an activation quantizer's uint8 codes,
 //   out = clamp(round(x / scale) + zero_point, code_min, code_max)
@@ -24,6 +27,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
+
+#include "packed_common.h"
 
 namespace arq {
 namespace {
@@ -74,6 +79,27 @@ void requantize_avx2(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t en
 bool has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
+}
+
+bool has_avx512_vbmi() {
+  static const bool has = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw");
+  return has;
+}
+
+// dst[i] = table[src[i]]: vpermi2b looks up 128 entries (index bit 6 picks the register), so one
+// lookup per table half; the index's top bit then picks the half.
+__attribute__((target("avx512f,avx512bw,avx512vbmi")))
+void map_through_table_vbmi(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t end, const uint8_t* table) {
+  const __m512i t0 = _mm512_loadu_si512(table), t1 = _mm512_loadu_si512(table + 64);
+  const __m512i t2 = _mm512_loadu_si512(table + 128), t3 = _mm512_loadu_si512(table + 192);
+  int64_t i = begin;
+  for (; i + 64 <= end; i += 64) {
+    const __m512i index = _mm512_loadu_si512(src + i);
+    const __m512i low = _mm512_permutex2var_epi8(t0, index, t1);
+    const __m512i high = _mm512_permutex2var_epi8(t2, index, t3);
+    _mm512_storeu_si512(dst + i, _mm512_mask_blend_epi8(_mm512_movepi8_mask(index), low, high));
+  }
+  for (; i < end; ++i) dst[i] = table[src[i]];
 }
 #endif
 
@@ -127,9 +153,21 @@ at::Tensor requantize_codes_cpu(const at::Tensor& codes, double in_scale, int64_
                   static_cast<float>(out_zero), static_cast<float>(out_min), static_cast<float>(out_max)};
   const uint8_t* src = input.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
+  // ARQ_CPU_ISA (packed_common.h) picks the path, so tests reach all three on one CPU
+  const packed::Isa isa = packed::select_isa();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa == packed::Isa::kAvx512Vnni && has_avx512_vbmi()) {
+    uint8_t table[256];
+    for (int code = 0; code < 256; ++code) table[code] = requantize_one(static_cast<uint8_t>(code), grid);
+    at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      map_through_table_vbmi(src, dst, begin, end, table);
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (has_avx2()) return requantize_avx2(src, dst, begin, end, grid);
+    if (isa != packed::Isa::kScalar && has_avx2()) return requantize_avx2(src, dst, begin, end, grid);
 #endif
     requantize_portable(src, dst, begin, end, grid);
   });

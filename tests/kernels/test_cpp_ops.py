@@ -290,8 +290,10 @@ REQUANT_GRIDS = [  # (in_scale, in_zero, out_scale, out_zero, out_min, out_max)
 
 @pytest.mark.parametrize("grid", REQUANT_GRIDS, ids=range(len(REQUANT_GRIDS)))
 @pytest.mark.parametrize("shape, layout", [((256,), "contiguous"), ((3, 5, 7, 11), "channels_last"),
-                                           ((2, 3, 9, 13), "contiguous"), ((4, 6, 5), "strided")])
-def test_requantize_codes_is_the_reference_bit_for_bit(grid, shape, layout):
+                                           ((2, 3, 9, 13), "contiguous"), ((4, 6, 5), "strided"),
+                                           ((3, 17, 33, 35), "channels_last")])
+def test_requantize_codes_is_the_reference_bit_for_bit(grid, shape, layout, isa):
+    """Every path: the AVX-512 VBMI table ("vnni" where the CPU has VBMI), AVX2's division, scalar."""
     gen = torch.Generator().manual_seed(hash((grid, shape)) % 2**31)
     codes = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
     if shape == (256,):

@@ -211,13 +211,24 @@ def test_signed_streams_without_a_relu_keep_their_zero_point(bits):
 @needs_onednn
 @pytest.mark.slow
 def test_compiled_stream_model_matches_eager():
-    """Compiled, the fused add works on a copy of the earlier stream (arq::onednn_conv_add_stream),
-    eager in place: the same logits."""
+    """Compiled, the fused add overwrites the earlier stream through an op that says so
+    (arq::onednn_conv_add_stream_into, nothing reads that stream later), eager in place: the same
+    logits, under no_grad and under inference_mode as certify runs it (where freezing once failed
+    on oneDNN's opaque weights)."""
     qmodel = _quantized(cifar_resnet(14), seed=5)  # 2 blocks a stage: 3 fused adds
     eager = to_integer(qmodel)
     compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True))
-    assert _stream_convs(eager)
-    assert_compiled_matches_eager(eager, compiled, _noisy(24, seed=6))
+    assert _stream_convs(eager) and all(m.stream_output[3] for m in _stream_convs(eager))  # all dead
+    x = _noisy(24, seed=6)
+    assert_compiled_matches_eager(eager, compiled, x)
+    with torch.inference_mode():
+        compiled(x)  # compiles again for inference mode
+        with torch.profiler.profile() as profile:
+            result = compiled(x)
+    with torch.no_grad():
+        torch.testing.assert_close(result, eager(x), rtol=0, atol=1e-4 * float(result.abs().max()))
+    calls = {event.key: event.count for event in profile.key_averages()}
+    assert calls.get("arq::onednn_conv_add_stream_into") == 3 and "arq::onednn_conv_add_stream" not in calls
 
 
 @pytest.mark.skipif(resolve_backend("auto", "cpu") != "cpp", reason="needs the compiled ops (arq._C)")

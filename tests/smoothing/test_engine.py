@@ -87,6 +87,27 @@ def test_integer_votes_are_the_integer_models(qmodel, mnist):
 
 
 @pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
+def test_cache_keeps_one_integer_model_per_conv_kernel(float_model, mnist, monkeypatch):
+    """ARQ_CONV_KERNEL is read when the integer model is built: changing it between calls builds
+    (and then reuses) the model of the kernel asked for, instead of the first one built."""
+    from arq.ops import _has_kernel
+    from arq.quant.execution import IntegerConv2d
+
+    if not _has_kernel("lowbit_conv2d", "CPU"):
+        pytest.skip("needs arq::lowbit_conv2d")
+    qmodel = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 4, 4), mnist[1][:64])
+    lowbit = lambda model: [m.lowbit for m in model.modules() if isinstance(m, IntegerConv2d)]  # noqa: E731
+    monkeypatch.setenv("ARQ_CONV_KERNEL", "onednn")
+    onednn, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    monkeypatch.setenv("ARQ_CONV_KERNEL", "arq")
+    ours, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    assert ours is not onednn and not any(lowbit(onednn)) and any(lowbit(ours))
+    assert engine.prepare_model(qmodel, "cpp", "cpu")[0] is ours
+    monkeypatch.setenv("ARQ_CONV_KERNEL", "onednn")
+    assert engine.prepare_model(qmodel, "cpp", "cpu")[0] is onednn
+
+
+@pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
 def test_cache_reuse_and_invalidation(float_model, mnist):
     qmodel = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 8, 8), mnist[1][:64])
     first, tag = engine.prepare_model(qmodel, "cpp", "cpu")
@@ -198,7 +219,7 @@ def test_cuda_graph_replays_count_as_the_eager_model(qmodel, mnist):
 
 
 def test_model_batches_split_cpu_batches_into_near_equal_chunks(monkeypatch):
-    monkeypatch.delenv("ARQ_CPU_CHUNK", raising=False)
+    monkeypatch.setenv("ARQ_CPU_CHUNK", "128")
     sizes = lambda n: [part.shape[0] for part in engine.model_batches(torch.empty(n, 3))]  # noqa: E731
     assert sizes(400) == [100] * 4 and sizes(1000) == [125] * 8
     assert sizes(129) == [65, 64] and sizes(128) == [128] and sizes(7) == [7]
@@ -216,6 +237,21 @@ def test_model_batches_split_cpu_batches_into_near_equal_chunks(monkeypatch):
         monkeypatch.setenv("ARQ_CPU_CHUNK", bad)
         with pytest.raises(ValueError, match="ARQ_CPU_CHUNK"):
             engine.model_batches(torch.empty(400, 3))
+
+
+@pytest.mark.parametrize("flags, chunk", [(frozenset({"avx2", "fma"}), 128),
+                                          (frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni"}), 0),
+                                          (frozenset(), 128)])
+def test_default_cpu_chunk_follows_the_host(monkeypatch, flags, chunk):
+    """Chunks of 128 where there is no AVX-512, whole batches where there is; the variable wins."""
+    from arq.quant import execution
+
+    monkeypatch.setattr(execution, "_cpu_flags", lambda: flags)
+    monkeypatch.delenv("ARQ_CPU_CHUNK", raising=False)
+    assert engine.cpu_chunk() == chunk
+    assert [part.shape[0] for part in engine.model_batches(torch.empty(400, 3))] == ([100] * 4 if chunk else [400])
+    monkeypatch.setenv("ARQ_CPU_CHUNK", "200")
+    assert engine.cpu_chunk() == 200
 
 
 class _PixelVotes(nn.Module):
