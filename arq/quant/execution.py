@@ -320,7 +320,7 @@ class IntegerConv2d(_IntegerLayer):
     # set by _quantize_streams: (residual stream written, residual stream added, in place, nothing
     # reads the added stream after this conv); the add's operand comes in as ``stream_accumulate``
     # (uint8 codes; overwritten when in place, or when dead in a compiled model)
-    stream_output: "tuple[StreamCodes, StreamCodes, bool] | None" = None
+    stream_output: "tuple[StreamCodes, StreamCodes, bool, bool] | None" = None
 
     def forward(self, x: torch.Tensor, accumulate: torch.Tensor | None = None,
                 stream_accumulate: torch.Tensor | None = None) -> torch.Tensor:
@@ -767,10 +767,10 @@ def _fuse_stream_add(graph, node, stream: StreamCodes, streams: dict, modules: d
         conv = _unfused_conv(conv_node, modules, call_sites)
         if conv is None or len(conv_node.args) != 1 or conv_node.kwargs:
             continue
-        dead = not any(order[user] > order[conv_node] for user in earlier.users if user is not add)
-        if in_place and not dead:
+        earlier_dead = not any(order[user] > order[conv_node] for user in earlier.users if user is not add)
+        if in_place and not earlier_dead:
             continue  # the earlier stream is read after the conv: its buffer is not free
-        conv.stream_output = (stream, streams[earlier], in_place, dead)
+        conv.stream_output = (stream, streams[earlier], in_place, earlier_dead)
         node.replace_all_uses_with(conv_node)
         conv_node.kwargs = {"stream_accumulate": earlier}
         for dead in [node, relu, add] + passed:

@@ -37,8 +37,8 @@ The cache lives in a ``weakref.WeakKeyDictionary`` keyed by the model object (no
 attribute: the integer model cannot be deep-copied, and ``copy.deepcopy(qmodel)`` must keep
 working), one entry per ``(backend, device, compiled, ARQ_CONV_KERNEL)``, each stamped with a
 fingerprint of the model's policy and its parameters and buffers (storage and in-place version
-counters):
-re-quantizing, calibrating or fine-tuning the model rebuilds the integer model on next use.
+counters): re-quantizing, calibrating or fine-tuning the model rebuilds the integer model on
+next use.
 
 Compilation (Inductor fuses the activation quantization with the float glue; the first call
 per batch shape compiles, about a minute for a ResNet on 2 cores) is used when the work of
@@ -57,7 +57,7 @@ samples makes 26 MB float32 activations per layer, which glibc maps and unmaps o
 (page faults) and which overflow the caches. Measured on a 2-core AVX2 host: the compiled W4A4
 ResNet-20's forward passes ran 1.3-1.5x faster in chunks of 100-200 (1 and 2 threads), its
 certification 1.16x (2 threads), and ResNet-110 changed nothing measurable
-(``benchmarks/bench_e2e.py``). On a 2-core AVX-512 VNNI host (Zen 4) it is the other way round:
+(``benchmarks/bench_e2e.py``). On a 2-core AVX-512 VNNI host (AMD EPYC) it is the other way round:
 oneDNN's AVX-512 kernels gain from large batches (torchao's pt2e int8 ResNet-20 certifies 1.19x
 faster in batches of 400 than of 100), and arq's compiled ResNet-20 certified 1.04x (W4A4) and
 1.11x (W4A4, 8-bit residual stream) faster without chunks, paired per round
