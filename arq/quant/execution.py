@@ -121,6 +121,11 @@ def lowbit_conv_preferred() -> bool:
             and _has_kernel("lowbit_conv2d", "CPU"))
 
 
+def default_conv_kernel() -> str:
+    """``IntegerExecutionConfig.conv_kernel``'s default: ``ARQ_CONV_KERNEL`` when set, else "auto"."""
+    return os.environ.get("ARQ_CONV_KERNEL", "").strip() or "auto"
+
+
 @dataclass
 class IntegerExecutionConfig:
     """How :func:`to_integer` builds the integer model.
@@ -157,7 +162,7 @@ class IntegerExecutionConfig:
     fuse_epilogues: bool = True
     fuse_residuals: bool | None = None
     conv_kernel: Literal["auto", "onednn", "arq"] = field(
-        default_factory=lambda: os.environ.get("ARQ_CONV_KERNEL", "").strip() or "auto")
+        default_factory=default_conv_kernel)
 
     def __post_init__(self) -> None:
         if self.split_8bit not in ("auto", "always", "never"):

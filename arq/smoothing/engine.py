@@ -236,8 +236,9 @@ def _prepare_inner(model, backend: str, device: torch.device, compile, work, com
     if "onednn" not in torch.backends.quantized.supported_engines or not torch.backends.mkldnn.is_available():
         return model, "+fakequant"
     fingerprint = _fingerprint(model)
-    # the integer model's convolution kernel is read from the environment when it is built
-    conv_kernel = os.environ.get("ARQ_CONV_KERNEL", "").strip() or "auto"
+    from arq.quant.execution import default_conv_kernel  # here: arq.quant imports this package
+
+    conv_kernel = default_conv_kernel()  # what _build_integer's config will take
     with _LOCK:
         entries = _entries(model, fingerprint)
         if compile is None and os.environ.get("ARQ_COMPILE", "").strip() == "":
