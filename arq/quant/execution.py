@@ -34,7 +34,10 @@ uint8 between blocks (also ``fuse_epilogues``, :func:`_quantize_streams`): a blo
 ``conv2 -> add(earlier stream) -> ReLU`` is one oneDNN call that adds the earlier stream's codes
 and writes the new stream's codes; the layers that read a stream turn its codes into their own
 with ``arq::requantize_codes`` (the reference's float32 formula on each code); other streams are
-quantized after a float add. Measured on the 2-core AVX2 development host (README, "Measured
+quantized after a float add. A convolution whose only use (through ReLU or identities) is a stream
+quantizer writes that stream's codes itself (:func:`_convs_write_streams`: with
+``QuantConfig.residual_shortcuts``, the stem before the first block and the downsampling shortcuts),
+so in a ResNet every add is oneDNN's, on two uint8 tensors, as in torchao's pt2e int8 flow. Measured on the 2-core AVX2 development host (README, "Measured
 performance"): eager, 1.33x (ResNet-20) and 1.48x (ResNet-110) the float32 stream; compiled,
 level with it (the compiled add then worked on a uint8 copy; it now overwrites the earlier
 stream where that is dead, ``arq::onednn_conv_add_stream_into``). It is a modelling choice
@@ -82,7 +85,7 @@ from torch import nn
 from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
 from arq.quant.policy import FLOAT_BITS, quantizable_layers
 from arq.quant.quantizers import ActivationQuantizer
-from arq.quant.residual import RESIDUAL_QUANTIZER
+from arq.quant.residual import RESIDUAL_QUANTIZER, SHORTCUT_QUANTIZER
 
 
 #: IntegerExecutionConfig.conv_kernel's choices
@@ -319,6 +322,9 @@ class IntegerConv2d(_IntegerLayer):
     # set by _fuse_integer_epilogues: (s_next, z_next, lo, hi), the next layer's input codes
     output_codes: tuple[float, int, float, float] | None = None
 
+    # set by _convs_write_streams: output_codes are a residual stream's (the stem, a shortcut)
+    writes_stream = False
+
     # set by _fuse_integer_epilogues: a residual comes in as ``accumulate``; then ReLU or not
     residual_relu: bool | None = None
 
@@ -392,7 +398,8 @@ class IntegerConv2d(_IntegerLayer):
         )
 
     def extra_repr(self) -> str:
-        chained = ", writes the next layer's codes" if self.output_codes is not None else ""
+        chained = "" if self.output_codes is None else (
+            ", writes residual-stream codes" if self.writes_stream else ", writes the next layer's codes")
         residual = {None: "", False: ", adds the residual", True: ", adds the residual, then ReLU"}[self.residual_relu]
         stream = ", adds the residual stream, writes its codes" if self.stream_output is not None else ""
         return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}, "
@@ -696,7 +703,7 @@ class StreamValues(nn.Module):
 def _quantize_streams(root: nn.Module, graph, modules: dict, call_sites: dict, in_place: bool) -> int:
     """Residual-stream quantizers (``arq.quant.residual``) become uint8 tensors; the number done.
 
-    Each enabled ``residual_quantizer`` call becomes a :class:`StreamCodes` call, or, where it
+    Each enabled ``residual_quantizer`` or ``shortcut_quantizer`` call becomes a :class:`StreamCodes` call, or, where it
     ends ``conv -> add(stream) -> ReLU`` with an 8-bit unsigned stream, the conv's unfused oneDNN
     call itself: ``qconv2d_pointwise.binary`` adds the earlier stream's codes (``sum`` post-op,
     scaled back to floats), applies the ReLU and writes the new stream's codes,
@@ -708,8 +715,9 @@ def _quantize_streams(root: nn.Module, graph, modules: dict, call_sites: dict, i
     ``arq::onednn_conv_add_stream_into`` where that buffer is dead (an op that says it overwrites
     it, so torch.compile passes the buffer or, only where it must, a copy) and
     ``arq::onednn_conv_add_stream`` (a uint8 copy, always) where it is not. The earlier stream must
-    itself be such codes (the first block of a network, after a float stem, and blocks with a
-    downsampling shortcut add in float and then quantize). Consumers: integer layers read the
+    itself be such codes: a block's output or a ``shortcut_quantizer``'s, a stream too
+    (``QuantConfig.residual_shortcuts``: the first block's input, a downsampling shortcut; without
+    them those blocks add in float and then quantize). Consumers: integer layers read the
     codes (``read_stream``: the float values, then their own codes, exactly as the reference),
     fused convs add them, anything else gets the float values (:class:`StreamValues`).
     oneDNN scales by ``1 / s_r`` where the reference divides: the tolerance of the module docstring.
@@ -720,7 +728,8 @@ def _quantize_streams(root: nn.Module, graph, modules: dict, call_sites: dict, i
     for node in list(graph.nodes):
         quantizer = modules.get(node.target) if node.op == "call_module" else None
         if (not isinstance(quantizer, ActivationQuantizer) or not quantizer.enabled
-                or node.target.rpartition(".")[2] != RESIDUAL_QUANTIZER or len(node.args) != 1 or node.kwargs):
+                or node.target.rpartition(".")[2] not in (RESIDUAL_QUANTIZER, SHORTCUT_QUANTIZER)
+                or len(node.args) != 1 or node.kwargs):
             continue
         stream = StreamCodes(quantizer)
         fused = _fuse_stream_add(graph, node, stream, streams, modules, call_sites, in_place, order)
@@ -784,6 +793,36 @@ def _fuse_stream_add(graph, node, stream: StreamCodes, streams: dict, modules: d
     return None
 
 
+def _convs_write_streams(graph, modules: dict, call_sites: dict) -> int:
+    """``conv -> [ReLU / identity]* -> StreamCodes``: the convolution writes the stream's codes itself
+    (``output_codes``, as for a next layer's codes) and the quantizer's call goes; the number done.
+    The stem before a network's first block and the downsampling shortcuts
+    (``QuantConfig.residual_shortcuts``) then write uint8 codes instead of float32."""
+    written = 0
+    for node in list(graph.nodes):
+        conv = _unfused_conv(node, modules, call_sites)
+        if conv is None or len(node.args) != 1 or node.kwargs:
+            continue
+        passed, relu, current = _follow_activations(node, modules)
+        if len(current.users) != 1:
+            continue
+        user = next(iter(current.users))
+        stream = modules.get(user.target) if user.op == "call_module" else None
+        if not isinstance(stream, StreamCodes) or len(user.args) != 1 or user.kwargs:
+            continue
+        low = (stream.code_min - stream.zero_point) * stream.scale
+        conv.output_codes = (stream.scale, stream.zero_point, max(0.0, low) if relu else low,
+                             (stream.code_max - stream.zero_point) * stream.scale)
+        conv.output_code_bounds = (max(stream.code_min, stream.zero_point) if relu else stream.code_min,
+                                   stream.code_max)
+        conv.writes_stream = True
+        user.replace_all_uses_with(node)
+        for dead in [user] + list(reversed(passed)):
+            graph.erase_node(dead)
+        written += 1
+    return written
+
+
 def _fuse_traced(module: nn.Module, graph, residuals: bool) -> tuple[nn.Module, dict]:
     """:func:`_fuse_integer_epilogues` on one traced module: the module (rewritten when anything
     was fused) and ``{"fused": count}``."""
@@ -793,6 +832,7 @@ def _fuse_traced(module: nn.Module, graph, residuals: bool) -> tuple[nn.Module, 
     streams = _quantize_streams(module, graph, modules, call_sites, in_place=residuals)
     modules = dict(module.named_modules())
     call_sites = _call_sites(graph)
+    streams += _convs_write_streams(graph, modules, call_sites)
 
     def consumer_of(user):
         layer = modules.get(user.target) if user.op == "call_module" else None

@@ -60,6 +60,10 @@ class QuantConfig:
             between blocks are b-bit codes and the integer CPU model keeps them as uint8
             (``arq.quant.execution``; torchao's pt2e int8 flow quantizes the same tensors).
             32 (default) leaves the residual stream in float32, as HAQ does.
+        residual_shortcuts: with ``residual_bits`` < 32, also quantize each block's shortcut
+            operand (``block.shortcut_quantizer``: the downsampling shortcut's output, and the
+            first block's input), so that every residual add adds two b-bit tensors, as pt2e's
+            adds do (:mod:`arq.quant.residual`). Files saved before this option load with False.
     """
 
     weight_clip: WeightClip = "auto"
@@ -72,6 +76,7 @@ class QuantConfig:
     calibration_sigma: float | None = None
     seed: int = 0
     residual_bits: int = FLOAT_BITS
+    residual_shortcuts: bool = True
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("auto", "max", "mse"):
@@ -98,6 +103,8 @@ class QuantConfig:
                 MIN_BITS <= self.residual_bits <= MAX_BITS or self.residual_bits == FLOAT_BITS):
             raise ValueError(f"residual_bits must be an int in {MIN_BITS}..{MAX_BITS} or {FLOAT_BITS} (float), "
                              f"got {self.residual_bits!r}")
+        if not isinstance(self.residual_shortcuts, bool):
+            raise TypeError(f"residual_shortcuts must be a bool, got {type(self.residual_shortcuts).__name__}")
 
     def to_dict(self) -> dict:
         return asdict(self)

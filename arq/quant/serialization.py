@@ -123,7 +123,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str
             f"expected {FORMAT_VERSION!r})"
         )
     policy = Policy.from_json(metadata["policy"])
-    config = QuantConfig.from_dict(json.loads(metadata["quant_config"]))
+    stored_config = json.loads(metadata["quant_config"])
+    stored_config.setdefault("residual_shortcuts", False)  # files saved before the option had none
+    config = QuantConfig.from_dict(stored_config)
     folded = json.loads(metadata["folded_batchnorm"])
     shapes = json.loads(metadata["weight_shapes"])
     model_metadata = json.loads(metadata["arq_metadata"]) if "arq_metadata" in metadata else None

@@ -236,9 +236,9 @@ def test_eager_codes_come_from_the_cpp_op_and_equal_the_torch_formula(residual_b
         monkeypatch.setattr(execution, "_has_quantize_kernel", lambda: False)
         with_torch = integer(x)
     # float stream: the stem's input, conv1 of the 9 blocks, the 2 shortcut convs, the final linear;
-    # 8-bit stream: the stem's input, block 1's conv1 (the stem's output is float), the 3 streams
-    # added in float (block 1 and the 2 downsampling blocks), the final linear
-    assert len(calls) == (1 + 9 + 2 + 1 if residual_bits == 32 else 1 + 1 + 3 + 1)
+    # 8-bit stream: the stem's input and the final linear (the stem and the 2 shortcut convs write
+    # stream codes, every block adds two code tensors in oneDNN)
+    assert len(calls) == (1 + 9 + 2 + 1 if residual_bits == 32 else 1 + 1)
     assert torch.equal(with_op, with_torch)
 
 

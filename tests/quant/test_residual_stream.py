@@ -15,13 +15,15 @@ from arq.quant import Policy, QuantConfig
 from arq.quant.execution import IntegerConv2d, IntegerExecutionConfig, IntegerLinear, StreamCodes, to_integer
 from arq.quant.kernels import PackedConv2d, PackedLinear, resolve_backend
 from arq.quant.quantizers import ActivationQuantizer
-from arq.quant.residual import RESIDUAL_QUANTIZER, residual_blocks
+from arq.quant.residual import RESIDUAL_QUANTIZER, SHORTCUT_QUANTIZER, residual_blocks
 from quant_nets import assert_compiled_matches_eager, assert_within_tolerance, cifar_resnet, codes_by_layer
 
 needs_onednn = pytest.mark.skipif(
     "onednn" not in torch.backends.quantized.supported_engines, reason="needs torch's oneDNN quantized engine"
 )
 RESNET20_BLOCKS = [f"1.layer{stage}.{index}" for stage in (1, 2, 3) for index in range(3)]
+# the first block (entered from the stem) and the 2 downsampling blocks
+RESNET20_SHORTCUTS = ["1.layer1.0", "1.layer2.0", "1.layer3.0"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +34,10 @@ def _onednn_unless_named(monkeypatch):
     monkeypatch.setenv("ARQ_CONV_KERNEL", "onednn")
 
 
-def _quantized(model, residual_bits=8, bits=(4, 4), seed=0):
+def _quantized(model, residual_bits=8, bits=(4, 4), seed=0, shortcuts=True):
     calibration = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     return quant.quantize(model, Policy.uniform(model, *bits), calibration,
-                          config=QuantConfig(residual_bits=residual_bits))
+                          config=QuantConfig(residual_bits=residual_bits, residual_shortcuts=shortcuts))
 
 
 def _noisy(count, seed=1):
@@ -49,6 +51,8 @@ def test_residual_bits_must_be_a_bit_width(bad):
     with pytest.raises(ValueError, match="residual_bits"):
         QuantConfig(residual_bits=bad)
     assert QuantConfig().residual_bits == 32 and QuantConfig(residual_bits=2).residual_bits == 2
+    with pytest.raises(TypeError, match="residual_shortcuts"):
+        QuantConfig(residual_shortcuts="yes")
 
 
 def test_blocks_are_the_modules_returning_a_residual_add():
@@ -65,7 +69,10 @@ def test_every_block_output_lies_on_the_stream_grid():
     qmodel = _quantized(model)
     float_stream = _quantized(model, residual_bits=32)
     extra = set(qmodel.state_dict()) - set(float_stream.state_dict())
-    assert extra == {f"{b}.{RESIDUAL_QUANTIZER}.{key}" for b in RESNET20_BLOCKS for key in ("scale", "signed")}
+    assert extra == ({f"{b}.{RESIDUAL_QUANTIZER}.{key}" for b in RESNET20_BLOCKS for key in ("scale", "signed")}
+                     | {f"{b}.{SHORTCUT_QUANTIZER}.{key}" for b in RESNET20_SHORTCUTS for key in ("scale", "signed")})
+    without_shortcuts = _quantized(model, shortcuts=False)
+    assert not any(SHORTCUT_QUANTIZER in key for key in without_shortcuts.state_dict())
     assert set(float_stream.state_dict()) <= set(qmodel.state_dict())  # the blocks keep their keys
     outputs = {}
     hooks = [qmodel.get_submodule(name).register_forward_hook(
@@ -86,13 +93,67 @@ def test_every_block_output_lies_on_the_stream_grid():
     assert not torch.equal(logits, float_logits)  # the stream quantizers act
 
 
+def test_every_add_adds_two_stream_tensors():
+    """``residual_shortcuts``: the first block's input (for every use: its conv1 reads the stream's
+    values, as later blocks' conv1 do) and the downsampling shortcuts' outputs are quantized too."""
+    qmodel = _quantized(cifar_resnet(20))
+    shortcuts = {name: qmodel.get_submodule(f"{name}.{SHORTCUT_QUANTIZER}") for name in RESNET20_SHORTCUTS}
+    # after the stem's ReLU; the folded 1x1 conv + BN outputs have both signs
+    assert [bool(q.signed) for q in shortcuts.values()] == [False, True, True]
+    seen = {}
+    hooks = [q.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (args[0], out)))
+             for name, q in shortcuts.items()]
+    hooks.append(qmodel.get_submodule("1.layer1.0.conv1").register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("conv1", args[0])))
+    hooks.append(qmodel.get_submodule("1.layer2.0.downsample").register_forward_hook(
+        lambda m, args, out: seen.__setitem__("downsample", out)))
+    with torch.no_grad():
+        qmodel(_noisy(8))
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen["conv1"], seen["1.layer1.0"][1])
+    assert torch.equal(seen["downsample"], seen["1.layer2.0"][0])
+    for name, quantizer in shortcuts.items():
+        q_lo, q_hi = quantizer.levels
+        codes = seen[name][1] / quantizer.scale
+        assert float((codes - codes.round()).abs().max()) <= 1e-4
+        assert q_lo <= codes.round().min() and codes.round().max() <= q_hi
+        assert not torch.equal(seen[name][0], seen[name][1])
+
+
 def test_saved_model_loads_with_its_stream_quantizers(tmp_path):
     model = cifar_resnet(20)
     qmodel = _quantized(model)
     path = tmp_path / "resnet.safetensors"
     quant.save(qmodel, path)
     loaded = quant.load(path, cifar_resnet(20))
-    assert loaded.arq_quant["config"].residual_bits == 8
+    assert loaded.arq_quant["config"].residual_bits == 8 and loaded.arq_quant["config"].residual_shortcuts
+    assert sum(name.endswith(SHORTCUT_QUANTIZER) for name, _ in loaded.named_modules()) == 3
+    x = _noisy(8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+
+
+def test_files_saved_before_residual_shortcuts_load_without_them(tmp_path):
+    """A file whose quant_config has no ``residual_shortcuts`` (saved before the option) was made
+    without shortcut quantizers, and loads so."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = cifar_resnet(20)
+    qmodel = _quantized(model, shortcuts=False)
+    path, old_path = tmp_path / "resnet.safetensors", tmp_path / "resnet-old.safetensors"
+    quant.save(qmodel, path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    stored = json.loads(metadata["quant_config"])
+    del stored["residual_shortcuts"]
+    save_file(tensors, str(old_path), metadata={**metadata, "quant_config": json.dumps(stored)})
+    loaded = quant.load(old_path, cifar_resnet(20))
+    assert loaded.arq_quant["config"].residual_shortcuts is False
+    assert not any(name.endswith(SHORTCUT_QUANTIZER) for name, _ in loaded.named_modules())
     x = _noisy(8)
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
@@ -108,20 +169,27 @@ def _stream_convs(model):
 
 
 @needs_onednn
-@pytest.mark.parametrize("residual_bits", [8, 5])
-def test_integer_model_keeps_the_stream_as_uint8_and_agrees(residual_bits):
-    qmodel = _quantized(cifar_resnet(20), residual_bits=residual_bits)
+@pytest.mark.parametrize("residual_bits,shortcuts", [(8, True), (5, True), (8, False)])
+def test_integer_model_keeps_the_stream_as_uint8_and_agrees(residual_bits, shortcuts):
+    qmodel = _quantized(cifar_resnet(20), residual_bits=residual_bits, shortcuts=shortcuts)
     integer = to_integer(qmodel)
     unfused = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))
     readers = [m for m in integer.modules() if isinstance(m, IntegerConv2d) and m.stream_zero_point is not None]
-    if residual_bits == 8:
+    writers = [m for m in integer.modules() if isinstance(m, IntegerConv2d) and m.writes_stream]
+    if residual_bits == 8 and shortcuts:
+        # every block adds two code tensors in oneDNN and writes its own; the stem and the 2
+        # downsampling convs write the shortcut codes
+        assert len(_stream_convs(integer)) == 9 and len(writers) == 3
+        assert "adds the residual stream, writes its codes" in repr(integer)
+        assert "writes residual-stream codes" in repr(integer)
+    elif residual_bits == 8:
         # 6 identity blocks add the earlier stream's codes in oneDNN and write their own; the first
         # block (after the float stem) and the 2 downsampling blocks add in float, then quantize
-        assert len(_stream_convs(integer)) == 6
-        assert "adds the residual stream, writes its codes" in repr(integer)
+        assert len(_stream_convs(integer)) == 6 and not writers
     else:  # oneDNN's fused add writes 8-bit unsigned codes only: every stream is quantized after the add
-        assert not _stream_convs(integer)
-    assert len(readers) == 10  # conv1 of blocks 2-9 and both 1x1 shortcuts read uint8 codes
+        assert not _stream_convs(integer) and len(writers) == 3
+    # conv1 of blocks 2-9 (and of block 1, from its shortcut codes) and both 1x1 shortcuts read uint8 codes
+    assert len(readers) == (11 if shortcuts else 10)
     assert not _stream_convs(unfused) and not any(isinstance(m, StreamCodes) for m in unfused.modules())
     x = _noisy(128)
     reference, reference_codes = codes_by_layer(qmodel, x)
@@ -173,7 +241,9 @@ def test_fused_add_writes_into_the_earlier_stream_only_when_nothing_reads_it_lat
     assert residual_blocks(model) == ["block1", "block2"]
     fused = to_integer(qmodel)
     unfused = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))
-    assert len(_stream_convs(fused)) == (0 if read_again else 1)
+    # block1 adds its input's codes (its shortcut quantizer's, which the stem writes): read by
+    # nothing after; block2 adds block1's output, which read_again reads after
+    assert len(_stream_convs(fused)) == (1 if read_again else 2)
     with torch.no_grad():
         expected = unfused(x)
         result = fused(x)
@@ -196,10 +266,11 @@ def test_signed_streams_without_a_relu_keep_their_zero_point(bits):
     assert all(bool(qmodel.get_submodule(f"{b}.{RESIDUAL_QUANTIZER}").signed) for b in ("block1", "block2"))
     integer = to_integer(qmodel)
     streams = [m for m in integer.modules() if isinstance(m, StreamCodes)]
-    assert streams and all(m.signed and m.zero_point == 1 << (bits - 1) for m in streams)
+    # block1's input (after the stem's ReLU) is unsigned; the 2 block outputs are signed
+    assert [(m.signed, m.zero_point) for m in streams] == [(False, 0)] + [(True, 1 << (bits - 1))] * 2
     assert not _stream_convs(integer)  # the fused add writes unsigned 8-bit codes only
     readers = [m for m in integer.modules() if isinstance(m, IntegerConv2d) and m.stream_zero_point is not None]
-    assert [m.stream_zero_point for m in readers] == [1 << (bits - 1)]  # block2.conv1
+    assert [m.stream_zero_point for m in readers] == [0, 1 << (bits - 1)]  # block1.conv1, block2.conv1
     with torch.no_grad():
         reference = qmodel(x)
         result = integer(x)
@@ -215,7 +286,7 @@ def test_compiled_stream_model_matches_eager():
     (arq::onednn_conv_add_stream_into, nothing reads that stream later), eager in place: the same
     logits, under no_grad and under inference_mode as certify runs it (where freezing once failed
     on oneDNN's opaque weights)."""
-    qmodel = _quantized(cifar_resnet(14), seed=5)  # 2 blocks a stage: 3 fused adds
+    qmodel = _quantized(cifar_resnet(14), seed=5)  # 2 blocks a stage: 6 fused adds
     eager = to_integer(qmodel)
     compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True))
     assert _stream_convs(eager) and all(m.stream_output[3] for m in _stream_convs(eager))  # all dead
@@ -228,14 +299,15 @@ def test_compiled_stream_model_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(result, eager(x), rtol=0, atol=1e-4 * float(result.abs().max()))
     calls = {event.key: event.count for event in profile.key_averages()}
-    assert calls.get("arq::onednn_conv_add_stream_into") == 3 and "arq::onednn_conv_add_stream" not in calls
+    assert calls.get("arq::onednn_conv_add_stream_into") == 6 and "arq::onednn_conv_add_stream" not in calls
 
 
 @pytest.mark.skipif(resolve_backend("auto", "cpu") != "cpp", reason="needs the compiled ops (arq._C)")
 def test_packed_kernel_model_runs_the_stream_quantizers():
     qmodel = _quantized(cifar_resnet(20), seed=2)
     kernel_model = quant.to_kernels(qmodel)  # the C++ kernels (the fused Triton path: test_quant_kernels.py)
-    assert sum(isinstance(m, ActivationQuantizer) and m.bits == 8 for m in kernel_model.modules()) == 9
+    # 9 block outputs, 3 shortcuts
+    assert sum(isinstance(m, ActivationQuantizer) and m.bits == 8 for m in kernel_model.modules()) == 12
     x = _noisy(128, seed=3)
     reference, reference_codes = codes_by_layer(qmodel, x)
     result, codes = codes_by_layer(kernel_model, x, (PackedConv2d, PackedLinear), lambda m, x: m.codes(x))
