@@ -49,7 +49,11 @@ GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1
 
 Run (CPU):  ``OMP_WAIT_POLICY=PASSIVE pytest benchmarks/bench_e2e.py --benchmark-only
 --benchmark-json benchmarks/results/cpu-e2e-<date>.json``.  ``ARQ_E2E_ARCHS=resnet20`` limits the
-networks, ``ARQ_E2E_ROUNDS`` sets the round-robin rounds (default 3, after one untimed first call that compiles).
+networks, ``ARQ_E2E_ROUNDS`` sets the round-robin rounds (default 3, after one untimed first call that compiles),
+``ARQ_E2E_SAMPLES`` the samples per call for every network. Each arq call is one ``arq.certify`` (n0 = 100, then
+n = samples - 100, in batches of 400: a short call also runs a batch of 100 and one of 300 and checks the model's
+classes once, which a peer's single loop of full batches does not; longer calls weigh those less, as
+certification at n = 100,000 does).
 """
 from __future__ import annotations
 
@@ -81,6 +85,8 @@ if DEVICE == "cuda":
 else:
     BATCH = 400
     SAMPLES = {"resnet20": 2000, "resnet110": 800}
+if os.environ.get("ARQ_E2E_SAMPLES"):  # e.g. "10000": longer runs, where per-call costs weigh less
+    SAMPLES = {arch: int(os.environ["ARQ_E2E_SAMPLES"]) for arch in SAMPLES}
     VARIANTS = ["locuslab_fp32", "locuslab_compiled", "locuslab_pt2e_int8", "locuslab_fp32_b100",
                 "locuslab_compiled_b100", "locuslab_pt2e_int8_b100", "arq_w8a8", "arq_w8a8_compiled", "arq_w4a4",
                 "arq_w4a4_compiled", "arq_w4a4r8", "arq_w4a4r8_compiled"]

@@ -1,7 +1,8 @@
 """What an 8-bit residual stream (``QuantConfig(residual_bits=8)``) costs in certified robustness.
 
 A residual network is trained under noise (``arq train --arch mnist_resnet``, vendored MNIST), then
-quantized uniformly with and without the quantized residual stream, every quantized model calibrated
+quantized uniformly with and without the quantized residual stream (with and without its shortcut
+quantizers, ``QuantConfig.residual_shortcuts``), every quantized model calibrated
 and fine-tuned the same way (``arq compare``'s recipe: 200 SGD steps under noise), and all of them are
 certified on the same test images with the same noise (``arq.compare.certify_rows``). The table has
 clean accuracy, certified accuracy and ACR; the paired ACR differences (stream quantized minus float
@@ -30,12 +31,13 @@ from arq.models import load_checkpoint
 from arq.quant import FinetuneConfig, Policy, QuantConfig
 
 RADII = (0.0, 0.25, 0.5, 0.75)
-VARIANTS = {  # label -> (w_bits, a_bits, residual_bits) or None for the float model
+VARIANTS = {  # label -> (w_bits, a_bits, residual_bits, residual_shortcuts) or None for the float model
     "FP32": None,
-    "W8A8": (8, 8, 32), "W8A8-r8": (8, 8, 8),
-    "W4A4": (4, 4, 32), "W4A4-r8": (4, 4, 8),
+    "W8A8": (8, 8, 32, False), "W8A8-r8": (8, 8, 8, False), "W8A8-r8-shortcuts": (8, 8, 8, True),
+    "W4A4": (4, 4, 32, False), "W4A4-r8": (4, 4, 8, False), "W4A4-r8-shortcuts": (4, 4, 8, True),
 }
-PAIRS = (("W8A8-r8", "W8A8"), ("W4A4-r8", "W4A4"))
+PAIRS = (("W8A8-r8", "W8A8"), ("W4A4-r8", "W4A4"), ("W8A8-r8-shortcuts", "W8A8"), ("W4A4-r8-shortcuts", "W4A4"),
+         ("W8A8-r8-shortcuts", "W8A8-r8"), ("W4A4-r8-shortcuts", "W4A4-r8"))
 
 
 def main() -> None:
@@ -62,9 +64,10 @@ def main() -> None:
         if bits is None:
             net = model
         else:
-            w_bits, a_bits, residual_bits = bits
+            w_bits, a_bits, residual_bits, shortcuts = bits
             net = arq.quantize(model, Policy.uniform(model, w_bits, a_bits), train_images[:config.calibration_images],
-                               config=QuantConfig(residual_bits=residual_bits, seed=config.seed),
+                               config=QuantConfig(residual_bits=residual_bits, residual_shortcuts=shortcuts,
+                                                  seed=config.seed),
                                finetune=FinetuneConfig(max_steps=config.finetune_steps, lr=config.finetune_lr,
                                                        batch_size=config.finetune_batch_size, seed=config.seed),
                                train_data=(train_images, train_labels))

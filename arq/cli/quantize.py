@@ -50,6 +50,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--weight-clip", default="auto", choices=("auto", "max", "mse"), help="weight clipping")
     parser.add_argument("--residual-bits", type=int, default=32,
                         help="bits of the residual stream (each residual block's output), 2-8; 32 keeps it float")
+    parser.add_argument("--float-shortcuts", action="store_true",
+                        help="with --residual-bits < 32, leave the shortcut operands (the first block's input, "
+                             "downsampling shortcuts) in float instead of on the stream")
     parser.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of noise and data order")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.set_defaults(run=run)
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         config = quant.QuantConfig(
             weight_clip=args.weight_clip, activation_range=args.activation_range,
             calibration_sigma=float(sigma), seed=args.seed, residual_bits=args.residual_bits,
+            residual_shortcuts=not args.float_shortcuts,
         )
         finetune = (
             quant.FinetuneConfig(

@@ -85,6 +85,15 @@ def test_cli_quantizes_the_residual_stream(tmp_path, tiny_world):
     loaded = quant.load(out, model=cifar_resnet(20))
     assert loaded.arq_quant["config"].residual_bits == 8
     assert sum(name.endswith("residual_quantizer") for name, _ in loaded.named_modules()) == 9
+    assert sum(name.endswith("shortcut_quantizer") for name, _ in loaded.named_modules()) == 3
+    floats = tmp_path / "f.safetensors"
+    args = _parser().parse_args(["quantize", "--model", "m", "--uniform", "4", "4", "--residual-bits", "8",
+                                 "--float-shortcuts", "--out", str(floats), "--calibration-size", "8",
+                                 "--device", "cpu"])
+    assert args.run(args) == 0
+    loaded = quant.load(floats, model=cifar_resnet(20))
+    assert not loaded.arq_quant["config"].residual_shortcuts
+    assert not any(name.endswith("shortcut_quantizer") for name, _ in loaded.named_modules())
     bad = _parser().parse_args(["quantize", "--model", "m", "--uniform", "4", "4", "--residual-bits", "9",
                                 "--out", str(out), "--device", "cpu"])
     with pytest.raises(CommandError, match="residual_bits"):
