@@ -85,11 +85,11 @@ if DEVICE == "cuda":
 else:
     BATCH = 400
     SAMPLES = {"resnet20": 2000, "resnet110": 800}
-if os.environ.get("ARQ_E2E_SAMPLES"):  # e.g. "10000": longer runs, where per-call costs weigh less
-    SAMPLES = {arch: int(os.environ["ARQ_E2E_SAMPLES"]) for arch in SAMPLES}
     VARIANTS = ["locuslab_fp32", "locuslab_compiled", "locuslab_pt2e_int8", "locuslab_fp32_b100",
                 "locuslab_compiled_b100", "locuslab_pt2e_int8_b100", "arq_w8a8", "arq_w8a8_compiled", "arq_w4a4",
                 "arq_w4a4_compiled", "arq_w4a4r8", "arq_w4a4r8_compiled"]
+if os.environ.get("ARQ_E2E_SAMPLES"):  # e.g. "10000": longer runs, where per-call costs weigh less
+    SAMPLES = {arch: int(os.environ["ARQ_E2E_SAMPLES"]) for arch in SAMPLES}
 if os.environ.get("ARQ_E2E_VARIANTS"):  # e.g. "locuslab_fp32,arq_w4a4,arq_w4a4_compiled"
     VARIANTS = ["locuslab_fp32"] + [v for v in os.environ["ARQ_E2E_VARIANTS"].split(",") if v and v != "locuslab_fp32"]
 ARCHS = [a for a in os.environ.get("ARQ_E2E_ARCHS", "resnet20,resnet110").split(",") if a]

@@ -136,8 +136,8 @@ class IntegerExecutionConfig:
     Args:
         split_8bit: "auto" splits 8-bit activation codes of 8-bit-weight layers when the
             CPU has no VNNI (see the module docstring), "always" / "never" force it.
-        compile: wrap the result in ``torch.compile`` (Inductor fuses the quantization of
-            each activation with the float ops before it). The first call compiles
+        compile: wrap the result in ``torch.compile`` (:class:`CompiledIntegerModel`; Inductor
+            fuses the quantization of each activation with the float ops before it). The first call compiles
             (about a minute for a ResNet on 2 cores).
         fuse_epilogues: let a convolution whose only use is the next integer layer
             (through ReLU or identities) write that layer's uint8 codes, and one followed by
@@ -959,6 +959,30 @@ def _fuse_residuals(graph, modules: dict, call_sites: dict) -> int:
         "accumulate", lambda producer, relu: setattr(producer, "residual_relu", relu))
 
 
+class CompiledIntegerModel(nn.Module):
+    """``torch.compile(model, dynamic=dynamic)`` with freezing (oneDNN's prepacked weights become
+    graph constants), traced through a function with a code object of its own.
+
+    Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` (8) compiled variants per code
+    object, and compiles every ``nn.Module`` through one wrapper function of torch's: a process that
+    certified a few models, each at its batch sizes (``batch_size``, ``n0``, the remainders) and
+    grad modes, ran past it, and the later variants then ran eagerly, with only a warning. Each
+    instance here counts its own variants."""
+
+    def __init__(self, model: nn.Module, dynamic: bool | None = None):
+        super().__init__()
+        self.model = model
+
+        def forward(x):
+            return model(x)
+
+        forward.__code__ = forward.__code__.replace(co_name=f"arq_integer_forward_{id(self):x}")
+        self._compiled = torch.compile(forward, dynamic=dynamic, options={"freezing": True})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compiled(x)
+
+
 def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) -> nn.Module:
     """The integer-CPU version of a fake-quant model (a new module; ``qmodel`` is unchanged).
 
@@ -995,8 +1019,7 @@ def to_integer(qmodel: nn.Module, config: IntegerExecutionConfig | None = None) 
     if config.fuse_epilogues:
         integer_model = _fuse_integer_epilogues(integer_model, residuals=config.residuals_fused)
     if config.compile:
-        # freezing makes the prepacked oneDNN weights graph constants, which Inductor requires
-        compiled = torch.compile(integer_model, options={"freezing": True})
+        compiled = CompiledIntegerModel(integer_model)
         for attribute in ("arq_metadata", "arq_quant"):
             if hasattr(integer_model, attribute):
                 setattr(compiled, attribute, getattr(integer_model, attribute))

@@ -170,13 +170,13 @@ def _compile_wanted(compile: bool | None, work: int | None, threshold: int) -> b
 
 
 def _build_integer(model: nn.Module, compiled: bool) -> nn.Module:
-    from arq.quant.execution import IntegerExecutionConfig, to_integer
+    from arq.quant.execution import CompiledIntegerModel, IntegerExecutionConfig, to_integer
 
     integer_model = to_integer(model, IntegerExecutionConfig(compile=False, fuse_residuals=not compiled))
     if compiled:
         # as to_integer(compile=True), but static shapes: a certify call has at most three
         # batch sizes (batch_size, n0 % batch_size, n % batch_size), each compiled once
-        integer_model = torch.compile(integer_model, dynamic=False, options={"freezing": True})
+        integer_model = CompiledIntegerModel(integer_model, dynamic=False)
     return integer_model
 
 

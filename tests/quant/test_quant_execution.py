@@ -277,6 +277,29 @@ def test_compiled_integer_model_matches_eager():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
+@pytest.mark.slow
+def test_compiled_integer_models_each_keep_their_own_recompile_budget():
+    """Dynamo allows ``recompile_limit`` compiled variants per code object, and compiles every
+    nn.Module through one wrapper of torch's: the third model past a limit of 2 then ran eagerly.
+    CompiledIntegerModel traces a function of its own per instance, so each model compiles."""
+    import torch._dynamo
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.rand(8, 3, 8, 8)
+    qmodels = [quant.quantize(model, Policy.uniform(model, bits, bits), x) for bits in (4, 6, 8)]
+    compiled = [to_integer(q, IntegerExecutionConfig(compile=True)) for q in qmodels]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2):
+        for qmodel, candidate in zip(qmodels, compiled):
+            for batch in (x, x[:3]):  # two variants each: within each model's own limit
+                result, reference = candidate(batch), qmodel(batch)
+                torch.testing.assert_close(result, reference, rtol=0, atol=0.05 * float(reference.abs().max()))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 6
+
+
 def _chained(model):
     return [m for m in model.modules() if isinstance(m, IntegerConv2d) and m.output_codes is not None]
 
