@@ -17,8 +17,11 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
 * ``arq_w8a8_compiled``    the same with the integer model compiled (prepared once with
                            ``arq.smoothing.engine.prepare_model(..., compile=True)``)
 * ``arq_w4a4``, ``arq_w4a4_compiled``  the same for W4A4
-* ``arq_w4a4r8``, ``arq_w4a4r8_compiled``  W4A4 with an 8-bit residual stream (``QuantConfig(residual_bits=8)``):
-                           uint8 between blocks, the add inside oneDNN's conv (as pt2e does)
+* ``arq_w4a4r8``, ``arq_w4a4r8_compiled``  W4A4 with an 8-bit residual stream (``QuantConfig(residual_bits=8)``,
+                           its shortcuts quantized too): uint8 between blocks, every add inside oneDNN's
+                           conv (as pt2e does)
+* ``arq_w4a4r8fs``, ``arq_w4a4r8fs_compiled``  the same with float shortcuts (``residual_shortcuts=False``):
+                           the first block and the downsampling blocks add in float32, on request
 * ``<peer>_b100``          a peer's loop at batch 100 (``locuslab_fp32_b100``, ``locuslab_pt2e_int8_b100``,
                            ...): arq's engine splits CPU batches into chunks of at most 128 samples
                            (``arq.smoothing.engine.model_batches``; 400 -> 4 x 100), so each peer is also
@@ -155,9 +158,10 @@ def _pt2e_int8(model: torch.nn.Module, batch: int = BATCH) -> torch.nn.Module:
     return torch.compile(converted, dynamic=False)  # freezing: set globally in prepared()
 
 
-def _quantized(model: torch.nn.Module, bits: tuple[int, int], residual_bits: int = 32) -> torch.nn.Module:
+def _quantized(model: torch.nn.Module, bits: tuple[int, int], residual_bits: int = 32,
+               shortcuts: bool = True) -> torch.nn.Module:
     return arq.quantize(model, arq.quant.Policy.uniform(model, *bits), _calibration(),
-                        config=arq.quant.QuantConfig(residual_bits=residual_bits))
+                        config=arq.quant.QuantConfig(residual_bits=residual_bits, residual_shortcuts=shortcuts))
 
 
 def _lean_gpu_loop(model, x, num, batch_size, num_classes, sigma):
@@ -283,7 +287,8 @@ def build(arch: str, variant: str, image: torch.Tensor):
         fn = (lambda run, kernel: lambda: _with_conv_kernel(run, kernel))(base, kernel)
     elif variant.startswith("arq_w"):
         bits = (8, 8) if variant.startswith("arq_w8a8") else (4, 4)
-        qmodel = _quantized(model, bits, 8 if variant.split("_")[1].endswith("r8") else 32)
+        stream = variant.split("_")[1][4:]  # "", "r8" or "r8fs"
+        qmodel = _quantized(model, bits, 8 if stream.startswith("r8") else 32, shortcuts=stream != "r8fs")
         if variant.endswith("_compiled"):
             from arq.smoothing.engine import prepare_model
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -42,7 +43,7 @@ from arq.smoothing.noise import (
     noise_tv_bound,
     noisy_batch,
 )
-from arq.smoothing.engine import model_batches, prepare_model
+from arq.smoothing.engine import _fingerprint, model_batches, prepare_model
 from arq.smoothing.votes import count_votes
 
 from arq import ABSTAIN  # noqa: E402  (one definition, re-exported by arq)
@@ -177,13 +178,30 @@ class _EvalMode:
         return False
 
 
-def _num_classes(model: torch.nn.Module, x: torch.Tensor, num_classes: int | None) -> int:
-    """The number of classes: checked against the model's output on one clean input."""
+#: model -> (its version and the input's shape, dtype and device, the classes it produced)
+_PRODUCED_CLASSES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _produced_classes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """The number of logits the model gives one clean input like ``x[0]``; kept per model until a
+    parameter or buffer changes (``arq.smoothing.engine._fingerprint``), so that repeated calls
+    do not run the model (a fake-quant one: in its slow form) once more each. Every batch's votes
+    check the logits' shape again (``count_votes``)."""
+    key = (_fingerprint(model), tuple(x.shape[1:]), x.dtype, x.device)
+    cached = _PRODUCED_CLASSES.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     with torch.inference_mode():
         logits = model(x[:1])
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits [batch, classes], got shape {tuple(logits.shape)}")
-    produced = logits.shape[1]
+    _PRODUCED_CLASSES[model] = (key, logits.shape[1])
+    return logits.shape[1]
+
+
+def _num_classes(model: torch.nn.Module, x: torch.Tensor, num_classes: int | None) -> int:
+    """The number of classes: checked against the model's output on one clean input."""
+    produced = _produced_classes(model, x)
     if num_classes is None:
         stored = (getattr(model, "arq_metadata", None) or {}).get("num_classes")
         num_classes = stored if stored is not None else produced

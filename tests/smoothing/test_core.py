@@ -183,6 +183,28 @@ def test_bad_inputs_get_named_errors(x, message):
         arq.predict(_finite_model(), x, sigma=0.5, n=10)
 
 
+def test_the_class_check_runs_once_per_model_version():
+    """certify runs the model on one clean input to learn its classes; again only when a parameter
+    changes (or the input's shape), and a model whose output no longer fits fails in the votes."""
+    model = _finite_model()
+    single_calls = []
+    model.register_forward_hook(lambda m, args, out: single_calls.append(1) if args[0].shape[0] == 1 else None)
+    x = torch.rand(3, 4, 4)
+    first = arq.certify(model, x, sigma=0.5, n=50, n0=10, batch_size=25)
+    assert arq.certify(model, x, sigma=0.5, n=50, n0=10, batch_size=25) == first
+    arq.predict(model, x, sigma=0.5, n=50, batch_size=25)
+    assert len(single_calls) == 1
+    arq.certify(model, torch.rand(3, 4, 4, dtype=torch.float64).float(), sigma=0.5, n=50, n0=10, batch_size=25)
+    assert len(single_calls) == 1  # same shape, dtype and device
+    with torch.no_grad():
+        model[1].bias.add_(1.0)
+    arq.certify(model, x, sigma=0.5, n=50, n0=10, batch_size=25)
+    assert len(single_calls) == 2
+    model[1] = torch.nn.Linear(48, 5)  # a new parameter: checked again, and named
+    with pytest.raises(ValueError, match="num_classes=3 disagrees"):
+        arq.certify(model, x, sigma=0.5, n=50, n0=10, num_classes=3)
+
+
 def test_integer_input_is_rejected():
     with pytest.raises(TypeError, match="floating-point"):
         arq.certify(_finite_model(), torch.zeros(3, 4, 4, dtype=torch.uint8), sigma=0.5, n=10, n0=10)
