@@ -60,20 +60,26 @@ class _BlockTracer(torch.fx.Tracer):
         return qualified_name != ""
 
 
+def _residual_add(graph: torch.fx.Graph, modules: dict) -> torch.fx.Node:
+    """What a block's graph returns, under its ReLU if any (the add, in a block)."""
+    from arq.quant.execution import _is_relu
+
+    result = next(node for node in graph.nodes if node.op == "output").args[0]
+    return result.args[0] if _is_relu(result, modules) and result.args else result
+
+
 def _residual_graph(module: nn.Module) -> torch.fx.Graph | None:
     """``module``'s traced graph when it returns ``[relu](add(a, b))``, else None."""
     try:
         graph = _BlockTracer().trace(module)
     except Exception:  # not traceable: not a block arq can see
         return None
-    output = next(node for node in graph.nodes if node.op == "output")
-    result = output.args[0]
+    result = next(node for node in graph.nodes if node.op == "output").args[0]
     if not isinstance(result, torch.fx.Node):
         return None
-    from arq.quant.execution import _is_add, _is_relu  # the integer path's patterns (it imports this module)
+    from arq.quant.execution import _is_add  # the integer path's patterns (it imports this module)
 
-    modules = dict(module.named_modules())
-    inner = result.args[0] if _is_relu(result, modules) and result.args else result
+    inner = _residual_add(graph, dict(module.named_modules()))
     if (not isinstance(inner, torch.fx.Node) or not _is_add(inner)
             or not all(isinstance(arg, torch.fx.Node) for arg in inner.args)):
         return None
@@ -93,14 +99,6 @@ def residual_blocks(model: nn.Module) -> list[str]:
         if _residual_graph(module) is not None:
             found.append(name)
     return found
-
-
-def _residual_add(graph: torch.fx.Graph, modules: dict) -> torch.fx.Node:
-    """The add a block's graph (:func:`_residual_graph`) returns, under its ReLU if any."""
-    from arq.quant.execution import _is_relu
-
-    result = next(node for node in graph.nodes if node.op == "output").args[0]
-    return result.args[0] if _is_relu(result, modules) and result.args else result
 
 
 def _distance_from_input(node: torch.fx.Node) -> int:

@@ -136,7 +136,7 @@ def test_integer_resnet_agrees_with_fake_quant_reference(policy_name, seed):
 @pytest.mark.parametrize("case", ["uniform4", "uniform4_r8", "mixed"])
 def test_lowbit_kernel_resnet_agrees_with_onednn_and_fake_quant(case, seed):
     """``conv_kernel="arq"``: the block convolutions run arq::lowbit_conv2d (codes out, float residual
-    in, 8-bit stream in and out) and the network stays within the module's tolerance of the
+    in, 8-bit stream in and out, shortcut stream codes out) and the network stays within the module's tolerance of the
     fake-quant reference, as the oneDNN model does."""
     if not ops_have_lowbit():
         pytest.skip("arq._C without lowbit_conv2d")
@@ -153,6 +153,8 @@ def test_lowbit_kernel_resnet_agrees_with_onednn_and_fake_quant(case, seed):
     assert any(m.lowbit and m.output_codes is not None for m in layers)
     if case.endswith("r8"):
         assert any(m.lowbit and m.stream_output is not None for m in layers)
+        # the stem and the 1x1 shortcuts write stream codes (signed, zero point 128, for the shortcuts)
+        assert sum(m.lowbit and m.writes_stream for m in layers) == 3
     else:
         assert any(m.lowbit and m.residual_relu is not None for m in layers)
     x = torch.rand(128, 3, 32, 32, generator=generator) + 0.25 * torch.randn(128, 3, 32, 32, generator=generator)
