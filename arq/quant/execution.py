@@ -37,11 +37,13 @@ with ``arq::requantize_codes`` (the reference's float32 formula on each code); o
 quantized after a float add. A convolution whose only use (through ReLU or identities) is a stream
 quantizer writes that stream's codes itself (:func:`_convs_write_streams`: with
 ``QuantConfig.residual_shortcuts``, the stem before the first block and the downsampling shortcuts),
-so in a ResNet every add is oneDNN's, on two uint8 tensors, as in torchao's pt2e int8 flow. Measured on the 2-core AVX2 development host (README, "Measured
-performance"): eager, 1.33x (ResNet-20) and 1.48x (ResNet-110) the float32 stream; compiled,
-level with it (the compiled add then worked on a uint8 copy; it now overwrites the earlier
-stream where that is dead, ``arq::onednn_conv_add_stream_into``). It is a modelling choice
-first: certify it when the deployed network quantizes its adds.
+so in a ResNet every add is oneDNN's, on two uint8 tensors, as in torchao's pt2e int8 flow.
+Measured on the 2-core AVX2 development host (README, "Measured performance"), before the
+shortcuts were quantized: eager, 1.33x (ResNet-20) and 1.48x (ResNet-110) the float32 stream;
+compiled, level with it (the compiled add then worked on a uint8 copy; it now overwrites the
+earlier stream where that is dead, ``arq::onednn_conv_add_stream_into``). On the AVX-512 host,
+compiled, the shortcuts on the stream ran 1.10x the float shortcuts (ResNet-20, README). It is a
+modelling choice first: certify it when the deployed network quantizes its adds.
 
 Tolerance against the fake-quant reference: the integer accumulation is exact, the
 reference sums ``(s_x c) (s_w q)`` in float32; one layer given the same input computes
@@ -703,8 +705,8 @@ class StreamValues(nn.Module):
 def _quantize_streams(root: nn.Module, graph, modules: dict, call_sites: dict, in_place: bool) -> int:
     """Residual-stream quantizers (``arq.quant.residual``) become uint8 tensors; the number done.
 
-    Each enabled ``residual_quantizer`` or ``shortcut_quantizer`` call becomes a :class:`StreamCodes` call, or, where it
-    ends ``conv -> add(stream) -> ReLU`` with an 8-bit unsigned stream, the conv's unfused oneDNN
+    Each enabled ``residual_quantizer`` or ``shortcut_quantizer`` call becomes a :class:`StreamCodes`
+    call, or, where it ends ``conv -> add(stream) -> ReLU`` with an 8-bit unsigned stream, the conv's unfused oneDNN
     call itself: ``qconv2d_pointwise.binary`` adds the earlier stream's codes (``sum`` post-op,
     scaled back to floats), applies the ReLU and writes the new stream's codes,
 
