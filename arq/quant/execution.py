@@ -783,9 +783,15 @@ def _fuse_stream_add(graph, node, stream: StreamCodes, streams: dict, modules: d
         conv = _unfused_conv(conv_node, modules, call_sites)
         if conv is None or len(conv_node.args) != 1 or conv_node.kwargs:
             continue
-        earlier_dead = not any(order[user] > order[conv_node] for user in earlier.users if user is not add)
+        # where the earlier stream is computed after the conv (torchvision's blocks compute their
+        # downsampling shortcut last), the conv moves to just before the add, after it
+        position = order[add] if order[earlier] > order[conv_node] else order[conv_node]
+        earlier_dead = not any(order.get(user, float("inf")) > position for user in earlier.users if user is not add)
         if in_place and not earlier_dead:
             continue  # the earlier stream is read after the conv: its buffer is not free
+        if position != order[conv_node]:
+            add.prepend(conv_node)
+            order[conv_node] = position - 0.5
         conv.stream_output = (stream, streams[earlier], in_place, earlier_dead)
         node.replace_all_uses_with(conv_node)
         conv_node.kwargs = {"stream_accumulate": earlier}

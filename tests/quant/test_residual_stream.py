@@ -206,6 +206,33 @@ def test_integer_model_keeps_the_stream_as_uint8_and_agrees(residual_bits, short
     assert streams and all(out.dtype == torch.uint8 for out in streams.values())
 
 
+@needs_onednn
+def test_blocks_that_compute_the_shortcut_last_still_add_on_the_stream():
+    """torchvision's ResNet blocks compute the downsampling shortcut after the branch, so the
+    shortcut's codes exist only after conv2 in the graph: the fused add's conv moves next to the add.
+    All 8 adds of a ResNet-18 are oneDNN's, eager and compiled, within the tolerance."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    generator = torch.Generator().manual_seed(1)
+    calibration = torch.rand(16, 3, 32, 32, generator=generator)
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 4), calibration, config=QuantConfig(residual_bits=8))
+    assert sorted(name for name, _ in qmodel.named_modules() if name.endswith(SHORTCUT_QUANTIZER)) == [
+        f"layer{stage}.0.{SHORTCUT_QUANTIZER}" for stage in (1, 2, 3, 4)]  # entry after the max-pool; 3 downsamplings
+    integer = to_integer(qmodel)
+    unfused = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))
+    assert len(_stream_convs(integer)) == 8
+    assert sum(m.writes_stream for m in integer.modules() if isinstance(m, IntegerConv2d)) == 3
+    x = torch.rand(64, 3, 32, 32, generator=generator) + 0.25 * torch.randn(64, 3, 32, 32, generator=generator)
+    reference, reference_codes = codes_by_layer(qmodel, x)
+    result, codes = _integer_codes(integer, x)
+    assert_within_tolerance(result, reference, codes, reference_codes, 0.5 * len(x))
+    with torch.no_grad():
+        expected = unfused(x)
+        assert torch.equal(integer(x), result)  # the in-place adds left nothing behind
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
 class _TwoBlocks(nn.Module):
     """Two residual blocks; ``read_again`` also reads block 1's output after block 2 (its buffer
     must then survive block 2's fused add)."""
