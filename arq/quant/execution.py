@@ -552,6 +552,23 @@ def _is_add(node) -> bool:
     return node.op == "call_method" and node.target == "add"
 
 
+_INPLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift", "imatmul", "setitem"}
+
+
+def _may_mutate(node, modules: dict) -> bool:
+    """Whether ``node`` may write into one of its inputs (an in-place op or an in-place module)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (name in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
+                or bool(node.kwargs.get("inplace", False)))
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    return False
+
+
 class _IntegerTracer(torch.fx.Tracer):
     """Keeps arq's layers whole (their forward holds opaque oneDNN calls)."""
 
@@ -784,8 +801,14 @@ def _fuse_stream_add(graph, node, stream: StreamCodes, streams: dict, modules: d
         if conv is None or len(conv_node.args) != 1 or conv_node.kwargs:
             continue
         # where the earlier stream is computed after the conv (torchvision's blocks compute their
-        # downsampling shortcut last), the conv moves to just before the add, after it
-        position = order[add] if order[earlier] > order[conv_node] else order[conv_node]
+        # downsampling shortcut last), the conv moves to just before the add, after it, unless a
+        # node in between may write into a tensor (the conv's input)
+        position = order[conv_node]
+        if order[earlier] > position:
+            between = [other for other in order if position < order[other] < order[add]]
+            if any(_may_mutate(other, modules) for other in between):
+                continue
+            position = order[add]
         earlier_dead = not any(order.get(user, float("inf")) > position for user in earlier.users if user is not add)
         if in_place and not earlier_dead:
             continue  # the earlier stream is read after the conv: its buffer is not free

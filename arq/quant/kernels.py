@@ -421,28 +421,11 @@ def _chain_traced(model: nn.Module, graph, shared: set[int]) -> tuple[nn.Module,
     return model, counts
 
 
-_INPLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
-                      "ilshift", "irshift", "imatmul", "setitem"}
-
-
-def _may_mutate(node, modules: dict) -> bool:
-    """Whether ``node`` may write into one of its inputs (an in-place op or an in-place module)."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return (name in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
-                or bool(node.kwargs.get("inplace", False)))
-    if node.op == "call_module":
-        return bool(getattr(modules.get(node.target), "inplace", False))
-    return False
-
-
 def _fuse_packed_residuals(graph, modules: dict, unchained_conv) -> int:
     """Rewrite 2 of :func:`_chain_convolutions` (:func:`arq.quant.execution._fuse_residual_adds`):
     ``conv -> [Identity]* -> add(r) -> [ReLU]`` becomes ``conv(x, residual=r)`` with the ReLU in its
     epilogue; the number fused."""
-    from arq.quant.execution import _fuse_residual_adds
+    from arq.quant.execution import _fuse_residual_adds, _may_mutate
 
     def producer_of(node) -> PackedConv2d | None:
         layer = unchained_conv(node)
@@ -470,7 +453,7 @@ def _write_codes_also(graph, modules: dict, unchained_conv, single_conv) -> int:
     left with a single packed consumer); the number of consumers now reading codes."""
     import operator
 
-    from arq.quant.execution import _follow_activations
+    from arq.quant.execution import _follow_activations, _may_mutate
 
     linked = 0
     for node in list(graph.nodes):

@@ -233,6 +233,48 @@ def test_blocks_that_compute_the_shortcut_last_still_add_on_the_stream():
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
+class _LateShortcut(nn.Module):
+    """A block computing its downsampling shortcut after the branch; ``mutate`` then writes into
+    conv2's input in between, which forbids moving conv2 next to the add."""
+
+    class Block(nn.Module):
+        def __init__(self, mutate: bool):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.down, self.mutate = nn.Conv2d(4, 8, 1), mutate
+
+        def forward(self, x):
+            hidden = torch.relu(self.conv1(x))
+            out = self.conv2(hidden)
+            if self.mutate:
+                hidden.mul_(2.0)
+            return torch.relu(out + self.down(x))
+
+    def __init__(self, mutate: bool):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(4, 4, 1), self.Block(mutate)
+
+    def forward(self, x):
+        return self.block(torch.relu(self.stem(x)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("mutate", [False, True])
+def test_the_add_moves_after_a_late_shortcut_only_when_nothing_in_between_writes(mutate):
+    torch.manual_seed(5)
+    model = _LateShortcut(mutate).eval()
+    x = torch.randn(8, 4, 6, 6)
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 6), x, config=QuantConfig(residual_bits=8))
+    fused = to_integer(qmodel)
+    assert len(_stream_convs(fused)) == (0 if mutate else 1)
+    with torch.no_grad():
+        expected = to_integer(qmodel, IntegerExecutionConfig(fuse_epilogues=False))(x)
+        result = fused(x)
+        reference = qmodel(x)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    torch.testing.assert_close(result, reference, rtol=0, atol=0.05 * float(reference.abs().max()))
+
+
 class _TwoBlocks(nn.Module):
     """Two residual blocks; ``read_again`` also reads block 1's output after block 2 (its buffer
     must then survive block 2's fused add)."""
