@@ -824,6 +824,15 @@ def _fuse_stream_add(graph, node, stream: StreamCodes, streams: dict, modules: d
     return None
 
 
+def _write_codes(conv: IntegerConv2d, scale: float, zero_point: int, code_min: int, code_max: int,
+                 relu: bool) -> None:
+    """Let ``conv`` write the codes ``(scale, zero_point, code_min..code_max)`` of its output (after
+    a ReLU when ``relu``): oneDNN's hardtanh bounds in values and arq::lowbit_conv2d's in codes."""
+    low = (code_min - zero_point) * scale
+    conv.output_codes = (scale, zero_point, max(0.0, low) if relu else low, (code_max - zero_point) * scale)
+    conv.output_code_bounds = (max(code_min, zero_point) if relu else code_min, code_max)
+
+
 def _convs_write_streams(graph, modules: dict, call_sites: dict) -> int:
     """``conv -> [ReLU / identity]* -> StreamCodes``: the convolution writes the stream's codes itself
     (``output_codes``, as for a next layer's codes) and the quantizer's call goes; the number done.
@@ -841,11 +850,7 @@ def _convs_write_streams(graph, modules: dict, call_sites: dict) -> int:
         stream = modules.get(user.target) if user.op == "call_module" else None
         if not isinstance(stream, StreamCodes) or len(user.args) != 1 or user.kwargs:
             continue
-        low = (stream.code_min - stream.zero_point) * stream.scale
-        conv.output_codes = (stream.scale, stream.zero_point, max(0.0, low) if relu else low,
-                             (stream.code_max - stream.zero_point) * stream.scale)
-        conv.output_code_bounds = (max(stream.code_min, stream.zero_point) if relu else stream.code_min,
-                                   stream.code_max)
+        _write_codes(conv, stream.scale, stream.zero_point, stream.code_min, stream.code_max, relu)
         conv.writes_stream = True
         user.replace_all_uses_with(node)
         for dead in [user] + list(reversed(passed)):
@@ -872,12 +877,7 @@ def _fuse_traced(module: nn.Module, graph, residuals: bool) -> tuple[nn.Module, 
         return layer if call_sites[user.target] == 1 else None
 
     def link(producer, consumer, relu):
-        scale, zero_point = consumer.x_scale, consumer.zero_point
-        low = (consumer.code_min - zero_point) * scale
-        producer.output_codes = (scale, zero_point, max(0.0, low) if relu else low,
-                                 (consumer.code_max - zero_point) * scale)
-        low_code = max(consumer.code_min, zero_point) if relu else consumer.code_min
-        producer.output_code_bounds = (low_code, consumer.code_max)
+        _write_codes(producer, consumer.x_scale, consumer.zero_point, consumer.code_min, consumer.code_max, relu)
 
     chained = _chain_through_activations(graph, modules, lambda node: _unfused_conv(node, modules, call_sites),
                                          consumer_of, link)

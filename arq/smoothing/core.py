@@ -43,7 +43,7 @@ from arq.smoothing.noise import (
     noise_tv_bound,
     noisy_batch,
 )
-from arq.smoothing.engine import model_batches, prepare_model
+from arq.smoothing.engine import model_batches, prepare_model, tensors_version
 from arq.smoothing.votes import count_votes
 
 from arq import ABSTAIN  # noqa: E402  (one definition, re-exported by arq)
@@ -182,25 +182,12 @@ class _EvalMode:
 _PRODUCED_CLASSES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _tensors_version(model: torch.nn.Module) -> tuple:
-    """Changes when any parameter or buffer is replaced or modified in place (oneDNN's opaque
-    packed weights, which have no storage, by identity)."""
-    def where(tensor: torch.Tensor) -> int:
-        try:
-            return tensor.data_ptr()
-        except RuntimeError:
-            return id(tensor)
-
-    return tuple((name, where(tensor), tensor._version, tuple(tensor.shape))
-                 for name, tensor in list(model.named_parameters()) + list(model.named_buffers()))
-
-
 def _produced_classes(model: torch.nn.Module, x: torch.Tensor) -> int:
     """The number of logits the model gives one clean input like ``x[0]``; kept per model until a
     parameter or buffer changes, so that repeated calls do not run the model (a fake-quant one: in
     its slow form) once more each. Every batch's votes check the logits' shape again
     (``count_votes``)."""
-    key = (_tensors_version(model), tuple(x.shape[1:]), x.dtype, x.device)
+    key = (tensors_version(model), tuple(x.shape[1:]), x.dtype, x.device)
     cached = _PRODUCED_CLASSES.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]

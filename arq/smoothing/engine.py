@@ -152,12 +152,21 @@ def _fingerprint(model: nn.Module) -> tuple:
         policy_key = policy.to_json() if policy is not None else None
     except Exception:  # not an arq Policy: fall back to identity
         policy_key = id(policy)
-    tensors = tuple(
-        (name, tensor.data_ptr(), tensor._version, tuple(tensor.shape))
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers())
-        if tensor is not None
-    )
-    return policy_key, tensors
+    return policy_key, tensors_version(model)
+
+
+def tensors_version(model: nn.Module) -> tuple:
+    """Changes when any parameter or buffer is replaced or modified in place: each one's storage
+    (oneDNN's opaque packed weights, which have none, by identity), version counter and shape."""
+    def where(tensor: torch.Tensor) -> int:
+        try:
+            return tensor.data_ptr()
+        except RuntimeError:
+            return id(tensor)
+
+    return tuple((name, where(tensor), tensor._version, tuple(tensor.shape))
+                 for name, tensor in list(model.named_parameters()) + list(model.named_buffers())
+                 if tensor is not None)
 
 
 def _compile_wanted(compile: bool | None, work: int | None, threshold: int) -> bool:
