@@ -484,6 +484,21 @@ def _register_fakes() -> None:
         def _quantize_codes_fake(x, scale, zero_point, code_min, code_max):
             return torch.empty_like(x, dtype=torch.uint8)
 
+    @torch.library.register_fake("arq::noisy_input")
+    def _noisy_input_fake(x, sigma, seed, input_index, draw, sample_start, count):
+        return x.new_empty((count, *x.shape))
+
+    @torch.library.register_fake("arq::argmax_count")
+    def _argmax_count_fake(logits, num_classes):
+        return logits.new_empty((num_classes,), dtype=torch.int64)
+
+    if _has_kernel("noisy_input_codes", "CPU"):
+        @torch.library.register_fake("arq::noisy_input_codes")
+        def _noisy_input_codes_fake(x, sigma, seed, input_index, draw, sample_start, count, mean, std, scale,
+                                    zero_point, code_min, code_max):
+            return torch.empty((count, *x.shape), dtype=torch.uint8, device=x.device,
+                               memory_format=torch.channels_last)
+
     if _has_kernel("lowbit_conv2d", "CPU"):
         @torch.library.register_fake("arq::lowbit_conv2d")
         def _lowbit_conv2d_fake(x, weight_tiles, weight_sums, scale, bias, out_channels, kernel_size, stride, padding,

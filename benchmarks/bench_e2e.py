@@ -27,6 +27,9 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
                            (``arq.smoothing.engine.model_batches``; 400 -> 4 x 100), so each peer is also
                            timed at that batch size, where it too runs faster
 * ``<arq variant>_nochunk`` the arq variant with ``ARQ_CPU_CHUNK=0`` (whole batches of 400), on request
+* ``<arq variant>_floatnoise`` the arq variant with ``ARQ_INPUT_CODES=0``: the noise as float32 images that
+                           the model normalizes and quantizes itself, rather than written directly as its
+                           first layer's codes (``arq.smoothing.noise.noisy_codes_batch``), on request
 * ``<arq variant>_lowbit`` the arq variant with ``ARQ_CONV_KERNEL=arq``: every integer convolution
                            through ``arq::lowbit_conv2d`` where it applies (1x1 ones too), on request
 * ``<arq variant>_onednn`` the arq variant with ``ARQ_CONV_KERNEL=onednn``: every integer convolution
@@ -279,6 +282,10 @@ def build(arch: str, variant: str, image: torch.Tensor):
     elif variant.endswith("_nochunk"):
         chunked, build_s, note = build(arch, variant[:-len("_nochunk")], image)
         fn = (lambda run: lambda: _without_chunks(run))(chunked)
+    elif variant.endswith("_floatnoise"):
+        with mock.patch.dict(os.environ, {"ARQ_INPUT_CODES": "0"}):
+            base, build_s, note = build(arch, variant[:-len("_floatnoise")], image)
+        fn = (lambda run: lambda: _with_env(run, "ARQ_INPUT_CODES", "0"))(base)
     elif variant.endswith(("_lowbit", "_onednn")):
         base_variant, _, kernel = variant.rpartition("_")
         kernel = "arq" if kernel == "lowbit" else "onednn"
@@ -304,6 +311,12 @@ def _with_conv_kernel(run, kernel: str):
     """``run()`` with ``ARQ_CONV_KERNEL=kernel`` (the model is prepared inside the first call, so the
     variable must hold then)."""
     with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": kernel}):
+        return run()
+
+
+def _with_env(run, name: str, value: str):
+    """``run()`` with the environment variable ``name`` set to ``value``."""
+    with mock.patch.dict(os.environ, {name: value}):
         return run()
 
 

@@ -38,6 +38,9 @@ quantized after a float add. A convolution whose only use (through ReLU or ident
 quantizer writes that stream's codes itself (:func:`_convs_write_streams`: with
 ``QuantConfig.residual_shortcuts``, the stem before the first block and the downsampling shortcuts),
 so in a ResNet every add is oneDNN's, on two uint8 tensors, as in torchao's pt2e int8 flow.
+Where a reader's input quantizer has the stream's grid (equal bits: both are calibrated on the same
+tensor, so W8A8 with an 8-bit stream), requantizing is the identity and the codes pass through
+(``stream_passes_through``, decided by evaluating the reference on every stream code).
 Measured on the 2-core AVX2 development host (README, "Measured performance"), before the
 shortcuts were quantized: eager, 1.33x (ResNet-20) and 1.48x (ResNet-110) the float32 stream;
 compiled, level with it (the compiled add then worked on a uint8 copy; it now overwrites the
@@ -56,6 +59,11 @@ codes differ, logits differ by at most 5 % of the largest logit, top-1 agrees on
 inputs whose top-2 margin exceeds 1e-3 of the largest logit (measured over 8 seeds and 5
 policies: 0.002-0.61 % codes, first differences one step and at most 23 per input, 0-3.5 %
 logit error, 100 % top-1).
+
+The input itself: :func:`enter_at_input_codes` makes a model whose forward begins
+``[NormalizeLayer ->] IntegerConv2d`` read that layer's input codes instead of float images, and
+the certification engine then has the noise op write them (``arq::noisy_input_codes``, the same
+codes bit for bit), so no float32 noisy batch is written, read back and quantized.
 
 With ``IntegerExecutionConfig(conv_kernel="arq")``, and by default (``"auto"``) for the k x k
 convolutions (k > 1) on AVX2 CPUs without VNNI or AVX-512 (:func:`lowbit_conv_preferred`), the
@@ -241,21 +249,36 @@ class _IntegerLayer(nn.Module):
 
     # set by read_stream: the input arrives as residual-stream codes with this zero point
     stream_zero_point: int | None = None
+    # set by read_stream: the stream's codes are already this layer's codes
+    stream_passes_through = False
 
     def read_stream(self, stream: "StreamCodes") -> None:
         """Take ``stream``'s uint8 codes as input (:func:`_quantize_streams`): they become this
-        layer's codes through ``arq::requantize_codes``, or its torch reference without arq._C."""
+        layer's codes through ``arq::requantize_codes``, or its torch reference without arq._C.
+        Where that map is the identity on every code the stream can hold (the layer's input
+        quantizer has the stream's grid: at equal bits both are calibrated on the same tensor, so
+        W8A8 with an 8-bit stream), the codes pass through unchanged, as in pt2e's int8 graph.
+        Decided by evaluating the reference on those codes, so it is exact, not a tolerance."""
         from arq.ops import _has_kernel, requantize_codes_reference
 
         self.stream_zero_point, self.stream_scale = stream.zero_point, stream.scale
+        stream_codes = torch.arange(stream.code_min, stream.code_max + 1, dtype=torch.uint8)
+        self.stream_passes_through = torch.equal(requantize_codes_reference(
+            stream_codes, stream.scale, stream.zero_point, self.x_scale, self.zero_point, self.code_min,
+            self.code_max), stream_codes)
         # chosen once here: the dispatcher's checks would run on every call (and in torch.compile's trace)
         self.requantize = (torch.ops.arq.requantize_codes if _has_kernel("requantize_codes", "CPU")
                            else requantize_codes_reference)
 
+    def _stream_repr(self) -> str:
+        if self.stream_zero_point is None:
+            return ""
+        return ", takes residual-stream codes" + (" as they are" if self.stream_passes_through else ", requantized")
+
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input codes, whether ``x`` is a float activation, already its codes, or
         residual-stream codes (their float values, then this layer's codes, as the reference)."""
-        if self.takes_codes:
+        if self.takes_codes or self.stream_passes_through:
             return x
         if self.stream_zero_point is not None:
             return self.requantize(x, self.stream_scale, self.stream_zero_point, self.x_scale, self.zero_point,
@@ -272,6 +295,7 @@ class IntegerConv2d(_IntegerLayer):
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ValueError(f"IntegerConv2d needs zero padding given as ints, got {layer.padding_mode}/{layer.padding}")
         weight_codes = self._init_input(layer, split_8bit)
+        self.in_channels = layer.in_channels
         self.stride, self.padding = list(layer.stride), list(layer.padding)
         self.dilation, self.groups = list(layer.dilation), layer.groups
         self.kernel_size = weight_codes.shape[2]
@@ -406,7 +430,7 @@ class IntegerConv2d(_IntegerLayer):
         stream = ", adds the residual stream, writes its codes" if self.stream_output is not None else ""
         return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}, "
                 f"kernel={'arq' if self.lowbit else 'onednn'}{', takes codes' if self.takes_codes else ''}"
-                f"{', takes residual-stream codes' if self.stream_zero_point is not None else ''}{chained}{residual}{stream}")
+                f"{self._stream_repr()}{chained}{residual}{stream}")
 
 
 def _conv_add_stream_in_place(codes, x_scale, zero_point, packed_weight, w_scale, w_zero_point, accumulate, bias,
@@ -529,7 +553,7 @@ class IntegerLinear(_IntegerLayer):
     def extra_repr(self) -> str:
         return (f"w_bits={self.w_bits}, a_bits={self.a_bits}, zero_point={self.zero_point}, split={self.split}"
                 f"{', takes codes' if self.takes_codes else ''}"
-                f"{', takes residual-stream codes' if self.stream_zero_point is not None else ''}")
+                f"{self._stream_repr()}")
 
 
 def _is_relu(node, modules: dict) -> bool:
@@ -988,6 +1012,87 @@ def _fuse_residuals(graph, modules: dict, call_sites: dict) -> int:
         graph, modules, lambda node: _unfused_conv(node, modules, call_sites),
         lambda residual, add, conv, order: _residual_buffer_is_dead(residual, add, conv, modules, order),
         "accumulate", lambda producer, relu: setattr(producer, "residual_relu", relu))
+
+
+class _LayersKeptTracer(torch.fx.Tracer):
+    """Traces a whole integer model with its integer layers, stream modules and normalization kept whole."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        from arq.models.normalize import NormalizeLayer  # here: arq.models imports arq.quant
+
+        return (isinstance(module, (IntegerConv2d, IntegerLinear, StreamCodes, StreamValues, NormalizeLayer,
+                                    ActivationQuantizer, *QUANT_LAYER_TYPES))
+                or super().is_leaf_module(module, qualified_name))
+
+
+def _first_layer(model: nn.Module):
+    """``(layer, normalization)``: the integer convolution that is the only reader of ``model``'s input,
+    possibly through a NormalizeLayer that is the only reader of the input and whose only reader is the
+    layer (``normalization``: its qualified name, else None); None where the model cannot be traced or its
+    input goes anywhere else first."""
+    from arq.models.normalize import NormalizeLayer
+
+    try:
+        graph = _LayersKeptTracer().trace(model)
+    except Exception:  # an untraceable forward keeps its float entry
+        return None
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(inputs) != 1:
+        return None
+    calls = _call_sites(graph)
+
+    def only_reader(node):
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        if user.op != "call_module" or user.args != (node,) or user.kwargs or calls.get(user.target) != 1:
+            return None
+        return user
+
+    reader = only_reader(inputs[0])
+    normalization = None
+    if reader is not None and isinstance(model.get_submodule(reader.target), NormalizeLayer):
+        normalization, reader = reader.target, only_reader(reader)
+    if reader is None or not isinstance(model.get_submodule(reader.target), IntegerConv2d):
+        return None
+    return model.get_submodule(reader.target), normalization
+
+
+def enter_at_input_codes(integer_model: nn.Module):
+    """Make an (uncompiled) integer model read its first layer's input codes in place of float images,
+    where its forward begins ``[NormalizeLayer ->] IntegerConv2d`` on the input alone (a ResNet's stem):
+    the normalization becomes an identity and the convolution ``takes_codes``. Returns that layer's
+    input format (:class:`arq.smoothing.noise.InputCodes`: the normalization's float32 mean and std,
+    then the activation quantizer), or None with the model unchanged.
+
+    The certification engine then makes the noisy batch directly in that format
+    (:func:`arq.smoothing.noise.noisy_codes_batch`, one C++ pass): the codes are those the eager model
+    computes from the float noisy batch, bit for bit (the same float32 operations in the same order),
+    so the model's outputs are unchanged; no float32 batch is written and read back."""
+    from arq.smoothing.noise import InputCodes
+
+    found = _first_layer(integer_model)
+    if found is None:
+        return None
+    layer, normalization = found
+    if layer.takes_codes or layer.stream_zero_point is not None:
+        return None
+    if sum(module is layer for _, module in integer_model.named_modules(remove_duplicate=False)) != 1:
+        return None  # shared elsewhere: it must keep reading floats there
+    if normalization is not None:
+        norm = integer_model.get_submodule(normalization)
+        mean = tuple(float(v) for v in norm.mean.detach().float().flatten())
+        std = tuple(float(v) for v in norm.std.detach().float().flatten())
+        if len(mean) != layer.in_channels:
+            return None
+    else:
+        mean, std = (0.0,) * layer.in_channels, (1.0,) * layer.in_channels  # exact identities in float32
+    codes = InputCodes(mean, std, layer.x_scale, layer.zero_point, layer.code_min, layer.code_max)
+    if normalization is not None:
+        parent_name, _, attribute = normalization.rpartition(".")
+        setattr(integer_model.get_submodule(parent_name) if parent_name else integer_model, attribute, nn.Identity())
+    layer.takes_codes = True
+    return codes
 
 
 class CompiledIntegerModel(nn.Module):

@@ -42,6 +42,7 @@ from arq.smoothing.noise import (
     _choose_backend,
     noise_tv_bound,
     noisy_batch,
+    noisy_codes_batch,
 )
 from arq.smoothing.engine import model_batches, prepare_model, tensors_version
 from arq.smoothing.votes import count_votes
@@ -216,11 +217,22 @@ def _num_classes(model: torch.nn.Module, x: torch.Tensor, num_classes: int | Non
     return num_classes
 
 
-def _noisy_batches(x, *, sigma, num, draw, seed, input_index, batch_size, backend):
-    """Yields the noisy copies of samples ``0 .. num - 1`` of ``draw``, ``batch_size`` at a time."""
+def _noisy_batches(x, *, sigma, num, draw, seed, input_index, batch_size, backend, model=None):
+    """Yields the noisy copies of samples ``0 .. num - 1`` of ``draw``, ``batch_size`` at a time: float
+    images, or where ``model`` (a prepared integer model, ``arq.smoothing.engine``) reads its first
+    layer's codes, those codes of the same samples (``noisy_codes_batch``: what the model would compute
+    from the float images, bit for bit)."""
+    codes = getattr(model, "input_codes", None)
+    if codes is not None and (x.dtype != torch.float32 or x.dim() != 3 or x.shape[0] != len(codes.mean)):
+        codes = None  # not the format's input: the model's float entry would reject it with its own error
     for start in range(0, num, batch_size):
-        yield noisy_batch(x, sigma, seed=seed, input_index=input_index, draw=draw, sample_start=start,
-                          count=min(batch_size, num - start), backend=backend)
+        count = min(batch_size, num - start)
+        if codes is not None:
+            yield noisy_codes_batch(x, sigma, codes, seed=seed, input_index=input_index, draw=draw,
+                                    sample_start=start, count=count, backend=backend)
+        else:
+            yield noisy_batch(x, sigma, seed=seed, input_index=input_index, draw=draw, sample_start=start,
+                              count=count, backend=backend)
 
 
 def sample_counts(
@@ -245,7 +257,7 @@ def sample_counts(
     bar = tqdm(total=num, disable=not progress, unit="sample", leave=False)
     with torch.inference_mode():
         for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
-                                    batch_size=batch_size, backend=backend):
+                                    batch_size=batch_size, backend=backend, model=model):
             for part in model_batches(batch):
                 counts += count_votes(model(part), num_classes, backend=backend)
             bar.update(batch.shape[0])
@@ -272,7 +284,7 @@ def sample_predictions(
     with torch.inference_mode():
         predictions = [model(part).argmax(dim=1) for batch in _noisy_batches(
             x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index, batch_size=batch_size,
-            backend=backend) for part in model_batches(batch)]
+            backend=backend, model=model) for part in model_batches(batch)]
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 

@@ -20,6 +20,15 @@ for the chosen noise backend and device and caches the result:
   - with ``"torch"`` (the reference): the fake-quant model itself (tag ``""``, so its
     certificate is exactly the reference's).
 
+The integer model's input. Where its forward begins ``[NormalizeLayer ->] integer convolution`` (arq's
+models, a ResNet's stem), the engine enters it at that layer's input codes
+(:func:`arq.quant.execution.enter_at_input_codes`) and sets ``callable.input_codes`` (an
+:class:`arq.smoothing.noise.InputCodes`); :mod:`arq.smoothing.core` then makes each noisy batch
+directly in that format (:func:`arq.smoothing.noise.noisy_codes_batch`): the same samples, and the
+codes the model would compute from their float images, bit for bit, so votes and certificates are
+unchanged. ``ARQ_INPUT_CODES=0`` keeps float images (for comparison); other models have
+``input_codes = None``.
+
 What a ``"cpp+int8"`` certificate certifies. The integer model is what a user deploys on
 CPU. Its integer accumulation is exact, while the fake-quant reference sums
 ``(s_x c)(s_w q)`` in float32, so on a sample near a rounding boundary of some later
@@ -35,7 +44,7 @@ is nearly tied, the prediction may too. To certify the fake-quant model itself, 
 
 The cache lives in a ``weakref.WeakKeyDictionary`` keyed by the model object (not in an
 attribute: the integer model cannot be deep-copied, and ``copy.deepcopy(qmodel)`` must keep
-working), one entry per ``(backend, device, compiled, ARQ_CONV_KERNEL)``, each stamped with a
+working), one entry per ``(backend, device, compiled, ARQ_CONV_KERNEL, ARQ_INPUT_CODES)``, each stamped with a
 fingerprint of the model's policy and its parameters and buffers (storage and in-place version
 counters): re-quantizing, calibrating or fine-tuning the model rebuilds the integer model on
 next use.
@@ -178,14 +187,24 @@ def _compile_wanted(compile: bool | None, work: int | None, threshold: int) -> b
     return work is not None and work >= threshold
 
 
+def input_codes_wanted() -> bool:
+    """Whether integer models take their first layer's codes from the noise (``ARQ_INPUT_CODES``,
+    default on; "0" keeps float noisy batches, for comparison)."""
+    return os.environ.get("ARQ_INPUT_CODES", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _build_integer(model: nn.Module, compiled: bool) -> nn.Module:
-    from arq.quant.execution import CompiledIntegerModel, IntegerExecutionConfig, to_integer
+    from arq.quant.execution import CompiledIntegerModel, IntegerExecutionConfig, enter_at_input_codes, to_integer
+    from arq.smoothing.noise import _has_codes_kernel
 
     integer_model = to_integer(model, IntegerExecutionConfig(compile=False, fuse_residuals=not compiled))
+    input_codes = enter_at_input_codes(integer_model) if input_codes_wanted() and _has_codes_kernel() else None
     if compiled:
         # as to_integer(compile=True), but static shapes: a certify call has at most three
         # batch sizes (batch_size, n0 % batch_size, n % batch_size), each compiled once
         integer_model = CompiledIntegerModel(integer_model, dynamic=False)
+    # read by arq.smoothing.core: make the noisy batches in this format (None: float images)
+    integer_model.input_codes = input_codes
     return integer_model
 
 
@@ -248,16 +267,17 @@ def _prepare_inner(model, backend: str, device: torch.device, compile, work, com
     from arq.quant.execution import default_conv_kernel  # here: arq.quant imports this package
 
     conv_kernel = default_conv_kernel()  # what _build_integer's config will take
+    codes = input_codes_wanted()
     with _LOCK:
         entries = _entries(model, fingerprint)
         if compile is None and os.environ.get("ARQ_COMPILE", "").strip() == "":
-            if (backend, str(device), True, conv_kernel) in entries:
+            if (backend, str(device), True, conv_kernel, codes) in entries:
                 compiled = True
             else:
                 compiled = _compile_wanted(None, work, compile_threshold)
         else:
             compiled = _compile_wanted(compile, work, compile_threshold)
-        key = (backend, str(device), compiled, conv_kernel)
+        key = (backend, str(device), compiled, conv_kernel, codes)
         if key not in entries:
             entries[key] = (fingerprint, _build_integer(model, compiled), "+int8-compiled" if compiled else "+int8")
         _, callable_model, tag = entries[key]

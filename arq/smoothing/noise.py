@@ -20,6 +20,10 @@ Construction (see ``docs/design.md``):
   manipulation (no fused multiply-add, no library calls), which is what
   makes every backend agree to the bit.
 * A noisy sample is ``cast(float64(x) + sigma * z, dtype(x))``.
+* For an integer model that reads its first layer's codes, :func:`noisy_codes_batch` writes those
+  codes of the same samples (:class:`InputCodes`: normalization, then the layer's quantizer, in
+  float32), bit for bit what the model would compute from the float samples: the same noise, so the
+  same guarantee.
 
 What this costs the guarantee. Exact Box-Muller maps continuous uniforms to
 exact N(0, 1) pairs. Ours draws ``u1`` from a grid of step ``2^-52``: couple it
@@ -40,7 +44,9 @@ and the rounding of ``x + sigma z`` to the input's dtype.
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -271,6 +277,102 @@ def noisy_batch(
         return noisy_input(x.contiguous(), float(sigma), seed=seed, input_index=input_index, draw=draw,
                            sample_start=sample_start, count=count)
     return torch.ops.arq.noisy_input(x.contiguous(), float(sigma), seed, input_index, draw, sample_start, count)
+
+
+@dataclass(frozen=True)
+class InputCodes:
+    """The input format of a model that reads its first integer layer's codes (:mod:`arq.quant.execution`'s
+    ``enter_at_input_codes``): the noisy image ``v`` (float32, ``[C, H, W]`` per sample) becomes
+
+        code = clamp(round_half_even(((v - mean[c]) / std[c]) / scale) + zero_point, code_min, code_max),
+
+    each step one float32 operation in that order: what the model's own NormalizeLayer and that layer's
+    activation quantizer compute. ``mean``/``std`` are the float32 values (0 and 1 for a model without
+    normalization: exact identities), ``scale`` is the quantizer's float32 step.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float
+    zero_point: int
+    code_min: int
+    code_max: int
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"mean and std need one value per channel, got {self.mean} and {self.std}")
+        if not all(math.isfinite(v) for v in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ValueError(f"mean must be finite and std finite and > 0, got {self.mean} and {self.std}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be finite and > 0, got {self.scale}")
+        if not (0 <= self.code_min <= self.code_max <= 255 and 0 <= self.zero_point <= 255):
+            raise ValueError(f"need 0 <= code_min <= code_max <= 255 and zero_point in 0..255, got "
+                             f"{self.code_min}, {self.code_max}, {self.zero_point}")
+
+    def tensors(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as float32 tensors ``[C]`` (the CPU pair made once: certify asks per batch)."""
+        if device is None or torch.device(device).type == "cpu":
+            return self._cpu_tensors
+        return (torch.tensor(self.mean, dtype=torch.float32, device=device),
+                torch.tensor(self.std, dtype=torch.float32, device=device))
+
+    @functools.cached_property
+    def _cpu_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
+
+    def encode(self, noisy: torch.Tensor) -> torch.Tensor:
+        """The codes of a float32 batch ``[B, C, H, W]`` (channels_last uint8), by the formula above in torch."""
+        mean, std = self.tensors(noisy.device)
+        normalized = (noisy - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        scale = torch.tensor(self.scale, dtype=torch.float32, device=noisy.device)
+        codes = torch.clamp(torch.round(normalized / scale) + self.zero_point, self.code_min, self.code_max)
+        return codes.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+
+
+def noisy_codes_batch_reference(x: torch.Tensor, sigma: float, codes: InputCodes, *, seed: int, input_index: int,
+                                draw: int, sample_start: int, count: int) -> torch.Tensor:
+    """Plain-torch reference of :func:`noisy_codes_batch`: :func:`noisy_batch_reference`, then
+    :meth:`InputCodes.encode`."""
+    return codes.encode(noisy_batch_reference(x, sigma, seed=seed, input_index=input_index, draw=draw,
+                                              sample_start=sample_start, count=count))
+
+
+def noisy_codes_batch(x: torch.Tensor, sigma: float, codes: InputCodes, *, seed: int, input_index: int, draw: int,
+                      sample_start: int, count: int, backend: str = "auto") -> torch.Tensor:
+    """``count`` noisy copies of one input written directly in a first integer layer's input format:
+    ``codes.encode(noisy_batch(x, sigma, ...))`` bit for bit (the same noise, so the same samples and
+    guarantee as the float path), ``[count, C, H, W]`` uint8 in channels_last memory. On CPU with arq._C
+    (``"cpp"``, or ``"auto"``) one pass, ``arq::noisy_input_codes``: no float32 batch is written or read
+    back; else the reference.
+
+    Args:
+        x: one float32 input ``[C, H, W]`` with ``C == len(codes.mean)``.
+        sigma, seed, input_index, draw, sample_start, count, backend: as :func:`noisy_batch`.
+        codes: the first layer's input format.
+    """
+    if x.dtype != torch.float32 or x.dim() != 3 or x.shape[0] != len(codes.mean):
+        raise ValueError(f"x must be one float32 input [{len(codes.mean)}, H, W], got {x.dtype} {tuple(x.shape)}")
+    chosen = _choose_backend(backend, x.device)
+    if chosen != "cpp" or not _has_codes_kernel():
+        return noisy_codes_batch_reference(x, sigma, codes, seed=seed, input_index=input_index, draw=draw,
+                                           sample_start=sample_start, count=count)
+    _check_seed(seed)
+    _check_counter("input_index", input_index)
+    _check_counter("draw", draw)
+    _check_counter("sample_start + count", sample_start + count, MAX_COUNTER + 1)
+    mean, std = codes.tensors()
+    return torch.ops.arq.noisy_input_codes(x.contiguous(), float(sigma), seed, input_index, draw, sample_start, count,
+                                           mean, std, codes.scale, codes.zero_point, codes.code_min, codes.code_max)
+
+
+def _has_codes_kernel() -> bool:
+    """Whether this arq._C has ``arq::noisy_input_codes`` (an extension built before it lacks it)."""
+    if not compiled_ops_available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("arq::noisy_input_codes", "CPU")
+    except RuntimeError:
+        return False
 
 
 def triton_usable(device: torch.device) -> bool:

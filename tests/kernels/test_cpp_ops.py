@@ -421,6 +421,14 @@ def test_fake_implementations():
         codes = torch.ops.arq.quantize_codes(activations, 0.1, 0, 0, 15)
         assert codes.shape == activations.shape and codes.dtype == torch.uint8
         assert codes.is_contiguous(memory_format=torch.channels_last)
+        image = torch.empty(3, 5, 7)
+        noisy = torch.ops.arq.noisy_input(image, 0.5, 1, 0, 1, 0, 4)
+        assert noisy.shape == (4, 3, 5, 7) and noisy.dtype == torch.float32
+        codes = torch.ops.arq.noisy_input_codes(image, 0.5, 1, 0, 1, 0, 4, torch.empty(3), torch.empty(3), 0.1, 128,
+                                                1, 255)
+        assert codes.shape == (4, 3, 5, 7) and codes.dtype == torch.uint8
+        assert codes.is_contiguous(memory_format=torch.channels_last)
+        assert torch.ops.arq.argmax_count(torch.empty(6, 10), 10).shape == (10,)
 
 
 def test_opcheck():
@@ -433,6 +441,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.arq.requantize_codes,
                           (torch.randint(0, 256, (3, 4, 5, 6), dtype=torch.uint8), 0.1, 2, 0.3, 1, 0, 15))
     torch.library.opcheck(torch.ops.arq.quantize_codes, (torch.randn(3, 4, 5, 6), 0.1, 2, 0, 15))
+    image = torch.rand(3, 5, 7, generator=gen)
+    torch.library.opcheck(torch.ops.arq.noisy_input, (image, 0.5, 3, 1, 1, 2, 4))
+    torch.library.opcheck(torch.ops.arq.noisy_input_codes, (image, 0.5, 3, 1, 1, 2, 4, torch.rand(3, generator=gen),
+                                                            torch.rand(3, generator=gen) + 0.1, 0.02, 128, 1, 255))
+    torch.library.opcheck(torch.ops.arq.argmax_count, (torch.randn(9, 10, generator=gen), 10))
 
 
 # ------------------------------------------------------------------------------------------- CUDA

@@ -419,3 +419,77 @@ def test_compiled_fused_resnet_matches_eager():
     compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True, fuse_residuals=True))
     assert IntegerExecutionConfig(compile=True).residuals_fused is False  # the default when compiling
     assert_compiled_matches_eager(eager, compiled, torch.rand(24, 3, 32, 32, generator=generator))
+
+
+# ----------------------------------------------------------------------------- entry at the input codes
+def _arq_normalized_resnet(seed=0):
+    """quant_nets' ResNet behind arq's own NormalizeLayer (whose float32 arithmetic the noise reproduces)."""
+    from arq.models.normalize import NormalizeLayer
+    from quant_nets import CifarResNet, randomize_batchnorm
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(NormalizeLayer([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]), CifarResNet(20))
+    randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+    model.arq_metadata = {"sigma": 0.25, "num_classes": 10, "dataset": "cifar10", "arch": "cifar_resnet20"}
+    return model.eval()
+
+
+def _noisy_images(count, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, 3, 32, 32, generator=generator) + 0.25 * torch.randn(count, 3, 32, 32, generator=generator)
+
+
+@pytest.mark.parametrize("normalized", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("bits,residual_bits", [((8, 8), 8), ((4, 4), 32), ((3, 5), 8)])
+def test_entered_at_its_input_codes_the_integer_model_computes_the_same_logits(normalized, bits, residual_bits):
+    from arq.quant.execution import enter_at_input_codes
+
+    model = _arq_normalized_resnet()
+    if not normalized:
+        model = nn.Sequential(model[1])
+        model.arq_metadata = {"sigma": 0.25, "num_classes": 10}
+    calibration = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    qmodel = quant.quantize(model, Policy.uniform(model, *bits), calibration,
+                            config=quant.QuantConfig(residual_bits=residual_bits))
+    floats, entered = to_integer(qmodel), to_integer(qmodel)
+    codes = enter_at_input_codes(entered)
+    assert codes is not None
+    stem = next(m for m in entered.modules() if isinstance(m, IntegerConv2d))
+    assert stem.takes_codes and "takes codes" in repr(stem)
+    quantizer = qmodel.get_submodule("1.conv1" if normalized else "0.conv1").input_quantizer
+    assert codes.scale == float(quantizer.scale) and codes.code_max - codes.code_min == quantizer.levels[1] - quantizer.levels[0]
+    if normalized:
+        assert codes.mean == tuple(float(v) for v in qmodel[0].mean.flatten())
+        assert isinstance(entered[0], nn.Identity)
+    else:
+        assert codes.mean == (0.0, 0.0, 0.0) and codes.std == (1.0, 1.0, 1.0)
+    x = _noisy_images(48)
+    with torch.no_grad():
+        assert torch.equal(entered(codes.encode(x)), floats(x))
+    assert enter_at_input_codes(entered) is None  # already entered at its codes
+
+
+class _InputReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc((self.conv(x) + x.mean()).mean((2, 3)))
+
+
+def test_models_whose_input_goes_elsewhere_keep_their_float_entry():
+    from arq.quant import LayerBits
+    from arq.quant.execution import enter_at_input_codes
+
+    calibration = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    twice = _InputReadTwice().eval()
+    float_stem = _arq_normalized_resnet()
+    bits = {name: LayerBits(8, 8) for name, _ in quant.quantizable_layers(float_stem)}
+    bits["1.conv1"] = LayerBits(32, 8)  # the stem stays a fake-quant float layer
+    for model, policy in ((twice, Policy.uniform(twice, 8, 8)), (float_stem, Policy(bits))):
+        integer = to_integer(quant.quantize(model, policy, calibration))
+        before = repr(integer)
+        assert enter_at_input_codes(integer) is None
+        assert repr(integer) == before

@@ -207,6 +207,31 @@ def test_integer_model_keeps_the_stream_as_uint8_and_agrees(residual_bits, short
 
 
 @needs_onednn
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
+def test_layers_on_the_stream_grid_take_its_codes_as_they_are(bits):
+    """At W8A8 with an 8-bit stream each reader's input quantizer is calibrated on the stream's own
+    tensor, so it has the stream's grid: the codes pass through, with the requantized result exactly."""
+    qmodel = _quantized(cifar_resnet(20), residual_bits=8, bits=bits)
+    integer = to_integer(qmodel)
+    readers = [m for m in integer.modules() if isinstance(m, IntegerConv2d) and m.stream_zero_point is not None]
+    assert len(readers) == 11
+    passing = [m for m in readers if m.stream_passes_through]
+    if bits == (8, 8):
+        assert passing == readers and "takes residual-stream codes as they are" in repr(integer)
+        codes = torch.randint(0, 256, (2, 16, 5, 5), dtype=torch.uint8)
+        assert readers[0].input_codes(codes) is codes
+    else:  # 4-bit grids: every reader requantizes
+        assert not passing and "takes residual-stream codes, requantized" in repr(integer)
+    x = _noisy(64)
+    with torch.no_grad():
+        result = integer(x)
+        for reader in passing:
+            reader.stream_passes_through = False
+        requantized = integer(x)
+    assert torch.equal(result, requantized)
+
+
+@needs_onednn
 def test_blocks_that_compute_the_shortcut_last_still_add_on_the_stream():
     """torchvision's ResNet blocks compute the downsampling shortcut after the branch, so the
     shortcut's codes exist only after conv2 in the graph: the fused add's conv moves next to the add.

@@ -285,3 +285,25 @@ def test_chunks_change_no_certificate_count_or_prediction(monkeypatch, mnist, ba
     assert whole[0] == chunked[0] and whole[1] == chunked[1] and torch.equal(whole[2], chunked[2])
     assert max(whole[3]) == 400 and max(chunked[3]) == 100  # 400 -> four chunks of 100
     assert sum(whole[3]) == sum(chunked[3])  # every sample evaluated once either way
+
+
+@pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
+def test_noise_enters_as_the_first_layers_codes_with_the_same_votes(qmodel, mnist, monkeypatch):
+    """The integer model reads its first layer's codes, made by the noise op from the same samples: every
+    class count, certificate and prediction is the float entry's (ARQ_INPUT_CODES=0)."""
+    from arq.smoothing.core import sample_counts
+
+    images = mnist[0][:2]
+    entered, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    assert entered.input_codes is not None and entered.input_codes.mean == (float(torch.tensor(0.1307)),)
+    monkeypatch.setenv("ARQ_INPUT_CODES", "0")
+    floats, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    assert floats is not entered and floats.input_codes is None
+    common = dict(sigma=0.6, num=N, draw=1, seed=3, input_index=0, batch_size=256, num_classes=10, backend="cpp")
+    float_counts = sample_counts(floats, images[0], **common)
+    float_results = arq.certify(qmodel, images, sigma=0.6, n=N, n0=N0, batch_size=256)
+    float_prediction = arq.predict(qmodel, images[1], n=N, batch_size=256)
+    monkeypatch.setenv("ARQ_INPUT_CODES", "1")
+    assert torch.equal(sample_counts(entered, images[0], **common), float_counts)
+    assert arq.certify(qmodel, images, sigma=0.6, n=N, n0=N0, batch_size=256) == float_results
+    assert arq.predict(qmodel, images[1], n=N, batch_size=256) == float_prediction

@@ -124,3 +124,73 @@ def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         noise.noisy_batch(torch.zeros(4), 1.0, seed=0, input_index=0, draw=0, sample_start=0, count=1,
                           backend="fast")
+
+
+# ---------------------------------------------------------------------------------------------
+# noise written as a first integer layer's input codes (noisy_codes_batch)
+# ---------------------------------------------------------------------------------------------
+
+def _random_format(channels: int, generator: torch.Generator, normalized: bool, bits: int, signed: bool):
+    zero_point = (1 << (bits - 1)) if signed else 0
+    q_lo, q_hi = (-((1 << (bits - 1)) - 1), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    mean = tuple(torch.rand(channels, generator=generator).tolist()) if normalized else (0.0,) * channels
+    std = tuple((torch.rand(channels, generator=generator) * 0.3 + 0.1).tolist()) if normalized else (1.0,) * channels
+    # a range narrower than the noisy values', so both clamps are reached
+    scale = float(torch.tensor((float(torch.rand(1, generator=generator)) * 0.2 + 0.3) / q_hi, dtype=torch.float32))
+    return noise.InputCodes(mean, std, scale, zero_point, q_lo + zero_point, q_hi + zero_point)
+
+
+@requires_compiled
+@pytest.mark.parametrize("shape", [(3, 32, 32), (3, 7, 5), (1, 5, 7), (5, 3, 3), (2, 1, 1), (3, 9, 1)])
+@pytest.mark.parametrize("normalized,bits,signed", [(True, 8, True), (False, 8, False), (True, 4, False),
+                                                    (True, 2, True)])
+def test_cpp_noise_codes_are_the_reference_codes_bit_for_bit(shape, normalized, bits, signed):
+    generator = torch.Generator().manual_seed(sum(shape) * 7 + bits)
+    x = torch.rand(shape, generator=generator)
+    codes = _random_format(shape[0], generator, normalized, bits, signed)
+    fields = dict(seed=int(torch.randint(0, 2**40, (1,), generator=generator)), input_index=5, draw=1,
+                  sample_start=int(torch.randint(0, 1000, (1,), generator=generator)), count=7)
+    # sigma large enough to reach both ends of the code range
+    got = noise.noisy_codes_batch(x, 0.9, codes, backend="cpp", **fields)
+    expected = noise.noisy_codes_batch_reference(x, 0.9, codes, **fields)
+    assert got.dtype == torch.uint8 and got.shape == (7, *shape)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, expected)
+    if got.numel() >= 60:
+        assert int(got.min()) == codes.code_min and int(got.max()) == codes.code_max
+    # and what the float path computes: the noisy batch, its normalization, then the codes
+    noisy = noise.noisy_batch(x, 0.9, backend="cpp", **fields)
+    mean, std = codes.tensors()
+    normalized_batch = (noisy - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    float_path = torch.ops.arq.quantize_codes(normalized_batch, codes.scale, codes.zero_point, codes.code_min,
+                                              codes.code_max)
+    assert torch.equal(got, float_path)
+
+
+@requires_compiled
+def test_noise_codes_of_no_sample_and_of_split_ranges():
+    x = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(3))
+    codes = noise.InputCodes((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 0.02, 128, 1, 255)
+    fields = dict(seed=11, input_index=2, draw=noise.DRAW_ESTIMATE)
+    assert noise.noisy_codes_batch(x, 0.25, codes, sample_start=0, count=0, **fields).shape == (0, 3, 4, 4)
+    whole = noise.noisy_codes_batch(x, 0.25, codes, sample_start=10, count=6, **fields)
+    tail = noise.noisy_codes_batch(x, 0.25, codes, sample_start=13, count=3, **fields)
+    assert torch.equal(whole[3:], tail)
+
+
+def test_noise_codes_reject_what_has_no_codes():
+    codes = noise.InputCodes((0.5,), (0.2,), 0.02, 0, 0, 255)
+    fields = dict(seed=1, input_index=0, draw=1, sample_start=0, count=2)
+    with pytest.raises(ValueError, match="x must be one float32 input"):
+        noise.noisy_codes_batch(torch.rand(1, 3, 3, dtype=torch.float64), 0.5, codes, **fields)
+    with pytest.raises(ValueError, match="x must be one float32 input"):
+        noise.noisy_codes_batch(torch.rand(2, 3, 3), 0.5, codes, **fields)
+    with pytest.raises(ValueError, match="std finite and > 0"):
+        noise.InputCodes((0.5,), (0.0,), 0.02, 0, 0, 255)
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+        noise.InputCodes((0.5,), (0.2,), 0.0, 0, 0, 255)
+    with pytest.raises(ValueError, match="code_min <= code_max"):
+        noise.InputCodes((0.5,), (0.2,), 0.02, 0, 10, 5)
+    if compiled_ops_available():
+        with pytest.raises(RuntimeError, match="x must be finite"):
+            noise.noisy_codes_batch(torch.full((1, 3, 3), float("nan")), 0.5, codes, backend="cpp", **fields)
