@@ -493,3 +493,16 @@ def test_models_whose_input_goes_elsewhere_keep_their_float_entry():
         before = repr(integer)
         assert enter_at_input_codes(integer) is None
         assert repr(integer) == before
+
+
+def test_compiled_model_entered_at_its_input_codes_matches_eager():
+    """As the engine runs it: the integer model entered at its codes, then compiled, fed uint8 NHWC codes."""
+    from arq.quant.execution import CompiledIntegerModel, enter_at_input_codes
+
+    model = _arq_normalized_resnet(seed=2)
+    calibration = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    qmodel = quant.quantize(model, Policy.uniform(model, 8, 8), calibration, config=quant.QuantConfig(residual_bits=8))
+    eager = to_integer(qmodel)
+    codes = enter_at_input_codes(eager)
+    compiled = CompiledIntegerModel(eager, dynamic=False)
+    assert_compiled_matches_eager(eager, compiled, codes.encode(_noisy_images(32, seed=5)))
