@@ -200,7 +200,14 @@ def lowbit_conv2d_reference(x, weight_tiles, weight_sums, scale, bias, out_chann
 
 
 def _has_kernel(name: str, key: str) -> bool:
-    return compiled_ops_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"arq::{name}", key)
+    """Whether arq._C has a ``key`` kernel for ``arq::name`` (False for an op an older build lacks:
+    the dispatcher raises for an unknown operator)."""
+    if not compiled_ops_available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"arq::{name}", key)
+    except RuntimeError:
+        return False
 
 
 def _requant_kwargs(relu: bool, out_scale: float) -> dict:

@@ -281,7 +281,7 @@ def build(arch: str, variant: str, image: torch.Tensor):
         fn = lambda: locuslab_sample_noise(net, image, samples, batch, 10, SIGMA)  # noqa: E731
     elif variant.endswith("_nochunk"):
         chunked, build_s, note = build(arch, variant[:-len("_nochunk")], image)
-        fn = (lambda run: lambda: _without_chunks(run))(chunked)
+        fn = (lambda run: lambda: _with_env(run, "ARQ_CPU_CHUNK", "0"))(chunked)
     elif variant.endswith("_floatnoise"):
         with mock.patch.dict(os.environ, {"ARQ_INPUT_CODES": "0"}):
             base, build_s, note = build(arch, variant[:-len("_floatnoise")], image)
@@ -291,7 +291,7 @@ def build(arch: str, variant: str, image: torch.Tensor):
         kernel = "arq" if kernel == "lowbit" else "onednn"
         with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": kernel}):
             base, build_s, note = build(arch, base_variant, image)
-        fn = (lambda run, kernel: lambda: _with_conv_kernel(run, kernel))(base, kernel)
+        fn = (lambda run, kernel: lambda: _with_env(run, "ARQ_CONV_KERNEL", kernel))(base, kernel)
     elif variant.startswith("arq_w"):
         bits = (8, 8) if variant.startswith("arq_w8a8") else (4, 4)
         stream = variant.split("_")[1][4:]  # "", "r8" or "r8fs"
@@ -307,22 +307,10 @@ def build(arch: str, variant: str, image: torch.Tensor):
     return fn, time.perf_counter() - start, note
 
 
-def _with_conv_kernel(run, kernel: str):
-    """``run()`` with ``ARQ_CONV_KERNEL=kernel`` (the model is prepared inside the first call, so the
-    variable must hold then)."""
-    with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": kernel}):
-        return run()
-
-
 def _with_env(run, name: str, value: str):
-    """``run()`` with the environment variable ``name`` set to ``value``."""
+    """``run()`` with the environment variable ``name`` set to ``value`` (read when the model is
+    prepared, inside the first call, and on every call after)."""
     with mock.patch.dict(os.environ, {name: value}):
-        return run()
-
-
-def _without_chunks(run):
-    """``run()`` with ``ARQ_CPU_CHUNK=0``: arq's engine gives the model whole batches."""
-    with mock.patch.dict(os.environ, {"ARQ_CPU_CHUNK": "0"}):
         return run()
 
 

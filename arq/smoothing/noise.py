@@ -197,10 +197,7 @@ def gaussian_reference(
 ) -> torch.Tensor:
     """Plain-torch reference: float64 noise ``z[count, num_elements]`` of samples
     ``sample_start .. sample_start + count - 1`` (module docstring gives the construction)."""
-    _check_seed(seed)
-    _check_counter("input_index", input_index)
-    _check_counter("draw", draw)
-    _check_counter("sample_start + count", sample_start + count, MAX_COUNTER + 1)
+    _check_fields(seed, input_index, draw, sample_start, count)
     if num_elements < 1 or count < 0:
         raise ValueError(f"num_elements must be >= 1 and count >= 0, got {num_elements} and {count}")
     pairs = (num_elements + 1) // 2
@@ -217,6 +214,14 @@ def gaussian_reference(
     cos_t, sin_t = _cos_sin_two_pi(u2)
     z = torch.stack((radius * cos_t, radius * sin_t), dim=-1).reshape(count, 2 * pairs)
     return z[:, :num_elements]
+
+
+def _check_fields(seed: int, input_index: int, draw: int, sample_start: int, count: int) -> None:
+    """The Philox key and counter fields of samples ``sample_start .. sample_start + count - 1``."""
+    _check_seed(seed)
+    _check_counter("input_index", input_index)
+    _check_counter("draw", draw)
+    _check_counter("sample_start + count", sample_start + count, MAX_COUNTER + 1)
 
 
 def _check_seed(seed: int) -> None:
@@ -267,10 +272,7 @@ def noisy_batch(
         return noisy_batch_reference(
             x, sigma, seed=seed, input_index=input_index, draw=draw, sample_start=sample_start, count=count
         )
-    _check_seed(seed)
-    _check_counter("input_index", input_index)
-    _check_counter("draw", draw)
-    _check_counter("sample_start + count", sample_start + count, MAX_COUNTER + 1)
+    _check_fields(seed, input_index, draw, sample_start, count)
     if chosen == "triton":
         from arq_kernels.noise import noisy_input
 
@@ -322,11 +324,13 @@ class InputCodes:
 
     def encode(self, noisy: torch.Tensor) -> torch.Tensor:
         """The codes of a float32 batch ``[B, C, H, W]`` (channels_last uint8), by the formula above in torch."""
+        from arq.ops import quantize_codes_reference  # here: arq.ops imports arq.quant, which imports this package
+
         mean, std = self.tensors(noisy.device)
         normalized = (noisy - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         scale = torch.tensor(self.scale, dtype=torch.float32, device=noisy.device)
-        codes = torch.clamp(torch.round(normalized / scale) + self.zero_point, self.code_min, self.code_max)
-        return codes.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+        codes = quantize_codes_reference(normalized, scale, self.zero_point, self.code_min, self.code_max)
+        return codes.contiguous(memory_format=torch.channels_last)
 
 
 def noisy_codes_batch_reference(x: torch.Tensor, sigma: float, codes: InputCodes, *, seed: int, input_index: int,
@@ -356,23 +360,18 @@ def noisy_codes_batch(x: torch.Tensor, sigma: float, codes: InputCodes, *, seed:
     if chosen != "cpp" or not _has_codes_kernel():
         return noisy_codes_batch_reference(x, sigma, codes, seed=seed, input_index=input_index, draw=draw,
                                            sample_start=sample_start, count=count)
-    _check_seed(seed)
-    _check_counter("input_index", input_index)
-    _check_counter("draw", draw)
-    _check_counter("sample_start + count", sample_start + count, MAX_COUNTER + 1)
+    _check_fields(seed, input_index, draw, sample_start, count)
     mean, std = codes.tensors()
     return torch.ops.arq.noisy_input_codes(x.contiguous(), float(sigma), seed, input_index, draw, sample_start, count,
                                            mean, std, codes.scale, codes.zero_point, codes.code_min, codes.code_max)
 
 
+@functools.lru_cache(maxsize=None)
 def _has_codes_kernel() -> bool:
-    """Whether this arq._C has ``arq::noisy_input_codes`` (an extension built before it lacks it)."""
-    if not compiled_ops_available():
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("arq::noisy_input_codes", "CPU")
-    except RuntimeError:
-        return False
+    """Whether this arq._C has ``arq::noisy_input_codes`` (asked once: certify asks per batch)."""
+    from arq.ops import _has_kernel  # here: arq.ops imports arq.quant, which imports this package
+
+    return _has_kernel("noisy_input_codes", "CPU")
 
 
 def triton_usable(device: torch.device) -> bool:
