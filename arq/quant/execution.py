@@ -44,7 +44,7 @@ tensor, so W8A8 with an 8-bit stream), requantizing is the identity and the code
 Measured on the 2-core AVX2 development host (README, "Measured performance"), before the
 shortcuts were quantized: eager, 1.33x (ResNet-20) and 1.48x (ResNet-110) the float32 stream;
 compiled, level with it (the compiled add then worked on a uint8 copy; it now overwrites the
-earlier stream where that is dead, ``arq::onednn_conv_add_stream_into``). On the AVX-512 host,
+earlier stream where that is dead, through the oneDNN op that Inductor lowers). On the AVX-512 host,
 compiled, the shortcuts on the stream ran 1.10x the float shortcuts (ResNet-20, README). It is a
 modelling choice first: certify it when the deployed network quantizes its adds.
 
@@ -368,8 +368,13 @@ class IntegerConv2d(_IntegerLayer):
             written, added, in_place, dead = self.stream_output
             if in_place:
                 add_stream = _conv_add_stream_in_place
-            elif dead and _STREAM_ADD_INTO and torch.compiler.is_compiling():
-                add_stream = torch.ops.arq.onednn_conv_add_stream_into
+            elif _STREAM_ADD_COMPILES_IN_PLACE and torch.compiler.is_compiling():
+                # Inductor lowers oneDNN's in-place op itself (as in pt2e's graphs): into the dead
+                # buffer, else into a copy, since functionalization keeps eager semantics and the
+                # later readers of a live stream would see what the add wrote
+                if not dead:
+                    stream_accumulate = stream_accumulate.clone(memory_format=torch.channels_last)
+                add_stream = _conv_add_stream_in_place
             else:
                 add_stream = _onednn_conv_add_stream
             return add_stream(codes, self.x_scale, self.zero_point, self.packed_weight, self.w_scale,
@@ -452,8 +457,9 @@ def _onednn_conv_add_stream(codes: torch.Tensor, x_scale: float, zero_point: int
                             groups: int, out_scale: float, out_zero_point: int, accumulate_scale: float,
                             accumulate_zero_point: int) -> torch.Tensor:
     """:func:`_conv_add_stream_in_place` on a copy of ``accumulate``, as one opaque op that writes
-    nothing it was given: the form torch.compile can take (its functionalization of the in-place
-    oneDNN op fails under Inductor's freezing), at the cost of one uint8 copy."""
+    nothing it was given: eager models where the earlier stream is read later, and compiled models
+    on a torch where :func:`_let_functionalized_ops_take_opaque_tensors` fails (functionalizing
+    the in-place oneDNN op then fails under Inductor's freezing), at the cost of one uint8 copy."""
     return _conv_add_stream_in_place(
         codes, x_scale, zero_point, packed_weight, w_scale, w_zero_point,
         accumulate.clone(memory_format=torch.channels_last), bias, stride, padding, dilation, groups,
@@ -471,7 +477,7 @@ def _let_functionalized_ops_take_opaque_tensors() -> bool:
     runs an op that overwrites an input) for the CPU and CUDA keys only; oneDNN's prepacked
     weights are opaque tensors, dispatched at AutogradOther, where freezing's fake propagation
     then finds no kernel. The same fall-through for that key: inference needs nothing else.
-    Returns whether compiled models may use :func:`_onednn_conv_add_stream_into`."""
+    Returns whether compiled models may call oneDNN's in-place sum op (:func:`_conv_add_stream_in_place`)."""
     try:
         from torch._C import DispatchKey
         from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
@@ -483,30 +489,8 @@ def _let_functionalized_ops_take_opaque_tensors() -> bool:
     return True
 
 
-#: compiled models overwrite a dead residual stream in place (IntegerConv2d.forward)
-_STREAM_ADD_INTO = _let_functionalized_ops_take_opaque_tensors()
-
-
-@torch.library.custom_op("arq::onednn_conv_add_stream_into", mutates_args=("accumulate",))
-def _onednn_conv_add_stream_into(codes: torch.Tensor, x_scale: float, zero_point: int, packed_weight: torch.Tensor,
-                                 w_scale: torch.Tensor, w_zero_point: torch.Tensor, accumulate: torch.Tensor,
-                                 bias: torch.Tensor | None, stride: list[int], padding: list[int],
-                                 dilation: list[int], groups: int, out_scale: float, out_zero_point: int,
-                                 accumulate_scale: float, accumulate_zero_point: int) -> torch.Tensor:
-    """:func:`_conv_add_stream_in_place` as an op that declares it overwrites ``accumulate``: the
-    compiled form where nothing reads the earlier stream after the conv (``stream_output``).
-    torch.compile's functionalization then passes the buffer itself when it is dead (Inductor's
-    reinplacing) and a copy only where it must, so the copy of :func:`_onednn_conv_add_stream`
-    goes; the result is oneDNN's own (a new tensor: it copies what it wrote)."""
-    return _conv_add_stream_in_place(
-        codes, x_scale, zero_point, packed_weight, w_scale, w_zero_point, accumulate, bias, stride, padding,
-        dilation, groups, out_scale, out_zero_point, accumulate_scale, accumulate_zero_point)
-
-
-@_onednn_conv_add_stream_into.register_fake
-def _(codes, x_scale, zero_point, packed_weight, w_scale, w_zero_point, accumulate, bias, stride, padding,
-      dilation, groups, out_scale, out_zero_point, accumulate_scale, accumulate_zero_point):
-    return torch.empty_like(accumulate, memory_format=torch.channels_last)
+#: compiled models add the residual stream through oneDNN's in-place op (IntegerConv2d.forward)
+_STREAM_ADD_COMPILES_IN_PLACE = _let_functionalized_ops_take_opaque_tensors()
 
 
 @torch.library.custom_op("arq::onednn_linear", mutates_args=())
@@ -754,10 +738,9 @@ def _quantize_streams(root: nn.Module, graph, modules: dict, call_sites: dict, i
         c = clamp(round(relu(conv(x) + s_a (a - z_a)) / s_r), 0, 255),
 
     with ``in_place`` (eager models: ``fuse_residuals``) into the earlier stream's buffer, only
-    where nothing reads that buffer after the conv; else, in compiled models, through
-    ``arq::onednn_conv_add_stream_into`` where that buffer is dead (an op that says it overwrites
-    it, so torch.compile passes the buffer or, only where it must, a copy) and
-    ``arq::onednn_conv_add_stream`` (a uint8 copy, always) where it is not. The earlier stream must
+    where nothing reads that buffer after the conv; in compiled models, the same oneDNN op, which
+    Inductor lowers as it does in pt2e's graphs, into the buffer where it is dead and into a copy
+    where it is not; else ``arq::onednn_conv_add_stream`` (a uint8 copy, always). The earlier stream must
     itself be such codes: a block's output or a ``shortcut_quantizer``'s, a stream too
     (``QuantConfig.residual_shortcuts``: the first block's input, a downsampling shortcut; without
     them those blocks add in float and then quantize). Consumers: integer layers read the

@@ -376,10 +376,10 @@ def test_signed_streams_without_a_relu_keep_their_zero_point(bits):
 @needs_onednn
 @pytest.mark.slow
 def test_compiled_stream_model_matches_eager():
-    """Compiled, the fused add overwrites the earlier stream through an op that says so
-    (arq::onednn_conv_add_stream_into, nothing reads that stream later), eager in place: the same
-    logits, under no_grad and under inference_mode as certify runs it (where freezing once failed
-    on oneDNN's opaque weights)."""
+    """Compiled, the fused add is oneDNN's in-place op as Inductor lowers it (pt2e's graph): it
+    overwrites the earlier stream (nothing reads it later) with no copy of ours and no Python op;
+    eager, in place: the same logits, under no_grad and under inference_mode as certify runs it
+    (where freezing once failed on oneDNN's opaque weights)."""
     qmodel = _quantized(cifar_resnet(14), seed=5)  # 2 blocks a stage: 6 fused adds
     eager = to_integer(qmodel)
     compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True))
@@ -393,7 +393,42 @@ def test_compiled_stream_model_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(result, eager(x), rtol=0, atol=1e-4 * float(result.abs().max()))
     calls = {event.key: event.count for event in profile.key_averages()}
-    assert calls.get("arq::onednn_conv_add_stream_into") == 6 and "arq::onednn_conv_add_stream" not in calls
+    assert not [key for key in calls if key.startswith("arq::onednn_conv_add_stream")]
+    # 15 convolutions (stem, 12 in blocks, 2 shortcuts; 6 add), and only oneDNN's own copy of each sum
+    assert calls["onednn::qconv2d_pointwise"] == 15
+    assert calls.get("aten::clone", 0) <= 6 and calls.get("aten::copy_", 0) <= 6
+
+
+class _TwoBlocksConvReadsAgain(_TwoBlocks):
+    """A conv reads block 1's output codes (the stream itself) after block 2 has added them."""
+
+    def __init__(self):
+        super().__init__(read_again=False)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        first = self.block1(torch.relu(self.stem(x)))
+        return self.block2(first) * self.head(first)
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_compiled_add_writes_into_a_copy_of_a_stream_read_later():
+    """Compiled, block2's add writes into a copy of block1's output codes, which the head conv
+    reads after it (functionalization keeps eager semantics: written in place, that read would see
+    the sum); block1's add overwrites its dead input stream."""
+    torch.manual_seed(3)
+    model = _TwoBlocksConvReadsAgain().eval()
+    x = torch.randn(8, 4, 6, 6).relu()
+    qmodel = quant.quantize(model, Policy.uniform(model, 4, 6), x, config=QuantConfig(residual_bits=8))
+    eager = to_integer(qmodel, IntegerExecutionConfig(fuse_residuals=False))  # the copying op, both adds
+    assert [m.stream_output[2:] for m in _stream_convs(eager)] == [(False, True), (False, False)]
+    assert eager.head.stream_zero_point is not None  # the head reads the stream's codes
+    compiled = to_integer(qmodel, IntegerExecutionConfig(compile=True))
+    assert_compiled_matches_eager(eager, compiled, x)
+    with torch.no_grad():
+        reference = qmodel(x)
+        torch.testing.assert_close(compiled(x), reference, rtol=0, atol=0.05 * float(reference.abs().max()))
 
 
 @pytest.mark.skipif(resolve_backend("auto", "cpu") != "cpp", reason="needs the compiled ops (arq._C)")
