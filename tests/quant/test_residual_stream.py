@@ -11,7 +11,7 @@ from torch import nn
 
 import arq
 import arq.quant as quant
-from arq.quant import Policy, QuantConfig
+from arq.quant import Policy, QuantConfig, execution
 from arq.quant.execution import IntegerConv2d, IntegerExecutionConfig, IntegerLinear, StreamCodes, to_integer
 from arq.quant.kernels import PackedConv2d, PackedLinear, resolve_backend
 from arq.quant.quantizers import ActivationQuantizer
@@ -413,10 +413,13 @@ class _TwoBlocksConvReadsAgain(_TwoBlocks):
 
 @needs_onednn
 @pytest.mark.slow
-def test_compiled_add_writes_into_a_copy_of_a_stream_read_later():
+@pytest.mark.parametrize("in_place_compiles", [True, False])
+def test_compiled_add_writes_into_a_copy_of_a_stream_read_later(monkeypatch, in_place_compiles):
     """Compiled, block2's add writes into a copy of block1's output codes, which the head conv
     reads after it (functionalization keeps eager semantics: written in place, that read would see
-    the sum); block1's add overwrites its dead input stream."""
+    the sum); block1's add overwrites its dead input stream. On a torch where the in-place op does
+    not compile (``in_place_compiles=False``), both adds go through the copying custom op."""
+    monkeypatch.setattr(execution, "_STREAM_ADD_COMPILES_IN_PLACE", in_place_compiles)
     torch.manual_seed(3)
     model = _TwoBlocksConvReadsAgain().eval()
     x = torch.randn(8, 4, 6, 6).relu()
@@ -429,6 +432,10 @@ def test_compiled_add_writes_into_a_copy_of_a_stream_read_later():
     with torch.no_grad():
         reference = qmodel(x)
         torch.testing.assert_close(compiled(x), reference, rtol=0, atol=0.05 * float(reference.abs().max()))
+        with torch.profiler.profile() as profile:
+            compiled(x)
+    calls = {event.key: event.count for event in profile.key_averages()}
+    assert calls.get("arq::onednn_conv_add_stream", 0) == (0 if in_place_compiles else 2)
 
 
 @pytest.mark.skipif(resolve_backend("auto", "cpu") != "cpp", reason="needs the compiled ops (arq._C)")
