@@ -223,7 +223,7 @@ def _noisy_batches(x, *, sigma, num, draw, seed, input_index, batch_size, backen
     layer's codes, those codes of the same samples (``noisy_codes_batch``: what the model would compute
     from the float images, bit for bit)."""
     codes = getattr(model, "input_codes", None)
-    if codes is not None and (x.dtype != torch.float32 or x.dim() != 3 or x.shape[0] != len(codes.mean)):
+    if codes is not None and not codes.accepts(x):
         codes = None  # not the format's input: the model's float entry would reject it with its own error
     for start in range(0, num, batch_size):
         count = min(batch_size, num - start)

@@ -311,6 +311,10 @@ class InputCodes:
             raise ValueError(f"need 0 <= code_min <= code_max <= 255 and zero_point in 0..255, got "
                              f"{self.code_min}, {self.code_max}, {self.zero_point}")
 
+    def accepts(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is one input this format encodes: float32 ``[C, H, W]`` with ``C == len(mean)``."""
+        return x.dtype == torch.float32 and x.dim() == 3 and x.shape[0] == len(self.mean)
+
     def tensors(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``mean`` and ``std`` as float32 tensors ``[C]`` (the CPU pair made once: certify asks per batch)."""
         if device is None or torch.device(device).type == "cpu":
@@ -354,7 +358,7 @@ def noisy_codes_batch(x: torch.Tensor, sigma: float, codes: InputCodes, *, seed:
         sigma, seed, input_index, draw, sample_start, count, backend: as :func:`noisy_batch`.
         codes: the first layer's input format.
     """
-    if x.dtype != torch.float32 or x.dim() != 3 or x.shape[0] != len(codes.mean):
+    if not codes.accepts(x):
         raise ValueError(f"x must be one float32 input [{len(codes.mean)}, H, W], got {x.dtype} {tuple(x.shape)}")
     chosen = _choose_backend(backend, x.device)
     if chosen != "cpp" or not _has_codes_kernel():
