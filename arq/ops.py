@@ -137,13 +137,13 @@ def requantize_codes_reference(codes, in_scale, in_zero, out_scale, out_zero, ou
     return torch.clamp(torch.round(values / out_scale) + out_zero, out_min, out_max).to(torch.uint8)
 
 
-def quantize_codes_reference(x, scale, zero_point, code_min, code_max):
-    """``clamp(round(x / scale) + zero_point, code_min, code_max)`` as uint8, in float32 in that order
-    (round half to even): an activation quantizer's codes of float32 ``x``; ``scale`` is a float32 number
-    or 0-dim float32 tensor (taken as it is). NaN has no code: the torch conversion of NaN to uint8 is
-    undefined, and ``arq::quantize_codes`` raises."""
+def quantize_codes_reference(x, scale, zero_point, code_min, code_max, dtype=torch.uint8):
+    """``clamp(round(x / scale) + zero_point, code_min, code_max)`` as ``dtype`` (uint8, or int8 for the
+    packed GPU kernels' codes), in float32 in that order (round half to even): an activation quantizer's
+    codes of float32 ``x``; ``scale`` is a float32 number or 0-dim float32 tensor (taken as it is). NaN has
+    no code: the torch conversion of NaN to an integer is undefined, and ``arq::quantize_codes`` raises."""
     scale = torch.as_tensor(scale, dtype=torch.float32)
-    return torch.clamp(torch.round(x / scale) + zero_point, code_min, code_max).to(torch.uint8)
+    return torch.clamp(torch.round(x / scale) + zero_point, code_min, code_max).to(dtype)
 
 
 def lowbit_conv_max_chunk(max_code: int, w_bits: int) -> int:

@@ -137,6 +137,17 @@ def quantize_reference(y: torch.Tensor, scale: float, q_lo: int, q_hi: int, zero
 
 
 @triton.jit
+def divide_float32(y, divisor):
+    """The IEEE float32 quotient ``y / divisor`` (correctly rounded), formed as
+    ``ARQ_TRITON_DIVISION`` says (module docstring); ``y`` float32, ``divisor`` float32 or a
+    float scalar holding a float32 value."""
+    if _DIVIDE_RN:
+        return tl.div_rn(y, divisor)
+    else:
+        return (y.to(tl.float64) / divisor).to(tl.float32)
+
+
+@triton.jit
 def quantize_codes(y, scale, q_lo, q_hi, zero_point):
     """int32 codes ``clamp(round_half_even(y / scale), q_lo, q_hi) + zero_point`` of float32 ``y``.
 
@@ -149,10 +160,7 @@ def quantize_codes(y, scale, q_lo, q_hi, zero_point):
     argument on the GPU but a Python float under the interpreter: launchers pass
     :func:`as_float32` values, so both widen to the same float64.
     """
-    if _DIVIDE_RN:
-        quotient = tl.div_rn(y, scale)
-    else:
-        quotient = (y.to(tl.float64) / scale).to(tl.float32)
+    quotient = divide_float32(y, scale)
     lo = q_lo.to(tl.float32)
     hi = q_hi.to(tl.float32)
     quotient = tl.minimum(tl.maximum(quotient, lo), hi)  # integer bounds: commutes with rounding

@@ -49,18 +49,24 @@ def _variants():
     fused = {"enable_fp_fusion": False}
     variants = []
 
-    # -- noise: the float64 Box-Muller; float32 and fp16/bf16 outputs, quantized int8/uint8 -------
-    noise_types = {"x_ptr": "*fp32", "sigma_bits": "i64", "out_scale": "fp32"}
-    for value, out, quantize, out_ptr in [
-        (tl.float32, tl.float32, False, "*fp32"),
-        (tl.float16, tl.float16, False, "*fp16"),
-        (tl.bfloat16, tl.bfloat16, False, "*bf16"),
-        (tl.float32, tl.int8, True, "*i8"),
-        (tl.float32, tl.uint8, True, "*u8"),
+    # -- noise: the float64 Box-Muller; float32 and fp16/bf16 outputs, quantized int8/uint8, and
+    #    int8/uint8 codes of the normalized values (the first layer's input codes) ----------------
+    noise_types = {"x_ptr": "*fp32", "mean_ptr": "*fp32", "std_ptr": "*fp32", "sigma_bits": "i64",
+                   "out_scale": "fp32"}
+    for value, out, quantize, normalize, out_ptr in [
+        (tl.float32, tl.float32, False, False, "*fp32"),
+        (tl.float16, tl.float16, False, False, "*fp16"),
+        (tl.bfloat16, tl.bfloat16, False, False, "*bf16"),
+        (tl.float32, tl.int8, True, False, "*i8"),
+        (tl.float32, tl.uint8, True, False, "*u8"),
+        (tl.float32, tl.int8, True, True, "*i8"),
+        (tl.float32, tl.uint8, True, True, "*u8"),
     ]:
         variants.append((
-            f"noisy_input[{out}]", noise._noisy_input_kernel, {**noise_types, "out_ptr": out_ptr},
-            {"VALUE_DTYPE": value, "OUT_DTYPE": out, "QUANTIZE": quantize, "BLOCK_S": 4, "BLOCK_P": 128},
+            f"noisy_input[{out}{', normalized' if normalize else ''}]", noise._noisy_input_kernel,
+            {**noise_types, "out_ptr": out_ptr},
+            {"VALUE_DTYPE": value, "OUT_DTYPE": out, "QUANTIZE": quantize, "NORMALIZE": normalize,
+             "BLOCK_S": 4, "BLOCK_P": 128},
             {"num_warps": 4, "num_stages": 1, **fused},
         ))
 

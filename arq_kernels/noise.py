@@ -19,6 +19,9 @@ Blocked algorithm (one program = BLOCK_S samples x BLOCK_P element pairs)::
         z0, z1 = box_muller(u52(w1, w0), u52(w3, w2))     # float64
         out[s, place(2p)]     = fmt(x[2p]     + sigma z0)
         out[s, place(2p + 1)] = fmt(x[2p + 1] + sigma z1)
+
+    fmt(v) = [quantize]([(. - mean[c]) / std[c]](cast(v)))    # cast to x's dtype (float32 before
+                                                              # normalizing), c the element's channel
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import triton.language as tl
 from arq.smoothing import noise as _ref
 from arq_kernels._common import (
     as_float32,
+    divide_float32,
     float32_to_bfloat16,
     launch_options,
     pick_config,
@@ -201,9 +205,10 @@ def _gaussian_pairs(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _format(noisy, out_scale, q_lo, q_hi, zero_point,
-            VALUE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, QUANTIZE: tl.constexpr):
-    """float64 -> VALUE_DTYPE as torch rounds it (half types through float32), then quantize."""
+def _format(noisy, shift, divisor, out_scale, q_lo, q_hi, zero_point,
+            VALUE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, QUANTIZE: tl.constexpr, NORMALIZE: tl.constexpr):
+    """float64 -> VALUE_DTYPE as torch rounds it (half types through float32), then (float32 values
+    only) ``(value - shift) / divisor`` as two IEEE float32 operations, then quantize."""
     if VALUE_DTYPE == tl.float64:
         value = noisy
     else:
@@ -212,6 +217,8 @@ def _format(noisy, out_scale, q_lo, q_hi, zero_point,
             value = float32_to_bfloat16(value)
         elif VALUE_DTYPE != tl.float32:
             value = value.to(VALUE_DTYPE)
+    if NORMALIZE:
+        value = divide_float32(value - shift, divisor)
     if QUANTIZE:
         return quantize_codes(value.to(tl.float32), out_scale, q_lo, q_hi, zero_point).to(OUT_DTYPE)
     else:
@@ -229,15 +236,16 @@ def _format(noisy, out_scale, q_lo, q_hi, zero_point,
                                "q_lo", "q_hi", "zero_point"])
 def _noisy_input_kernel(
     # pointers
-    x_ptr, out_ptr,
-    # sizes and output placement: element e goes to (e // plane) * stride_c + (e % plane) * stride_hw
-    num_elements, num_pairs, count, plane, stride_c, stride_hw,
+    x_ptr, out_ptr, mean_ptr, std_ptr,
+    # sizes and output placement: element e goes to (e // plane) * stride_c + (e % plane) * stride_hw;
+    # its channel (NORMALIZE) is e // channel_plane
+    num_elements, num_pairs, count, plane, stride_c, stride_hw, channel_plane,
     # counter fields, sigma as its float64 bits (a Python float argument would be float32)
     sigma_bits, seed_lo, seed_hi, input_index, draw, sample_start,
     # quantization (ignored unless QUANTIZE)
     out_scale, q_lo, q_hi, zero_point,
     # meta-parameters
-    VALUE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, QUANTIZE: tl.constexpr,
+    VALUE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, QUANTIZE: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # one grid axis (CUDA caps the second at 65535): pair blocks vary fastest
@@ -267,8 +275,17 @@ def _noisy_input_kernel(
     odd_ok = odd < num_elements
     x0 = tl.load(x_ptr + even, mask=even_ok, other=0.0).to(tl.float64)
     x1 = tl.load(x_ptr + odd, mask=odd_ok, other=0.0).to(tl.float64)
-    y0 = _format(x0[None, :] + z0 * sigma, out_scale, q_lo, q_hi, zero_point, VALUE_DTYPE, OUT_DTYPE, QUANTIZE)
-    y1 = _format(x1[None, :] + z1 * sigma, out_scale, q_lo, q_hi, zero_point, VALUE_DTYPE, OUT_DTYPE, QUANTIZE)
+    if NORMALIZE:
+        shift0 = tl.load(mean_ptr + even // channel_plane, mask=even_ok, other=0.0)[None, :]
+        shift1 = tl.load(mean_ptr + odd // channel_plane, mask=odd_ok, other=0.0)[None, :]
+        divisor0 = tl.load(std_ptr + even // channel_plane, mask=even_ok, other=1.0)[None, :]
+        divisor1 = tl.load(std_ptr + odd // channel_plane, mask=odd_ok, other=1.0)[None, :]
+    else:
+        shift0, shift1, divisor0, divisor1 = 0.0, 0.0, 1.0, 1.0
+    y0 = _format(x0[None, :] + z0 * sigma, shift0, divisor0, out_scale, q_lo, q_hi, zero_point,
+                 VALUE_DTYPE, OUT_DTYPE, QUANTIZE, NORMALIZE)
+    y1 = _format(x1[None, :] + z1 * sigma, shift1, divisor1, out_scale, q_lo, q_hi, zero_point,
+                 VALUE_DTYPE, OUT_DTYPE, QUANTIZE, NORMALIZE)
 
     # -- store in the output layout (int64 offsets: count * d may pass 2^31) ----------------------
     row_base = rows.to(tl.int64)[:, None] * num_elements
@@ -320,6 +337,24 @@ def _check_args(x, sigma, seed, input_index, draw, sample_start, count, out_dtyp
     return out_dtype
 
 
+def _check_normalization(x, out_dtype, mean, std) -> bool:
+    """Whether the call normalizes (mean and std given), after checking that it may."""
+    if mean is None and std is None:
+        return False
+    if mean is None or std is None:
+        raise ValueError("mean and std go together: pass both or neither")
+    if out_dtype not in _INT_DTYPES or x.dtype != torch.float32 or x.dim() != 3:
+        raise ValueError(f"mean/std normalize a float32 input [C, H, W] before quantizing it (out_dtype int8 or "
+                         f"uint8); got x {x.dtype} {tuple(x.shape)} and out_dtype {out_dtype}")
+    for name, tensor in (("mean", mean), ("std", std)):
+        if tensor.dtype != torch.float32 or tensor.numel() != x.shape[0] or tensor.device != x.device:
+            raise ValueError(f"{name} must be a float32 tensor of {x.shape[0]} values (one per channel) on "
+                             f"{x.device}, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all()) and bool((std > 0).all())):
+        raise ValueError("mean must be finite and std finite and > 0")
+    return True
+
+
 def noisy_input(
     x: torch.Tensor,
     sigma: float,
@@ -335,6 +370,8 @@ def noisy_input(
     qmin: int | None = None,
     qmax: int | None = None,
     layout: str = "nchw",
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
@@ -354,6 +391,10 @@ def noisy_input(
         out_scale: float32 quantization step (quantized outputs only).
         layout: ``"nchw"`` gives ``[count, *x.shape]``; ``"nhwc"`` (x ``[C, H, W]``) gives a
             contiguous ``[count, H, W, C]`` with the same values (the NHWC convolution's input).
+        mean, std: per-channel float32 tensors ``[C]`` (x float32 ``[C, H, W]``, quantized output
+            only): the codes are then those of ``(v - mean[c]) / std[c]`` (each one IEEE float32
+            operation, the division correctly rounded), the model's input normalization done
+            before its first layer's quantizer (:class:`arq.smoothing.noise.InputCodes`).
         out: optional preallocated contiguous output (tests poison it first).
         config: launch config override (``BLOCK_S``, ``BLOCK_P``, ``num_warps``, ``num_stages``).
 
@@ -361,6 +402,7 @@ def noisy_input(
         The noisy batch, equal (``torch.equal``) to :func:`noisy_input_reference`.
     """
     out_dtype = _check_args(x, sigma, seed, input_index, draw, sample_start, count, out_dtype, out_scale)
+    normalize = _check_normalization(x, out_dtype, mean, std)
     shape = _out_shape(x, count, layout)
     quantize = out_dtype in _INT_DTYPES
     q_lo, q_hi = quant_levels(out_dtype, out_zero_point, qmin, qmax) if quantize else (0, 0)
@@ -384,14 +426,19 @@ def noisy_input(
     grid = (triton.cdiv(pairs, cfg["BLOCK_P"]) * triton.cdiv(count, cfg["BLOCK_S"]),)
     sigma_bits = torch.tensor(float(sigma), dtype=torch.float64).view(torch.int64).item()
     value_dtype = x.dtype if quantize else out_dtype
+    if normalize:
+        mean, std = mean.contiguous(), std.contiguous()
+    else:
+        mean = std = x_flat  # not read
     _noisy_input_kernel[grid](
-        x_flat, out,
-        d, pairs, count, plane, stride_c, stride_hw,
+        x_flat, out, mean, std,
+        d, pairs, count, plane, stride_c, stride_hw, x[0].numel() if normalize else 1,
         sigma_bits, seed & 0xFFFFFFFF, seed >> 32, input_index, draw, sample_start,
         as_float32(out_scale) if quantize else 1.0, q_lo, q_hi, int(out_zero_point),
         VALUE_DTYPE=_FLOAT_DTYPES[value_dtype],
         OUT_DTYPE=_INT_DTYPES[out_dtype] if quantize else _FLOAT_DTYPES[out_dtype],
         QUANTIZE=quantize,
+        NORMALIZE=normalize,
         BLOCK_S=cfg["BLOCK_S"], BLOCK_P=cfg["BLOCK_P"],
         **launch_options(cfg),
     )
@@ -418,17 +465,22 @@ def noisy_input_reference(
     qmin: int | None = None,
     qmax: int | None = None,
     layout: str = "nchw",
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """Plain-torch :func:`noisy_input`, built on ``arq.smoothing.noise.gaussian_reference``
     (``noisy_batch_reference`` when ``out_dtype`` is x.dtype). ``config`` is ignored."""
     out_dtype = _check_args(x, sigma, seed, input_index, draw, sample_start, count, out_dtype, out_scale)
+    normalize = _check_normalization(x, out_dtype, mean, std)
     shape = _out_shape(x, count, layout)
     if out_dtype in _INT_DTYPES:
         value = _ref.noisy_batch_reference(
             x, sigma, seed=seed, input_index=input_index, draw=draw, sample_start=sample_start, count=count
         )
+        if normalize:
+            value = (value - mean.to(value.device).view(1, -1, 1, 1)) / std.to(value.device).view(1, -1, 1, 1)
         q_lo, q_hi = quant_levels(out_dtype, out_zero_point, qmin, qmax)
         result = quantize_reference(value, float(out_scale), q_lo, q_hi, int(out_zero_point), out_dtype)
     else:

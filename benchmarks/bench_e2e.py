@@ -52,6 +52,9 @@ GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1
                            "...+packed"), or the fake-quant model where they are unavailable
 * ``arq_fp16_cl_graphs``, ``arq_w4a4_graphs``  the same with the engine's CUDA graphs
                            (``prepare_model(..., cuda_graphs=True)``, "...+graphs")
+* ``arq_w4a4_floatnoise``  ``arq_w4a4`` with ``ARQ_INPUT_CODES=0``: float32 noisy images
+                           that the packed model normalizes and quantizes itself, instead of its stem's
+                           int8 codes written by the Triton noise kernel
 
 Run (CPU):  ``OMP_WAIT_POLICY=PASSIVE pytest benchmarks/bench_e2e.py --benchmark-only
 --benchmark-json benchmarks/results/cpu-e2e-<date>.json``.  ``ARQ_E2E_ARCHS=resnet20`` limits the
@@ -86,7 +89,7 @@ if DEVICE == "cuda":
     SAMPLES = {"resnet20": 20_000, "resnet110": 10_000}
     # the CUDA graph is captured last, after every other variant's first call has allocated what it needs
     VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_fp16_cl_graphs", "arq_w8a8", "arq_w4a4",
-                "arq_w4a4_graphs", "fp16_cl_cudagraphs"]
+                "arq_w4a4_floatnoise", "arq_w4a4_graphs", "fp16_cl_cudagraphs"]
     torch.backends.cudnn.benchmark = True  # every variant alike: cuDNN picks its fastest algorithms
 else:
     BATCH = 400
@@ -239,6 +242,10 @@ def build(arch: str, variant: str, image: torch.Tensor):
     model = make_model(arch)
     start = time.perf_counter()
     note = ""
+    if variant.endswith("_floatnoise"):
+        with mock.patch.dict(os.environ, {"ARQ_INPUT_CODES": "0"}):
+            base, build_s, note = build(arch, variant[:-len("_floatnoise")], image)
+        return (lambda run: lambda: _with_env(run, "ARQ_INPUT_CODES", "0"))(base), build_s, note
     if DEVICE == "cuda":
         x = image.cuda()
         if variant == "locuslab_fp32":
@@ -282,10 +289,6 @@ def build(arch: str, variant: str, image: torch.Tensor):
     elif variant.endswith("_nochunk"):
         chunked, build_s, note = build(arch, variant[:-len("_nochunk")], image)
         fn = (lambda run: lambda: _with_env(run, "ARQ_CPU_CHUNK", "0"))(chunked)
-    elif variant.endswith("_floatnoise"):
-        with mock.patch.dict(os.environ, {"ARQ_INPUT_CODES": "0"}):
-            base, build_s, note = build(arch, variant[:-len("_floatnoise")], image)
-        fn = (lambda run: lambda: _with_env(run, "ARQ_INPUT_CODES", "0"))(base)
     elif variant.endswith(("_lowbit", "_onednn")):
         base_variant, _, kernel = variant.rpartition("_")
         kernel = "arq" if kernel == "lowbit" else "onednn"

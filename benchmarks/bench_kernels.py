@@ -4,7 +4,9 @@ Every case times one GPU op (``torch.cuda.synchronize`` inside the timed call), 
 pytest-benchmark prints each Triton kernel beside its baselines from the same run:
 
 * ``noise-<n>``: ``x + sigma * randn`` (+ round/clamp to int8) in torch vs ``noisy_input``
-  (counter-based float64 Box-Muller, fused add and format, float32 / int8 NHWC output).
+  (counter-based float64 Box-Muller, fused add and format, float32 / int8 NHWC output); and a first
+  layer's input codes, ``randn`` + add + normalize + quantize + NHWC in torch vs ``noisy_input`` with
+  ``mean``/``std``.
 * ``linear-<bits>b-<m>``: packed 2-8 bit weights x int8 activations (``packed_linear``, fused
   requantization) vs dequantize + float32 matmul, fp16 matmul, ``torch._int_mm`` (int8, no
   epilogue) on already unpacked weights.
@@ -56,7 +58,9 @@ def _quantize_int8(y, scale):
 # noise
 # ------------------------------------------------------------------------------------------------
 
-NOISE_VARIANTS = ["torch_randn_fp32", "torch_randn_int8", "triton_fp32", "triton_int8_nhwc"]
+NOISE_VARIANTS = ["torch_randn_fp32", "torch_randn_int8", "triton_fp32", "triton_int8_nhwc",
+                  "torch_randn_normalize_int8_nhwc", "triton_normalize_int8_nhwc"]
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 
 
 @pytest.mark.parametrize("count", BATCHES)
@@ -72,8 +76,20 @@ def test_noise(benchmark, variant, count):
         fn = lambda: _quantize_int8(x + SIGMA * torch.randn(count, *x.shape, device="cuda"), 0.02)  # noqa: E731
     elif variant == "triton_fp32":
         fn = lambda: noisy_input(x, SIGMA, **fields)  # noqa: E731
-    else:
+    elif variant == "triton_int8_nhwc":
         fn = lambda: noisy_input(x, SIGMA, out_dtype=torch.int8, out_scale=0.02, layout="nhwc", **fields)  # noqa: E731
+    else:
+        # a first layer's input codes: noise, the model's normalization, its quantizer, NHWC
+        mean = torch.tensor(CIFAR_MEAN, device="cuda")
+        std = torch.tensor(CIFAR_STD, device="cuda")
+        if variant == "torch_randn_normalize_int8_nhwc":
+            def fn():
+                noisy = x + SIGMA * torch.randn(count, *x.shape, device="cuda")
+                normalized = (noisy - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+                return _quantize_int8(normalized, 0.02).permute(0, 2, 3, 1).contiguous()
+        else:
+            fn = lambda: noisy_input(x, SIGMA, out_dtype=torch.int8, out_scale=0.02, layout="nhwc",  # noqa: E731
+                                     mean=mean, std=std, **fields)
     _run(benchmark, f"noise-{count}", fn, count)
 
 

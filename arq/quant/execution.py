@@ -61,7 +61,7 @@ policies: 0.002-0.61 % codes, first differences one step and at most 23 per inpu
 logit error, 100 % top-1).
 
 The input itself: :func:`enter_at_input_codes` makes a model whose forward begins
-``[NormalizeLayer ->] IntegerConv2d`` read that layer's input codes instead of float images, and
+``[normalization ->] IntegerConv2d`` read that layer's input codes instead of float images, and
 the certification engine then has the noise op write them (``arq::noisy_input_codes``, the same
 codes bit for bit), so no float32 noisy batch is written, read back and quantized.
 
@@ -1008,15 +1008,94 @@ class _LayersKeptTracer(torch.fx.Tracer):
                 or super().is_leaf_module(module, qualified_name))
 
 
-def _first_layer(model: nn.Module):
-    """``(layer, normalization)``: the integer convolution that is the only reader of ``model``'s input,
-    possibly through a NormalizeLayer that is the only reader of the input and whose only reader is the
-    layer (``normalization``: its qualified name, else None); None where the model cannot be traced or its
-    input goes anywhere else first."""
-    from arq.models.normalize import NormalizeLayer
+def normalization_values(module: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` (float32 values, one per channel) when ``module`` computes exactly the per-channel
+    standardization ``(x - mean) / std`` of its input, as two float32 operations; else None.
+
+    Recognized: arq's :class:`~arq.models.normalize.NormalizeLayer`, and any module without children whose
+    traced forward (torch.fx) is exactly ``sub(x, buffer) -> truediv(., buffer)`` with float32 buffers of
+    shape ``[1, C, 1, 1]`` or ``[C, 1, 1]`` (a user's own normalization layer, written the usual way).
+    """
+    from arq.models.normalize import NormalizeLayer  # here: arq.models imports arq.quant
+
+    if isinstance(module, NormalizeLayer):
+        return (tuple(float(v) for v in module.mean.detach().float().flatten()),
+                tuple(float(v) for v in module.std.detach().float().flatten()))
+    if next(module.children(), None) is not None or type(module).__module__.startswith("torch."):
+        return None
+    try:
+        graph = torch.fx.Tracer().trace(module)
+    except Exception:  # data-dependent Python: not the plain standardization
+        return None
+    nodes = list(graph.nodes)
+    if [node.op for node in nodes] != ["placeholder", "get_attr", "call_function", "get_attr", "call_function",
+                                       "output"]:
+        return None
+    placeholder, _, sub, _, div, output = nodes
+    if output.args != (div,) or _standardization(module, placeholder) != (sub, div):
+        return None
+    return _standardization_values(module, sub, div)
+
+
+def _standardization(model: nn.Module, node) -> tuple | None:
+    """``(sub, div)`` where ``node``'s only reader is ``sub(node, buffer)`` and its only reader
+    ``truediv(sub, buffer)``, the buffers ``model``'s (get_attr nodes); else None."""
+    if len(node.users) != 1:
+        return None
+    sub = next(iter(node.users))
+    if (sub.op != "call_function" or sub.target not in (operator.sub, torch.sub) or len(sub.args) != 2
+            or sub.args[0] is not node or sub.kwargs or len(sub.users) != 1):
+        return None
+    div = next(iter(sub.users))
+    if (div.op != "call_function" or div.target not in (operator.truediv, torch.div, torch.true_divide)
+            or len(div.args) != 2 or div.args[0] is not sub or div.kwargs):
+        return None
+    if not all(isinstance(arg, torch.fx.Node) and arg.op == "get_attr" for arg in (sub.args[1], div.args[1])):
+        return None
+    return sub, div
+
+
+def _standardization_values(model: nn.Module, sub, div) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The float32 per-channel ``(mean, std)`` of a :func:`_standardization` pair; None when its buffers
+    are not float32 ``[1, C, 1, 1]`` / ``[C, 1, 1]`` tensors of equal C with std > 0."""
+    values = []
+    for node in (sub.args[1], div.args[1]):
+        try:
+            tensor = model.get_buffer(node.target)
+        except AttributeError:
+            return None
+        shape = tuple(tensor.shape)
+        if tensor.dtype != torch.float32 or shape not in ((1, tensor.numel(), 1, 1), (tensor.numel(), 1, 1)):
+            return None
+        values.append(tuple(float(v) for v in tensor.detach().flatten()))
+    mean, std = values
+    if len(mean) != len(std) or not all(v > 0 for v in std):
+        return None
+    return mean, std
+
+
+def _first_layer(model: nn.Module, layer_type: type | None = None, tracer: torch.fx.Tracer | None = None):
+    """``(layer, normalization, values)``: the convolution (an :class:`IntegerConv2d`, or ``layer_type``)
+    that is the only reader of ``model``'s input, possibly through a normalization module
+    (:func:`normalization_values`) that is the only reader of the input and whose only reader is the layer
+    (``normalization``: its qualified name, or ``(graph, input, sub, div)`` where the standardization is
+    traced inline; ``values`` its ``(mean, std)``; else None and None); None where
+    the model cannot be traced (by ``tracer``, which keeps the layers whole; normalization modules are kept
+    whole too) or its input goes anywhere else first."""
+    base = tracer or _LayersKeptTracer()
+    normalizations: dict[int, tuple | None] = {}
+
+    def values_of(module: nn.Module):
+        if id(module) not in normalizations:
+            normalizations[id(module)] = normalization_values(module)
+        return normalizations[id(module)]
+
+    class KeepNormalization(type(base)):
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            return super().is_leaf_module(module, qualified_name) or values_of(module) is not None
 
     try:
-        graph = _LayersKeptTracer().trace(model)
+        graph = KeepNormalization().trace(model)
     except Exception:  # an untraceable forward keeps its float entry
         return None
     inputs = [node for node in graph.nodes if node.op == "placeholder"]
@@ -1033,17 +1112,57 @@ def _first_layer(model: nn.Module):
         return user
 
     reader = only_reader(inputs[0])
-    normalization = None
-    if reader is not None and isinstance(model.get_submodule(reader.target), NormalizeLayer):
-        normalization, reader = reader.target, only_reader(reader)
-    if reader is None or not isinstance(model.get_submodule(reader.target), IntegerConv2d):
+    normalization = values = None
+    if reader is not None and values_of(model.get_submodule(reader.target)) is not None:
+        normalization = reader.target
+        values = values_of(model.get_submodule(normalization))
+        reader = only_reader(reader)
+    elif (inline := _standardization(model, inputs[0])) is not None:
+        # traced into the model's own graph (a GraphModule: to_integer / to_kernels rewrote it whole)
+        values = _standardization_values(model, *inline)
+        normalization = (graph, inputs[0], *inline) if values is not None else None
+        reader = only_reader(inline[1]) if values is not None else None
+    if reader is None or not isinstance(model.get_submodule(reader.target), layer_type or IntegerConv2d):
         return None
-    return model.get_submodule(reader.target), normalization
+    return model.get_submodule(reader.target), normalization, values
+
+
+def _input_format(model: nn.Module, found: tuple):
+    """``(layer, (mean, std))`` for :func:`enter_at_input_codes` and its GPU twin: the first layer
+    (``found``, from :func:`_first_layer`) and its input's normalization (zeros and ones without one),
+    the normalization taken out of the model (an identity, or out of its graph); None, with the model
+    unchanged, where the layer already takes codes or is shared under two names, the normalization's
+    channels are not the layer's, or it is inline in a forward that is not a graph."""
+    layer, normalization, values = found
+    if layer.takes_codes:
+        return None
+    if sum(module is layer for _, module in model.named_modules(remove_duplicate=False)) != 1:
+        return None  # shared elsewhere: it must keep reading floats there
+    if normalization is None:
+        return layer, ((0.0,) * layer.in_channels, (1.0,) * layer.in_channels)  # exact identities in float32
+    if len(values[0]) != layer.in_channels:
+        return None
+    if isinstance(normalization, str):
+        parent_name, _, attribute = normalization.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, nn.Identity())
+        return layer, values
+    if not isinstance(model, torch.fx.GraphModule):
+        return None  # inline in a forward that is not a graph: it cannot be taken out
+    graph, placeholder, sub, div = normalization
+    div.replace_all_uses_with(placeholder)
+    buffers = (sub.args[1], div.args[1])
+    for node in (div, sub, *buffers):
+        if not node.users and node.graph is graph and node in graph.nodes:
+            graph.erase_node(node)
+    model.graph = graph  # the retraced graph: the same submodules and buffers, by qualified name
+    model.recompile()
+    return layer, values
 
 
 def enter_at_input_codes(integer_model: nn.Module):
     """Make an (uncompiled) integer model read its first layer's input codes in place of float images,
-    where its forward begins ``[NormalizeLayer ->] IntegerConv2d`` on the input alone (a ResNet's stem):
+    where its forward begins ``[normalization ->] IntegerConv2d`` on the input alone (a ResNet's stem; the
+    normalization: arq's NormalizeLayer or a module computing ``(x - mean) / std``, :func:`normalization_values`):
     the normalization becomes an identity and the convolution ``takes_codes``. Returns that layer's
     input format (:class:`arq.smoothing.noise.InputCodes`: the normalization's float32 mean and std,
     then the activation quantizer), or None with the model unchanged.
@@ -1055,27 +1174,14 @@ def enter_at_input_codes(integer_model: nn.Module):
     from arq.smoothing.noise import InputCodes
 
     found = _first_layer(integer_model)
+    if found is None or found[0].stream_zero_point is not None:
+        return None
+    found = _input_format(integer_model, found)
     if found is None:
         return None
-    layer, normalization = found
-    if layer.takes_codes or layer.stream_zero_point is not None:
-        return None
-    if sum(module is layer for _, module in integer_model.named_modules(remove_duplicate=False)) != 1:
-        return None  # shared elsewhere: it must keep reading floats there
-    if normalization is not None:
-        norm = integer_model.get_submodule(normalization)
-        mean = tuple(float(v) for v in norm.mean.detach().float().flatten())
-        std = tuple(float(v) for v in norm.std.detach().float().flatten())
-        if len(mean) != layer.in_channels:
-            return None
-    else:
-        mean, std = (0.0,) * layer.in_channels, (1.0,) * layer.in_channels  # exact identities in float32
-    codes = InputCodes(mean, std, layer.x_scale, layer.zero_point, layer.code_min, layer.code_max)
-    if normalization is not None:
-        parent_name, _, attribute = normalization.rpartition(".")
-        setattr(integer_model.get_submodule(parent_name) if parent_name else integer_model, attribute, nn.Identity())
+    layer, (mean, std) = found
     layer.takes_codes = True
-    return codes
+    return InputCodes(mean, std, layer.x_scale, layer.zero_point, layer.code_min, layer.code_max)
 
 
 class CompiledIntegerModel(nn.Module):

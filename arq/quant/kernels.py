@@ -72,7 +72,7 @@ from arq.quant.packing import conv_weight_to_matrix, pack_weights
 from arq.quant.policy import FLOAT_BITS, MAX_BITS, quantizable_layers
 from arq.quant.quantizers import ActivationQuantizer
 
-__all__ = ["PackedConv2d", "PackedLinear", "to_kernels", "resolve_backend", "KERNEL_BACKENDS"]
+__all__ = ["PackedConv2d", "PackedLinear", "to_kernels", "enter_at_input_codes", "resolve_backend", "KERNEL_BACKENDS"]
 
 KERNEL_BACKENDS = ("auto", "cpp", "triton", "torch")
 
@@ -223,6 +223,8 @@ class PackedConv2d(_PackedLayer):
         self.codes_also: tuple[float, int, int, int] | None = None
         self.takes_codes = False
         self.epilogue_relu = False
+        # set by enter_at_input_codes: the codes come as the model's input, [B, C, H, W] channels_last
+        self.reads_input_codes = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         backend = self._backend_for(x.device)
@@ -247,7 +249,15 @@ class PackedConv2d(_PackedLayer):
         ``takes_codes``."""
         import arq_kernels
 
-        codes = x if self.takes_codes else self._triton_input(x)
+        if not self.takes_codes:
+            codes = self._triton_input(x)
+        elif self.reads_input_codes:
+            if x.dtype != torch.int8 or x.dim() != 4 or x.shape[1] != self.in_channels:
+                raise ValueError(f"this model reads its first layer's int8 input codes [B, {self.in_channels}, H, W] "
+                                 f"(model.input_codes); got {x.dtype} {tuple(x.shape)}")
+            codes = x.permute(0, 2, 3, 1).contiguous()  # a view for channels_last codes
+        else:
+            codes = x
         common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                       relu=self.epilogue_relu, **self._triton_args())
         if residual is not None:
@@ -540,3 +550,34 @@ def to_kernels(qmodel: nn.Module, *, backend: str = "auto", chain: bool = True) 
         model, fused = _chain_convolutions(model)
     model.arq_kernels = {"backend": chosen, "packed": packed, "fake_quant": fake_quant, **fused}
     return model
+
+
+def enter_at_input_codes(packed_model: nn.Module):
+    """Make a Triton packed model (:func:`to_kernels` with ``backend="triton"``) read its first layer's int8
+    input codes in place of float images, where its forward begins ``[normalization ->] PackedConv2d`` on
+    the input alone (a ResNet's stem): the normalization becomes an identity and the convolution reads the
+    codes, ``[B, C, H, W]`` int8 in channels_last memory. Returns their format
+    (:class:`arq.smoothing.noise.InputCodes`, dtype int8: the normalization's float32 mean and std, then
+    the layer's quantizer with the Triton zero point), or None with the model unchanged. The GPU twin of
+    :func:`arq.quant.execution.enter_at_input_codes`.
+
+    The certification engine then has the Triton noise kernel write the noisy batch in that format
+    (:func:`arq.smoothing.noise.noisy_codes_batch`): the codes the layer would compute from the float noisy
+    batch, bit for bit (the same float32 subtraction and correctly rounded divisions, the same rounding),
+    so the logits and certificates are unchanged; no float32 batch is written, normalized and quantized
+    in separate passes."""
+    from arq.quant.execution import _first_layer, _input_format
+    from arq.smoothing.noise import InputCodes
+
+    found = _first_layer(packed_model, PackedConv2d, _PackedTracer())
+    if found is None or found[0].backend != "triton":
+        return None
+    found = _input_format(packed_model, found)
+    if found is None:
+        return None
+    layer, (mean, std) = found
+    layer.takes_codes = True
+    layer.reads_input_codes = True
+    zero_point = layer.triton_zero_point
+    return InputCodes(mean, std, layer.x_scale, zero_point, layer.code_min + zero_point, layer.code_max + zero_point,
+                      dtype=torch.int8)

@@ -17,6 +17,8 @@ for the chosen noise backend and device and caches the result:
     (``arq.quant.kernels.to_kernels(model, backend="triton")``, the same integer semantics and
     tolerance as the CPU integer model), tag ``"+packed"``; where Triton or that module is
     missing or the conversion fails, the fake-quant model (tag ``"+fakequant"``, one warning).
+    It enters at its first layer's input codes as the CPU integer model does (below), through
+    :func:`arq.quant.kernels.enter_at_input_codes`: int8 codes written by the Triton noise kernel.
   - with ``"torch"`` (the reference): the fake-quant model itself (tag ``""``, so its
     certificate is exactly the reference's).
 
@@ -27,7 +29,8 @@ models, a ResNet's stem), the engine enters it at that layer's input codes
 directly in that format (:func:`arq.smoothing.noise.noisy_codes_batch`): the same samples, and the
 codes the model would compute from their float images, bit for bit, so votes and certificates are
 unchanged. ``ARQ_INPUT_CODES=0`` keeps float images (for comparison); other models have
-``input_codes = None``.
+``input_codes = None``. The packed GPU model is entered the same way (int8 codes, made by the Triton
+noise kernel with the normalization fused).
 
 What a ``"cpp+int8"`` certificate certifies. The integer model is what a user deploys on
 CPU. Its integer accumulation is exact, while the fake-quant reference sums
@@ -306,16 +309,20 @@ def _prepare_packed_gpu(model: nn.Module, backend: str, device: torch.device):
     if not triton_usable(device):
         return model, "+fakequant"
     fingerprint = _fingerprint(model)
-    key = ("packed", str(device), False)
+    codes = input_codes_wanted()
+    key = ("packed", str(device), False, codes)
     with _LOCK:
         entries = _entries(model, fingerprint)
         if key not in entries:
             if model in _GPU_FAILURES:
                 return model, "+fakequant"
             try:
-                from arq.quant.kernels import to_kernels
+                from arq.quant.kernels import enter_at_input_codes, to_kernels
 
-                entries[key] = (fingerprint, to_kernels(model, backend="triton"), "+packed")
+                packed = to_kernels(model, backend="triton")
+                # read by arq.smoothing.core: make the noisy batches in this format (None: float images)
+                packed.input_codes = enter_at_input_codes(packed) if codes else None
+                entries[key] = (fingerprint, packed, "+packed")
             except Exception as error:  # a missing or failing optional path: run the reference model
                 import warnings
 
@@ -347,6 +354,8 @@ class CudaGraphForward:
 
     def __init__(self, model: Callable[[torch.Tensor], torch.Tensor]):
         self.model = model
+        # the replayed model's input format (arq.smoothing.core makes its noisy batches in it)
+        self.input_codes = getattr(model, "input_codes", None)
         self._graphs: dict[tuple, tuple | None] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

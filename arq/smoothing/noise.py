@@ -78,6 +78,8 @@ _SQRT_NEWTON_STEPS = 6
 
 MAX_COUNTER = 2**32
 
+_CODE_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
 
 def noise_tv_bound(num_elements: int) -> float:
     """Upper bound on the probability mass the sampler moves off N(0, I_d), d = ``num_elements``.
@@ -290,7 +292,9 @@ class InputCodes:
 
     each step one float32 operation in that order: what the model's own NormalizeLayer and that layer's
     activation quantizer compute. ``mean``/``std`` are the float32 values (0 and 1 for a model without
-    normalization: exact identities), ``scale`` is the quantizer's float32 step.
+    normalization: exact identities), ``scale`` is the quantizer's float32 step. ``dtype`` is the codes'
+    type: uint8 for the CPU integer model (oneDNN), int8 for the packed GPU kernels (whose 8-bit unsigned
+    codes travel as ``c - 128``: zero point -128); the batch is ``[B, C, H, W]`` in channels_last memory.
     """
 
     mean: tuple[float, ...]
@@ -299,6 +303,7 @@ class InputCodes:
     zero_point: int
     code_min: int
     code_max: int
+    dtype: torch.dtype = torch.uint8
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std) or not self.mean:
@@ -307,33 +312,38 @@ class InputCodes:
             raise ValueError(f"mean must be finite and std finite and > 0, got {self.mean} and {self.std}")
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be finite and > 0, got {self.scale}")
-        if not (0 <= self.code_min <= self.code_max <= 255 and 0 <= self.zero_point <= 255):
-            raise ValueError(f"need 0 <= code_min <= code_max <= 255 and zero_point in 0..255, got "
-                             f"{self.code_min}, {self.code_max}, {self.zero_point}")
+        if self.dtype not in _CODE_RANGES:
+            raise ValueError(f"dtype must be torch.uint8 or torch.int8, got {self.dtype}")
+        low, high = _CODE_RANGES[self.dtype]
+        if not (low <= self.code_min <= self.code_max <= high and low <= self.zero_point <= high):
+            raise ValueError(f"{self.dtype} codes need {low} <= code_min <= code_max <= {high} and zero_point in "
+                             f"{low}..{high}, got {self.code_min}, {self.code_max}, {self.zero_point}")
 
     def accepts(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is one input this format encodes: float32 ``[C, H, W]`` with ``C == len(mean)``."""
         return x.dtype == torch.float32 and x.dim() == 3 and x.shape[0] == len(self.mean)
 
     def tensors(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mean`` and ``std`` as float32 tensors ``[C]`` (the CPU pair made once: certify asks per batch)."""
-        if device is None or torch.device(device).type == "cpu":
-            return self._cpu_tensors
-        return (torch.tensor(self.mean, dtype=torch.float32, device=device),
-                torch.tensor(self.std, dtype=torch.float32, device=device))
+        """``mean`` and ``std`` as float32 tensors ``[C]`` (made once per device: certify asks per batch)."""
+        device = torch.device("cpu" if device is None else device)
+        if device not in self._tensors_by_device:
+            self._tensors_by_device[device] = (torch.tensor(self.mean, dtype=torch.float32, device=device),
+                                               torch.tensor(self.std, dtype=torch.float32, device=device))
+        return self._tensors_by_device[device]
 
     @functools.cached_property
-    def _cpu_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
+    def _tensors_by_device(self) -> dict:
+        return {}
 
     def encode(self, noisy: torch.Tensor) -> torch.Tensor:
-        """The codes of a float32 batch ``[B, C, H, W]`` (channels_last uint8), by the formula above in torch."""
+        """The codes of a float32 batch ``[B, C, H, W]`` (channels_last, ``dtype``), by the formula above in torch."""
         from arq.ops import quantize_codes_reference  # here: arq.ops imports arq.quant, which imports this package
 
         mean, std = self.tensors(noisy.device)
         normalized = (noisy - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         scale = torch.tensor(self.scale, dtype=torch.float32, device=noisy.device)
-        codes = quantize_codes_reference(normalized, scale, self.zero_point, self.code_min, self.code_max)
+        codes = quantize_codes_reference(normalized, scale, self.zero_point, self.code_min, self.code_max,
+                                         dtype=self.dtype)
         return codes.contiguous(memory_format=torch.channels_last)
 
 
@@ -349,9 +359,14 @@ def noisy_codes_batch(x: torch.Tensor, sigma: float, codes: InputCodes, *, seed:
                       sample_start: int, count: int, backend: str = "auto") -> torch.Tensor:
     """``count`` noisy copies of one input written directly in a first integer layer's input format:
     ``codes.encode(noisy_batch(x, sigma, ...))`` bit for bit (the same noise, so the same samples and
-    guarantee as the float path), ``[count, C, H, W]`` uint8 in channels_last memory. On CPU with arq._C
-    (``"cpp"``, or ``"auto"``) one pass, ``arq::noisy_input_codes``: no float32 batch is written or read
-    back; else the reference.
+    guarantee as the float path), ``[count, C, H, W]`` of ``codes.dtype`` in channels_last memory, made in
+    one pass where a kernel exists, so no float32 batch is written or read back:
+
+    * CPU with arq._C (``"cpp"``, or ``"auto"``), uint8 codes: ``arq::noisy_input_codes``;
+    * CUDA with Triton (``"cuda"``, ``"triton"`` or ``"auto"``; or ``"triton"`` on CPU under
+      ``TRITON_INTERPRET=1``): ``arq_kernels.noise.noisy_input`` with ``mean``/``std``, written NHWC
+      (the noise kernels of both backends give the same samples bit for bit);
+    * otherwise the reference.
 
     Args:
         x: one float32 input ``[C, H, W]`` with ``C == len(codes.mean)``.
@@ -361,7 +376,17 @@ def noisy_codes_batch(x: torch.Tensor, sigma: float, codes: InputCodes, *, seed:
     if not codes.accepts(x):
         raise ValueError(f"x must be one float32 input [{len(codes.mean)}, H, W], got {x.dtype} {tuple(x.shape)}")
     chosen = _choose_backend(backend, x.device)
-    if chosen != "cpp" or not _has_codes_kernel():
+    if chosen in ("cuda", "triton") and triton_usable(x.device):
+        _check_fields(seed, input_index, draw, sample_start, count)
+        from arq_kernels.noise import noisy_input
+
+        mean, std = codes.tensors(x.device)
+        nhwc = noisy_input(x.contiguous(), float(sigma), seed=seed, input_index=input_index, draw=draw,
+                           sample_start=sample_start, count=count, out_dtype=codes.dtype, out_scale=codes.scale,
+                           out_zero_point=codes.zero_point, qmin=codes.code_min - codes.zero_point,
+                           qmax=codes.code_max - codes.zero_point, layout="nhwc", mean=mean, std=std)
+        return nhwc.permute(0, 3, 1, 2)  # [count, C, H, W], channels_last memory: a view
+    if chosen != "cpp" or codes.dtype != torch.uint8 or not _has_codes_kernel():
         return noisy_codes_batch_reference(x, sigma, codes, seed=seed, input_index=input_index, draw=draw,
                                            sample_start=sample_start, count=count)
     _check_fields(seed, input_index, draw, sample_start, count)

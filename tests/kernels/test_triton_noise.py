@@ -122,6 +122,94 @@ def test_rejects_bad_arguments(device):
         noisy_input(x, 0.5, out=torch.empty(2, 3, 4, 4, dtype=torch.float16, device=device), **ok)
 
 
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
+
+
+# the packed GPU stem's formats: signed b-bit codes (zero point 0), 8-bit unsigned codes as c - 128
+# (zero point -128), low-bit unsigned codes; and the CPU integer model's uint8 with zero point 128
+@pytest.mark.parametrize(
+    "out_dtype, scale, zero_point, levels, shape, layout",
+    [(torch.int8, 0.0213, 0, (-127, 127), (3, 9, 7), "nhwc"),
+     (torch.int8, 0.41, 0, (-7, 7), (3, 5, 11), "nhwc"),
+     (torch.int8, 0.0119, -128, (0, 255), (1, 13, 5), "nhwc"),
+     (torch.int8, 0.09, 0, (0, 15), (2, 7, 7), "nchw"),
+     (torch.uint8, 0.0213, 128, (-128, 127), (3, 9, 7), "nhwc")],
+)
+def test_normalized_codes_are_the_codes_of_the_normalized_reference(out_dtype, scale, zero_point, levels, shape,
+                                                                     layout, device, generator):
+    """mean/std: the codes of ((x + sigma z) - mean[c]) / std[c] in float32, as the model's NormalizeLayer
+    and its first layer's quantizer compute them from the float noisy batch, bit for bit."""
+    from arq.ops import quantize_codes_reference
+
+    channels = shape[0]
+    x = torch.rand(*shape, generator=generator)
+    mean = torch.tensor((CIFAR_MEAN * 2)[:channels])
+    std = torch.tensor((CIFAR_STD * 2)[:channels])
+    count = 6
+    fields = dict(seed=(1 << 33) + 5, input_index=9, draw=DRAW_ESTIMATE, sample_start=(1 << 32) - count, count=count)
+    kwargs = dict(out_dtype=out_dtype, out_scale=scale, out_zero_point=zero_point, qmin=levels[0], qmax=levels[1],
+                  layout=layout, **fields)
+    out_shape = (count, shape[1], shape[2], channels) if layout == "nhwc" else (count, *shape)
+    out = _poisoned(out_shape, out_dtype, device)
+    got = noisy_input(x.to(device), 0.5, mean=mean.to(device), std=std.to(device), out=out, config=SMALL_BLOCKS,
+                      **kwargs).cpu()
+    assert torch.equal(got, noisy_input_reference(x, 0.5, mean=mean, std=std, **kwargs))
+    # the definition, through the float path: NormalizeLayer's float32 ops, then the quantizer
+    value = noisy_batch_reference(x, 0.5, **fields)
+    normalized = (value - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    codes = quantize_codes_reference(normalized, scale, zero_point, levels[0] + zero_point, levels[1] + zero_point,
+                                     dtype=out_dtype)
+    assert torch.equal(got, codes.permute(0, 2, 3, 1) if layout == "nhwc" else codes)
+    spread = got.to(torch.int64)
+    assert spread.min() == levels[0] + zero_point or spread.max() == levels[1] + zero_point  # clamps reached
+    assert len(spread.unique()) > 5
+
+
+def test_normalization_ties_round_half_to_even(device):
+    """Normalized values on exact .5 code boundaries (a tiny sigma keeps x + sigma z on x in float32)."""
+    x = torch.tensor([1.5, 2.5, 0.5, -0.5, 3.5, 6.0], dtype=torch.float32).view(1, 2, 3)
+    mean, std = torch.tensor([0.5]), torch.tensor([0.5])  # (v - 0.5) / 0.5: 2, 4, 0, -2, 6, 11 (exact)
+    kwargs = dict(out_dtype=torch.int8, out_scale=4.0, seed=0, input_index=0, draw=0, sample_start=0, count=2)
+    got = noisy_input(x.to(device), 1e-30, mean=mean.to(device), std=std.to(device), **kwargs).cpu()
+    # quotients 0.5, 1, 0, -0.5, 1.5, 2.75
+    assert got[0].flatten().tolist() == [0, 1, 0, 0, 2, 3]
+    assert torch.equal(got, noisy_input_reference(x, 1e-30, mean=mean, std=std, **kwargs))
+
+
+def test_normalization_rejects_bad_arguments(device):
+    x = torch.rand(3, 4, 4, device=device)
+    mean, std = torch.zeros(3, device=device), torch.ones(3, device=device)
+    ok = dict(seed=0, input_index=0, draw=0, sample_start=0, count=2, out_dtype=torch.int8, out_scale=0.1)
+    with pytest.raises(ValueError, match="mean and std go together"):
+        noisy_input(x, 0.5, mean=mean, **ok)
+    with pytest.raises(ValueError, match="before quantizing"):
+        noisy_input(x, 0.5, mean=mean, std=std, **{**ok, "out_dtype": torch.float32, "out_scale": None})
+    with pytest.raises(ValueError, match="before quantizing"):
+        noisy_input(x.double(), 0.5, mean=mean, std=std, **ok)
+    with pytest.raises(ValueError, match="mean must be a float32 tensor of 3 values"):
+        noisy_input(x, 0.5, mean=torch.zeros(2, device=device), std=std, **ok)
+    with pytest.raises(ValueError, match="std must be a float32 tensor"):
+        noisy_input(x, 0.5, mean=mean, std=std.double(), **ok)
+    with pytest.raises(ValueError, match="std finite and > 0"):
+        noisy_input(x, 0.5, mean=mean, std=torch.tensor([1.0, 0.0, 1.0], device=device), **ok)
+
+
+@pytest.mark.parametrize("dtype, zero_point, code_min, code_max",
+                         [(torch.int8, 0, -127, 127), (torch.int8, -128, -128, 127), (torch.uint8, 128, 0, 255)])
+def test_noisy_codes_batch_on_triton_is_the_reference(dtype, zero_point, code_min, code_max, device, generator):
+    """arq.smoothing.noise.noisy_codes_batch through the Triton kernel: InputCodes.encode of the float
+    noisy batch, [count, C, H, W] in channels_last memory."""
+    from arq.smoothing.noise import InputCodes, noisy_codes_batch, noisy_codes_batch_reference
+
+    codes = InputCodes(tuple(CIFAR_MEAN), tuple(CIFAR_STD), 0.0173, zero_point, code_min, code_max, dtype=dtype)
+    x = torch.rand(3, 8, 6, generator=generator)
+    fields = dict(seed=42, input_index=3, draw=DRAW_ESTIMATE, sample_start=100, count=5)
+    got = noisy_codes_batch(x.to(device), 0.25, codes, backend="triton", **fields)
+    assert got.dtype == dtype and got.shape == (5, 3, 8, 6)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.cpu(), noisy_codes_batch_reference(x, 0.25, codes, **fields))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_imagenet_sized_batch_matches_reference():

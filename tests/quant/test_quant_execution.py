@@ -439,13 +439,18 @@ def _noisy_images(count, seed=3):
     return torch.rand(count, 3, 32, 32, generator=generator) + 0.25 * torch.randn(count, 3, 32, 32, generator=generator)
 
 
-@pytest.mark.parametrize("normalized", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("normalized", ["arq", "own", "raw"], ids=["NormalizeLayer", "own-normalization", "raw"])
 @pytest.mark.parametrize("bits,residual_bits", [((8, 8), 8), ((4, 4), 32), ((3, 5), 8)])
 def test_entered_at_its_input_codes_the_integer_model_computes_the_same_logits(normalized, bits, residual_bits):
+    """arq's NormalizeLayer, a model's own ``(x - mean) / std`` module (quant_nets.Normalize), or none."""
     from arq.quant.execution import enter_at_input_codes
+    from quant_nets import Normalize
 
     model = _arq_normalized_resnet()
-    if not normalized:
+    if normalized == "own":
+        model = nn.Sequential(Normalize([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]), model[1])
+        model.arq_metadata = {"sigma": 0.25, "num_classes": 10}
+    elif normalized == "raw":
         model = nn.Sequential(model[1])
         model.arq_metadata = {"sigma": 0.25, "num_classes": 10}
     calibration = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -456,17 +461,78 @@ def test_entered_at_its_input_codes_the_integer_model_computes_the_same_logits(n
     assert codes is not None
     stem = next(m for m in entered.modules() if isinstance(m, IntegerConv2d))
     assert stem.takes_codes and "takes codes" in repr(stem)
-    quantizer = qmodel.get_submodule("1.conv1" if normalized else "0.conv1").input_quantizer
+    quantizer = qmodel.get_submodule("0.conv1" if normalized == "raw" else "1.conv1").input_quantizer
     assert codes.scale == float(quantizer.scale) and codes.code_max - codes.code_min == quantizer.levels[1] - quantizer.levels[0]
-    if normalized:
+    if normalized != "raw":
         assert codes.mean == tuple(float(v) for v in qmodel[0].mean.flatten())
+        assert codes.std == tuple(float(v) for v in qmodel[0].std.flatten())
+    if normalized == "arq":
         assert isinstance(entered[0], nn.Identity)
-    else:
+    elif normalized == "raw":
         assert codes.mean == (0.0, 0.0, 0.0) and codes.std == (1.0, 1.0, 1.0)
     x = _noisy_images(48)
     with torch.no_grad():
         assert torch.equal(entered(codes.encode(x)), floats(x))
     assert enter_at_input_codes(entered) is None  # already entered at its codes
+
+
+class _Standardize(nn.Module):
+    """A model's own normalization written some way: ``(x - mean) / std`` is recognized, the rest is not."""
+
+    def __init__(self, how: str, channels: int = 3):
+        super().__init__()
+        self.how = how
+        self.register_buffer("mean", torch.linspace(0.4, 0.5, channels).view(1, -1, 1, 1))
+        std = torch.linspace(0.2, 0.3, channels)
+        if how == "zero std":
+            std[1] = 0.0
+        self.register_buffer("std", std.view(-1, 1, 1) if how == "[C, 1, 1]" else std.view(1, -1, 1, 1))
+        if how == "float64":
+            self.mean = self.mean.double()
+
+    def forward(self, x):
+        if self.how in ("standard", "[C, 1, 1]", "zero std", "float64"):
+            return (x - self.mean) / self.std
+        if self.how == "torch functions":
+            return torch.div(torch.sub(x, self.mean), self.std)
+        if self.how == "times inverse":
+            return (x - self.mean) * (1.0 / self.std)
+        if self.how == "then clamp":
+            return ((x - self.mean) / self.std).clamp(-3, 3)
+        if self.how == "checks shape":
+            if x.shape[1] != 3:
+                raise ValueError("three channels")
+            return (x - self.mean) / self.std
+        raise AssertionError(self.how)
+
+
+def test_normalization_values_recognize_exactly_the_standardization():
+    from arq.models.normalize import NormalizeLayer
+    from arq.quant.execution import normalization_values
+
+    mean = tuple(float(v) for v in torch.linspace(0.4, 0.5, 3))
+    std = tuple(float(v) for v in torch.linspace(0.2, 0.3, 3))
+    for how in ("standard", "[C, 1, 1]", "torch functions"):
+        assert normalization_values(_Standardize(how)) == (mean, std), how
+    for how in ("times inverse", "then clamp", "checks shape", "zero std", "float64"):
+        assert normalization_values(_Standardize(how)) is None, how
+    layer = NormalizeLayer([0.1307], [0.3081])
+    assert normalization_values(layer) == ((float(layer.mean),), (float(layer.std),))
+    assert normalization_values(nn.Identity()) is None and normalization_values(nn.BatchNorm2d(3)) is None
+
+
+class _InlineStandardization(nn.Module):
+    """The standardization inside a forward that is not a graph: it cannot be taken out."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
+        self.register_buffer("std", torch.full((1, 3, 1, 1), 0.25))
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv((x - self.mean) / self.std)).mean((2, 3)))
 
 
 class _InputReadTwice(nn.Module):
@@ -484,11 +550,12 @@ def test_models_whose_input_goes_elsewhere_keep_their_float_entry():
     from arq.quant.execution import enter_at_input_codes
 
     calibration = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    twice = _InputReadTwice().eval()
+    twice, inline = _InputReadTwice().eval(), _InlineStandardization().eval()
     float_stem = _arq_normalized_resnet()
     bits = {name: LayerBits(8, 8) for name, _ in quant.quantizable_layers(float_stem)}
     bits["1.conv1"] = LayerBits(32, 8)  # the stem stays a fake-quant float layer
-    for model, policy in ((twice, Policy.uniform(twice, 8, 8)), (float_stem, Policy(bits))):
+    for model, policy in ((twice, Policy.uniform(twice, 8, 8)), (float_stem, Policy(bits)),
+                          (inline, Policy.uniform(inline, 8, 8))):
         integer = to_integer(quant.quantize(model, policy, calibration))
         before = repr(integer)
         assert enter_at_input_codes(integer) is None

@@ -288,6 +288,7 @@ def _compare_triton_with_cpp(device: str) -> None:
     _compare_chained_residual_net(device)
     _compare_fused_resnet(device)
     _compare_in_place_writes_block_fusion(device)
+    _compare_input_codes_entry(device)
 
 
 def _compare_chained_residual_net(device: str) -> None:
@@ -405,6 +406,85 @@ def _compare_fused_resnet(device: str) -> None:
             logits = fused(x.to(device))
             assert torch.equal(logits, unfused(x.to(device)))
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+def _compare_input_codes_entry(device: str) -> None:
+    """arq.quant.kernels.enter_at_input_codes: the packed stem reads int8 codes made by the Triton noise
+    kernel (normalization fused), and the logits are those of the float entry on the float noisy batch,
+    bit for bit. Formats: a CIFAR ResNet behind a normalization module of its own (traced inline; signed
+    4- and 8-bit stems, mixed bits) and behind arq's NormalizeLayer (kept whole); a model without
+    normalization whose first layer has 8-bit unsigned codes (zero point -128).
+    The votes through arq.smoothing.core follow the codes; a model whose input has two readers, or whose
+    first layer stayed fake-quant, keeps its float entry."""
+    from quant_nets import CifarResNet, randomize_batchnorm
+
+    from arq.models.normalize import NormalizeLayer
+    from arq.quant.kernels import enter_at_input_codes
+    from arq.smoothing.core import sample_counts
+    from arq.smoothing.noise import noisy_batch_reference, noisy_codes_batch
+
+    generator = torch.Generator().manual_seed(11)
+    calibration = torch.rand(6, 3, 10, 10, generator=generator)
+    unsigned_stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(400, 3)).eval()
+    unsigned_stem.arq_metadata = {"num_classes": 3}
+    cases = []
+    for bits in (4, 8):
+        model = cifar_resnet(depth=8, seed=bits)
+        cases.append((f"resnet W{bits}A{bits}", model, Policy.uniform(model, bits, bits)))
+    model = cifar_resnet(depth=8, seed=3)
+    cases.append(("resnet mixed", model, mixed_resnet_policy(model)))
+    model = nn.Sequential(NormalizeLayer([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]), CifarResNet(8))
+    randomize_batchnorm(model, torch.Generator().manual_seed(5))
+    model.arq_metadata = {"num_classes": 10}
+    cases.append(("resnet behind arq's NormalizeLayer", model.eval(), Policy.uniform(model, 8, 8)))
+    cases.append(("unsigned 8-bit stem", unsigned_stem, Policy({"0": LayerBits(4, 8), "3": LayerBits(4, 8)})))
+    fields = dict(seed=77, input_index=4, draw=1, sample_start=30, count=5)
+    x = torch.rand(3, 10, 10, generator=generator).to(device)
+    for name, model, policy in cases:
+        qmodel = quant.quantize(model, policy, calibration).to(device)
+        float_entry = to_kernels(qmodel, backend="triton")
+        entered = to_kernels(qmodel, backend="triton")
+        codes = enter_at_input_codes(entered)
+        assert codes is not None and codes.dtype == torch.int8, name
+        stem = next(m for m in entered.modules() if isinstance(m, PackedConv2d))
+        assert stem.takes_codes and stem.reads_input_codes, name
+        assert (codes.code_min, codes.code_max) == (stem.code_min + stem.triton_zero_point,
+                                                    stem.code_max + stem.triton_zero_point), name
+        if name.startswith("unsigned"):
+            assert (codes.zero_point, codes.code_min, codes.code_max) == (-128, -128, 127)
+            assert codes.mean == (0.0,) * 3 and codes.std == (1.0,) * 3
+        else:
+            assert stem.signed and not any(isinstance(m, NormalizeLayer) for m in entered.modules()), name
+        noisy = noisy_batch_reference(x, 0.5, **fields)
+        noisy_codes = noisy_codes_batch(x, 0.5, codes, backend="triton", **fields)
+        assert torch.equal(noisy_codes, codes.encode(noisy)), name
+        with torch.no_grad():
+            assert torch.equal(entered(noisy_codes), float_entry(noisy)), name
+        with pytest.raises(ValueError, match="int8 input codes"):
+            entered(noisy)
+        entered.input_codes = codes  # as the engine sets it
+        common = dict(sigma=0.5, num=9, draw=1, seed=5, input_index=2, batch_size=4, backend="triton")
+        counts = sample_counts(entered, x, num_classes=qmodel.arq_metadata["num_classes"], **common)
+        assert torch.equal(counts, sample_counts(float_entry, x, num_classes=qmodel.arq_metadata["num_classes"],
+                                                 **common)), name
+        assert int(counts.sum()) == 9
+
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(400 + 300, 3)
+
+        def forward(self, x):
+            return self.head(torch.cat([self.stem(x).flatten(1), x.flatten(1)], 1))
+
+    qmodel = quant.quantize(TwoReaders().eval(), Policy({"stem": LayerBits(4, 8), "head": LayerBits(4, 8)}),
+                            calibration).to(device)
+    packed = to_kernels(qmodel, backend="triton")
+    assert enter_at_input_codes(packed) is None and not packed.stem.takes_codes
+    float_stem = quant.quantize(unsigned_stem, Policy({"0": LayerBits(32, 32), "3": LayerBits(4, 8)}),
+                                calibration).to(device)
+    assert enter_at_input_codes(to_kernels(float_stem, backend="triton")) is None
 
 
 @pytest.mark.triton

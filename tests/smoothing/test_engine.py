@@ -218,6 +218,34 @@ def test_cuda_graph_replays_count_as_the_eager_model(qmodel, mnist):
         engine.clear_cache(model)
 
 
+def test_a_graphed_model_keeps_its_input_format():
+    """arq.smoothing.core makes the noisy batches in the prepared model's input format: the graph
+    wrapper must show the format of the model it replays (capture is lazy: no GPU is touched)."""
+    from arq.smoothing.noise import InputCodes
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    assert engine.CudaGraphForward(model).input_codes is None
+    model.input_codes = InputCodes((0.5,), (0.25,), 0.02, 0, -127, 127, dtype=torch.int8)
+    assert engine.CudaGraphForward(model).input_codes is model.input_codes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_packed_model_reads_its_input_codes(monkeypatch, qmodel, mnist):
+    """On CUDA the packed model enters at its stem's int8 codes, written by the Triton noise kernel with
+    the normalization fused; the certificates are those of its float entry, exactly."""
+    gpu_model = copy.deepcopy(qmodel).cuda().eval()
+    images = mnist[0].cuda()
+    prepared, tag = engine.prepare_model(gpu_model, "auto", "cuda")
+    if tag != "+packed":
+        pytest.skip(f"the packed GPU path is not available here ({tag!r})")
+    assert prepared.input_codes is not None and prepared.input_codes.dtype == torch.int8
+    entered = arq.certify(gpu_model, images, sigma=0.6, n=N, n0=N0, batch_size=256)
+    monkeypatch.setenv("ARQ_INPUT_CODES", "0")
+    assert engine.prepare_model(gpu_model, "auto", "cuda")[0].input_codes is None
+    assert arq.certify(gpu_model, images, sigma=0.6, n=N, n0=N0, batch_size=256) == entered
+
+
 def test_model_batches_split_cpu_batches_into_near_equal_chunks(monkeypatch):
     monkeypatch.setenv("ARQ_CPU_CHUNK", "128")
     sizes = lambda n: [part.shape[0] for part in engine.model_batches(torch.empty(n, 3))]  # noqa: E731

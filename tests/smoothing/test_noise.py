@@ -191,6 +191,27 @@ def test_noise_codes_reject_what_has_no_codes():
         noise.InputCodes((0.5,), (0.2,), 0.0, 0, 0, 255)
     with pytest.raises(ValueError, match="code_min <= code_max"):
         noise.InputCodes((0.5,), (0.2,), 0.02, 0, 10, 5)
+    with pytest.raises(ValueError, match="uint8 codes need 0 <= code_min"):
+        noise.InputCodes((0.5,), (0.2,), 0.02, -128, -128, 127)
+    with pytest.raises(ValueError, match="int8 codes need -128 <= code_min"):
+        noise.InputCodes((0.5,), (0.2,), 0.02, 0, 0, 255, dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype must be torch.uint8 or torch.int8"):
+        noise.InputCodes((0.5,), (0.2,), 0.02, 0, 0, 255, dtype=torch.int16)
     if compiled_ops_available():
         with pytest.raises(RuntimeError, match="x must be finite"):
             noise.noisy_codes_batch(torch.full((1, 3, 3), float("nan")), 0.5, codes, backend="cpp", **fields)
+
+
+def test_int8_codes_off_cpu_kernels_are_the_reference():
+    """int8 codes (the packed GPU kernels' format) have no C++ kernel: on CPU every backend but Triton
+    gives the reference, which encodes as the formula says (8-bit unsigned codes as c - 128)."""
+    x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(8))
+    codes = noise.InputCodes((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 0.013, -128, -128, 127, dtype=torch.int8)
+    fields = dict(seed=3, input_index=1, draw=noise.DRAW_ESTIMATE, sample_start=0, count=4)
+    got = noise.noisy_codes_batch(x, 0.25, codes, **fields)
+    assert got.dtype == torch.int8 and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, noise.noisy_codes_batch_reference(x, 0.25, codes, **fields))
+    value = noise.noisy_batch_reference(x, 0.25, **fields)
+    unsigned = torch.clamp(torch.round(((value - codes.tensors()[0].view(1, -1, 1, 1))
+                                        / codes.tensors()[1].view(1, -1, 1, 1)) / torch.tensor(0.013)), 0, 255)
+    assert torch.equal(got.to(torch.int64), unsigned.to(torch.int64) - 128)
