@@ -41,11 +41,11 @@ so in a ResNet every add is oneDNN's, on two uint8 tensors, as in torchao's pt2e
 Where a reader's input quantizer has the stream's grid (equal bits: both are calibrated on the same
 tensor, so W8A8 with an 8-bit stream), requantizing is the identity and the codes pass through
 (``stream_passes_through``, decided by evaluating the reference on every stream code).
-Measured on the 2-core AVX2 development host (README, "Measured performance"), before the
+Measured on the 2-core AVX2 development host (docs/performance-log.md), before the
 shortcuts were quantized: eager, 1.33x (ResNet-20) and 1.48x (ResNet-110) the float32 stream;
 compiled, level with it (the compiled add then worked on a uint8 copy; it now overwrites the
 earlier stream where that is dead, through the oneDNN op that Inductor lowers). On the AVX-512 host,
-compiled, the shortcuts on the stream ran 1.10x the float shortcuts (ResNet-20, README). It is a
+compiled, the shortcuts on the stream ran 1.10x the float shortcuts (ResNet-20, docs/performance-log.md). It is a
 modelling choice first: certify it when the deployed network quantizes its adds.
 
 Tolerance against the fake-quant reference: the integer accumulation is exact, the
@@ -123,8 +123,8 @@ def cpu_has_vnni() -> bool:
 def lowbit_conv_preferred() -> bool:
     """Whether ``conv_kernel="auto"`` runs eligible k x k (k > 1) convolutions through
     ``arq::lowbit_conv2d``: on CPUs whose best integer path is AVX2 (no VNNI, no AVX-512), where
-    oneDNN spends two multiplies per 32 MACs and the op one. Measured there (README, "Measured
-    performance"), against oneDNN: 3x3 ResNet layers 0.85-1.08x (median), 1x1 ones 0.64-0.71x (so
+    oneDNN spends two multiplies per 32 MACs and the op one. Measured there (docs/performance-log.md),
+    against oneDNN: 3x3 ResNet layers 0.85-1.08x (median), 1x1 ones 0.64-0.71x (so
     those stay on oneDNN); end to end 0.98-1.03x on ResNet-20 and 0.98-1.11x on ResNet-110
     (1.08-1.11x with an 8-bit residual stream). With VNNI oneDNN multiplies once per 64 MACs
     (AVX-512) and the op has nothing to gain; not measured there."""
