@@ -488,6 +488,7 @@ def _compare_input_codes_entry(device: str) -> None:
 
 
 @pytest.mark.triton
+@pytest.mark.gpu  # also on CPU, under the interpreter; gpu_check.sh's "-m gpu" runs it on the card
 @needs_cpp
 def test_triton_backend_matches_cpp():
     pytest.importorskip("triton")
