@@ -147,8 +147,8 @@ class IntegerExecutionConfig:
         split_8bit: "auto" splits 8-bit activation codes of 8-bit-weight layers when the
             CPU has no VNNI (see the module docstring), "always" / "never" force it.
         compile: wrap the result in ``torch.compile`` (:class:`CompiledIntegerModel`; Inductor
-            fuses the quantization of each activation with the float ops before it). The first call compiles
-            (about a minute for a ResNet on 2 cores).
+            fuses the quantization of each activation with the float ops before it). The first call of
+            each batch shape compiles (10-20 s for a ResNet on 2 cores; see ``arq.smoothing.engine``).
         fuse_epilogues: let a convolution whose only use is the next integer layer
             (through ReLU or identities) write that layer's uint8 codes, and one followed by
             a residual add (and ReLU) do the add in its epilogue (module docstring). Needs
