@@ -335,3 +335,39 @@ def test_noise_enters_as_the_first_layers_codes_with_the_same_votes(qmodel, mnis
     assert torch.equal(sample_counts(entered, images[0], **common), float_counts)
     assert arq.certify(qmodel, images, sigma=0.6, n=N, n0=N0, batch_size=256) == float_results
     assert arq.predict(qmodel, images[1], n=N, batch_size=256) == float_prediction
+
+
+class _OwnNormalize(nn.Module):
+    """A model's own normalization layer (not arq's NormalizeLayer), written the usual way."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.1307]).view(1, 1, 1, 1))
+        self.register_buffer("std", torch.tensor([0.3081]).view(1, 1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+@pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_models_own_normalization_enters_at_the_codes_too(compiled, mnist, monkeypatch):
+    """The engine recognizes a ``(x - mean) / std`` module of the model's own, eager and compiled: the
+    codes entry is taken and every class count is the float entry's."""
+    from arq.smoothing.core import sample_counts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_OwnNormalize(), nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 7 * 7, 10))
+    model.arq_metadata = {"sigma": 0.5, "num_classes": 10}
+    qmodel = arq.quantize(model.eval(), arq.quant.Policy.uniform(model, 8, 8), mnist[1][:64])
+    common = dict(sigma=0.5, num=300, draw=1, seed=3, input_index=0, batch_size=150, num_classes=10, backend="cpp")
+    entered, _ = engine.prepare_model(qmodel, "cpp", "cpu", compile=compiled)
+    assert entered.input_codes is not None and entered.input_codes.std == (float(torch.tensor(0.3081)),)
+    monkeypatch.setenv("ARQ_INPUT_CODES", "0")
+    floats, _ = engine.prepare_model(qmodel, "cpp", "cpu", compile=compiled)
+    assert floats.input_codes is None
+    for image in mnist[0][:2]:
+        counts = sample_counts(entered, image, **common)
+        assert torch.equal(counts, sample_counts(floats, image, **common))
+        assert int((counts > 0).sum()) >= 2  # votes split: equal counts say something
