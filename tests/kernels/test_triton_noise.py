@@ -192,6 +192,10 @@ def test_normalization_rejects_bad_arguments(device):
         noisy_input(x, 0.5, mean=mean, std=std.double(), **ok)
     with pytest.raises(ValueError, match="std finite and > 0"):
         noisy_input(x, 0.5, mean=mean, std=torch.tensor([1.0, 0.0, 1.0], device=device), **ok)
+    noisy_input(x, 0.5, mean=mean, std=std, **ok)  # checked once, then remembered per tensor version
+    std[1] = float("inf")  # changed in place: checked again
+    with pytest.raises(ValueError, match="std finite and > 0"):
+        noisy_input(x, 0.5, mean=mean, std=std, **ok)
 
 
 @pytest.mark.parametrize("dtype, zero_point, code_min, code_max",
