@@ -63,7 +63,7 @@ networks, ``ARQ_E2E_ROUNDS`` sets the round-robin rounds (default 3, after one u
 n = samples - 100, in batches of 400: a short call also runs a batch of 100 and one of 300 and checks the model's
 classes once, which a peer's single loop of full batches does not; longer calls weigh those less, as
 certification at n = 100,000 does). On the GPU (batch 1000) a call is 100,000 samples on ResNet-20 and 30,000
-on ResNet-110 (10,000 and 20,000 before 2026-11-28, so the session-5 figures weigh the fixed costs more).
+on ResNet-110 (20,000 and 10,000 before 2026-11-28, so the session-5 figures weigh the fixed costs more).
 """
 from __future__ import annotations
 
