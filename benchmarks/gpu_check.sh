@@ -173,7 +173,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     # one step (and one JSON) per network, so that a slow build costs one network, not both;
     # ResNet-110 first: the GPU target is stated for it
     for arch in resnet110 resnet20; do
-        wanted "bench_e2e_gpu_$arch" && step "bench_e2e_gpu_$arch" 100 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch \
+        wanted "bench_e2e_gpu_$arch" && step "bench_e2e_gpu_$arch" 130 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch \
             ARQ_E2E_ROUNDS=5 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
             --benchmark-json="$OUT/bench_e2e_gpu_$arch.json"
         if [ "$arch" = resnet110 ] && wanted "bench_e2e_gpu_$arch" \
