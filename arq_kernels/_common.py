@@ -72,13 +72,16 @@ def pick_config(family: str, device: torch.device, bucket: str | tuple[str, ...]
     """The tuned launch config of ``family`` for ``device`` (``configs/<family>.json``).
 
     The JSON maps a device key (``"interpreter"``, a CUDA device name such as
-    ``"NVIDIA H100 80GB HBM3"``, or ``"cuda"`` for any other GPU) to ``{bucket: config}``;
+    ``"NVIDIA H200"``, or ``"cuda"`` for any other GPU, and for every GPU when
+    ``ARQ_TRITON_TUNED=0``) to ``{bucket: config}``;
     a config is a dict of block sizes plus ``num_warps`` and ``num_stages``. ``bucket`` may be
     a sequence: the first one the device's table has wins, else ``"default"``.
     """
     table = _config_table(family)
     if interpreting() or device.type != "cuda":
         key = "interpreter"
+    elif os.environ.get("ARQ_TRITON_TUNED", "1").strip() == "0":
+        key = "cuda"  # the generic entries on every card (an A/B against the tuned ones)
     else:
         name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
         key = name if name in table else "cuda"

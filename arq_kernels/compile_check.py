@@ -131,6 +131,16 @@ def _variants():
              "WORD_TILES": block_k % (32 // bits) == 0, **epi, **narrow},
             {"num_warps": 4, "num_stages": 3, **fused},
         ))
+    # -- the tiles measured on an H200 (configs/*.json "NVIDIA H200"), with the fused epilogues
+    for block_m, block_n, block_k, warps, which in [(256, 16, 32, 4, 1), (256, 32, 64, 8, 4), (64, 64, 64, 4, 4)]:
+        tuned = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+        label, ptrs, epi = epilogues[which]
+        variants.append((
+            f"packed_conv2d[3x3, b4, {label}, {block_m}x{block_n}x{block_k} w{warps}]", packed_conv._packed_conv2d_kernel,
+            {**gemm_types, **ptrs},
+            {"X_ZP": False, "KH": 3, "KW": 3, "BITS": 4, "VALUES": 8, "WORD_TILES": True, **epi, **tuned},
+            {"num_warps": warps, "num_stages": 3, **fused},
+        ))
     variants.append((
         "packed_linear[b4, fp16+res, n16]", packed_matmul._packed_linear_kernel, {**gemm_types, **epilogues[2][1]},
         {"X_ZP": False, "BITS": 4, "VALUES": 8, "WORD_TILES": True, **epilogues[2][2],
@@ -155,7 +165,7 @@ _FORBIDDEN = {
 
 def _quantizes(label: str) -> bool:
     """Whether the variant writes integer codes (and so divides by a quantization step)."""
-    return any(part in label for part in ("quantize_nhwc", "noisy_input[int8]", "noisy_input[uint8]", "int8+", "codes"))
+    return any(part in label for part in ("quantize_nhwc", "noisy_input[int8", "noisy_input[uint8", "int8+", "codes"))
 
 
 def check(arch: int, verbose: bool = True, only: str | None = None) -> list[str]:

@@ -21,7 +21,8 @@
 # Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
 # (default 470: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
 # test and benchmark steps to run, space-separated: tests_gpu tests_kernels bench_e2e_gpu_resnet110
-# bench_e2e_gpu_resnet110_div_rn bench_e2e_gpu_resnet20 bench_kernels profile memcheck; default all;
+# bench_e2e_gpu_resnet110_div_rn bench_e2e_gpu_resnet110_generic_configs bench_e2e_gpu_resnet20 bench_kernels
+# profile memcheck; default all;
 # "tune", only when named, measures the Triton launch configs on the card).
 set -u
 cd "$(dirname "$0")/.."
@@ -195,6 +196,15 @@ if [ "$HAS_CUDA" = 1 ]; then
                 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
                 --benchmark-json="$OUT/bench_e2e_gpu_${arch}_div_rn.json"
         fi
+        if [ "$arch" = resnet110 ] && wanted bench_e2e_gpu_resnet110_generic_configs; then
+            # the A/B of the launch configs tuned on an H200 (arq_kernels/configs/*.json): the packed
+            # paths again with the generic "cuda" entries, the FP16 peer in the same run (JSON in logs.tgz)
+            step bench_e2e_gpu_resnet110_generic_configs 90 env ARQ_TRITON_TUNED=0 \
+                TRITON_CACHE_DIR="$WORK/triton-cache-generic" ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=5 \
+                ARQ_E2E_VARIANTS=arq_w8a8,arq_w4a4,fp16_cl_cudagraphs \
+                "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
+                --benchmark-json="$WORK/bench_e2e_gpu_${arch}_generic_configs.json"
+        fi
     done
     wanted bench_kernels && step bench_kernels 80 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         --benchmark-only --benchmark-group-by=group --benchmark-json="$OUT/bench_kernels.json"
@@ -211,8 +221,8 @@ if [ "$HAS_CUDA" = 1 ]; then
             "$PYTHON" -m benchmarks.gpu_memcheck resnet110
     fi
 else
-    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet110_div_rn bench_e2e_gpu_resnet20 \
-            bench_kernels profile memcheck; do
+    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet110_div_rn \
+            bench_e2e_gpu_resnet110_generic_configs bench_e2e_gpu_resnet20 bench_kernels profile memcheck; do
         skip "$name" "no CUDA device"
     done
 fi

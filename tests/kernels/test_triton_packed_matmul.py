@@ -230,3 +230,29 @@ def test_gemm_configs_follow_the_layer_width(monkeypatch):
         assert _common.pick_config(family, gpu, _common.width_buckets(64))["BLOCK_N"] == 64
         assert _common.pick_config(family, gpu, _common.width_buckets(512))["BLOCK_N"] == 128
         assert _common.pick_config(family, gpu, ("no_such_bucket",)) == _common.pick_config(family, gpu)
+
+
+def test_tuned_device_configs_and_their_off_switch(monkeypatch):
+    """A card with its own entries (configs/*.json, measured there) gets them; ARQ_TRITON_TUNED=0 gives
+    every card the generic "cuda" entries; every entry is a launchable config (tile sizes for int8 dots)."""
+    import json
+
+    from arq_kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "_device_name", lambda index: "NVIDIA H200")
+    gpu = torch.device("cuda", 0)
+    tuned = _common.pick_config("packed_conv", gpu, _common.width_buckets(64))
+    assert (tuned["BLOCK_M"], tuned["BLOCK_N"]) == (64, 64)  # measured on an H200
+    monkeypatch.setenv("ARQ_TRITON_TUNED", "0")
+    generic = _common.pick_config("packed_conv", gpu, _common.width_buckets(64))
+    assert generic == json.load(open(_common._CONFIG_DIR / "packed_conv.json"))["cuda"]["small_n"] != tuned
+    for family in ("packed_conv", "packed_matmul"):
+        table = json.load(open(_common._CONFIG_DIR / f"{family}.json"))
+        for device, buckets in table.items():
+            if device == "_doc":
+                continue
+            assert "default" in buckets, (family, device)
+            for config in buckets.values():
+                assert config["BLOCK_K"] >= 16 and config["BLOCK_N"] >= 16 and config["BLOCK_M"] >= 16
+                assert all(config[key] & (config[key] - 1) == 0 for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
