@@ -360,7 +360,8 @@ def _check_normalization(x, out_dtype, mean, std) -> bool:
         if len(_VALUES_CHECKED) > 64:
             _VALUES_CHECKED.clear()
         for tensor in (mean, std):
-            _VALUES_CHECKED[id(tensor)] = (weakref.ref(tensor), tensor._version)
+            if not tensor.is_inference():  # an inference tensor has no version counter: checked every call
+                _VALUES_CHECKED[id(tensor)] = (weakref.ref(tensor), tensor._version)
     return True
 
 
@@ -369,6 +370,8 @@ _VALUES_CHECKED: dict[int, tuple] = {}
 
 
 def _values_checked(tensor: torch.Tensor) -> bool:
+    if tensor.is_inference():
+        return False
     entry = _VALUES_CHECKED.get(id(tensor))
     return entry is not None and entry[0]() is tensor and entry[1] == tensor._version
 

@@ -327,8 +327,11 @@ class InputCodes:
         """``mean`` and ``std`` as float32 tensors ``[C]`` (made once per device: certify asks per batch)."""
         device = torch.device("cpu" if device is None else device)
         if device not in self._tensors_by_device:
-            self._tensors_by_device[device] = (torch.tensor(self.mean, dtype=torch.float32, device=device),
-                                               torch.tensor(self.std, dtype=torch.float32, device=device))
+            # ordinary tensors even when first asked inside inference mode (certify's), so the Triton
+            # kernel's check of their values is remembered by version rather than redone per batch
+            with torch.inference_mode(False):
+                self._tensors_by_device[device] = (torch.tensor(self.mean, dtype=torch.float32, device=device),
+                                                   torch.tensor(self.std, dtype=torch.float32, device=device))
         return self._tensors_by_device[device]
 
     @functools.cached_property

@@ -196,6 +196,12 @@ def test_normalization_rejects_bad_arguments(device):
     std[1] = float("inf")  # changed in place: checked again
     with pytest.raises(ValueError, match="std finite and > 0"):
         noisy_input(x, 0.5, mean=mean, std=std, **ok)
+    with torch.inference_mode():  # as certify runs it: inference tensors have no version, checked each call
+        mean, std = torch.zeros(3, device=device), torch.ones(3, device=device)
+        noisy_input(x, 0.5, mean=mean, std=std, **ok)
+        std[0] = 0.0
+        with pytest.raises(ValueError, match="std finite and > 0"):
+            noisy_input(x, 0.5, mean=mean, std=std, **ok)
 
 
 @pytest.mark.parametrize("dtype, zero_point, code_min, code_max",
@@ -208,7 +214,9 @@ def test_noisy_codes_batch_on_triton_is_the_reference(dtype, zero_point, code_mi
     codes = InputCodes(tuple(CIFAR_MEAN), tuple(CIFAR_STD), 0.0173, zero_point, code_min, code_max, dtype=dtype)
     x = torch.rand(3, 8, 6, generator=generator)
     fields = dict(seed=42, input_index=3, draw=DRAW_ESTIMATE, sample_start=100, count=5)
-    got = noisy_codes_batch(x.to(device), 0.25, codes, backend="triton", **fields)
+    with torch.inference_mode():  # as certify asks for them: the format's tensors are made here first
+        got = noisy_codes_batch(x.to(device), 0.25, codes, backend="triton", **fields)
+        assert not codes.tensors(device)[0].is_inference()
     assert got.dtype == dtype and got.shape == (5, 3, 8, 6)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got.cpu(), noisy_codes_batch_reference(x, 0.25, codes, **fields))

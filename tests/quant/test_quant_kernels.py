@@ -478,6 +478,26 @@ def _compare_input_codes_entry(device: str) -> None:
         def forward(self, x):
             return self.head(torch.cat([self.stem(x).flatten(1), x.flatten(1)], 1))
 
+    # the engine's packed path (arq.smoothing.engine, CUDA there; here the device the kernels run on)
+    from arq.smoothing import engine
+
+    qmodel = quant.quantize(cases[0][1], cases[0][2], calibration).to(device)
+    if device == "cpu":
+        prepared, tag = engine._prepare_packed_gpu(qmodel, "triton", torch.device(device))
+        os.environ["ARQ_INPUT_CODES"] = "0"
+        try:
+            floats, _ = engine._prepare_packed_gpu(qmodel, "triton", torch.device(device))
+        finally:
+            del os.environ["ARQ_INPUT_CODES"]
+    else:
+        prepared, tag = engine.prepare_model(qmodel, "triton", device, cuda_graphs=False)
+        floats = None
+    assert tag == "+packed" and prepared.input_codes is not None and prepared.input_codes.dtype == torch.int8
+    if floats is not None:
+        assert floats.input_codes is None
+        common = dict(sigma=0.5, num=9, draw=1, seed=5, input_index=2, batch_size=4, backend="triton", num_classes=10)
+        assert torch.equal(sample_counts(prepared, x, **common), sample_counts(floats, x, **common))
+
     qmodel = quant.quantize(TwoReaders().eval(), Policy({"stem": LayerBits(4, 8), "head": LayerBits(4, 8)}),
                             calibration).to(device)
     packed = to_kernels(qmodel, backend="triton")
