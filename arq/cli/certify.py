@@ -43,8 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from arq.smoothing.core import certify
 
-    prepared = common.prepare_run(args, HEADER, {"N0": args.N0, "N": args.N})
-    common.prepare_engine(prepared, args.backend, work=len(prepared.indices) * (args.N + args.N0))
+    prepared = common.prepare_run(args, HEADER, {"N0": args.N0, "N": args.N}, samples_per_input=args.N + args.N0)
 
     def certify_one(x, label: int, index: int) -> list[str]:
         certificate = certify(

@@ -379,9 +379,10 @@ def check_run_record(outfile: str, record: dict, has_rows: bool) -> None:
     """Refuse to resume ``outfile`` under settings that change its rows.
 
     ``OUTFILE.run.json`` keeps what the rows depend on (model weights, data set and split,
-    sigma, sample counts, alpha, seed). Resuming with any of them changed would mix two
-    experiments in one file, so it is an error naming what differs. A file without a record
-    (written by an older arq) is resumed with a warning and gets one.
+    sigma, sample counts, alpha, seed, the model's execution). Resuming with any of them changed
+    would mix two experiments in one file, so it is an error naming what differs. A file without a
+    record, or with a record that lacks a later key (both written by an older arq), is resumed with
+    a warning and gets the record completed.
     """
     path = run_record_path(outfile)
     if has_rows and os.path.isfile(path):
@@ -390,12 +391,18 @@ def check_run_record(outfile: str, record: dict, has_rows: bool) -> None:
                 first = json.load(handle)
         except (OSError, ValueError) as error:
             raise CommandError(f"{path}: unreadable run record ({error}); delete it to resume without the check")
-        changed = [f"{key} was {first.get(key)!r}, now {value!r}" for key, value in record.items()
-                   if first.get(key) != value]
+        changed = [f"{key} was {first[key]!r}, now {value!r}" for key, value in record.items()
+                   if key in first and first[key] != value]
         if changed:
             raise CommandError(f"{outfile} was started with other settings ({'; '.join(changed)}): "
                                "resume with the settings of the first run, or write to a new file")
-        return
+        missing = [key for key in record if key not in first]
+        if not missing:
+            return
+        # a record written by an older arq, which did not keep these: assumed unchanged, then kept
+        warn_user(f"{os.path.basename(path)} does not record {', '.join(missing)}; resuming on the assumption "
+                  "that the rows were made with these settings")
+        record = {**first, **{key: record[key] for key in missing}}
     if has_rows:
         warn_user(f"{outfile} has no run record ({os.path.basename(path)}); resuming on the assumption "
                   "that its rows were made with these settings")
@@ -419,25 +426,33 @@ class PreparedRun:
     indices: list[int]
 
 
-def prepare_engine(prepared: "PreparedRun", backend: str, work: int) -> None:
-    """Let the certification engine see the whole run's work at once.
+def prepare_engine(model, backend: str, device, work: int) -> str:
+    """Let the certification engine see the whole run's work at once; returns the model's execution
+    (:func:`arq.smoothing.engine.execution_of`), which the run record keeps.
 
     ``arq.certify`` is called once per input, and one input's samples alone stay below the
     engine's compile threshold (``arq.smoothing.engine``); preparing the model with the run's
-    total ``work`` compiles a quantized model's integer form once when the run is large enough
-    to repay it (``ARQ_COMPILE=0`` keeps it eager). A float model is unaffected.
+    ``work`` (samples) compiles a quantized model's integer form once when the run is large enough
+    to repay it (``ARQ_COMPILE=0`` keeps it eager). A float model is unaffected. The certify calls
+    then reuse this prepared model.
     """
-    from arq.smoothing.engine import prepare_model
+    from arq.smoothing.engine import execution_of, prepare_model
 
-    if work > 0:
-        prepare_model(prepared.model, backend, prepared.device, work=work)
+    _, tag = prepare_model(model, backend, device, work=work)
+    return execution_of(tag)
 
 
-def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None) -> PreparedRun:
-    """Resolve SIGMA/OUTFILE, load the model and data, and open the output for (re)writing.
+def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None,
+                samples_per_input: int = 0) -> PreparedRun:
+    """Resolve SIGMA/OUTFILE, load the model and data, prepare the model's execution, and open the
+    output for (re)writing.
 
     ``settings``: the command's own options that its rows depend on (sample counts), kept
     with the shared ones in the run record that ``--resume`` checks (:func:`check_run_record`).
+    The record also keeps which model the rows certify (``execution``: a quantized model runs as
+    the integer CPU model, the packed GPU kernels or its fake-quant form, and their votes may
+    differ slightly), so one file never mixes two of them. ``samples_per_input``: the
+    engine's work estimate (:func:`prepare_engine`).
     """
     positional_sigma, outfile = split_sigma_and_outfile(args.sigma_and_outfile)
     check_max(args.max)
@@ -450,11 +465,13 @@ def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = N
         warn_user(f"the model was trained on {metadata['dataset']}, DATASET is {args.dataset}")
     dataset = load_dataset(args.dataset, args.split, args.data_root)
     indices = selected_indices(len(dataset), args.skip, args.max)
-    record = {"command": getattr(args, "command", None), "dataset": args.dataset, "split": args.split,
-              "model": model_fingerprint(model), "sigma": float(sigma), "alpha": float(args.alpha),
-              "seed": int(args.seed), **(settings or {})}
-    todo = remaining_indices(outfile, header, indices, args.resume, record)
+    fingerprint = model_fingerprint(model)
     model = model.to(device).eval()
+    execution = prepare_engine(model, args.backend, device, work=len(indices) * samples_per_input)
+    record = {"command": getattr(args, "command", None), "dataset": args.dataset, "split": args.split,
+              "model": fingerprint, "sigma": float(sigma), "alpha": float(args.alpha),
+              "seed": int(args.seed), **(settings or {}), "execution": execution}
+    todo = remaining_indices(outfile, header, indices, args.resume, record)
     num_classes = metadata.get("num_classes")
     return PreparedRun(model, dataset, sigma, None if num_classes is None else int(num_classes),
                        device, outfile, todo)

@@ -40,8 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from arq.smoothing.core import predict
 
-    prepared = common.prepare_run(args, HEADER, {"N": args.N})
-    common.prepare_engine(prepared, args.backend, work=len(prepared.indices) * args.N)
+    prepared = common.prepare_run(args, HEADER, {"N": args.N}, samples_per_input=args.N)
 
     def predict_one(x, label: int, index: int) -> list[str]:
         result = predict(

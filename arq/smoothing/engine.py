@@ -258,6 +258,21 @@ def prepare_model(
     return _graphed(model, inner, tag, device, cuda_graphs)
 
 
+def execution_of(tag: str) -> str:
+    """Which model a :func:`prepare_model` tag runs, for run records: ``"as given"`` (a float model, or a
+    fake-quant model run as it is), ``"integer"`` (the integer CPU model; compiled or not, the same layers
+    and codes, logits within float32 rounding of each other) or ``"packed"`` (arq's packed GPU kernels).
+    CUDA graphs replay the same kernels."""
+    base = tag.replace("+graphs", "")
+    if base in ("", "+fakequant"):
+        return "as given"
+    if base in ("+int8", "+int8-compiled"):
+        return "integer"
+    if base == "+packed":
+        return "packed"
+    raise ValueError(f"unknown execution tag {tag!r}")
+
+
 def _prepare_inner(model, backend: str, device: torch.device, compile, work, compile_threshold):
     """prepare_model without CUDA graphs."""
     if not isinstance(model, nn.Module) or not is_quantized(model):

@@ -371,3 +371,39 @@ def test_certify_reads_a_quantized_model_written_by_arq_quant_save(tmp_path):
         certificate = arq.certify(loaded, test_set[int(row[0])][0], n=50, n0=10, batch_size=50,
                                   input_index=int(row[0]))
         assert (int(row[2]), float(row[3])) == (certificate.prediction, certificate.radius)
+
+
+def test_resume_under_another_execution_of_a_quantized_model_is_refused(tmp_path, capsys):
+    """The integer CPU model and the fake-quant model (``--backend torch``) may vote differently on a few
+    samples: the run record keeps which one made the rows, and resuming under the other is refused. A
+    record from before it was kept is resumed with a warning and completed."""
+    torch = pytest.importorskip("torch")
+    import json
+
+    import arq.quant as quant
+    from arq._ext import compiled_ops_available
+    from arq.models import get_architecture
+
+    if not compiled_ops_available() or "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.skip("needs arq._C and oneDNN (the integer model)")
+    torch.manual_seed(0)
+    model = get_architecture("lenet", "mnist")
+    model.arq_metadata = {"arch": "lenet", "dataset": "mnist", "sigma": SIGMA, "num_classes": 10}
+    path = tmp_path / "lenet-w8a8.safetensors"
+    quant.save(quant.quantize(model, quant.Policy.uniform(model, 8, 8), torch.rand(32, 1, 28, 28)), path)
+    outfile, record_path = tmp_path / "q.tsv", tmp_path / "q.tsv.run.json"
+    small = ["--N0", "10", "--N", "50", "--batch", "50", "--device", "cpu", "--skip", "100"]
+    assert main(["certify", "mnist", str(path), str(outfile), *small, "--max", "200"]) == 0
+    assert json.loads(record_path.read_text())["execution"] == "integer"
+    before = outfile.read_text()
+    capsys.readouterr()
+    assert main(["certify", "mnist", str(path), str(outfile), *small, "--max", "300", "--resume",
+                 "--backend", "torch"]) == 2
+    assert "execution was 'integer', now 'as given'" in capsys.readouterr().err
+    assert outfile.read_text() == before
+    record = json.loads(record_path.read_text())
+    del record["execution"]  # as an arq that did not keep it wrote the record
+    record_path.write_text(json.dumps(record))
+    assert main(["certify", "mnist", str(path), str(outfile), *small, "--max", "300", "--resume"]) == 0
+    assert "does not record execution" in capsys.readouterr().err
+    assert json.loads(record_path.read_text())["execution"] == "integer" and len(read_rows(outfile)) == 3
