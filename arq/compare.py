@@ -130,25 +130,33 @@ def _read_done(path: str) -> list:
 
 
 def certify_rows(model: nn.Module, test_set, indices: Sequence[int], path: str, config: CompareConfig,
-                 *, progress: bool = False, device=None) -> list:
+                 *, progress: bool = False, device=None, settings: dict | None = None) -> list:
     """CERTIFY ``model`` on ``test_set[indices]``, appending rows to the TSV ``path`` (resuming after its
-    complete rows, which must be the first of ``indices``); returns every row as ``arq.analyze.ResultRow``."""
+    complete rows, which must be the first of ``indices``); returns every row as ``arq.analyze.ResultRow``.
+
+    ``path.run.json`` (:mod:`arq.run_record`) keeps what the rows depend on: CERTIFY's settings, the
+    model's sigma and execution (``arq.smoothing.engine.execution_of``), and the caller's ``settings``
+    (JSON-able: how the model was made); resuming under other ones raises
+    :class:`arq.run_record.RunRecordMismatch`."""
     from arq.analyze import ResultRow
+    from arq.run_record import check_run_record
     from arq.smoothing.core import certify
+    from arq.smoothing.engine import execution_of, prepare_model
 
     done = _read_done(path)
     if [row.idx for row in done] != list(indices[:len(done)]):
         raise ValueError(f"{path} holds rows for other test indices: delete it or use the same --images")
     rows = list(done)
     remaining = list(indices[len(done):])
-    if remaining:
-        from arq.smoothing.engine import prepare_model
-
-        # one image's samples stay below the engine's compile threshold: showing it the whole
-        # remaining run compiles a quantized model's integer form once, when that repays it
-        first = next(model.parameters(), None)
-        model_device = device if device is not None else (first.device if first is not None else torch.device("cpu"))
-        prepare_model(model, "auto", model_device, work=len(remaining) * (config.n + config.n0))
+    # one image's samples stay below the engine's compile threshold: showing it the whole
+    # remaining run compiles a quantized model's integer form once, when that repays it
+    first = next(model.parameters(), None)
+    model_device = device if device is not None else (first.device if first is not None else torch.device("cpu"))
+    _, tag = prepare_model(model, "auto", model_device, work=len(remaining) * (config.n + config.n0))
+    sigma = (getattr(model, "arq_metadata", None) or {}).get("sigma")
+    record = {"n": config.n, "n0": config.n0, "alpha": config.alpha, "seed": config.seed,
+              "sigma": None if sigma is None else float(sigma), "execution": execution_of(tag), **(settings or {})}
+    check_run_record(path, record, has_rows=bool(done))
     from tqdm import tqdm
 
     with open(path, "a", encoding="utf-8") as output:
@@ -334,9 +342,15 @@ def compare(
             sigma=float(sigma), seed=config.seed)
     quant_config = QuantConfig(calibration_sigma=float(sigma), seed=config.seed)
 
+    # how each compared quantized model is made (its policy is recorded per row)
+    making = {"finetune_steps": config.finetune_steps, "finetune_lr": config.finetune_lr,
+              "finetune_batch_size": config.finetune_batch_size, "train_images": config.train_images,
+              "calibration_images": config.calibration_images}
+
     def certified(label: str, candidate: nn.Module, share: float, seconds, policy) -> ModelRow:
         path = os.path.join(out_dir, f"certify_{label}.tsv")
-        rows = certify_rows(candidate, test_set, indices, path, config, progress=progress)
+        settings = {} if policy is None else {**making, "policy": policy.to_dict()}
+        rows = certify_rows(candidate, test_set, indices, path, config, progress=progress, settings=settings)
         return ModelRow(label, rows, _clean_accuracy(candidate, test_images, test_labels), share, seconds, policy)
 
     results = [certified("float", model.eval(), 1.0, None, None)] if only is None or "float" in only else []

@@ -354,8 +354,6 @@ def write_rows(
 
 # ------------------------------------------------------------------------------ run record
 
-RUN_RECORD_SUFFIX = ".run.json"
-
 
 def model_fingerprint(model) -> str:
     """sha256 over the model's state dict (names, dtypes, shapes and bytes, in key order)."""
@@ -371,46 +369,15 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def run_record_path(outfile: str) -> str:
-    return outfile + RUN_RECORD_SUFFIX
-
-
 def check_run_record(outfile: str, record: dict, has_rows: bool) -> None:
-    """Refuse to resume ``outfile`` under settings that change its rows.
+    """Refuse to resume ``outfile`` under settings that change its rows (:mod:`arq.run_record`): the
+    model weights, data set and split, sigma, sample counts, alpha, seed and the model's execution."""
+    from arq.run_record import RunRecordMismatch, check_run_record as check
 
-    ``OUTFILE.run.json`` keeps what the rows depend on (model weights, data set and split,
-    sigma, sample counts, alpha, seed, the model's execution). Resuming with any of them changed
-    would mix two experiments in one file, so it is an error naming what differs. A file without a
-    record, or with a record that lacks a later key (both written by an older arq), is resumed with
-    a warning and gets the record completed.
-    """
-    path = run_record_path(outfile)
-    if has_rows and os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                first = json.load(handle)
-        except (OSError, ValueError) as error:
-            raise CommandError(f"{path}: unreadable run record ({error}); delete it to resume without the check")
-        changed = [f"{key} was {first[key]!r}, now {value!r}" for key, value in record.items()
-                   if key in first and first[key] != value]
-        if changed:
-            raise CommandError(f"{outfile} was started with other settings ({'; '.join(changed)}): "
-                               "resume with the settings of the first run, or write to a new file")
-        missing = [key for key in record if key not in first]
-        if not missing:
-            return
-        # a record written by an older arq, which did not keep these: assumed unchanged, then kept
-        warn_user(f"{os.path.basename(path)} does not record {', '.join(missing)}; resuming on the assumption "
-                  "that the rows were made with these settings")
-        record = {**first, **{key: record[key] for key in missing}}
-    if has_rows:
-        warn_user(f"{outfile} has no run record ({os.path.basename(path)}); resuming on the assumption "
-                  "that its rows were made with these settings")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
+    try:
+        check(outfile, record, has_rows, warn=warn_user)
+    except RunRecordMismatch as error:
+        raise CommandError(str(error)) from None
 
 
 @dataclass

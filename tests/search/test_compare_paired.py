@@ -59,3 +59,30 @@ def test_certify_rows_shows_the_engine_the_remaining_run(tiny, tiny_model, tmp_p
     assert calls[-1] == {"work": 1 * (40 + 10)}
     assert [row.idx for row in again] == [0, 2, 4, 5]
     assert [(r.predict, r.radius, r.correct) for r in again[:3]] == [(r.predict, r.radius, r.correct) for r in first]
+
+
+def test_certify_rows_refuses_to_resume_under_other_settings(tiny, tiny_model, tmp_path):
+    """A per-model TSV of arq compare keeps what its rows depend on (path.run.json); resuming it with other
+    CERTIFY settings, or another policy for a quantized row, is refused before a row is written."""
+    import json
+
+    from arq import compare
+    from arq.run_record import RunRecordMismatch
+
+    images, labels = tiny.tiny_data(6, 3)
+    test_set = list(zip(images, labels.tolist()))
+    config = compare.CompareConfig(n=40, n0=10, batch_size=50)
+    path = str(tmp_path / "certify_W4A4.tsv")
+    made = {"finetune_steps": 0, "policy": {"layers": {"fc": [4, 4]}}}
+    compare.certify_rows(tiny_model, test_set, [0, 2], path, config, settings=made)
+    record = json.loads((tmp_path / "certify_W4A4.tsv.run.json").read_text())
+    assert (record["n"], record["n0"], record["execution"], record["policy"]) == (40, 10, "as given", made["policy"])
+    before = (tmp_path / "certify_W4A4.tsv").read_text()
+    with pytest.raises(RunRecordMismatch, match="n was 40, now 60"):
+        compare.certify_rows(tiny_model, test_set, [0, 2, 4], path, compare.CompareConfig(n=60, n0=10), settings=made)
+    with pytest.raises(RunRecordMismatch, match="policy was"):
+        compare.certify_rows(tiny_model, test_set, [0, 2, 4], path, config,
+                             settings={**made, "policy": {"layers": {"fc": [8, 8]}}})
+    assert (tmp_path / "certify_W4A4.tsv").read_text() == before
+    rows = compare.certify_rows(tiny_model, test_set, [0, 2, 4], path, config, settings=made)
+    assert [row.idx for row in rows] == [0, 2, 4]
