@@ -12,6 +12,8 @@ Groups (compare within a group only; each group's rows run back to back on the s
 * ``votes-M``: ``arq.vote_count`` (features 64 -> 10 classes) vs ``F.linear`` + ``argmax`` + ``bincount``.
 * ``requantize-t<threads>``, ``quantize-t<threads>``: ``arq::requantize_codes`` (uint8 -> uint8 codes) and
   ``arq::quantize_codes`` (float32 -> uint8 codes) vs the same float32 formula, eager and compiled.
+* ``noise-<samples>-t<threads>``: ``arq::noisy_input`` (float32) and ``arq::noisy_input_codes`` (the first
+  layer's uint8 NHWC codes) vs ``randn`` + add, and + normalize + quantize (eager and compiled), CIFAR images.
 * ``lowbit-conv-<layer>-t<threads>``: ``arq::lowbit_conv2d`` vs oneDNN's u8 x s8 convolution on CIFAR
   ResNet layers (W4A4, 100 samples, uint8 codes in and out).
 
@@ -183,6 +185,52 @@ def test_quantize(benchmark, impl, threads):
                         lambda v: ops.quantize_codes_reference(v, *quantizer), x)
     _info(benchmark, elements=x.numel())
     benchmark(fn)
+
+
+NOISE_IMPLS = ["arq_noisy_input", "arq_noisy_input_codes", "torch_randn_add", "torch_randn_add_quantize",
+               "torch_randn_add_quantize_compiled"]
+NOISE_SAMPLES = [1024, 4096]
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+@pytest.mark.parametrize("impl", NOISE_IMPLS)
+@pytest.mark.parametrize("samples", NOISE_SAMPLES)
+def test_noise(benchmark, samples, impl, threads):
+    """Noisy copies of one CIFAR image (sigma 0.25): arq's counter-based sampler (float32 images,
+    ``arq::noisy_input``; or the first layer's uint8 NHWC codes with the normalization and quantizer
+    fused, ``arq::noisy_input_codes``, what the integer model reads) against torch's ``randn`` + add,
+    and + normalize + quantize + channels_last (eager, and through torch.compile). arq's samples are a
+    pure function of their counters, bit for bit on every backend; torch's are its generator's."""
+    benchmark.group = f"noise-{samples}-t{threads}"
+    from arq.smoothing.noise import InputCodes, noisy_codes_batch
+
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5))
+    codes = InputCodes(CIFAR_MEAN, CIFAR_STD, 0.0213, 128, 0, 255)
+    mean, std = (t.view(1, 3, 1, 1) for t in codes.tensors())
+    scale = torch.tensor(codes.scale)
+    fields = dict(seed=0, input_index=0, draw=1, sample_start=0, count=samples)
+
+    def randn_add_quantize():
+        noisy = x + 0.25 * torch.randn(samples, 3, 32, 32)
+        codes_ = torch.clamp(torch.round((noisy - mean) / std / scale) + 128, 0, 255).to(torch.uint8)
+        return codes_.contiguous(memory_format=torch.channels_last)
+
+    if impl == "arq_noisy_input":
+        fn = lambda: torch.ops.arq.noisy_input(x, 0.25, 0, 0, 1, 0, samples)  # noqa: E731
+    elif impl == "arq_noisy_input_codes":
+        fn = lambda: noisy_codes_batch(x, 0.25, codes, backend="cpp", **fields)  # noqa: E731
+    elif impl == "torch_randn_add":
+        fn = lambda: x + 0.25 * torch.randn(samples, 3, 32, 32)  # noqa: E731
+    elif impl == "torch_randn_add_quantize":
+        fn = randn_add_quantize
+    else:
+        fn = torch.compile(randn_add_quantize, dynamic=False)
+    out = fn()
+    assert out.shape == (samples, 3, 32, 32)
+    _info(benchmark, samples=samples)
+    benchmark.pedantic(fn, rounds=15, warmup_rounds=2, iterations=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["samples_per_s"] = samples / benchmark.stats.stats.median
 
 
 LOWBIT_IMPLS = ["arq_lowbit_conv2d", "onednn_qconv2d"]
