@@ -371,3 +371,12 @@ def test_a_models_own_normalization_enters_at_the_codes_too(compiled, mnist, mon
         counts = sample_counts(entered, image, **common)
         assert torch.equal(counts, sample_counts(floats, image, **common))
         assert int((counts > 0).sum()) >= 2  # votes split: equal counts say something
+
+
+def test_execution_of_names_the_model_a_tag_runs():
+    """Run records keep this: eager and compiled integer models are one execution, graphs replay the same."""
+    assert engine.execution_of("") == engine.execution_of("+fakequant") == engine.execution_of("+graphs") == "as given"
+    assert engine.execution_of("+int8") == engine.execution_of("+int8-compiled") == "integer"
+    assert engine.execution_of("+packed") == engine.execution_of("+packed+graphs") == "packed"
+    with pytest.raises(ValueError, match="unknown execution tag"):
+        engine.execution_of("+int4")
