@@ -254,20 +254,23 @@ summary = {
     "files": sorted(os.listdir(out)),
 }
 rows = []
-for arch in ("resnet110", "resnet110_nograph", "resnet110_div_rn", "resnet20"):
-    e2e = os.path.join(work if arch.endswith("nograph") else out, f"bench_e2e_gpu_{arch}.json")
+for arch in ("resnet110", "resnet110_nograph", "resnet110_div_rn", "resnet110_generic_configs", "resnet20"):
+    in_work = arch.endswith(("nograph", "generic_configs"))  # $OUT's eight files are taken
+    e2e = os.path.join(work if in_work else out, f"bench_e2e_gpu_{arch}.json")
     try:  # absent, or empty when the step failed before pytest-benchmark wrote it
         benches = json.load(open(e2e, encoding="utf-8")).get("benchmarks", [])
     except (OSError, ValueError):
         continue
     for bench in benches:
         extra = bench.get("extra_info", {})
-        rows.append({"name": bench["name"] + ("[div_rn]" if arch.endswith("div_rn") else ""),
+        tag = "[div_rn]" if arch.endswith("div_rn") else "[generic_configs]" if arch.endswith("generic_configs") else ""
+        rows.append({"name": bench["name"] + tag,
                      "samples_per_s": extra.get("samples_per_s"),
                      "speedup_vs_locuslab": extra.get("speedup_vs_locuslab"),
                      "ratio_to_best_non_arq": extra.get("ratio_to_best_non_arq"),
                      "share_of_int8_peak": extra.get("share_of_int8_peak"),
-                     "certificate_backend": extra.get("certificate_backend")})
+                     "certificate_backend": extra.get("certificate_backend"),
+                     "paired_ratio_to_best_non_arq": extra.get("paired_ratio_to_best_non_arq")})
 summary["e2e"] = rows
 json.dump(summary, open(os.path.join(out, "summary.json"), "w", encoding="utf-8"), indent=2)
 print(json.dumps({k: summary[k] for k in ("gpu_name", "extension", "elapsed_s", "all_ok")}))
