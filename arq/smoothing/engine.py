@@ -200,12 +200,32 @@ def input_codes_wanted() -> bool:
     return os.environ.get("ARQ_INPUT_CODES", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _entered_at_codes(build: Callable[[], nn.Module], enter) -> tuple[nn.Module, object]:
+    """``(model, input_codes)``: ``build()`` entered at its first layer's codes by ``enter``; where entering
+    fails (an optional speed-up, the same votes either way), a fresh ``build()`` with its float entry and
+    one warning, rather than no certificate."""
+    model = build()
+    try:
+        return model, enter(model)
+    except Exception as error:  # noqa: BLE001 - any failure of the optional entry: keep the float one
+        import warnings
+
+        warnings.warn(f"arq: the model keeps its float input ({type(error).__name__}: {error}); its noise is "
+                      "made as float images", RuntimeWarning, stacklevel=4)
+        return build(), None  # entering may have changed the first model before it failed
+
+
 def _build_integer(model: nn.Module, compiled: bool) -> nn.Module:
     from arq.quant.execution import CompiledIntegerModel, IntegerExecutionConfig, enter_at_input_codes, to_integer
     from arq.smoothing.noise import _has_codes_kernel
 
-    integer_model = to_integer(model, IntegerExecutionConfig(compile=False, fuse_residuals=not compiled))
-    input_codes = enter_at_input_codes(integer_model) if input_codes_wanted() and _has_codes_kernel() else None
+    def build():
+        return to_integer(model, IntegerExecutionConfig(compile=False, fuse_residuals=not compiled))
+
+    if input_codes_wanted() and _has_codes_kernel():
+        integer_model, input_codes = _entered_at_codes(build, enter_at_input_codes)
+    else:
+        integer_model, input_codes = build(), None
     if compiled:
         # as to_integer(compile=True), but static shapes: a certify call has at most three
         # batch sizes (batch_size, n0 % batch_size, n % batch_size), each compiled once
@@ -338,9 +358,12 @@ def _prepare_packed_gpu(model: nn.Module, backend: str, device: torch.device):
             try:
                 from arq.quant.kernels import enter_at_input_codes, to_kernels
 
-                packed = to_kernels(model, backend="triton")
+                def build():
+                    return to_kernels(model, backend="triton")
+
+                packed, input_codes = _entered_at_codes(build, enter_at_input_codes) if codes else (build(), None)
                 # read by arq.smoothing.core: make the noisy batches in this format (None: float images)
-                packed.input_codes = enter_at_input_codes(packed) if codes else None
+                packed.input_codes = input_codes
                 entries[key] = (fingerprint, packed, "+packed")
             except Exception as error:  # a missing or failing optional path: run the reference model
                 import warnings

@@ -380,3 +380,27 @@ def test_execution_of_names_the_model_a_tag_runs():
     assert engine.execution_of("+packed") == engine.execution_of("+packed+graphs") == "packed"
     with pytest.raises(ValueError, match="unknown execution tag"):
         engine.execution_of("+int4")
+
+
+@pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
+def test_a_failing_codes_entry_keeps_the_float_entry(qmodel, mnist, monkeypatch):
+    """Entering at the codes is an optional speed-up: where it fails, the integer model keeps its float
+    input (one warning) and certifies with the same votes, instead of failing the certification."""
+    from arq.quant import execution
+    from arq.smoothing.core import sample_counts
+
+    model = copy.deepcopy(qmodel)
+    monkeypatch.setenv("ARQ_INPUT_CODES", "0")
+    floats, _ = engine.prepare_model(model, "cpp", "cpu")
+    monkeypatch.setenv("ARQ_INPUT_CODES", "1")
+
+    def broken(integer_model):
+        integer_model.get_submodule("0").mean.fill_(0.5)  # half done, then failing
+        raise RuntimeError("entry failed")
+
+    monkeypatch.setattr(execution, "enter_at_input_codes", broken)
+    with pytest.warns(RuntimeWarning, match="keeps its float input .*entry failed"):
+        prepared, tag = engine.prepare_model(model, "cpp", "cpu")
+    assert tag == "+int8" and prepared.input_codes is None
+    common = dict(sigma=0.6, num=300, draw=1, seed=3, input_index=0, batch_size=150, num_classes=10, backend="cpp")
+    assert torch.equal(sample_counts(prepared, mnist[0][0], **common), sample_counts(floats, mnist[0][0], **common))
