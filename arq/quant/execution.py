@@ -86,7 +86,7 @@ import functools
 import operator
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.fx
@@ -1127,35 +1127,41 @@ def _first_layer(model: nn.Module, layer_type: type | None = None, tracer: torch
     return model.get_submodule(reader.target), normalization, values
 
 
-def _input_format(model: nn.Module, found: tuple):
-    """``(layer, (mean, std))`` for :func:`enter_at_input_codes` and its GPU twin: the first layer
-    (``found``, from :func:`_first_layer`) and its input's normalization (zeros and ones without one),
-    the normalization taken out of the model (an identity, or out of its graph); None, with the model
-    unchanged, where the layer already takes codes or is shared under two names, the normalization's
-    channels are not the layer's, or it is inline in a forward that is not a graph."""
+def _enter_first_layer(model: nn.Module, eligible: Callable[[nn.Module], bool], layer_type: type | None = None,
+                       tracer: torch.fx.Tracer | None = None):
+    """What :func:`enter_at_input_codes` and its GPU twin share: the first layer (:func:`_first_layer`)
+    that ``eligible`` accepts, entered at its codes: its input's normalization is taken out of the model
+    (an identity, or out of its graph) and the layer ``takes_codes``. Returns ``(layer, (mean, std))``,
+    the normalization's float32 values (zeros and ones without one), or None, with the model unchanged,
+    where there is no such layer, it already takes codes or is shared under two names, the
+    normalization's channels are not the layer's, or it is inline in a forward that is not a graph."""
+    found = _first_layer(model, layer_type, tracer)
+    if found is None:
+        return None
     layer, normalization, values = found
-    if layer.takes_codes:
+    if layer.takes_codes or not eligible(layer):
         return None
     if sum(module is layer for _, module in model.named_modules(remove_duplicate=False)) != 1:
         return None  # shared elsewhere: it must keep reading floats there
     if normalization is None:
-        return layer, ((0.0,) * layer.in_channels, (1.0,) * layer.in_channels)  # exact identities in float32
-    if len(values[0]) != layer.in_channels:
+        values = ((0.0,) * layer.in_channels, (1.0,) * layer.in_channels)  # exact identities in float32
+    elif len(values[0]) != layer.in_channels:
         return None
-    if isinstance(normalization, str):
+    elif isinstance(normalization, str):
         parent_name, _, attribute = normalization.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attribute, nn.Identity())
-        return layer, values
-    if not isinstance(model, torch.fx.GraphModule):
+    elif not isinstance(model, torch.fx.GraphModule):
         return None  # inline in a forward that is not a graph: it cannot be taken out
-    graph, placeholder, sub, div = normalization
-    div.replace_all_uses_with(placeholder)
-    buffers = (sub.args[1], div.args[1])
-    for node in (div, sub, *buffers):
-        if not node.users and node.graph is graph and node in graph.nodes:
-            graph.erase_node(node)
-    model.graph = graph  # the retraced graph: the same submodules and buffers, by qualified name
-    model.recompile()
+    else:
+        graph, placeholder, sub, div = normalization
+        div.replace_all_uses_with(placeholder)
+        buffers = (sub.args[1], div.args[1])
+        for node in (div, sub, *buffers):
+            if not node.users and node.graph is graph and node in graph.nodes:
+                graph.erase_node(node)
+        model.graph = graph  # the retraced graph: the same submodules and buffers, by qualified name
+        model.recompile()
+    layer.takes_codes = True
     return layer, values
 
 
@@ -1173,14 +1179,10 @@ def enter_at_input_codes(integer_model: nn.Module):
     so the model's outputs are unchanged; no float32 batch is written and read back."""
     from arq.smoothing.noise import InputCodes
 
-    found = _first_layer(integer_model)
-    if found is None or found[0].stream_zero_point is not None:
+    entered = _enter_first_layer(integer_model, lambda layer: layer.stream_zero_point is None)
+    if entered is None:
         return None
-    found = _input_format(integer_model, found)
-    if found is None:
-        return None
-    layer, (mean, std) = found
-    layer.takes_codes = True
+    layer, (mean, std) = entered
     return InputCodes(mean, std, layer.x_scale, layer.zero_point, layer.code_min, layer.code_max)
 
 

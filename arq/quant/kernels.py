@@ -566,17 +566,14 @@ def enter_at_input_codes(packed_model: nn.Module):
     batch, bit for bit (the same float32 subtraction and correctly rounded divisions, the same rounding),
     so the logits and certificates are unchanged; no float32 batch is written, normalized and quantized
     in separate passes."""
-    from arq.quant.execution import _first_layer, _input_format
+    from arq.quant.execution import _enter_first_layer
     from arq.smoothing.noise import InputCodes
 
-    found = _first_layer(packed_model, PackedConv2d, _PackedTracer())
-    if found is None or found[0].backend != "triton":
+    entered = _enter_first_layer(packed_model, lambda layer: layer.backend == "triton", PackedConv2d,
+                                 _PackedTracer())
+    if entered is None:
         return None
-    found = _input_format(packed_model, found)
-    if found is None:
-        return None
-    layer, (mean, std) = found
-    layer.takes_codes = True
+    layer, (mean, std) = entered
     layer.reads_input_codes = True
     zero_point = layer.triton_zero_point
     return InputCodes(mean, std, layer.x_scale, zero_point, layer.code_min + zero_point, layer.code_max + zero_point,

@@ -201,10 +201,12 @@ def input_codes_wanted() -> bool:
 
 
 def _entered_at_codes(build: Callable[[], nn.Module], enter) -> tuple[nn.Module, object]:
-    """``(model, input_codes)``: ``build()`` entered at its first layer's codes by ``enter``; where entering
-    fails (an optional speed-up, the same votes either way), a fresh ``build()`` with its float entry and
-    one warning, rather than no certificate."""
+    """``(model, input_codes)``: ``build()`` entered at its first layer's codes by ``enter`` (None: not
+    entered); where entering fails (an optional speed-up, the same votes either way), a fresh ``build()``
+    with its float entry and one warning, rather than no certificate."""
     model = build()
+    if enter is None:
+        return model, None
     try:
         return model, enter(model)
     except Exception as error:  # noqa: BLE001 - any failure of the optional entry: keep the float one
@@ -222,10 +224,8 @@ def _build_integer(model: nn.Module, compiled: bool) -> nn.Module:
     def build():
         return to_integer(model, IntegerExecutionConfig(compile=False, fuse_residuals=not compiled))
 
-    if input_codes_wanted() and _has_codes_kernel():
-        integer_model, input_codes = _entered_at_codes(build, enter_at_input_codes)
-    else:
-        integer_model, input_codes = build(), None
+    wanted = input_codes_wanted() and _has_codes_kernel()
+    integer_model, input_codes = _entered_at_codes(build, enter_at_input_codes if wanted else None)
     if compiled:
         # as to_integer(compile=True), but static shapes: a certify call has at most three
         # batch sizes (batch_size, n0 % batch_size, n % batch_size), each compiled once
@@ -361,7 +361,7 @@ def _prepare_packed_gpu(model: nn.Module, backend: str, device: torch.device):
                 def build():
                     return to_kernels(model, backend="triton")
 
-                packed, input_codes = _entered_at_codes(build, enter_at_input_codes) if codes else (build(), None)
+                packed, input_codes = _entered_at_codes(build, enter_at_input_codes if codes else None)
                 # read by arq.smoothing.core: make the noisy batches in this format (None: float images)
                 packed.input_codes = input_codes
                 entries[key] = (fingerprint, packed, "+packed")
