@@ -380,8 +380,7 @@ def noisy_codes_batch(x: torch.Tensor, sigma: float, codes: InputCodes, *, seed:
         raise ValueError(f"x must be one float32 input [{len(codes.mean)}, H, W], got {x.dtype} {tuple(x.shape)}")
     chosen = _choose_backend(backend, x.device)
     if chosen in ("cuda", "triton") and triton_usable(x.device):
-        _check_fields(seed, input_index, draw, sample_start, count)
-        from arq_kernels.noise import noisy_input
+        from arq_kernels.noise import noisy_input  # checks the counter fields itself
 
         mean, std = codes.tensors(x.device)
         nhwc = noisy_input(x.contiguous(), float(sigma), seed=seed, input_index=input_index, draw=draw,
