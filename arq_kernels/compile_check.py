@@ -35,8 +35,52 @@ def _signature(kernel, types: dict, constexprs: dict) -> dict:
     return signature
 
 
+def _as_launched(kernel, signature: dict, constexprs: dict, specimen: dict) -> tuple[dict, dict, dict]:
+    """The signature, constexprs and attributes Triton's JIT compiles for a launch with the integer
+    arguments ``specimen`` (values of a real launch) and 16-byte aligned tensors.
+
+    The JIT specializes what the generic variants leave open: an integer argument equal to 1
+    becomes a constant, one divisible by 16 is marked so (``tt.divisibility``), and so is every
+    16-byte aligned pointer; the code it then generates differs (e.g. vectorized loads where
+    contiguity can be proven), so the properties checked here must hold for it too.
+    """
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    kept = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
+    signature, constexprs, attrs = dict(signature), dict(constexprs), {}
+    for index, name in enumerate(kernel.arg_names):
+        kind = signature[name]
+        if kind == "constexpr":
+            continue
+        if kind.startswith("*"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in specimen and name not in kept:
+            kind, key = native_specialize_impl(BaseBackend, specimen[name], False, True, True)
+            if kind == "constexpr":
+                constexprs[name] = key
+                signature[name] = "constexpr"
+                continue
+            signature[name] = kind
+            if key == "D":
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _conv_specimen(batch: int, size: int, channels: int, bits: int) -> dict:
+    """Integer arguments of a stride-1, padding-1 3x3 ``packed_conv2d`` launch on a contiguous NHWC
+    ``[batch, size, size, channels]`` input with as many output channels (a CIFAR ResNet block)."""
+    k = 9 * channels
+    return {"H": size, "W": size, "C": channels, "OH": size, "OW": size, "M": batch * size * size,
+            "N": channels, "K": k, "stride_h": 1, "stride_w": 1, "pad_h": 1, "pad_w": 1,
+            "stride_xb": size * size * channels, "stride_xh": size * channels, "stride_xw": channels,
+            "stride_xc": 1, "stride_wn": -(-k // (32 // bits))}
+
+
 def _variants():
-    """(label, kernel, pointer/float types, constexprs, launch options) for each variant to compile.
+    """(label, kernel, pointer/float types, constexprs, launch options[, specimen]) for each variant
+    to compile; a ``specimen`` (integer arguments of a real launch) compiles the variant as the JIT
+    specializes it for that launch (:func:`_as_launched`), labelled "as launched".
 
     Labels containing ``fp32-dot`` may hold ``fma.rn.f32``: an IEEE float32 ``tl.dot`` is made of
     FMAs (the sum of products is not reproducible in any order anyway; only its epilogue is).
@@ -141,6 +185,21 @@ def _variants():
             {"X_ZP": False, "KH": 3, "KW": 3, "BITS": 4, "VALUES": 8, "WORD_TILES": True, **epi, **tuned},
             {"num_warps": warps, "num_stages": 3, **fused},
         ))
+    # -- as launched: the ResNet-110 3x3 layers at batch 1000 (16, 32 and 64 channels, 4-bit weights,
+    #    chained int8 codes out, or float32 + codes with the residual), with each card's tiles
+    for channels, size, (block_m, block_n, block_k, warps), tiles in [
+        (16, 32, (256, 16, 32, 4), "H200"), (32, 16, (256, 32, 64, 8), "H200"), (64, 8, (64, 64, 64, 4), "H200"),
+        (16, 32, (128, 16, 32, 4), "cuda"), (32, 16, (128, 32, 64, 4), "cuda"), (64, 8, (128, 64, 64, 4), "cuda"),
+    ]:
+        for which in (1, 4):
+            label, ptrs, epi = epilogues[which]
+            variants.append((
+                f"packed_conv2d[3x3, b4, {label}, as launched: {channels} ch, {tiles} tiles]",
+                packed_conv._packed_conv2d_kernel, {**gemm_types, **ptrs},
+                {"X_ZP": False, "KH": 3, "KW": 3, "BITS": 4, "VALUES": 8, "WORD_TILES": True, **epi,
+                 "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                {"num_warps": warps, "num_stages": 3, **fused}, _conv_specimen(1000, size, channels, 4),
+            ))
     variants.append((
         "packed_linear[b4, fp16+res, n16]", packed_matmul._packed_linear_kernel, {**gemm_types, **epilogues[2][1]},
         {"X_ZP": False, "BITS": 4, "VALUES": 8, "WORD_TILES": True, **epilogues[2][2],
@@ -163,6 +222,11 @@ _FORBIDDEN = {
 }
 
 
+_BYTE_LOAD = re.compile(r"\bld\.global(\.\w+)*\.[bsu]8\b")
+_VECTOR_LOAD = re.compile(r"\bcp\.async\.cg\.shared\.global(\.\w+)* \[[^]]+\], \[[^]]+\], 0x10\b|"
+                          r"\bld\.global(\.\w+)*\.v4\.b32\b")
+
+
 def _quantizes(label: str) -> bool:
     """Whether the variant writes integer codes (and so divides by a quantization step)."""
     return any(part in label for part in ("quantize_nhwc", "noisy_input[int8", "noisy_input[uint8", "int8+", "codes"))
@@ -179,18 +243,26 @@ def check(arch: int, verbose: bool = True, only: str | None = None) -> list[str]
 
     target = GPUTarget("cuda", arch, 32)
     failures = []
-    for label, kernel, types, constexprs, options in _variants():
+    for label, kernel, types, constexprs, options, *specimen in _variants():
         if only is not None and not any(part in label for part in only.split(";")):
             continue
         start = time.perf_counter()
         try:
-            source = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs)
+            signature, attrs = _signature(kernel, types, constexprs), None
+            if specimen:
+                signature, constexprs, attrs = _as_launched(kernel, signature, constexprs, specimen[0])
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(source, target=target, options=options)
             ptx = compiled.asm["ptx"]
             problems = [
                 name for name, pattern in _FORBIDDEN.items()
                 if pattern.search(ptx) and not (name == "fma.rn.f32" and "fp32-dot" in label)
             ]
+            # channels a multiple of 16, contiguous: the implicit-GEMM gather must load 16 bytes at
+            # a time (the generic variants, whose C may be any value, load bytes)
+            if "packed_conv2d" in label and "as launched" in label and (
+                    _BYTE_LOAD.search(ptx) or not _VECTOR_LOAD.search(ptx)):
+                problems.append("activation gather not vectorized (byte loads)")
             if "cubin" not in compiled.asm:
                 problems.append("no cubin")
             if "noisy_input" in label and "div.rn.f64" not in ptx:
