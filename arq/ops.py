@@ -153,6 +153,13 @@ def lowbit_conv_max_chunk(max_code: int, w_bits: int) -> int:
     return 32767 // (2 * int(max_code) * (1 << (int(w_bits) - 1)))
 
 
+def lowbit_conv_supported(max_code: int, w_bits: int) -> bool:
+    """Whether ``arq::lowbit_conv2d`` runs codes in ``[0, max_code]`` with ``w_bits``-bit weights on
+    this CPU: its AVX2 path adds in int16 and needs :func:`lowbit_conv_max_chunk` >= 1; its VNNI and
+    portable paths add in int32 and take every width up to 8 x 8 (``cpu_isa()``, so ``ARQ_CPU_ISA``)."""
+    return cpu_isa() != "avx2" or lowbit_conv_max_chunk(max_code, w_bits) >= 1
+
+
 def lowbit_conv_weight_tiles(weight_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``arq::lowbit_conv2d``'s weight layout for int8 weight codes ``[O, C, k, k]``: tiles
     ``[ceil(O / 8), k * k, ceil(C / 4), 8, 4]`` (8 output x 4 input channels per 32 bytes; the channels
@@ -427,8 +434,9 @@ def lowbit_conv2d(x, weight_tiles, weight_sums, scale, bias, out_channels, kerne
                   out_scale=0.0, out_zero_point=0, out_min=0, out_max=255, *, backend="auto"):
     """:func:`lowbit_conv2d_reference` through ``arq::lowbit_conv2d`` on CPU: the convolution of uint8
     activation codes ``x [B, C, H, W]`` (codes in ``[0, max_code]``) with ``w_bits``-bit weight codes
-    (:func:`lowbit_conv_weight_tiles`), adding in int16 where :func:`lowbit_conv_max_chunk` makes it
-    exact, with the epilogue fused. Same bits as the reference on every path (AVX2 or portable).
+    (:func:`lowbit_conv_weight_tiles`), with the epilogue fused: on AVX2 adding in int16 where
+    :func:`lowbit_conv_max_chunk` makes it exact, with AVX-512 VNNI (``vpdpbusd``) and on the portable
+    path in int32 (any widths, :func:`lowbit_conv_supported`). Same bits as the reference on every path.
 
     Args:
         scale: float32 ``[O]``, ``s_x s_w[o]``. bias: float32 ``[O]`` or None. zero_point: the codes'
@@ -438,11 +446,11 @@ def lowbit_conv2d(x, weight_tiles, weight_sums, scale, bias, out_channels, kerne
     """
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
         raise TypeError(f"x must be uint8 codes [B, C, H, W], got {getattr(x, 'dtype', type(x).__name__)}")
-    if lowbit_conv_max_chunk(max_code, w_bits) < 1:
-        raise ValueError(f"{w_bits}-bit weights with codes up to max_code={max_code} can overflow int16; "
-                         "lowbit_conv2d needs 2 * max_code * 2^(w_bits-1) <= 32767")
     if backend not in ("auto", "cpp", "torch"):
         raise ValueError(f"backend must be 'auto', 'cpp' or 'torch' for lowbit_conv2d, got {backend!r}")
+    if backend != "torch" and not lowbit_conv_supported(max_code, w_bits):
+        raise ValueError(f"{w_bits}-bit weights with codes up to max_code={max_code} can overflow int16 on this "
+                         "CPU's AVX2 path; lowbit_conv2d needs 2 * max_code * 2^(w_bits-1) <= 32767 there")
     if residual is not None and (residual.dtype == torch.float32) != (out_scale <= 0):
         raise ValueError("lowbit_conv2d: a float32 residual goes with float32 output (out_scale <= 0), uint8 "
                          f"residual codes with codes output (out_scale > 0); got {residual.dtype} and {out_scale}")

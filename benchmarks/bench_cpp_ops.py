@@ -266,3 +266,52 @@ def test_lowbit_conv(benchmark, layer, impl, threads):
             torch.uint8, "hardtanh", [0.0, 15 * out_scale], "")
     _info(benchmark, macs=100 * out_channels * channels * kernel * kernel * ((size + 2 * padding - kernel) // stride + 1) ** 2)
     benchmark(fn)
+
+
+# CIFAR ResNet 3x3 layers at the end-to-end benchmark's batch of 400 samples (in, size, out, stride)
+VNNI_LAYERS = [(16, 32, 16, 1), (32, 16, 32, 1), (64, 8, 64, 1), (16, 32, 32, 2)]
+
+
+@pytest.mark.parametrize("impl", LOWBIT_IMPLS)
+@pytest.mark.parametrize("epilogue", ["codes", "stream"])
+@pytest.mark.parametrize("layer", VNNI_LAYERS, ids=lambda s: "c{}h{}o{}s{}".format(*s))
+def test_lowbit_conv_w8a8(benchmark, layer, epilogue, impl, threads):
+    """A W8A8 3x3 layer on 400 samples, 8-bit codes in, the next layer's codes out: with ``epilogue``
+    "codes" plain (ReLU folded into the clamp), with "stream" adding the 8-bit residual stream's codes
+    first (a ResNet block's second convolution). ``arq::lowbit_conv2d`` (on AVX-512 VNNI hosts its
+    ``vpdpbusd`` path; elsewhere it refuses 8 x 8 bits and the case skips) against the oneDNN call
+    ``to_integer`` makes for the same layer: ``qconv2d_pointwise`` with a hardtanh post-op, or
+    ``qconv2d_pointwise.binary`` with the sum post-op into the stream's buffer and ReLU."""
+    if impl == "arq_lowbit_conv2d" and not ops.lowbit_conv_supported(255, 8):
+        pytest.skip("8 x 8 bits need arq::lowbit_conv2d's VNNI path")
+    channels, size, out_channels, stride = layer
+    benchmark.group = "lowbit-conv-w8a8-{}-c{}h{}o{}s{}-t{}".format(epilogue, *layer, threads)
+    gen = torch.Generator().manual_seed(6)
+    batch, out_size = 400, size // stride
+    x = torch.randint(0, 256, (batch, channels, size, size), generator=gen, dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    stream = torch.randint(0, 256, (batch, out_channels, out_size, out_size), generator=gen, dtype=torch.uint8)
+    stream = stream.contiguous(memory_format=torch.channels_last)
+    weight = torch.randint(-127, 128, (out_channels, channels, 3, 3), generator=gen, dtype=torch.int8)
+    w_scale = torch.rand(out_channels, generator=gen) * 0.001 + 0.001
+    bias = torch.randn(out_channels, generator=gen)
+    x_scale, out_scale, stream_scale = 0.02, 0.05, 0.05
+    if impl == "arq_lowbit_conv2d":
+        tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+        scale = (torch.tensor(x_scale) * w_scale).float()
+        residual = (stream, stream_scale) if epilogue == "stream" else (None, 0.0)
+        fn = lambda: torch.ops.arq.lowbit_conv2d(x, tiles, sums, scale, bias, out_channels, 3, stride, 1,  # noqa: E731
+                                                 0, 255, 8, True, residual[0], residual[1], 0, out_scale, 0, 0, 255)
+    else:
+        packed = torch.ops.onednn.qconv_prepack(weight, w_scale, x_scale, 0, [stride] * 2, [1, 1], [1, 1], 1, None)
+        zero_points = torch.zeros(out_channels, dtype=torch.long)
+        if epilogue == "stream":
+            fn = lambda: torch.ops.onednn.qconv2d_pointwise.binary(  # noqa: E731
+                x, x_scale, 0, packed, w_scale, zero_points, stream, bias, [stride] * 2, [1, 1], [1, 1], 1,
+                out_scale, 0, torch.uint8, stream_scale, 0, "sum", 1.0, "relu", [], "")
+        else:
+            fn = lambda: torch.ops.onednn.qconv2d_pointwise(  # noqa: E731
+                x, x_scale, 0, packed, w_scale, zero_points, bias, [stride] * 2, [1, 1], [1, 1], 1, out_scale, 0,
+                torch.uint8, "hardtanh", [0.0, 255 * out_scale], "")
+    _info(benchmark, macs=batch * out_channels * channels * 9 * out_size ** 2)
+    benchmark.pedantic(fn, rounds=200, warmup_rounds=5, iterations=1)

@@ -123,11 +123,16 @@ def cpu_has_vnni() -> bool:
 def lowbit_conv_preferred() -> bool:
     """Whether ``conv_kernel="auto"`` runs eligible k x k (k > 1) convolutions through
     ``arq::lowbit_conv2d``: on CPUs whose best integer path is AVX2 (no VNNI, no AVX-512), where
-    oneDNN spends two multiplies per 32 MACs and the op one. Measured there (docs/performance-log.md),
-    against oneDNN: 3x3 ResNet layers 0.85-1.08x (median), 1x1 ones 0.64-0.71x (so
-    those stay on oneDNN); end to end 0.98-1.03x on ResNet-20 and 0.98-1.11x on ResNet-110
-    (1.08-1.11x with an 8-bit residual stream). With VNNI oneDNN multiplies once per 64 MACs
-    (AVX-512) and the op has nothing to gain; not measured there."""
+    oneDNN spends two multiplies per 32 MACs and the op's int16 sums one. Measured there
+    (docs/performance-log.md), against oneDNN: 3x3 ResNet layers 0.85-1.08x (median), 1x1 ones
+    0.64-0.71x (so those stay on oneDNN); end to end 0.98-1.03x on ResNet-20 and 0.98-1.11x on
+    ResNet-110 (1.08-1.11x with an 8-bit residual stream).
+
+    With AVX-512 VNNI both multiply with ``vpdpbusd``. The op's VNNI path measured 0.95-1.01x oneDNN
+    on 16- and 32-channel 3x3 layers (1.01-1.08x where the layer adds the 8-bit stream), 0.88-0.94x on
+    64-channel ones, and end to end within this host's noise of oneDNN whether it ran every k x k
+    layer or those up to 32 channels (0.98-1.02x, ResNet-20 and -110, W8A8 with the 8-bit stream),
+    so oneDNN stays the default there (``conv_kernel="arq"`` takes the op)."""
     from arq.ops import _has_kernel, cpu_isa  # here: arq.ops imports arq.quant
 
     return (not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"} and cpu_isa() == "avx2"
@@ -321,7 +326,7 @@ class IntegerConv2d(_IntegerLayer):
 
     def _lowbit_applies(self, weight_codes: torch.Tensor, conv_kernel: str) -> bool:
         """Whether ``arq::lowbit_conv2d`` runs this layer (``IntegerExecutionConfig.conv_kernel``)."""
-        from arq.ops import _has_kernel, lowbit_conv_max_chunk
+        from arq.ops import _has_kernel, lowbit_conv_supported
 
         if conv_kernel not in CONV_KERNELS:
             raise ValueError(f"conv_kernel must be one of {CONV_KERNELS}, got {conv_kernel!r}")
@@ -330,7 +335,7 @@ class IntegerConv2d(_IntegerLayer):
         return (wanted and kernel_h == kernel_w and self.groups == 1 and self.dilation == [1, 1]
                 and self.stride[0] == self.stride[1] and self.padding[0] == self.padding[1]
                 and not self.split
-                and lowbit_conv_max_chunk(self.code_max, self.w_bits) >= 1 and _has_kernel("lowbit_conv2d", "CPU"))
+                and lowbit_conv_supported(self.code_max, self.w_bits) and _has_kernel("lowbit_conv2d", "CPU"))
 
     def _lowbit(self, codes, relu=False, residual=None, residual_scale=0.0, residual_zero_point=0, out_scale=0.0,
                 out_zero_point=0, out_min=0, out_max=255):

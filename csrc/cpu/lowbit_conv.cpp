@@ -11,6 +11,13 @@
 // 0.98-1.11x on ResNet-110 (README). IntegerExecutionConfig.conv_kernel="auto" (the default) runs the k x k
 // layers (k > 1) here on such CPUs (arq.quant.execution.lowbit_conv_preferred).
 //
+// With AVX-512 VNNI (and ARQ_CPU_ISA not below it) the op multiplies with vpdpbusd instead: four
+// u8 x s8 products added into each int32 lane, 64 MACs an instruction, for any bit widths up to
+// 8 x 8 (no int16 bound), 16 output channels a vector. There it competes with oneDNN's own VNNI
+// kernels and measured level with them (0.90-1.10x per ResNet layer, W8A8, 2-core AVX-512 host;
+// oneDNN is at the multiplier's limit on 64-channel layers, neither is on 16-channel ones), so the
+// integer model keeps oneDNN by default there (docs/performance-log.md).
+//
 // Exactness: with codes c in [0, max_code] and weights |q| <= 2^(w_bits-1) =: W, every int16
 // lane of one vpmaddubsw is |c0 q0 + c1 q1| <= 2 max_code W (no saturation when this is <= 32767)
 // and a chunk of L of them sums to at most L * 2 max_code W; L = floor(32767 / (2 max_code W)) >= 1
@@ -244,6 +251,135 @@ RowKernel row_kernel(const Epilogue& e) {
   if (e.codes) return e.residual_u8 ? &row_avx2<Out::kCodesResidual> : &row_avx2<Out::kCodes>;
   return e.residual_f ? &row_avx2<Out::kFloatResidual> : &row_avx2<Out::kFloat>;
 }
+
+// ---- AVX-512 VNNI: int32 accumulation, no bound on the codes ---------------------------------
+// vpdpbusd adds four u8 x s8 products into each int32 lane without saturation: exact for every
+// bit width up to 8 x 8 while K * 255 * 128 < 2^31 (checked). Weights are re-tiled per call into
+// [ceil(O / 16), steps, 16, 4] (vnni_tiles): one 64-byte vector per (16 output channels, tap,
+// group of 4 input channels). P consecutive output pixels x Q such vectors: the P broadcasts of
+// an input group are each used Q times, the Q weight vectors P times.
+// P x 16 sums (channels o .. o + 15 of pixels pixel .. pixel + P - 1) through the epilogue: the
+// AVX2 path's operations in its order on 16 lanes (vmaxps / vminps return their second operand on
+// NaN there as here). Channel constants are loaded once, before the stores (which may alias them).
+template <int P, int Q, Out kOut>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+inline void finish16(const __m512i (&acc)[P][Q], int q, int64_t pixel, int64_t o, int64_t out_channels,
+                     const Epilogue& e) {
+  const bool codes = kOut == Out::kCodes || kOut == Out::kCodesResidual;
+  const __m512i correction = _mm512_loadu_si512(e.correction + o);
+  const __m512 scale = _mm512_loadu_ps(e.scale + o), bias = _mm512_loadu_ps(e.bias + o);
+  const __m512 r_zero = _mm512_set1_ps(e.residual_zero), r_scale = _mm512_set1_ps(e.residual_scale);
+  const __m512 inv = _mm512_set1_ps(e.inv_out_scale), t_lo = _mm512_set1_ps(-1.0e9f), t_hi = _mm512_set1_ps(1.0e9f);
+  const __m512i zero = _mm512_set1_epi32(e.out_zero), hi = _mm512_set1_epi32(e.out_max);
+  const __m512i lo = _mm512_set1_epi32(e.relu && codes ? std::max(e.out_min, e.out_zero) : e.out_min);
+  const bool relu = e.relu;
+  float* const out_f = e.out_f;
+  uint8_t* const out_u8 = e.out_u8;
+  const float* const residual_f = e.residual_f;
+  const uint8_t* const residual_u8 = e.residual_u8;
+  for (int p = 0; p < P; ++p) {
+    const int64_t at = (pixel + p) * out_channels + o;
+    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p][q], correction)), scale), bias);
+    if (kOut == Out::kFloatResidual) y = _mm512_add_ps(y, _mm512_loadu_ps(residual_f + at));
+    if (kOut == Out::kCodesResidual) {
+      const __m512 r = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(residual_u8 + at))));
+      y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_sub_ps(r, r_zero), r_scale));
+    }
+    if (!codes) {
+      if (relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);
+      _mm512_storeu_ps(out_f + at, y);
+      continue;
+    }
+    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(y, inv), t_lo), t_hi);
+    __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(t), zero);  // half to even
+    c = _mm512_min_epi32(_mm512_max_epi32(c, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out_u8 + at), _mm512_cvtepi32_epi8(c));  // in 0..255: exact
+  }
+}
+
+template <int P, int Q, Out kOut>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void tile_vnni(const uint8_t* origin, int64_t pixel_stride, const int64_t* offsets, int64_t steps, const int8_t* w,
+               int64_t block_stride, int64_t pixel, int64_t o0, int64_t out_channels, const Epilogue& e) {
+  __m512i acc[P][Q];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) acc[p][q] = _mm512_setzero_si512();
+  const int8_t* wi = w;
+#pragma GCC unroll 2
+  for (int64_t i = 0; i < steps; ++i, wi += 64) {
+    __m512i wv[Q];
+    for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_si512(wi + q * block_stride);
+    const uint8_t* x = origin + offsets[i];
+    for (int p = 0; p < P; ++p) {
+      int32_t four;
+      std::memcpy(&four, x + p * pixel_stride, sizeof(four));
+      const __m512i xv = _mm512_set1_epi32(four);
+      for (int q = 0; q < Q; ++q) acc[p][q] = _mm512_dpbusd_epi32(acc[p][q], xv, wv[q]);
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    const int64_t oq = o0 + 16 * q;
+    if (oq >= out_channels) break;
+    if (out_channels - oq >= 16) {
+      finish16<P, Q, kOut>(acc, q, pixel, oq, out_channels, e);
+      continue;
+    }
+    for (int p = 0; p < P; ++p) {  // a last partial block: one channel at a time
+      alignas(64) int32_t sums[16];
+      _mm512_store_si512(sums, acc[p][q]);
+      for (int64_t j = 0; j < out_channels - oq; ++j) finish_scalar(sums[j], pixel + p, oq + j, out_channels, e);
+    }
+  }
+}
+
+// One output row: Q vectors of output channels at a time, P pixels at a time, narrower P for the
+// pixels left over.
+template <int Q, int P, Out kOut>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void row_blocks_vnni(const uint8_t* padded_row, const int8_t* vnni_tiles, const Geometry& g, const int64_t* offsets,
+                     int64_t block16, int64_t first_pixel, const Epilogue& e) {
+  const int64_t block_stride = g.steps() * 64, pixel_stride = g.stride * g.channels;
+  const int8_t* w = vnni_tiles + block16 * block_stride;
+  int64_t ow = 0;
+  for (; ow + P <= g.out_w; ow += P)
+    tile_vnni<P, Q, kOut>(padded_row + ow * pixel_stride, pixel_stride, offsets, g.steps(), w, block_stride,
+                          first_pixel + ow, block16 * 16, g.out_channels, e);
+  if constexpr (P > 4) {
+    for (; ow + 4 <= g.out_w; ow += 4)
+      tile_vnni<4, Q, kOut>(padded_row + ow * pixel_stride, pixel_stride, offsets, g.steps(), w, block_stride,
+                            first_pixel + ow, block16 * 16, g.out_channels, e);
+  }
+  for (; ow < g.out_w; ++ow)
+    tile_vnni<1, Q, kOut>(padded_row + ow * pixel_stride, pixel_stride, offsets, g.steps(), w, block_stride,
+                          first_pixel + ow, block16 * 16, g.out_channels, e);
+}
+
+template <Out kOut>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void row_vnni(const uint8_t* padded_row, const int8_t* vnni_tiles, const Geometry& g, const int64_t* offsets,
+              int64_t /*chunk*/, int64_t first_pixel, const Epilogue& e) {
+  const int64_t blocks16 = (g.out_channels + 15) / 16;
+  int64_t block = 0;
+  for (; block + 4 <= blocks16; block += 4) row_blocks_vnni<4, 4, kOut>(padded_row, vnni_tiles, g, offsets, block, first_pixel, e);
+  for (; block + 2 <= blocks16; block += 2) row_blocks_vnni<2, 8, kOut>(padded_row, vnni_tiles, g, offsets, block, first_pixel, e);
+  for (; block < blocks16; ++block) row_blocks_vnni<1, 16, kOut>(padded_row, vnni_tiles, g, offsets, block, first_pixel, e);
+}
+
+// [ceil(O / 8), T, G, 8, 4] (arq.ops.lowbit_conv_weight_tiles) to [ceil(O / 16), T * G, 16, 4].
+std::vector<int8_t> vnni_tiles(const int8_t* tiles, const Geometry& g) {
+  const int64_t blocks16 = (g.out_channels + 15) / 16, steps = g.steps();
+  std::vector<int8_t> out(static_cast<size_t>(blocks16 * steps * 64), 0);
+  for (int64_t b = 0; b < blocks16; ++b)
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t half = 0; half < 2 && 2 * b + half < g.blocks; ++half)
+        std::memcpy(out.data() + (b * steps + s) * 64 + half * 32, tiles + ((2 * b + half) * steps + s) * 32, 32);
+  return out;
+}
+
+RowKernel row_kernel_vnni(const Epilogue& e) {
+  if (e.codes) return e.residual_u8 ? &row_vnni<Out::kCodesResidual> : &row_vnni<Out::kCodes>;
+  return e.residual_f ? &row_vnni<Out::kFloatResidual> : &row_vnni<Out::kFloat>;
+}
 #endif
 
 // Image b of the NHWC input into `dst` [padded_h, padded_w, channels], padded with the zero
@@ -287,9 +423,13 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   TORCH_CHECK(max_code >= 1 && max_code <= 255, kOp, ": max_code must be in 1..255, got ", max_code);
   TORCH_CHECK(zero_point >= 0 && zero_point <= max_code, kOp, ": zero_point must be in 0..max_code = ", max_code,
               ", got ", zero_point);
+  // the AVX2 path adds vpmaddubsw pair sums in int16: exact only under this bound; the VNNI and
+  // portable paths add in int32 (bounded below, with K)
+  const packed::Isa isa = packed::select_isa();
   const int64_t pair_bound = 2 * max_code * (int64_t{1} << (w_bits - 1));
-  TORCH_CHECK(pair_bound <= 32767, kOp, ": ", w_bits, "-bit weights with codes up to ", max_code,
-              " can overflow int16 (2 * max_code * 2^(w_bits-1) = ", pair_bound, " > 32767); use oneDNN");
+  TORCH_CHECK(pair_bound <= 32767 || isa != packed::Isa::kAvx2, kOp, ": ", w_bits, "-bit weights with codes up to ",
+              max_code, " can overflow int16 on this CPU's AVX2 path (2 * max_code * 2^(w_bits-1) = ", pair_bound,
+              " > 32767); use oneDNN");
   TORCH_CHECK(kernel_size >= 1 && stride >= 1 && padding >= 0, kOp,
               ": need kernel_size >= 1, stride >= 1, padding >= 0, got ", kernel_size, ", ", stride, ", ", padding);
   Geometry g;
@@ -310,6 +450,9 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   g.out_w = (g.padded_w - kernel_size) / stride + 1;
   g.out_channels = out_channels;
   g.blocks = (out_channels + 7) / 8;
+  TORCH_CHECK(g.steps() * 4 * max_code * (int64_t{1} << (w_bits - 1)) < (int64_t{1} << 31), kOp, ": K = ",
+              kernel_size * kernel_size * g.channels, " terms of codes up to ", max_code, " and ", w_bits,
+              "-bit weights can overflow the int32 sums");
   TORCH_CHECK(out_channels >= 1, kOp, ": out_channels must be >= 1, got ", out_channels);
   TORCH_CHECK(weight_tiles.scalar_type() == at::kChar && weight_tiles.dim() == 5 && weight_tiles.is_contiguous() &&
                   weight_tiles.size(0) == g.blocks && weight_tiles.size(1) == kernel_size * kernel_size &&
@@ -387,15 +530,23 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
 
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const uint8_t* xd = xc.data_ptr<uint8_t>();
-  const int8_t* tiles = weight_tiles.data_ptr<int8_t>();
+  const int8_t* tiles = weight_tiles.data_ptr<int8_t>();  // re-tiled below for VNNI
   std::vector<int64_t> offsets(static_cast<size_t>(g.steps()));
   for (int64_t t = 0; t < kernel_size * kernel_size; ++t)
     for (int64_t gi = 0; gi < g.groups(); ++gi)
       offsets[t * g.groups() + gi] = ((t / kernel_size) * g.padded_w + t % kernel_size) * g.channels + 4 * gi;
-  const int64_t chunk = 32767 / pair_bound;
+  const int64_t chunk = std::max<int64_t>(1, 32767 / pair_bound);
 #if defined(__x86_64__) || defined(_M_X64)
   // select_isa() is above kScalar only where the CPU has AVX2 (and not asked for scalar)
-  const RowKernel vector_kernel = packed::select_isa() != packed::Isa::kScalar ? row_kernel(e) : nullptr;
+  std::vector<int8_t> tiles16;
+  RowKernel vector_kernel = nullptr;
+  if (isa == packed::Isa::kAvx512Vnni) {
+    tiles16 = vnni_tiles(tiles, g);
+    tiles = tiles16.data();
+    vector_kernel = row_kernel_vnni(e);
+  } else if (isa == packed::Isa::kAvx2) {
+    vector_kernel = row_kernel(e);
+  }
 #endif
   std::atomic<int> too_large{0};
   // one image at a time per thread, padded into a buffer that stays in L1/L2 while its rows run
@@ -421,7 +572,7 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
     }
   });
   TORCH_CHECK(too_large.load() == 0, kOp, ": an input code is ", too_large.load(), ", above max_code = ", max_code,
-              " (the bound that keeps the int16 accumulation exact)");
+              " (the bound the int16 and int32 sums are checked against)");
   return out;
 }
 

@@ -1,8 +1,9 @@
 """arq::lowbit_conv2d (csrc/cpu/lowbit_conv.cpp) against its torch reference, bit for bit.
 
 The reference computes the integer convolution exactly in float64 and the epilogue in the op's
-float32 order, so every output (float32 values or uint8 codes) must be equal, on the AVX2 path
-(int16 accumulation in chunks) and the portable one (int32).
+float32 order, so every output (float32 values or uint8 codes) must be equal, on the AVX-512 VNNI
+path (vpdpbusd, int32 sums, 16 output channels a vector), the AVX2 path (int16 accumulation in
+chunks) and the portable one (int32).
 """
 from __future__ import annotations
 
@@ -26,15 +27,27 @@ SHAPES = [(3, 16, 32, 32, 16, 3, 1, 1), (2, 8, 7, 9, 12, 3, 2, 1), (2, 4, 5, 5, 
 EPILOGUES = ["float", "float+bias+residual+relu", "codes", "codes+relu", "codes+stream+relu"]
 # (activation bits, weight bits) whose vpmaddubsw pair sums fit int16: 2 max_code 2^(w-1) <= 32767
 BITS = [(a, w) for a in range(2, 9) for w in range(2, 9) if ops.lowbit_conv_max_chunk((1 << a) - 1, w) >= 1]
+# the pairs only the int32 paths (VNNI, portable) take
+WIDE_BITS = [(a, w) for a in range(2, 9) for w in range(2, 9) if (a, w) not in BITS]
 
 
-@pytest.fixture(params=["avx2", "scalar"])
-def isa(request, monkeypatch):
-    monkeypatch.setenv("ARQ_CPU_ISA", request.param)
+def _use_isa(request, monkeypatch, name):
+    monkeypatch.setenv("ARQ_CPU_ISA", name)
     monkeypatch.delenv("ARQ_DISABLE_VNNI", raising=False)
-    if request.param == "avx2" and ops.cpu_isa() == "scalar":
-        pytest.skip("this CPU has no AVX2")
-    return request.param
+    if ops.cpu_isa() != name:  # ARQ_CPU_ISA never raises the CPU's best
+        pytest.skip(f"this CPU has no {name} path")
+    return name
+
+
+@pytest.fixture(params=["vnni", "avx2", "scalar"])
+def isa(request, monkeypatch):
+    return _use_isa(request, monkeypatch, request.param)
+
+
+@pytest.fixture(params=["vnni", "scalar"])
+def int32_isa(request, monkeypatch):
+    """The paths that add in int32 and so take every bit width up to 8 x 8."""
+    return _use_isa(request, monkeypatch, request.param)
 
 
 def _case(shape, a_bits, w_bits, epilogue, gen, signed=False):
@@ -93,6 +106,33 @@ def test_every_eligible_bit_width(a_bits, w_bits, signed):
     _assert_same(_run_poisoned(args, kwargs, "cpp"), ops.lowbit_conv2d(*args, **kwargs, backend="torch"))
 
 
+@pytest.mark.parametrize("a_bits,w_bits", WIDE_BITS[::3] + [(8, 8)])
+@pytest.mark.parametrize("shape", [(3, 16, 32, 32, 16, 3, 1, 1), (2, 12, 9, 10, 40, 3, 1, 1), (1, 20, 11, 3, 7, 3, 2, 0)])
+def test_int32_paths_take_every_bit_width(int32_isa, a_bits, w_bits, shape):
+    """8 x 8-bit (and every pair past the int16 bound) on the VNNI and portable paths: with an
+    unsigned stream (zero point 0) and signed codes (the zero point in the padding), the stream
+    add and codes out, bit for bit; odd channel counts (a partial last vector of 16)."""
+    gen = torch.Generator().manual_seed(a_bits * 16 + w_bits + shape[1])
+    for signed in (False, True):
+        args, kwargs, _ = _case(shape, a_bits, w_bits, "codes+stream+relu", gen, signed)
+        _assert_same(_run_poisoned(args, kwargs, "cpp"), ops.lowbit_conv2d(*args, **kwargs, backend="torch"))
+        args, kwargs, _ = _case(shape, a_bits, w_bits, "float+bias+residual+relu", gen, signed)
+        _assert_same(_run_poisoned(args, kwargs, "cpp"), ops.lowbit_conv2d(*args, **kwargs, backend="torch"))
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_int32_sums_exact_at_the_extremes(int32_isa, sign):
+    """Every code 255 and every weight -128 (or 127) over 576-term dot products: the largest int32
+    sums 8 x 8 bits reach in a 64-channel 3x3 layer, exact in the float32 output."""
+    x = torch.full((2, 64, 6, 7), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    weight = torch.full((48, 64, 3, 3), -128 if sign < 0 else 127, dtype=torch.int8)
+    tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+    result = ops.lowbit_conv2d(x, tiles, sums, torch.ones(48), None, 48, 3, 1, 0, 0, 255, 8, backend="cpp")
+    exact = torch.nn.functional.conv2d(x.to(torch.float64), weight.to(torch.float64)).round().to(torch.int64)
+    assert int(exact.abs().max()) == 576 * 255 * (128 if sign < 0 else 127)
+    assert torch.equal(result.to(torch.int64), exact)
+
+
 @pytest.mark.parametrize("a_bits,w_bits", [(8, 7), (8, 6), (7, 8), (4, 8), (4, 4), (2, 2)])
 @pytest.mark.parametrize("sign", [-1, 1])
 def test_int16_chunks_exact_at_the_bound(isa, a_bits, w_bits, sign):
@@ -126,7 +166,10 @@ def test_weight_tiles_round_trip_and_sums():
     assert int(tiles[1, :, :, 5:].abs().sum()) == 0
 
 
-def test_rejects_bad_inputs():
+def test_rejects_bad_inputs(monkeypatch):
+    monkeypatch.setenv("ARQ_CPU_ISA", "avx2")  # where 8 x 8 bits can overflow the int16 sums
+    if ops.cpu_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2 path")
     gen = torch.Generator().manual_seed(1)
     args, kwargs, _ = _case((1, 8, 5, 5, 8, 3, 1, 1), 4, 4, "codes", gen)
     x = args[0].clone()
@@ -155,6 +198,15 @@ def test_rejects_bad_inputs():
         torch.ops.arq.lowbit_conv2d(*args, False, torch.zeros(1, 8, 5, 5, dtype=torch.uint8), 0.1, 0, 0.0, 0, 0, 255)
     with pytest.raises(ValueError, match="int8"):
         ops.lowbit_conv_weight_tiles(torch.zeros(8, 6, 3, 3))
+    assert not ops.lowbit_conv_supported(255, 8) and ops.lowbit_conv_supported(15, 4)
+    # the int32 paths take 8 x 8 bits (the op's own check), and bound K instead
+    monkeypatch.setenv("ARQ_CPU_ISA", "scalar")
+    assert ops.lowbit_conv_supported(255, 8)
+    assert ops.lowbit_conv2d(*args[:10], 255, 8, backend="cpp").shape == (1, 8, 5, 5)
+    huge = torch.zeros(1, 8192, 3, 3, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    huge_tiles, huge_sums = ops.lowbit_conv_weight_tiles(torch.zeros(8, 8192, 3, 3, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="overflow the int32 sums"):
+        ops.lowbit_conv2d(huge, huge_tiles, huge_sums, args[3], None, 8, 3, 1, 1, 0, 255, 8, backend="cpp")
 
 
 def test_fake_and_opcheck():

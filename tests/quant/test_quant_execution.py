@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import arq.quant as quant
+from arq import ops
 from arq.quant import LayerBits, Policy, QuantConv2d, QuantLinear
 from arq.quant.execution import IntegerConv2d, IntegerExecutionConfig, IntegerLinear, cpu_has_vnni, to_integer
 from quant_nets import (assert_compiled_matches_eager, assert_within_tolerance, cifar_resnet, codes_by_layer,
@@ -61,9 +62,10 @@ def test_integer_conv_matches_fake_quant_layer(w_bits, a_bits, signed, conv_kern
     with torch.no_grad():
         reference = layer(x)
         result = integer(x)
-    # arq::lowbit_conv2d takes every layer whose vpmaddubsw pair sums fit int16 (not 8x8 bits)
-    assert integer.lowbit == (conv_kernel == "arq" and 2 * integer.code_max * 2 ** (w_bits - 1) <= 32767
-                              and ops_have_lowbit())
+    # arq::lowbit_conv2d takes every layer on its int32 paths (VNNI), on AVX2 those whose vpmaddubsw
+    # pair sums fit int16 (not 8x8 bits)
+    assert integer.lowbit == (conv_kernel == "arq" and ops_have_lowbit() and not integer.split and (
+        ops.cpu_isa() != "avx2" or 2 * integer.code_max * 2 ** (w_bits - 1) <= 32767))
     assert integer.code_max <= 255 and integer.code_min >= 0
     assert integer.split == (w_bits == 8 and a_bits == 8 and not cpu_has_vnni())
     torch.testing.assert_close(result, reference, rtol=0, atol=2e-5 * float(reference.abs().max()))
@@ -133,15 +135,18 @@ def test_integer_resnet_agrees_with_fake_quant_reference(policy_name, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 5])
-@pytest.mark.parametrize("case", ["uniform4", "uniform4_r8", "mixed"])
+@pytest.mark.parametrize("case", ["uniform4", "uniform4_r8", "mixed", "uniform8_r8"])
 def test_lowbit_kernel_resnet_agrees_with_onednn_and_fake_quant(case, seed):
     """``conv_kernel="arq"``: the block convolutions run arq::lowbit_conv2d (codes out, float residual
     in, 8-bit stream in and out, shortcut stream codes out) and the network stays within the module's tolerance of the
-    fake-quant reference, as the oneDNN model does."""
+    fake-quant reference, as the oneDNN model does. W8A8 runs there only on the op's int32 paths (VNNI)."""
     if not ops_have_lowbit():
         pytest.skip("arq._C without lowbit_conv2d")
+    if case == "uniform8_r8" and not ops.lowbit_conv_supported(255, 8):
+        pytest.skip("8 x 8 bits need the op's VNNI path; this CPU's is AVX2")
     model = cifar_resnet(20)
-    policy = mixed_resnet_policy(model) if case == "mixed" else Policy.uniform(model, 4, 4)
+    policy = (mixed_resnet_policy(model) if case == "mixed"
+              else Policy.uniform(model, 8, 8) if case == "uniform8_r8" else Policy.uniform(model, 4, 4))
     generator = torch.Generator().manual_seed(seed)
     qmodel = quant.quantize(model, policy, torch.rand(64, 3, 32, 32, generator=generator),
                             config=quant.QuantConfig(residual_bits=8 if case.endswith("r8") else 32))
@@ -160,9 +165,21 @@ def test_lowbit_kernel_resnet_agrees_with_onednn_and_fake_quant(case, seed):
     x = torch.rand(128, 3, 32, 32, generator=generator) + 0.25 * torch.randn(128, 3, 32, 32, generator=generator)
     reference, reference_codes = codes_by_layer(qmodel, x)
     result, integer_codes = _integer_codes(lowbit, x)
-    assert_within_tolerance(result, reference, integer_codes, reference_codes, 100)
     with torch.no_grad():
         expected = onednn(x)
+    if case == "uniform8_r8":
+        # W8A8 with the 8-bit stream: where an input's codes first differ from fake-quant, they may
+        # differ by 2-5 steps, with oneDNN as here (seen at seeds 0 and 5), so the module's per-code
+        # check does not apply; the logits and the votes do, against both
+        scale = float(reference.abs().max())
+        assert float((result - reference).abs().max()) <= 0.05 * scale
+        top2 = reference.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * scale
+        assert int(clear.sum()) >= 100
+        assert float((result.argmax(1) == reference.argmax(1))[clear].float().mean()) >= 0.99
+        assert float((result.argmax(1) == expected.argmax(1)).float().mean()) >= 0.99
+    else:
+        assert_within_tolerance(result, reference, integer_codes, reference_codes, 100)
     torch.testing.assert_close(result, expected, rtol=0, atol=0.05 * float(expected.abs().max()))
 
 
