@@ -140,7 +140,11 @@ CONV_LAYERS = {  # name: (H, W, C, N, kernel, stride, padding)
     "stage3_3x3": (8, 8, 64, 64, 3, 1, 1),
     "down_1x1": (16, 16, 32, 64, 1, 2, 0),
 }
-CONV_VARIANTS = ["cudnn_fp16_nhwc", "cudnn_fp32_dequant", "triton_packed"]
+# triton_packed: int8 codes out (ReLU, requantized: the epilogue divides by the output scale); the
+# next two time the same kernel without that division, to show what the requantization costs on the
+# card: triton_packed_f16out writes float16 (scale, bias, ReLU), triton_packed_raw the int32
+# accumulator alone (no epilogue arithmetic, four bytes an output)
+CONV_VARIANTS = ["cudnn_fp16_nhwc", "cudnn_fp32_dequant", "triton_packed", "triton_packed_f16out", "triton_packed_raw"]
 
 
 @pytest.mark.parametrize("batch", [1024, 4096])
@@ -168,6 +172,12 @@ def test_packed_conv(benchmark, variant, layer, bits, batch):
         def fn():
             xf = x.permute(0, 3, 1, 2).float() * 0.02
             return _quantize_int8(torch.relu(F.conv2d(xf, weight, bias, stride=stride, padding=pad)), 0.05)
+    elif variant == "triton_packed_f16out":
+        fn = lambda: packed_conv2d(x, packed, bits, scales, bias, kernel_size=ks, stride=stride,  # noqa: E731
+                                   padding=pad, relu=True, x_scale=0.02, out_dtype=torch.float16)
+    elif variant == "triton_packed_raw":
+        fn = lambda: packed_conv2d(x, packed, bits, scales, kernel_size=ks, stride=stride,  # noqa: E731
+                                   padding=pad, out_dtype=torch.int32)
     else:
         fn = lambda: packed_conv2d(x, packed, bits, scales, bias, kernel_size=ks, stride=stride,  # noqa: E731
                                    padding=pad, relu=True, x_scale=0.02, out_scale=0.05)
