@@ -39,6 +39,13 @@ correct with probability at least ``1 - alpha`` given the branch. A statement
 that holds before the branch is known is their union, ``1 - (2 alpha + alpha_zeta)``
 (with the defaults 0.997).
 
+Every model runs as given: f' and f's replayed predictions through ``model(x)``, and f's
+certificate too. For a quantized f, ``arq.certify`` would otherwise run its integer model (the
+engine, :mod:`arq.smoothing.engine`), which may classify a few noisy samples differently from the
+fake-quant model whose predictions the cache keeps and zeta compares; the inequality above needs
+one f in both terms, so :func:`build_cache` certifies a quantized f with ``backend="torch"`` (the
+fake-quant model itself; the same noise bit for bit).
+
 Defaults (the paper's): ``alpha = alpha_zeta = 0.001``, ``gamma = 0.99``
 (0.995 on ImageNet), ``n_p = 10 %`` of n (the paper varies n_p from 1 % to 50 %).
 The paper reports a 4.1x speed-up over full re-certification for int8 CIFAR-10
@@ -57,7 +64,7 @@ import torch
 from arq.smoothing import statistics
 from arq.smoothing.core import ABSTAIN, _model_device, _model_dtype, certify, sample_predictions
 from arq.smoothing.noise import DRAW_ESTIMATE, MAX_COUNTER, noise_tv_bound, noisy_batch
-from arq.smoothing.engine import model_batches
+from arq.smoothing.engine import is_quantized, model_batches
 
 __all__ = [
     "DEFAULT_ALPHA_ZETA",
@@ -308,7 +315,9 @@ def build_cache(
     ``p_A_lower`` holds with probability ``1 - alpha``) and stores f's predictions on the
     first ``n_p`` estimation samples (``n_p`` or ``n_p_share * n``, default 10 % of n), the
     largest n_p a later :func:`certify_incremental` may use without rerunning f.
-    Adds to ``cache`` when given (its parameters must match).
+    Adds to ``cache`` when given (its parameters must match). A quantized f is certified as the
+    fake-quant model it is, the model its predictions come from (``backend="torch"``; module
+    docstring), not as the integer model ``arq.certify`` would otherwise run.
     """
     sigma = float(sigma if sigma is not None else (getattr(model, "arq_metadata", None) or {}).get("sigma") or 0.0)
     if not sigma > 0:
@@ -324,8 +333,9 @@ def build_cache(
     batch, _ = _as_batch(x)
     batch = batch.detach().to(device=run_device, dtype=_model_dtype(model))
     indices = _indices(input_index, batch.shape[0])
+    certify_backend = "torch" if is_quantized(model) else backend
     certificates = certify(model, batch, sigma=sigma, n=n, n0=n0, alpha=alpha, batch_size=batch_size, seed=seed,
-                           device=run_device, backend=backend, input_index=indices)
+                           device=run_device, backend=certify_backend, input_index=indices)
     with _Eval(model):
         for one, index, certificate in zip(batch, indices, certificates):
             predictions = replay_predictions(model, one, sigma=sigma, seed=seed, input_index=index, start=0,

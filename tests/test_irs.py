@@ -211,3 +211,29 @@ def test_agreement_with_full_certification_on_quantized_mnist():
         if bits == 8:
             zetas = [c.zeta for c in fast if c.mode == "irs"]
             assert all(z < 0.05 for z in zetas)  # int8 barely changes the predictions
+
+
+def test_quantized_f_is_certified_as_the_model_its_predictions_come_from(monkeypatch):
+    """A quantized f: ``arq.certify`` alone would run its integer model; the cache's certificate and
+    its replayed predictions must come from one model (the inequality of the module docstring), so
+    build_cache certifies the fake-quant model itself. With n_p = n the cached predictions are the
+    certificate's n estimation samples: its count is their vote for its class, exactly."""
+    import arq.irs as irs
+    from arq.quant import Policy, quantize
+
+    generator = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 10 * 10, 3)).eval()
+    x = torch.rand(3, 1, 12, 12, generator=generator)
+    quantized = quantize(model, Policy.uniform(model, 3, 3), torch.rand(64, 1, 12, 12, generator=generator))
+    backends = []
+    real_certify = irs.certify
+    monkeypatch.setattr(irs, "certify", lambda *a, **k: backends.append(k["backend"]) or real_certify(*a, **k))
+    n = 400
+    cache = build_cache(quantized, x, sigma=SIGMA, n=n, n0=20, n_p=n, seed=4, backend="auto")
+    assert backends == ["torch"]
+    for index in range(3):
+        entry = cache[index]
+        if entry.prediction != ABSTAIN:
+            assert entry.count == int((entry.predictions == entry.prediction).sum())
+    build_cache(model, x, sigma=SIGMA, n=n, n0=20, n_p=10, seed=4, backend="auto")  # a float f: as asked
+    assert backends == ["torch", "auto"]
