@@ -393,9 +393,10 @@ class PreparedRun:
     indices: list[int]
 
 
-def prepare_engine(model, backend: str, device, work: int) -> str:
-    """Let the certification engine see the whole run's work at once; returns the model's execution
-    (:func:`arq.smoothing.engine.execution_of`), which the run record keeps.
+def prepare_engine(model, backend: str, device, work: int) -> dict:
+    """Let the certification engine see the whole run's work at once; returns what the run record
+    keeps of the model's execution: ``{"execution": ...}`` (:func:`arq.smoothing.engine.execution_of`)
+    and, for the integer CPU model, ``"conv_kernels"`` (:func:`arq.smoothing.engine.conv_kernels_of`).
 
     ``arq.certify`` is called once per input, and one input's samples alone stay below the
     engine's compile threshold (``arq.smoothing.engine``); preparing the model with the run's
@@ -403,10 +404,12 @@ def prepare_engine(model, backend: str, device, work: int) -> str:
     to repay it (``ARQ_COMPILE=0`` keeps it eager). A float model is unaffected. The certify calls
     then reuse this prepared model.
     """
-    from arq.smoothing.engine import execution_of, prepare_model
+    from arq.smoothing.engine import conv_kernels_of, execution_of, prepare_model
 
-    _, tag = prepare_model(model, backend, device, work=work)
-    return execution_of(tag)
+    prepared, tag = prepare_model(model, backend, device, work=work)
+    record = {"execution": execution_of(tag)}
+    kernels = conv_kernels_of(prepared) if record["execution"] == "integer" else None
+    return record if kernels is None else {**record, "conv_kernels": kernels}
 
 
 def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None,
@@ -418,7 +421,8 @@ def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = N
     with the shared ones in the run record that ``--resume`` checks (:func:`check_run_record`).
     The record also keeps which model the rows certify (``execution``: a quantized model runs as
     the integer CPU model, the packed GPU kernels or its fake-quant form, and their votes may
-    differ slightly), so one file never mixes two of them. ``samples_per_input``: the
+    differ slightly; for the integer model also ``conv_kernels``, which differ by CPU and
+    ``ARQ_CONV_KERNEL``), so one file never mixes two of them. ``samples_per_input``: the
     engine's work estimate (:func:`prepare_engine`).
     """
     positional_sigma, outfile = split_sigma_and_outfile(args.sigma_and_outfile)
@@ -437,7 +441,7 @@ def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = N
     execution = prepare_engine(model, args.backend, device, work=len(indices) * samples_per_input)
     record = {"command": getattr(args, "command", None), "dataset": args.dataset, "split": args.split,
               "model": fingerprint, "sigma": float(sigma), "alpha": float(args.alpha),
-              "seed": int(args.seed), **(settings or {}), "execution": execution}
+              "seed": int(args.seed), **(settings or {}), **execution}
     todo = remaining_indices(outfile, header, indices, args.resume, record)
     num_classes = metadata.get("num_classes")
     return PreparedRun(model, dataset, sigma, None if num_classes is None else int(num_classes),

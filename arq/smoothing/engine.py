@@ -293,6 +293,25 @@ def execution_of(tag: str) -> str:
     raise ValueError(f"unknown execution tag {tag!r}")
 
 
+def conv_kernels_of(prepared) -> str | None:
+    """Which kernels run a prepared integer model's convolutions, for run records (None for other
+    executions): "oneDNN", or how many ``arq::lowbit_conv2d`` runs. The two round their epilogues
+    differently, so their codes, and rarely their votes, may differ; which one a layer gets depends on
+    the CPU (``lowbit_conv_preferred``) and on ``ARQ_CONV_KERNEL``."""
+    from arq.quant.execution import IntegerConv2d  # here: arq.quant imports this package
+
+    inner = getattr(prepared, "model", prepared)  # CompiledIntegerModel keeps the eager model
+    if not isinstance(inner, nn.Module):
+        return None
+    convolutions = [m for m in inner.modules() if isinstance(m, IntegerConv2d)]
+    if not convolutions:
+        return None
+    lowbit = sum(bool(m.lowbit) for m in convolutions)
+    if lowbit == 0:
+        return "oneDNN"
+    return f"arq::lowbit_conv2d on {lowbit} of {len(convolutions)} convolutions, oneDNN on the rest"
+
+
 def _prepare_inner(model, backend: str, device: torch.device, compile, work, compile_threshold):
     """prepare_model without CUDA graphs."""
     if not isinstance(model, nn.Module) or not is_quantized(model):

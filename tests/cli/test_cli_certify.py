@@ -407,3 +407,39 @@ def test_resume_under_another_execution_of_a_quantized_model_is_refused(tmp_path
     assert main(["certify", "mnist", str(path), str(outfile), *small, "--max", "300", "--resume"]) == 0
     assert "does not record execution" in capsys.readouterr().err
     assert json.loads(record_path.read_text())["execution"] == "integer" and len(read_rows(outfile)) == 3
+
+
+def test_resume_with_other_integer_conv_kernels_is_refused(tmp_path, capsys, monkeypatch):
+    """The integer model's convolutions run on oneDNN or on arq::lowbit_conv2d (by CPU, or
+    ``ARQ_CONV_KERNEL``), whose codes may differ: the run record keeps which (``conv_kernels``) and
+    a resume that would switch is refused. Where the op cannot take the W8A8 layers (AVX2 CPUs) both
+    runs use oneDNN and the resume goes through."""
+    torch = pytest.importorskip("torch")
+    import json
+
+    import arq.quant as quant
+    from arq import ops
+    from arq._ext import compiled_ops_available
+    from arq.models import get_architecture
+
+    if not compiled_ops_available() or "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.skip("needs arq._C and oneDNN (the integer model)")
+    monkeypatch.setenv("ARQ_CONV_KERNEL", "onednn")
+    torch.manual_seed(0)
+    model = get_architecture("lenet", "mnist")
+    model.arq_metadata = {"arch": "lenet", "dataset": "mnist", "sigma": SIGMA, "num_classes": 10}
+    path = tmp_path / "lenet-w8a8.safetensors"
+    quant.save(quant.quantize(model, quant.Policy.uniform(model, 8, 8), torch.rand(32, 1, 28, 28)), path)
+    outfile, record_path = tmp_path / "q.tsv", tmp_path / "q.tsv.run.json"
+    small = ["certify", "mnist", str(path), str(outfile), "--N0", "10", "--N", "50", "--batch", "50",
+             "--device", "cpu", "--skip", "100"]
+    assert main([*small, "--max", "200"]) == 0
+    assert json.loads(record_path.read_text())["conv_kernels"] == "oneDNN"
+    before = outfile.read_text()
+    capsys.readouterr()
+    monkeypatch.setenv("ARQ_CONV_KERNEL", "arq")
+    switches = ops._has_kernel("lowbit_conv2d", "CPU") and ops.lowbit_conv_supported(255, 8)
+    assert main([*small, "--max", "300", "--resume"]) == (2 if switches else 0)
+    if switches:
+        assert "conv_kernels was 'oneDNN', now 'arq::lowbit_conv2d on 2 of 2 convolutions" in capsys.readouterr().err
+        assert outfile.read_text() == before
