@@ -258,6 +258,7 @@ RowKernel row_kernel(const Epilogue& e) {
 // [ceil(O / 16), steps, 16, 4] (vnni_tiles): one 64-byte vector per (16 output channels, tap,
 // group of 4 input channels). P consecutive output pixels x Q such vectors: the P broadcasts of
 // an input group are each used Q times, the Q weight vectors P times.
+
 // P x 16 sums (channels o .. o + 15 of pixels pixel .. pixel + P - 1) through the epilogue: the
 // AVX2 path's operations in its order on 16 lanes (vmaxps / vminps return their second operand on
 // NaN there as here). Channel constants are loaded once, before the stores (which may alias them).
