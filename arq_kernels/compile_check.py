@@ -114,6 +114,21 @@ def _variants():
             {"num_warps": 4, "num_stages": 1, **fused},
         ))
 
+    # as launched for 1,000 CIFAR samples: float32 NCHW, and the first layer's int8 NHWC codes
+    cifar = {"num_elements": 3072, "num_pairs": 1536, "count": 1000}
+    for label, value, out, normalize, out_ptr, specimen in [
+        ("noisy_input[fp32, as launched: CIFAR x 1000, NCHW]", tl.float32, tl.float32, False, "*fp32",
+         {**cifar, "plane": 3072, "stride_c": 0, "stride_hw": 1, "channel_plane": 1}),
+        ("noisy_input[int8, normalized, as launched: CIFAR x 1000, NHWC]", tl.float32, tl.int8, True, "*i8",
+         {**cifar, "plane": 1024, "stride_c": 1, "stride_hw": 3, "channel_plane": 1024}),
+    ]:
+        variants.append((
+            label, noise._noisy_input_kernel, {**noise_types, "out_ptr": out_ptr},
+            {"VALUE_DTYPE": value, "OUT_DTYPE": out, "QUANTIZE": out == tl.int8, "NORMALIZE": normalize,
+             "BLOCK_S": 4, "BLOCK_P": 128},
+            {"num_warps": 4, "num_stages": 1, **fused}, specimen,
+        ))
+
     # -- votes ------------------------------------------------------------------------------------
     count_ptrs = {"counts_ptr": "*i64", "pred_ptr": "*i64", "bias_ptr": "*fp32", "w_scale_ptr": "*fp32", "x_scale": "fp32"}
     for label, x_ty, w_ty, int8, tf32 in [
