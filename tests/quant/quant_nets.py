@@ -120,11 +120,17 @@ def mixed_resnet_policy(model: nn.Module):
     return Policy(bits)
 
 
-def codes_by_layer(model: nn.Module, x: torch.Tensor, layer_types: tuple = (), layer_codes=None):
+def codes_by_layer(model: nn.Module, x: torch.Tensor, layer_types: tuple = (), layer_codes=None,
+                   shortcut_codes=None):
     """``(model(x), {layer name: int32 input codes})``.
 
-    Without ``layer_types``: every enabled fake-quant layer, codes ``round(q(x) / s)``. With them:
-    every layer of those types, codes ``layer_codes(layer, input)`` (an integer or packed model).
+    Without ``layer_types``: every enabled fake-quant layer, codes ``round(q(x) / s)``, and with
+    ``shortcut_codes=True`` every enabled ``<block>.shortcut_quantizer``'s output codes as
+    ``<block>.shortcut``. With them: every layer of those types, codes ``layer_codes(layer, input)``
+    (an integer or packed model), and where ``shortcut_codes(name, module, output)`` gives
+    ``(block, codes)``, those as ``<block>.shortcut`` (the downsampling shortcut's codes, which no
+    layer reads as its input: an integer model's shortcut convolution writes them into the
+    residual stream directly).
     """
     from arq.quant import QuantConv2d, QuantLinear
 
@@ -133,7 +139,20 @@ def codes_by_layer(model: nn.Module, x: torch.Tensor, layer_types: tuple = (), l
     def record(name, value):
         codes[name] = value.to(torch.int32)
 
+    def record_shortcut(name, module, output):
+        found = shortcut_codes(name, module, output)
+        if found is not None:
+            record(f"{found[0]}.shortcut", found[1])
+
     for name, module in model.named_modules():
+        if layer_types and shortcut_codes is not None:
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: record_shortcut(name, m, out)))
+        if (not layer_types and shortcut_codes and name.endswith(".shortcut_quantizer")
+                and getattr(module, "enabled", False)):
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: record(f"{name.rsplit('.', 1)[0]}.shortcut",
+                                                       torch.round(out / m.scale))))
         if layer_types and isinstance(module, layer_types):
             hooks.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: record(name, layer_codes(m, args[0]))))
