@@ -15,7 +15,7 @@
 // u8 x s8 products added into each int32 lane, 64 MACs an instruction, for any bit widths up to
 // 8 x 8 (no int16 bound), 16 output channels a vector. There it competes with oneDNN's own VNNI
 // kernels and measured level with them (0.90-1.10x per ResNet layer, W8A8, 2-core AVX-512 host;
-// oneDNN is at the multiplier's limit on 64-channel layers, neither is on 16-channel ones), so the
+// oneDNN is near the multiplier's limit on 64-channel layers, neither is on 16-channel ones), so the
 // integer model keeps oneDNN by default there (docs/performance-log.md).
 //
 // Exactness: with codes c in [0, max_code] and weights |q| <= 2^(w_bits-1) =: W, every int16
