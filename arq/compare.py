@@ -135,14 +135,13 @@ def certify_rows(model: nn.Module, test_set, indices: Sequence[int], path: str, 
     complete rows, which must be the first of ``indices``); returns every row as ``arq.analyze.ResultRow``.
 
     ``path.run.json`` (:mod:`arq.run_record`) keeps what the rows depend on: CERTIFY's settings, the
-    model's sigma and execution (``arq.smoothing.engine.execution_of``; for the integer model also which
-    kernels run its convolutions, ``conv_kernels_of``), and the caller's ``settings``
+    model's sigma and execution (``arq.smoothing.engine.execution_record``), and the caller's ``settings``
     (JSON-able: how the model was made); resuming under other ones raises
     :class:`arq.run_record.RunRecordMismatch`."""
     from arq.analyze import ResultRow
     from arq.run_record import check_run_record
     from arq.smoothing.core import certify
-    from arq.smoothing.engine import conv_kernels_of, execution_of, prepare_model
+    from arq.smoothing.engine import execution_record, prepare_model
 
     done = _read_done(path)
     if [row.idx for row in done] != list(indices[:len(done)]):
@@ -156,10 +155,7 @@ def certify_rows(model: nn.Module, test_set, indices: Sequence[int], path: str, 
     prepared, tag = prepare_model(model, "auto", model_device, work=len(remaining) * (config.n + config.n0))
     sigma = (getattr(model, "arq_metadata", None) or {}).get("sigma")
     record = {"n": config.n, "n0": config.n0, "alpha": config.alpha, "seed": config.seed,
-              "sigma": None if sigma is None else float(sigma), "execution": execution_of(tag), **(settings or {})}
-    kernels = conv_kernels_of(prepared) if record["execution"] == "integer" else None
-    if kernels is not None:
-        record["conv_kernels"] = kernels
+              "sigma": None if sigma is None else float(sigma), **execution_record(prepared, tag), **(settings or {})}
     check_run_record(path, record, has_rows=bool(done))
     from tqdm import tqdm
 

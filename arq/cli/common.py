@@ -9,7 +9,6 @@ drops before continuing with the next index.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -395,8 +394,7 @@ class PreparedRun:
 
 def prepare_engine(model, backend: str, device, work: int) -> dict:
     """Let the certification engine see the whole run's work at once; returns what the run record
-    keeps of the model's execution: ``{"execution": ...}`` (:func:`arq.smoothing.engine.execution_of`)
-    and, for the integer CPU model, ``"conv_kernels"`` (:func:`arq.smoothing.engine.conv_kernels_of`).
+    keeps of the model's execution (:func:`arq.smoothing.engine.execution_record`).
 
     ``arq.certify`` is called once per input, and one input's samples alone stay below the
     engine's compile threshold (``arq.smoothing.engine``); preparing the model with the run's
@@ -404,12 +402,9 @@ def prepare_engine(model, backend: str, device, work: int) -> dict:
     to repay it (``ARQ_COMPILE=0`` keeps it eager). A float model is unaffected. The certify calls
     then reuse this prepared model.
     """
-    from arq.smoothing.engine import conv_kernels_of, execution_of, prepare_model
+    from arq.smoothing.engine import execution_record, prepare_model
 
-    prepared, tag = prepare_model(model, backend, device, work=work)
-    record = {"execution": execution_of(tag)}
-    kernels = conv_kernels_of(prepared) if record["execution"] == "integer" else None
-    return record if kernels is None else {**record, "conv_kernels": kernels}
+    return execution_record(*prepare_model(model, backend, device, work=work))
 
 
 def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None,

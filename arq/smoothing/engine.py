@@ -312,6 +312,14 @@ def conv_kernels_of(prepared) -> str | None:
     return f"arq::lowbit_conv2d on {lowbit} of {len(convolutions)} convolutions, oneDNN on the rest"
 
 
+def execution_record(prepared, tag: str) -> dict:
+    """What run records keep of a :func:`prepare_model` result: ``{"execution": execution_of(tag)}``,
+    and for the integer model ``"conv_kernels"`` (:func:`conv_kernels_of`)."""
+    record = {"execution": execution_of(tag)}
+    kernels = conv_kernels_of(prepared) if record["execution"] == "integer" else None
+    return record if kernels is None else {**record, "conv_kernels": kernels}
+
+
 def _prepare_inner(model, backend: str, device: torch.device, compile, work, compile_threshold):
     """prepare_model without CUDA graphs."""
     if not isinstance(model, nn.Module) or not is_quantized(model):
