@@ -373,13 +373,9 @@ def test_certify_reads_a_quantized_model_written_by_arq_quant_save(tmp_path):
         assert (int(row[2]), float(row[3])) == (certificate.prediction, certificate.radius)
 
 
-def test_resume_under_another_execution_of_a_quantized_model_is_refused(tmp_path, capsys):
-    """The integer CPU model and the fake-quant model (``--backend torch``) may vote differently on a few
-    samples: the run record keeps which one made the rows, and resuming under the other is refused. A
-    record from before it was kept is resumed with a warning and completed."""
+def _saved_w8a8_lenet(tmp_path):
+    """A W8A8 LeNet (MNIST) saved for the CLI, where the integer CPU model can run it (else skip)."""
     torch = pytest.importorskip("torch")
-    import json
-
     import arq.quant as quant
     from arq._ext import compiled_ops_available
     from arq.models import get_architecture
@@ -391,6 +387,16 @@ def test_resume_under_another_execution_of_a_quantized_model_is_refused(tmp_path
     model.arq_metadata = {"arch": "lenet", "dataset": "mnist", "sigma": SIGMA, "num_classes": 10}
     path = tmp_path / "lenet-w8a8.safetensors"
     quant.save(quant.quantize(model, quant.Policy.uniform(model, 8, 8), torch.rand(32, 1, 28, 28)), path)
+    return path
+
+
+def test_resume_under_another_execution_of_a_quantized_model_is_refused(tmp_path, capsys):
+    """The integer CPU model and the fake-quant model (``--backend torch``) may vote differently on a few
+    samples: the run record keeps which one made the rows, and resuming under the other is refused. A
+    record from before it was kept is resumed with a warning and completed."""
+    import json
+
+    path = _saved_w8a8_lenet(tmp_path)
     outfile, record_path = tmp_path / "q.tsv", tmp_path / "q.tsv.run.json"
     small = ["--N0", "10", "--N", "50", "--batch", "50", "--device", "cpu", "--skip", "100"]
     assert main(["certify", "mnist", str(path), str(outfile), *small, "--max", "200"]) == 0
@@ -414,22 +420,12 @@ def test_resume_with_other_integer_conv_kernels_is_refused(tmp_path, capsys, mon
     ``ARQ_CONV_KERNEL``), whose codes may differ: the run record keeps which (``conv_kernels``) and
     a resume that would switch is refused. Where the op cannot take the W8A8 layers (AVX2 CPUs) both
     runs use oneDNN and the resume goes through."""
-    torch = pytest.importorskip("torch")
     import json
 
-    import arq.quant as quant
     from arq import ops
-    from arq._ext import compiled_ops_available
-    from arq.models import get_architecture
 
-    if not compiled_ops_available() or "onednn" not in torch.backends.quantized.supported_engines:
-        pytest.skip("needs arq._C and oneDNN (the integer model)")
+    path = _saved_w8a8_lenet(tmp_path)
     monkeypatch.setenv("ARQ_CONV_KERNEL", "onednn")
-    torch.manual_seed(0)
-    model = get_architecture("lenet", "mnist")
-    model.arq_metadata = {"arch": "lenet", "dataset": "mnist", "sigma": SIGMA, "num_classes": 10}
-    path = tmp_path / "lenet-w8a8.safetensors"
-    quant.save(quant.quantize(model, quant.Policy.uniform(model, 8, 8), torch.rand(32, 1, 28, 28)), path)
     outfile, record_path = tmp_path / "q.tsv", tmp_path / "q.tsv.run.json"
     small = ["certify", "mnist", str(path), str(outfile), "--N0", "10", "--N", "50", "--batch", "50",
              "--device", "cpu", "--skip", "100"]
