@@ -11,13 +11,16 @@ with ``y`` and ``s`` float32 and ``y / s`` the IEEE float32 quotient. Triton's f
 on NVIDIA GPUs is the approximate ``div.full.f32``, so the kernels form that quotient one of two
 ways, chosen per process by the environment variable ``ARQ_TRITON_DIVISION`` (read at import):
 
-* ``f64`` (default): ``float32(float64(y) / float64(s))``, the correctly rounded float32
-  quotient (double rounding is innocuous for ``/`` when 53 >= 2 * 24 + 2);
-* ``rn``: ``tl.div_rn(y, s)``, IEEE float32 division rounded to nearest (``div.rn.f32``).
+* ``rn`` (default): ``tl.div_rn(y, s)``, IEEE float32 division rounded to nearest
+  (``div.rn.f32``);
+* ``f64``: ``float32(float64(y) / float64(s))``, the correctly rounded float32 quotient (double
+  rounding is innocuous for ``/`` when 53 >= 2 * 24 + 2).
 
 Both give the same correctly rounded quotient, hence the same codes bit for bit; they differ
-only in speed (float64 division is a long instruction sequence on GPUs). The certificate's
-guarantee does not depend on the choice.
+only in speed. On an H200 (2026-11-28, benchmarks/results/gpu-h200-2026-11-28-session16),
+``rn`` certified W8A8 ResNet-110 13 % faster end to end (float64 division is a long instruction
+sequence on GPUs) and W4A4 within 2 %, so it is the default; ``f64`` stays for A/B runs. The
+certificate's guarantee does not depend on the choice.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import triton.language as tl
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 #: How :func:`quantize_codes` divides (module docstring): "f64" or "rn".
-QUOTIENT_DIVISION = os.environ.get("ARQ_TRITON_DIVISION", "f64").strip().lower() or "f64"
+QUOTIENT_DIVISION = os.environ.get("ARQ_TRITON_DIVISION", "rn").strip().lower() or "rn"
 if QUOTIENT_DIVISION not in ("f64", "rn"):
     raise ValueError(f"ARQ_TRITON_DIVISION must be 'f64' or 'rn', got {os.environ['ARQ_TRITON_DIVISION']!r}")
 # a constexpr global: part of every kernel's cache key (and fixed for the process)

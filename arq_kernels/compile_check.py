@@ -8,11 +8,12 @@ launchers use, and checks properties of the PTX that the bit-exactness contracts
 * no fused multiply-add in float64 or float32 (``enable_fp_fusion=False``), so the noise is the
   reference's sequence of correctly rounded operations and the epilogues match torch;
 * float64 division is the correctly rounded ``div.rn.f64``; no ``div.full.f32`` (the
-  approximate float32 division Triton emits for ``/``) in any kernel; with
-  ``ARQ_TRITON_DIVISION=rn``, every kernel that quantizes divides with ``div.rn.f32``.
+  approximate float32 division Triton emits for ``/``) in any kernel; every kernel that
+  quantizes divides with ``div.rn.f32`` (``ARQ_TRITON_DIVISION=rn``, the default) or
+  ``div.rn.f64`` (``ARQ_TRITON_DIVISION=f64``).
 
-Run: ``TRITON_INTERPRET=0 python -m arq_kernels.compile_check [--arch 90] [--arch 80]``
-(exit status 1 when a kernel fails). ``tests/kernels/test_triton_compile.py`` runs it in a
+Run: ``TRITON_INTERPRET=0 python -m arq_kernels.compile_check [--arch 90] [--arch 80] [--only ...]
+[--sass]`` (exit status 1 when a kernel fails; ``--sass`` also prints instruction counts). ``tests/kernels/test_triton_compile.py`` runs it in a
 subprocess. It checks the installed Triton only (3.8 here; the GPU machine has 3.6).
 """
 from __future__ import annotations
@@ -215,6 +216,25 @@ def _variants():
                  "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
                 {"num_warps": warps, "num_stages": 3, **fused}, _conv_specimen(1000, size, channels, 4),
             ))
+    # -- the same layers through the row loop (ARQ_TRITON_CONV_LOOP=rows; C is a constexpr there),
+    #    and W8A8 (8-bit weights, unsigned 8-bit codes through the zero point) on the H200 tiles
+    for channels, size, (block_m, block_n, block_k, warps), tiles in [
+        (16, 32, (256, 16, 32, 4), "H200"), (32, 16, (256, 32, 64, 8), "H200"), (64, 8, (64, 64, 64, 4), "H200"),
+        (16, 32, (128, 16, 32, 4), "cuda"), (32, 16, (128, 32, 64, 4), "cuda"), (64, 8, (128, 64, 64, 4), "cuda"),
+    ]:
+        for which, bits, int8_weight in ((1, 4, False), (4, 4, False)) + (
+                ((1, 8, False), (1, 4, True), (4, 4, True)) if tiles == "H200" else ()):
+            label, ptrs, epi = epilogues[which]
+            variants.append((
+                f"packed_conv2d_rows[3x3, b{bits}{', int8 weights' if int8_weight else ''}, {label}, "
+                f"as launched: {channels} ch, {tiles} tiles]",
+                packed_conv._packed_conv2d_rows_kernel, {**gemm_types, **ptrs, "w8_ptr": "*i8"},
+                {"X_ZP": bits == 8, "C": channels, "KH": 3, "KW": 3, "BITS": bits, "VALUES": 32 // bits,
+                 "WORD_TILES": block_k % (32 // bits) == 0 and (3 * channels) % (32 // bits) == 0,
+                 "W_INT8": int8_weight, **epi,
+                 "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                {"num_warps": warps, "num_stages": 3, **fused}, _conv_specimen(1000, size, channels, bits),
+            ))
     variants.append((
         "packed_linear[b4, fp16+res, n16]", packed_matmul._packed_linear_kernel, {**gemm_types, **epilogues[2][1]},
         {"X_ZP": False, "BITS": 4, "VALUES": 8, "WORD_TILES": True, **epilogues[2][2],
@@ -247,9 +267,39 @@ def _quantizes(label: str) -> bool:
     return any(part in label for part in ("quantize_nhwc", "noisy_input[int8", "noisy_input[uint8", "int8+", "codes"))
 
 
-def check(arch: int, verbose: bool = True, only: str | None = None) -> list[str]:
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*)$")
+
+
+def sass_stats(cubin: bytes) -> str:
+    """Instruction counts of a kernel's SASS (``cuobjdump`` from Triton's package): the static
+    total, each loop's body (a backward branch's span) and what follows the last tensor-core
+    MMA (the epilogue). Executed counts are the static ones plus each body times its extra trips;
+    the trips are the launch's (e.g. K / BLOCK_K), not known here."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        sass = subprocess.run([cuobjdump, "--dump-sass", handle.name], capture_output=True, text=True, check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+    loops = []
+    for address, text in code:
+        target = re.search(r"\bBRA (0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            loops.append((address - int(target.group(1), 16)) // 16 + 1)
+    mma = [i for i, (_, text) in enumerate(code) if re.search(r"\b[IH]GMMA\b|\bI?MMA\.", text)]
+    after = len(code) - mma[-1] - 1 if mma else None
+    return (f"sass: {len(code)} instructions, loop bodies {loops}, {len(mma)} MMA, "
+            f"{after} after the last MMA")
+
+
+def check(arch: int, verbose: bool = True, only: str | None = None, sass: bool = False) -> list[str]:
     """Compile every variant (whose label contains ``only``, when given) for ``sm_<arch>``;
-    returns the failures (empty when all pass)."""
+    returns the failures (empty when all pass). ``sass``: also print :func:`sass_stats`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -284,12 +334,16 @@ def check(arch: int, verbose: bool = True, only: str | None = None) -> list[str]
                 problems.append("no div.rn.f64")
             if QUOTIENT_DIVISION == "rn" and _quantizes(label) and not re.search(r"\bdiv\.rn(\.ftz)?\.f32\b", ptx):
                 problems.append("no div.rn.f32 (ARQ_TRITON_DIVISION=rn)")
+            if QUOTIENT_DIVISION == "f64" and _quantizes(label) and "div.rn.f64" not in ptx:
+                problems.append("no div.rn.f64 (ARQ_TRITON_DIVISION=f64)")
         except Exception as error:  # noqa: BLE001 - report every kernel, then fail
             problems = [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
         seconds = time.perf_counter() - start
         status = "ok" if not problems else "FAIL " + "; ".join(problems)
         if verbose:
             print(f"sm_{arch} {label:42s} {seconds:6.1f} s  {status}", flush=True)
+            if sass and not problems:
+                print(f"    {sass_stats(compiled.asm['cubin'])}", flush=True)
         if problems:
             failures.append(f"sm_{arch} {label}: {'; '.join(problems)}")
     return failures
@@ -299,13 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default 90)")
     parser.add_argument("--only", help="semicolon-separated label substrings: compile just those variants")
+    parser.add_argument("--sass", action="store_true", help="print each kernel's SASS instruction counts")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         print("run with TRITON_INTERPRET=0: the interpreter replaces the kernels", file=sys.stderr)
         return 2
     failures = []
     for arch in args.arch or [90]:
-        failures += check(arch, only=args.only)
+        failures += check(arch, only=args.only, sass=args.sass)
     for failure in failures:
         print("FAILED", failure)
     return 1 if failures else 0

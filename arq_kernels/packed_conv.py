@@ -15,7 +15,22 @@ Outline: candidate configs (``configs/packed_conv.json``), kernel, launcher
 :func:`packed_conv2d` (checks, allocates, launches), plain-torch reference
 :func:`packed_conv2d_reference` (float64 convolution of the integer codes: exact).
 
-Blocked algorithm (one program = BLOCK_M output pixels x BLOCK_N output channels)::
+Two K loops, the same sums (``ARQ_TRITON_CONV_LOOP`` or a config's ``"LOOP"`` picks one):
+
+* ``im2col`` (default): K in steps of BLOCK_K over the flattened ``(kh, kw, c)``; every step
+  recomputes each element's ``(kh, kw, c)`` (division by the runtime C) and its bounds. Any
+  input strides.
+* ``rows``: for contiguous NHWC rows (channel stride 1, pixel stride C), the ``KW * C`` codes
+  of one kernel row of a window are contiguous in memory and in K (the weight order is
+  ``(kh, kw, c)``), so the loop runs over the KH kernel rows and, inside one, over that span in
+  steps of BLOCK_K. C is a compile-time constant there, so each column's tap ``kw = col // C``
+  is a constant vector, the row's bounds are checked once per row, and the gather is one
+  pointer per output pixel plus the column. Columns past the span (the last step of a row
+  when BLOCK_K does not divide ``KW * C``) meet zeroed weights. Specialized per C (a few values
+  in a network). Compared with ``im2col`` in SASS for sm_90 (``compile_check``), not yet timed
+  on a GPU: ``gpu_check.sh`` A/Bs it end to end.
+
+Blocked algorithm, ``im2col`` (one program = BLOCK_M output pixels x BLOCK_N output channels)::
 
     (b, oh, ow) = split(m)
     for k in range(0, K, BLOCK_K):
@@ -26,6 +41,8 @@ Blocked algorithm (one program = BLOCK_M output pixels x BLOCK_N output channels
     epilogue(acc - z * sum_k w) -> out[b, oh, ow, n]
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -122,9 +139,84 @@ def _packed_conv2d_kernel(
                    HAS_BIAS, RELU, RES_MODE, OUT_MODE, OUT_DTYPE)
 
 
+@triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point", "x_zero_point"])
+def _packed_conv2d_rows_kernel(
+    # as _packed_conv2d_kernel; x has contiguous rows (channel stride 1, pixel stride C); w8_ptr:
+    # the same weights unpacked, int8 [N, K] contiguous, read instead of w_ptr when W_INT8
+    x_ptr, w_ptr, w8_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr, wsum_ptr,
+    H, W, OH, OW, M, N, K,
+    stride_h, stride_w, pad_h, pad_w,
+    stride_xb, stride_xh, stride_wn,
+    x_zero_point, x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
+    X_ZP: tl.constexpr, C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BITS: tl.constexpr,
+    VALUES: tl.constexpr, WORD_TILES: tl.constexpr, W_INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, RES_MODE: tl.constexpr,
+    OUT_MODE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    SPAN: tl.constexpr = KW * C  # one kernel row of a window: contiguous codes, contiguous K
+    pid_m, pid_n = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    m_ok = m < M
+
+    ow = m % OW
+    oh = (m // OW) % OH
+    b = m // (OW * OH)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    # the window's first code (outside the image where the window overhangs: read only under the mask)
+    window = b.to(tl.int64) * stride_xb + ih0.to(tl.int64) * stride_xh + iw0 * C
+    num_words = tl.cdiv(K, VALUES)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for kh in range(KH):
+        ih = ih0 + kh
+        row_ok = m_ok & (ih >= 0) & (ih < H)
+        row = window + kh * stride_xh
+        for start in tl.static_range(0, SPAN, BLOCK_K):
+            col = start + cols  # place in the span: tap col // C, channel col % C
+            iw = iw0[:, None] + (col // C)[None, :]
+            inside = row_ok[:, None] & (iw >= 0) & (iw < W)
+            a = tl.load(x_ptr + row[:, None] + col[None, :], mask=inside & (col < SPAN)[None, :], other=0)
+            if X_ZP:  # the padding holds the real 0, i.e. the code z (columns past the span meet zero weights)
+                a = tl.where(inside, a, x_zero_point).to(tl.int8)
+            k0 = kh * SPAN + start
+            if W_INT8:  # no unpacking: the tile goes to shared memory as loaded
+                w = tl.load(w8_ptr + n[None, :].to(tl.int64) * K + (k0 + cols)[:, None],
+                            mask=(col < SPAN)[:, None] & (n < N)[None, :], other=0)
+            else:
+                if WORD_TILES:  # VALUES divides BLOCK_K and SPAN, so k0 starts a word
+                    w = unpack_weight_words(w_ptr, k0, n, num_words, N, stride_wn, BITS, VALUES, BLOCK_K, BLOCK_N)
+                else:
+                    w = unpack_weight_tile(w_ptr, k0 + cols, n, K, N, stride_wn, BITS, VALUES)
+                if start + BLOCK_K > SPAN:  # the next kernel row's weights (or the format's padding)
+                    w = tl.where((col < SPAN)[:, None], w, 0).to(tl.int8)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    if X_ZP:
+        acc = acc - x_zero_point * tl.load(wsum_ptr + n, mask=n < N, other=0)[None, :]
+
+    epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr,
+                   N, 1, N, 1,
+                   x_scale, res_scale, out_scale, q_lo, q_hi, zero_point,
+                   HAS_BIAS, RELU, RES_MODE, OUT_MODE, OUT_DTYPE)
+
+
 # ---------------------------------------------------------------------------------------------
 # launcher
 # ---------------------------------------------------------------------------------------------
+
+CONV_LOOPS = ("im2col", "rows")
+
+
+def default_conv_loop() -> str:
+    """The K loop ``packed_conv2d`` uses where a config names none: ``ARQ_TRITON_CONV_LOOP``
+    (``"im2col"``, the default, or ``"rows"``; module docstring)."""
+    loop = os.environ.get("ARQ_TRITON_CONV_LOOP", "im2col").strip().lower() or "im2col"
+    if loop not in CONV_LOOPS:
+        raise ValueError(f"ARQ_TRITON_CONV_LOOP must be one of {CONV_LOOPS}, got {loop!r}")
+    return loop
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -181,6 +273,7 @@ def packed_conv2d(
     codes_also: tuple[float, int, int, int] | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    int8_weight: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """2-D convolution of int8 NHWC codes with packed 2-8 bit weights, fused epilogue.
 
@@ -195,7 +288,11 @@ def packed_conv2d(
             :func:`arq_kernels.packed_matmul.packed_linear`; ``residual`` is ``[B, OH, OW, N]``.
         x_zero_point, weight_sums, codes_also: as :func:`arq_kernels.packed_matmul.packed_linear`.
         out: optional preallocated contiguous ``[B, OH, OW, N]`` output.
-        config: launch config override.
+        config: launch config override (``"LOOP"`` may pick the K loop: module docstring).
+        int8_weight: optional int8 ``[N, KH*KW*C]``, the packed weight unpacked
+            (:func:`arq_kernels.packed_matmul.unpack_weights`; a layer keeps it beside the packed
+            one): the row loop then loads weight tiles as they are instead of unpacking them in
+            every program. Must hold the same codes (not checked); ignored by the im2col loop.
 
     Returns:
         ``[B, OH, OW, N]`` (NHWC, contiguous) in ``out_dtype``: the next layer's input as is; with
@@ -227,6 +324,31 @@ def packed_conv2d(
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     x = x_nhwc_int8
     wsum = zero_point_weight_sums(x_zero_point, weight_sums, packed_weight, w_bits, k)
+    loop = cfg.get("LOOP") or default_conv_loop()
+    if loop not in CONV_LOOPS:
+        raise ValueError(f"config LOOP must be one of {CONV_LOOPS}, got {loop!r}")
+    if int8_weight is not None and (int8_weight.dtype != torch.int8 or tuple(int8_weight.shape) != (n, k)
+                                    or not int8_weight.is_contiguous() or int8_weight.device != device):
+        raise ValueError(f"int8_weight must be a contiguous int8 [{n}, {k}] tensor on {device} (the unpacked "
+                         f"packed_weight), got {int8_weight.dtype} {tuple(int8_weight.shape)} on {int8_weight.device}")
+    if loop == "rows" and x.stride(3) == 1 and x.stride(2) == c:
+        _packed_conv2d_rows_kernel[grid](
+            x, packed_weight, int8_weight if int8_weight is not None else packed_weight,
+            scales, bias if bias is not None else scales,
+            residual if residual is not None else out, out, codes if codes is not None else out,
+            wsum if wsum is not None else packed_weight,
+            h, w, oh, ow, m, n, k,
+            sh, sw, ph, pw,
+            x.stride(0), x.stride(1), packed_weight.stride(0),
+            int(x_zero_point), *epi.scalars,
+            X_ZP=wsum is not None, C=c, KH=kh, KW=kw, BITS=w_bits, VALUES=values,
+            WORD_TILES=word_tiles(values, cfg) and (kw * c) % values == 0, W_INT8=int8_weight is not None,
+            HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
+            OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
+            **launch_options(cfg),
+        )
+        return result
     _packed_conv2d_kernel[grid](
         x, packed_weight, scales, bias if bias is not None else scales,
         residual if residual is not None else out, out, codes if codes is not None else out,
@@ -269,6 +391,7 @@ def packed_conv2d_reference(
     x_nhwc_int8, packed_weight, w_bits, scales, bias=None, *, kernel_size, stride=1, padding=0, relu=False,
     residual=None, out_scale=None, x_scale=1.0, residual_scale=None, out_dtype=None, out_zero_point=0,
     qmin=None, qmax=None, x_zero_point=0, weight_sums=None, codes_also=None, out=None, config=None,
+    int8_weight=None,
 ):
     """Plain-torch :func:`packed_conv2d`: unpack, exact convolution of ``x - z`` (zero padding), the
     same float32 epilogue."""

@@ -143,8 +143,11 @@ CONV_LAYERS = {  # name: (H, W, C, N, kernel, stride, padding)
 # triton_packed: int8 codes out (ReLU, requantized: the epilogue divides by the output scale); the
 # next two time the same kernel without that division, to show what the requantization costs on the
 # card: triton_packed_f16out writes float16 (scale, bias, ReLU), triton_packed_raw the int32
-# accumulator alone (no epilogue arithmetic, four bytes an output)
-CONV_VARIANTS = ["cudnn_fp16_nhwc", "cudnn_fp32_dequant", "triton_packed", "triton_packed_f16out", "triton_packed_raw"]
+# accumulator alone (no epilogue arithmetic, four bytes an output). The _rows variants run the same
+# two through the row loop with the unpacked int8 weights (ARQ_TRITON_CONV_LOOP=rows, the A/B of
+# arq_kernels.packed_conv's two K loops)
+CONV_VARIANTS = ["cudnn_fp16_nhwc", "cudnn_fp32_dequant", "triton_packed", "triton_packed_f16out", "triton_packed_raw",
+                 "triton_packed_rows", "triton_packed_rows_raw"]
 
 
 @pytest.mark.parametrize("batch", [1024, 4096])
@@ -152,6 +155,7 @@ CONV_VARIANTS = ["cudnn_fp16_nhwc", "cudnn_fp32_dequant", "triton_packed", "trit
 @pytest.mark.parametrize("layer", list(CONV_LAYERS))
 @pytest.mark.parametrize("variant", CONV_VARIANTS)
 def test_packed_conv(benchmark, variant, layer, bits, batch):
+    from arq_kernels._common import pick_config, width_buckets
     from arq_kernels.packed_conv import packed_conv2d
     from arq_kernels.packed_matmul import pack_weights
 
@@ -178,6 +182,16 @@ def test_packed_conv(benchmark, variant, layer, bits, batch):
     elif variant == "triton_packed_raw":
         fn = lambda: packed_conv2d(x, packed, bits, scales, kernel_size=ks, stride=stride,  # noqa: E731
                                    padding=pad, out_dtype=torch.int32)
+    elif variant.startswith("triton_packed_rows"):
+        rows = {**pick_config("packed_conv", x.device, width_buckets(n)), "LOOP": "rows"}
+        q8 = q.permute(0, 2, 3, 1).reshape(n, -1).contiguous().cuda()
+        if variant == "triton_packed_rows_raw":
+            fn = lambda: packed_conv2d(x, packed, bits, scales, kernel_size=ks, stride=stride,  # noqa: E731
+                                       padding=pad, out_dtype=torch.int32, config=rows, int8_weight=q8)
+        else:
+            fn = lambda: packed_conv2d(x, packed, bits, scales, bias, kernel_size=ks, stride=stride,  # noqa: E731
+                                       padding=pad, relu=True, x_scale=0.02, out_scale=0.05, config=rows,
+                                       int8_weight=q8)
     else:
         fn = lambda: packed_conv2d(x, packed, bits, scales, bias, kernel_size=ks, stride=stride,  # noqa: E731
                                    padding=pad, relu=True, x_scale=0.02, out_scale=0.05)

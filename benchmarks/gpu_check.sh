@@ -21,9 +21,15 @@
 # Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
 # (default 470: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
 # test and benchmark steps to run, space-separated: tests_gpu tests_kernels bench_e2e_gpu_resnet110
-# bench_e2e_gpu_resnet110_div_rn bench_e2e_gpu_resnet110_generic_configs bench_e2e_gpu_resnet20 bench_kernels
-# profile memcheck; default all;
-# "tune", only when named, measures the Triton launch configs on the card).
+# bench_e2e_gpu_resnet110_conv_rows (ARQ_TRITON_CONV_LOOP=rows against the default im2col loop) bench_e2e_gpu_resnet20
+# bench_kernels profile memcheck; default all of these. Run only when named:
+# the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against the default div.rn) and
+# bench_e2e_gpu_resnet110_generic_configs (generic launch configs against the H200-tuned ones), and
+# "tune", which measures the Triton launch configs on the card).
+# Step times on an H200 (2026-11-28, benchmarks/results/gpu-h200-2026-11-28-session16): environment
+# 14 s, build 40, tests_gpu 105 (one test 59 s; now in xdist workers), tests_kernels > 140 (cut at
+# its limit with the CPU-only lowbit conv tests still in; they are left out now), ResNet-110 78,
+# ResNet-20 40, bench_kernels 40, profile 19, memcheck 36, each A/B 53-57.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -80,6 +86,8 @@ skip() { note "$1: skipped ($2)"; record "$1" "skipped" 0 "$2"; }
 
 # wanted NAME: true unless ARQ_CHECK_STEPS (a space-separated list of step names) leaves NAME out
 wanted() { [ -z "${ARQ_CHECK_STEPS:-}" ] || [[ " $ARQ_CHECK_STEPS " == *" $1 "* ]]; }
+# named NAME: true when ARQ_CHECK_STEPS names NAME (the opt-in steps)
+named() { [[ " ${ARQ_CHECK_STEPS:-} " == *" $1 "* ]]; }
 
 # ----------------------------------------------------------------------------- environment
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
@@ -157,13 +165,15 @@ if [ "$HAS_CUDA" = 1 ]; then
     PER_TEST=()
     if "$PYTHON" -c "import pytest_timeout" > /dev/null 2>&1; then PER_TEST=(--timeout=60); fi
     PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider --continue-on-collection-errors "${PER_TEST[@]}")
-    wanted tests_gpu && step tests_gpu 110 "${PYTEST[@]}" -m gpu tests --junitxml="$WORK/tests_gpu.xml"
-    # the rest of the kernel tests, on the GPU instead of the interpreter; in 16 xdist workers, so
-    # Triton compiles in parallel and a crashing test costs its worker, not the run (H200: 101 s)
+    # in xdist workers, so Triton compiles in parallel and a crashing test costs its worker, not the run
     XDIST=()
     if "$PYTHON" -c "import xdist" > /dev/null 2>&1; then XDIST=(-n 16); fi
-    wanted tests_kernels && step tests_kernels 140 "${PYTEST[@]}" "${XDIST[@]}" -m "not gpu" tests/kernels \
-        --junitxml="$WORK/tests_kernels.xml"
+    wanted tests_gpu && step tests_gpu 110 "${PYTEST[@]}" "${XDIST[@]}" --durations=10 -m gpu tests \
+        --junitxml="$WORK/tests_gpu.xml"
+    # the rest of the kernel tests, on the GPU instead of the interpreter; the lowbit conv's tests
+    # run the CPU op alone (CI runs them)
+    wanted tests_kernels && step tests_kernels 140 "${PYTEST[@]}" "${XDIST[@]}" --durations=15 -m "not gpu" tests/kernels \
+        --ignore=tests/kernels/test_lowbit_conv.py --junitxml="$WORK/tests_kernels.xml"
     # a test that crashed the interpreter: its native backtrace (cuda-gdb also debugs host code; the
     # image has no gdb)
     if grep -qE "Segmentation fault|Fatal Python error|crashed" "$WORK/logs/tests_kernels.log" 2>/dev/null \
@@ -186,17 +196,26 @@ if [ "$HAS_CUDA" = 1 ]; then
                 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
                 --benchmark-json="$WORK/bench_e2e_gpu_${arch}_nograph.json"
         fi
-        if [ "$arch" = resnet110 ] && wanted bench_e2e_gpu_resnet110_div_rn; then
+        if [ "$arch" = resnet110 ] && wanted bench_e2e_gpu_resnet110_conv_rows; then
+            # the A/B of the packed convolution's K loops (arq_kernels.packed_conv): the row loop
+            # with the layers' unpacked int8 weights, the FP16 CUDA-graph peer in the same run
+            step bench_e2e_gpu_resnet110_conv_rows 70 env ARQ_TRITON_CONV_LOOP=rows \
+                ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=3 \
+                ARQ_E2E_VARIANTS=arq_w8a8,arq_w4a4,fp16_cl_cudagraphs \
+                "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
+                --benchmark-json="$OUT/bench_e2e_gpu_${arch}_conv_rows.json"
+        fi
+        if [ "$arch" = resnet110 ] && named bench_e2e_gpu_resnet110_div_f64; then
             # the A/B of the requantization's division (arq_kernels._common: the same codes either
-            # way): the packed paths again with ARQ_TRITON_DIVISION=rn, in their own Triton cache,
+            # way): the packed paths again with ARQ_TRITON_DIVISION=f64, in their own Triton cache,
             # with the FP16 CUDA-graph peer measured in the same run
-            step bench_e2e_gpu_resnet110_div_rn 90 env ARQ_TRITON_DIVISION=rn TRITON_CACHE_DIR="$WORK/triton-cache-rn" \
+            step bench_e2e_gpu_resnet110_div_f64 90 env ARQ_TRITON_DIVISION=f64 TRITON_CACHE_DIR="$WORK/triton-cache-f64" \
                 ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=5 \
                 ARQ_E2E_VARIANTS=arq_w8a8,arq_w4a4,fp16_cl_cudagraphs \
                 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
-                --benchmark-json="$OUT/bench_e2e_gpu_${arch}_div_rn.json"
+                --benchmark-json="$WORK/bench_e2e_gpu_${arch}_div_f64.json"
         fi
-        if [ "$arch" = resnet110 ] && wanted bench_e2e_gpu_resnet110_generic_configs; then
+        if [ "$arch" = resnet110 ] && named bench_e2e_gpu_resnet110_generic_configs; then
             # the A/B of the launch configs tuned on an H200 (arq_kernels/configs/*.json): the packed
             # paths again with the generic "cuda" entries, the FP16 peer in the same run (JSON in logs.tgz)
             step bench_e2e_gpu_resnet110_generic_configs 90 env ARQ_TRITON_TUNED=0 \
@@ -210,7 +229,7 @@ if [ "$HAS_CUDA" = 1 ]; then
         --benchmark-only --benchmark-group-by=group --benchmark-json="$OUT/bench_kernels.json"
     # launch configs measured on this card (opt-in: ARQ_CHECK_STEPS="tune"; JSON in logs.tgz, to
     # merge into arq_kernels/configs/*.json)
-    if [[ " ${ARQ_CHECK_STEPS:-} " == *" tune "* ]]; then
+    if named tune; then
         step tune 240 "$PYTHON" -m benchmarks.bench_kernels "$WORK/tuned_configs.json"
     fi
     # where the quantized path's GPU time goes, kernel by kernel (JSON in logs.tgz)
@@ -221,8 +240,8 @@ if [ "$HAS_CUDA" = 1 ]; then
             "$PYTHON" -m benchmarks.gpu_memcheck resnet110
     fi
 else
-    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet110_div_rn \
-            bench_e2e_gpu_resnet110_generic_configs bench_e2e_gpu_resnet20 bench_kernels profile memcheck; do
+    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet110_conv_rows \
+            bench_e2e_gpu_resnet20 bench_kernels profile memcheck; do
         skip "$name" "no CUDA device"
     done
 fi
@@ -254,8 +273,9 @@ summary = {
     "files": sorted(os.listdir(out)),
 }
 rows = []
-for arch in ("resnet110", "resnet110_nograph", "resnet110_div_rn", "resnet110_generic_configs", "resnet20"):
-    in_work = arch.endswith(("nograph", "generic_configs"))  # $OUT's eight files are taken
+for arch in ("resnet110", "resnet110_nograph", "resnet110_conv_rows", "resnet110_div_f64", "resnet110_generic_configs",
+             "resnet20"):
+    in_work = arch.endswith(("nograph", "div_f64", "generic_configs"))  # $OUT's eight files are taken
     e2e = os.path.join(work if in_work else out, f"bench_e2e_gpu_{arch}.json")
     try:  # absent, or empty when the step failed before pytest-benchmark wrote it
         benches = json.load(open(e2e, encoding="utf-8")).get("benchmarks", [])
@@ -263,7 +283,7 @@ for arch in ("resnet110", "resnet110_nograph", "resnet110_div_rn", "resnet110_ge
         continue
     for bench in benches:
         extra = bench.get("extra_info", {})
-        tag = "[div_rn]" if arch.endswith("div_rn") else "[generic_configs]" if arch.endswith("generic_configs") else ""
+        tag = "[conv_rows]" if arch.endswith("conv_rows") else "[div_f64]" if arch.endswith("div_f64") else "[generic_configs]" if arch.endswith("generic_configs") else ""
         rows.append({"name": bench["name"] + tag,
                      "samples_per_s": extra.get("samples_per_s"),
                      "speedup_vs_locuslab": extra.get("speedup_vs_locuslab"),

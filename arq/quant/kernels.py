@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
-from arq.quant.packing import conv_weight_to_matrix, pack_weights
+from arq.quant.packing import conv_weight_to_matrix, pack_weights, unpack_weights
 from arq.quant.policy import FLOAT_BITS, MAX_BITS, quantizable_layers
 from arq.quant.quantizers import ActivationQuantizer
 
@@ -214,6 +214,11 @@ class PackedConv2d(_PackedLayer):
         self.stride = int(layer.stride[0])
         self.padding = _symmetric_padding(layer)
         self._init_packed(layer, backend)
+        # the weights unpacked once, int8 [N, KH*KW*C]: the Triton row loop (ARQ_TRITON_CONV_LOOP=rows)
+        # loads its tiles as stored instead of unpacking them in every program; not saved, the
+        # packed weight is the stored form
+        self.register_buffer("int8_weight", unpack_weights(self.packed_weight, self.w_bits, self.k).to(torch.int8),
+                             persistent=False)
         # set by to_kernels' fusion (Triton only, _chain_convolutions): this layer writes the next
         # one's int8 NHWC codes instead of its float output (scale, q_lo, q_hi, zero point, ReLU
         # before them), or its float output and such codes (codes_also: the same minus the ReLU,
@@ -259,7 +264,7 @@ class PackedConv2d(_PackedLayer):
         else:
             codes = x
         common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                      relu=self.epilogue_relu, **self._triton_args())
+                      relu=self.epilogue_relu, int8_weight=self.int8_weight, **self._triton_args())
         if residual is not None:
             if residual.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 raise TypeError(f"the fused residual must be a float32/16 or bfloat16 tensor, got {residual.dtype}")

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 # one variant of each kernel family, the 3x3 conv also with its narrow n16 tiles (int8 codes out;
 # float32 and codes out) (the full list: python -m arq_kernels.compile_check)
 SUBSET = ("noisy_input[fp32];noisy_input[int8;vote_count[int8];argmax_count;packed_linear[b3;packed_conv2d[3x3, b4;"
-          "quantize_nhwc")
+          "quantize_nhwc;packed_conv2d_rows[3x3, b4, int8 weights, int8+res+relu, as launched: 16 ch, H200")
 
 
 def _ptxas_available() -> bool:
@@ -34,8 +34,11 @@ def _ptxas_available() -> bool:
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build ships no ptxas")
 def test_kernels_compile_for_sm90_without_fma_contraction(tmp_path):
+    """The default build: no FMA contraction, and the quantizing kernels divide with ``div.rn.f32``
+    (ARQ_TRITON_DIVISION's default, rn)."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("ARQ_TRITON_DIVISION", None)
     result = subprocess.run(
         [sys.executable, "-m", "arq_kernels.compile_check", "--arch", "90", "--only", SUBSET],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
@@ -45,17 +48,18 @@ def test_kernels_compile_for_sm90_without_fma_contraction(tmp_path):
     # noise fp32, int8, int8 normalized and the latter as launched; vote_count; argmax_count;
     # packed_linear b3; eighteen 3x3 b4 convs (one of the bit-width sweep, two narrow, three tuned
     # tiles, and twelve as launched on ResNet-110's layers, whose activation loads must be
-    # vectorized); quantize_nhwc
-    assert report.count(" ok") == 26, report
-    assert report.count("as launched") == 13, report
+    # vectorized); quantize_nhwc; the row loop with int8 weights as launched on a 16-channel layer
+    assert report.count(" ok") == 27, report
+    assert report.count("as launched") == 14, report
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build ships no ptxas")
-def test_quantizing_kernels_divide_with_div_rn_f32_when_asked(tmp_path):
-    """ARQ_TRITON_DIVISION=rn: the quantizing kernels compile with ``div.rn.f32`` (checked in their
-    PTX by compile_check) and still without FMA contraction."""
+def test_quantizing_kernels_divide_in_float64_when_asked(tmp_path):
+    """ARQ_TRITON_DIVISION=f64 (the A/B choice; the default is rn, checked by the test above): the
+    quantizing kernels compile with ``div.rn.f64`` (checked in their PTX by compile_check) and
+    still without FMA contraction."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),
-               ARQ_TRITON_DIVISION="rn", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+               ARQ_TRITON_DIVISION="f64", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, "-m", "arq_kernels.compile_check", "--arch", "90", "--only",
          "quantize_nhwc;noisy_input[int8;packed_conv2d[3x3, b4, fp32+codes"],

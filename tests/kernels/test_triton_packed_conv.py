@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install 'arq[triton]')")
 
+import arq_kernels.packed_conv as packed_conv_module  # noqa: E402
 from arq_kernels.packed_conv import packed_conv2d, packed_conv2d_reference  # noqa: E402
 from arq_kernels.packed_matmul import pack_weights  # noqa: E402
 from arq_kernels.quantize import quantize_nhwc_reference  # noqa: E402
@@ -25,6 +26,33 @@ GEOMETRIES = [
     (1, 9, 9, 4, 5, 3, 2, 0, 7),
     (1, 6, 7, 10, 15, 3, 1, 1, 8),
 ]
+
+
+class _LaunchCounter:
+    """Stands in for a Triton kernel: counts ``kernel[grid](...)`` launches and runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture(params=["im2col", "rows"])
+def conv_loop(request, monkeypatch):
+    """Runs a test with each K loop (ARQ_TRITON_CONV_LOOP); yields the loop's launch counters."""
+    monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", request.param)
+    counters = {"im2col": _LaunchCounter(packed_conv_module._packed_conv2d_kernel),
+                "rows": _LaunchCounter(packed_conv_module._packed_conv2d_rows_kernel)}
+    monkeypatch.setattr(packed_conv_module, "_packed_conv2d_kernel", counters["im2col"])
+    monkeypatch.setattr(packed_conv_module, "_packed_conv2d_rows_kernel", counters["rows"])
+    yield request.param, counters
+    # contiguous NHWC inputs (every test using this fixture) run the loop asked for, and only it
+    other = "im2col" if request.param == "rows" else "rows"
+    assert counters[request.param].launches > 0 and counters[other].launches == 0
 
 
 def _case(geometry, generator):
@@ -48,7 +76,7 @@ def _epilogue_case(geometry, generator):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"k{g[5]}s{g[6]}p{g[7]}b{g[8]}")
-def test_int32_accumulator_equals_torch_conv(geometry, device, generator):
+def test_int32_accumulator_equals_torch_conv(geometry, device, generator, conv_loop):
     """Raw int32 output against an exact convolution of the original [N, C, KH, KW] weight."""
     _, _, _, _, n, ks, stride, pad, bits = geometry
     x, weight, packed = _case(geometry, generator)
@@ -83,7 +111,7 @@ def test_tiling_with_many_programs_and_strided_input(geometry, word_tiles, devic
     ],
     ids=["int8_res_relu", "float32", "uint8_res_relu", "float16"],
 )
-def test_fused_epilogue_matches_reference(geometry, spec, device, generator):
+def test_fused_epilogue_matches_reference(geometry, spec, device, generator, conv_loop):
     spec = dict(spec)
     _, _, _, _, _, ks, stride, pad, bits = geometry
     x, packed, scales, bias, out_shape = _epilogue_case(geometry, generator)
@@ -108,7 +136,7 @@ def test_fused_epilogue_matches_reference(geometry, spec, device, generator):
     [(GEOMETRIES[0], (-7, 7, 0)), (GEOMETRIES[1], (0, 255, -128)), (GEOMETRIES[6], (0, 15, 0))],
     ids=["signed4", "unsigned8_zp", "unsigned4"],
 )
-def test_codes_also_writes_the_float_output_and_its_codes(geometry, levels, device, generator):
+def test_codes_also_writes_the_float_output_and_its_codes(geometry, levels, device, generator, conv_loop):
     """``codes_also``: the float32 result (bias, float residual, ReLU) and, in the same pass, the int8
     codes a packed consumer reads, bit for bit what quantizing the stored float32 output gives."""
     _, _, _, _, _, ks, stride, pad, bits = geometry
@@ -159,7 +187,7 @@ def test_rejects_bad_arguments(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("ks, stride, pad, bits", [(3, 1, 1, 4), (3, 2, 1, 2), (1, 2, 0, 8)])
-def test_gpu_cifar_layer(ks, stride, pad, bits):
+def test_gpu_cifar_layer(ks, stride, pad, bits, conv_loop):
     generator = torch.Generator().manual_seed(ks * 10 + bits)
     geometry = (256, 32, 32, 32, 64, ks, stride, pad, bits)
     x, weight, packed = _case(geometry, generator)
@@ -171,7 +199,7 @@ def test_gpu_cifar_layer(ks, stride, pad, bits):
 
 
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[6]], ids=["k3s1p1b2", "k3s2p1b3", "k3s1p1b8"])
-def test_unsigned_8_bit_codes_through_the_zero_point(geometry, device, generator):
+def test_unsigned_8_bit_codes_through_the_zero_point(geometry, device, generator, conv_loop):
     """Codes 0..255 carried as int8 ``c - 128`` (x_zero_point = -128): the int32 accumulator equals
     the exact convolution of the codes themselves, the padding counting as the activation 0."""
     batch, h, w, c, n, ks, stride, pad, bits = geometry
@@ -208,3 +236,78 @@ def test_zero_point_arguments_are_checked(device, generator):
     with pytest.raises(ValueError, match="weight_sums"):
         packed_conv2d(x.to(device), packed.to(device), 2, torch.ones(n, device=device), kernel_size=3, padding=1,
                       x_zero_point=-128, weight_sums=torch.zeros(n + 1, dtype=torch.int32, device=device))
+
+
+# (batch, H, W, C, N, kernel, stride, padding, bits, BLOCK_K): the row loop where its span KW * C is
+# 16-aligned and BLOCK_K does or does not divide it, 3-bit weights (no word tiles), a 1x1
+ROW_SPANS = [
+    (2, 9, 7, 16, 16, 3, 1, 1, 4, 32),   # span 48: steps of 32, the second half past the span
+    (1, 6, 6, 32, 24, 3, 2, 1, 8, 64),   # span 96 at stride 2: steps of 64, the second half past it
+    (2, 5, 6, 32, 8, 3, 1, 1, 3, 32),    # span 96 = 3 steps of 32; 3-bit weights: element-wise unpacking
+    (1, 8, 8, 64, 16, 3, 1, 1, 2, 64),   # span 192 = 3 steps of 64
+    (2, 7, 5, 48, 16, 1, 2, 0, 7, 32),   # 1x1 stride 2: span 48
+]
+
+
+@pytest.mark.parametrize("geometry", ROW_SPANS, ids=lambda g: f"c{g[3]}k{g[5]}s{g[6]}b{g[8]}bk{g[9]}")
+@pytest.mark.parametrize("zero_point", [0, -128], ids=["signed", "unsigned_zp"])
+@pytest.mark.parametrize("int8_weight", [False, True], ids=["packed", "int8_weight"])
+def test_row_loop_spans(geometry, zero_point, int8_weight, device, generator, monkeypatch):
+    """The row loop (``LOOP: rows``) against the exact convolution where each kernel row's span is
+    cut into BLOCK_K steps, a partial last step included (its columns meet the next row's weights
+    unless zeroed; with the zero point, the padding's codes z meet them), with and without the
+    input's zero point, unpacking the weights or reading them unpacked (``int8_weight``)."""
+    batch, h, w, c, n, ks, stride, pad, bits, block_k = geometry
+    counter = _LaunchCounter(packed_conv_module._packed_conv2d_rows_kernel)
+    monkeypatch.setattr(packed_conv_module, "_packed_conv2d_rows_kernel", counter)
+    x, weight, packed = _case((batch, h, w, c, n, ks, stride, pad, bits), generator)
+    codes = x.to(torch.int64) - zero_point
+    expected = F.conv2d(codes.permute(0, 3, 1, 2).double(), weight.double(), stride=stride, padding=pad)
+    expected = expected.permute(0, 2, 3, 1).to(torch.int64)
+    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": block_k, "GROUP_M": 2, "num_warps": 4, "num_stages": 1,
+              "LOOP": "rows"}
+    out = torch.full(expected.shape, -(1 << 31), dtype=torch.int32, device=device)
+    unpacked = weight.permute(0, 2, 3, 1).reshape(n, -1).contiguous().to(device) if int8_weight else None
+    got = packed_conv2d(x.to(device), packed.to(device), bits, torch.ones(n, device=device), kernel_size=ks,
+                        stride=stride, padding=pad, out_dtype=torch.int32, x_zero_point=zero_point, out=out,
+                        config=config, int8_weight=unpacked)
+    assert counter.launches == 1
+    assert torch.equal(got.cpu().to(torch.int64), expected)
+
+
+def test_row_loop_falls_back_for_strided_rows(device, generator, monkeypatch):
+    """An NHWC view of an NCHW tensor has no contiguous kernel rows: ``rows`` runs the im2col loop."""
+    counter = _LaunchCounter(packed_conv_module._packed_conv2d_kernel)
+    monkeypatch.setattr(packed_conv_module, "_packed_conv2d_kernel", counter)
+    monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", "rows")
+    _, _, _, _, n, ks, stride, pad, bits = GEOMETRIES[0]
+    x, weight, packed = _case(GEOMETRIES[0], generator)
+    x_strided = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    got = packed_conv2d(x_strided.to(device), packed.to(device), bits, torch.ones(n, device=device),
+                        kernel_size=ks, stride=stride, padding=pad, out_dtype=torch.int32)
+    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), stride=stride, padding=pad)
+    assert counter.launches == 1
+    assert torch.equal(got.cpu().to(torch.int64), expected.permute(0, 2, 3, 1).to(torch.int64))
+
+
+def test_conv_loop_setting_is_checked(device, generator, monkeypatch):
+    x, _, packed = _case(GEOMETRIES[0], generator)
+    ones = torch.ones(GEOMETRIES[0][4], device=device)
+    monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", "winograd")
+    with pytest.raises(ValueError, match="ARQ_TRITON_CONV_LOOP must be one of"):
+        packed_conv2d(x.to(device), packed.to(device), 2, ones, kernel_size=3, padding=1)
+    monkeypatch.delenv("ARQ_TRITON_CONV_LOOP")
+    with pytest.raises(ValueError, match="config LOOP must be one of"):
+        packed_conv2d(x.to(device), packed.to(device), 2, ones, kernel_size=3, padding=1,
+                      config={**MANY_PROGRAMS, "LOOP": "taps"})
+
+
+def test_int8_weight_is_checked(device, generator):
+    _, _, _, _, n, ks, stride, pad, bits = GEOMETRIES[0]
+    x, weight, packed = _case(GEOMETRIES[0], generator)
+    unpacked = weight.permute(0, 2, 3, 1).reshape(n, -1).contiguous()
+    common = dict(kernel_size=ks, stride=stride, padding=pad, config={**MANY_PROGRAMS, "LOOP": "rows"})
+    ones = torch.ones(n, device=device)
+    for bad in (unpacked.to(torch.int32), unpacked[:, :-1].contiguous(), unpacked.t().contiguous().t()):
+        with pytest.raises(ValueError, match="int8_weight must be a contiguous int8"):
+            packed_conv2d(x.to(device), packed.to(device), bits, ones, int8_weight=bad.to(device), **common)

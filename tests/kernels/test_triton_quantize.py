@@ -111,31 +111,34 @@ _GPU_DIVISION_CHECK = """
 import torch
 from arq_kernels._common import QUOTIENT_DIVISION
 from arq_kernels.quantize import quantize_nhwc, quantize_nhwc_reference
+import os
 import tests.kernels.test_triton_quantize as t
-assert QUOTIENT_DIVISION == "rn", QUOTIENT_DIVISION
+assert QUOTIENT_DIVISION == os.environ["ARQ_TRITON_DIVISION"], QUOTIENT_DIVISION
 generator = torch.Generator().manual_seed(11)
 for scale in (0.037, 1 / 3, 0.1, 7.3e-3, 2.5):
     x = t._hard_quotients(scale, generator).reshape(-1, 3).cuda()
     for q_lo, q_hi, zero_point in ((-127, 127, 0), (0, 255, -128), (-7, 7, 0)):
         expected = quantize_nhwc_reference(x.cpu(), scale, q_lo, q_hi, zero_point)
         assert torch.equal(quantize_nhwc(x, scale, q_lo, q_hi, zero_point).cpu(), expected), (scale, q_lo)
-print("rn ok")
+print(QUOTIENT_DIVISION, "ok")
 """
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_div_rn_gives_the_reference_codes(tmp_path):
-    """ARQ_TRITON_DIVISION=rn on the GPU (a fresh process and Triton cache): div.rn.f32 codes equal
-    the reference's next to every rounding boundary."""
+@pytest.mark.parametrize("division", ["rn", "f64"])
+def test_gpu_divisions_give_the_reference_codes(division, tmp_path):
+    """Each ARQ_TRITON_DIVISION on the GPU (a fresh process and Triton cache each): div.rn.f32
+    (the default) and the float64 quotient give the reference's codes next to every rounding
+    boundary."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, ARQ_TRITON_DIVISION="rn", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+    env = dict(os.environ, ARQ_TRITON_DIVISION=division, TRITON_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", _GPU_DIVISION_CHECK], env=env, cwd=repo, capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 0 and "rn ok" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0 and f"{division} ok" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

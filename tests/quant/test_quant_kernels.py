@@ -373,6 +373,34 @@ def _compare_in_place_writes_block_fusion(device: str) -> None:
             assert torch.equal(fused(x.to(device)), to_kernels(qmodel, backend="triton", chain=False)(x.to(device)))
 
 
+def _with_row_loop(run):
+    """``run()`` with ARQ_TRITON_CONV_LOOP=rows; checks that the row-loop kernel ran."""
+    import arq_kernels.packed_conv as packed_conv_module
+
+    real, launches = packed_conv_module._packed_conv2d_rows_kernel, []
+
+    class Counting:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["W_INT8"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    previous = os.environ.get("ARQ_TRITON_CONV_LOOP")
+    os.environ["ARQ_TRITON_CONV_LOOP"] = "rows"
+    packed_conv_module._packed_conv2d_rows_kernel = Counting()
+    try:
+        result = run()
+    finally:
+        packed_conv_module._packed_conv2d_rows_kernel = real
+        if previous is None:
+            del os.environ["ARQ_TRITON_CONV_LOOP"]
+        else:
+            os.environ["ARQ_TRITON_CONV_LOOP"] = previous
+    assert launches and all(launches), launches  # every conv, each with its int8 weights
+    return result
+
+
 def _compare_fused_resnet(device: str) -> None:
     """arq's CIFAR ResNet behind its input normalization (whose input check keeps torch.fx from
     tracing the whole model: the ResNet is rewritten on its own). Uniform 4 bits: every block's
@@ -405,6 +433,8 @@ def _compare_fused_resnet(device: str) -> None:
         with torch.no_grad():
             logits = fused(x.to(device))
             assert torch.equal(logits, unfused(x.to(device)))
+            # the row loop (with the layers' unpacked int8 weights) gives the same logits
+            assert torch.equal(_with_row_loop(lambda: fused(x.to(device))), logits)
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()
 
 
