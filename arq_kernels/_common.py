@@ -42,6 +42,8 @@ if QUOTIENT_DIVISION not in ("f64", "rn"):
     raise ValueError(f"ARQ_TRITON_DIVISION must be 'f64' or 'rn', got {os.environ['ARQ_TRITON_DIVISION']!r}")
 # a constexpr global: part of every kernel's cache key (and fixed for the process)
 _DIVIDE_RN = tl.constexpr(QUOTIENT_DIVISION == "rn")
+#: 1.5 * 2^23 (float32 0x4B400000): float32 values in [2^23, 2^24) are integers (quantize_codes)
+_ROUNDING_SHIFT = tl.constexpr(12582912.0)
 
 # ---------------------------------------------------------------------------------------------
 # configs (data, apart from the kernels)
@@ -158,9 +160,12 @@ def quantize_codes(y, scale, q_lo, q_hi, zero_point):
     """int32 codes ``clamp(round_half_even(y / scale), q_lo, q_hi) + zero_point`` of float32 ``y``.
 
     ``scale`` is a float32 scalar; the quotient is the IEEE float32 one, formed as
-    ``ARQ_TRITON_DIVISION`` says (module docstring); the clamp comes first so the integer
-    conversion never overflows, then the exact half-to-even rounding from ``floor`` (no
-    libdevice ``rint``, so the interpreter and the GPU agree).
+    ``ARQ_TRITON_DIVISION`` says (module docstring); the clamp comes first, so
+    ``|quotient| <= 2^22``, and the rounding is then ``(quotient + 1.5 * 2^23) - 1.5 * 2^23``
+    in float32: the sum has no fraction bits left, so the adder's round-to-nearest-even
+    rounds the quotient half to even, and the subtraction is exact (no libdevice ``rint``,
+    so the interpreter's numpy float32 and the GPU agree; ``compile_check`` checks that the
+    constant survives compilation, i.e. that nothing folded the two adds).
     ``q_lo`` and ``q_hi`` must be tensors: kernels list them in ``do_not_specialize`` (an int
     argument equal to 1 would otherwise become a constexpr). ``scale`` is a float32 kernel
     argument on the GPU but a Python float under the interpreter: launchers pass
@@ -170,12 +175,8 @@ def quantize_codes(y, scale, q_lo, q_hi, zero_point):
     lo = q_lo.to(tl.float32)
     hi = q_hi.to(tl.float32)
     quotient = tl.minimum(tl.maximum(quotient, lo), hi)  # integer bounds: commutes with rounding
-    below = tl.floor(quotient)
-    frac = quotient - below  # exact for |quotient| < 2^23
-    below_int = below.to(tl.int32)
-    odd = (below_int & 1) == 1
-    up = (frac > 0.5) | ((frac == 0.5) & odd)
-    return below_int + up.to(tl.int32) + zero_point
+    rounded = (quotient + _ROUNDING_SHIFT) - _ROUNDING_SHIFT
+    return rounded.to(tl.int32) + zero_point
 
 
 @triton.jit

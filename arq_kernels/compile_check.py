@@ -10,11 +10,13 @@ launchers use, and checks properties of the PTX that the bit-exactness contracts
 * float64 division is the correctly rounded ``div.rn.f64``; no ``div.full.f32`` (the
   approximate float32 division Triton emits for ``/``) in any kernel; every kernel that
   quantizes divides with ``div.rn.f32`` (``ARQ_TRITON_DIVISION=rn``, the default) or
-  ``div.rn.f64`` (``ARQ_TRITON_DIVISION=f64``).
+  ``div.rn.f64`` (``ARQ_TRITON_DIVISION=f64``), and rounds half to even with two rounded float32
+  adds of +-1.5 * 2^23 that no compiler pass folded (``quantize_codes``).
 
 Run: ``TRITON_INTERPRET=0 python -m arq_kernels.compile_check [--arch 90] [--arch 80] [--only ...]
-[--sass]`` (exit status 1 when a kernel fails; ``--sass`` also prints instruction counts). ``tests/kernels/test_triton_compile.py`` runs it in a
-subprocess. It checks the installed Triton only (3.8 here; the GPU machine has 3.6).
+[--sass]`` (exit status 1 when a kernel fails; ``--sass`` also prints SASS instruction counts).
+``tests/kernels/test_triton_compile.py`` runs it in a subprocess. It checks the installed Triton
+only (3.8 here; the GPU machine has 3.6).
 """
 from __future__ import annotations
 
@@ -257,6 +259,9 @@ _FORBIDDEN = {
 }
 
 
+# quantize_codes' half-to-even rounding: + 1.5 * 2^23 then - 1.5 * 2^23, each a rounded float32 add
+_ROUND_ADD = re.compile(r"\badd\.rn\.f32\s+%\w+, %\w+, 0f4B400000;")
+_ROUND_SUB = re.compile(r"\b(add\.rn\.f32\s+%\w+, %\w+, 0fCB400000|sub\.rn\.f32\s+%\w+, %\w+, 0f4B400000);")
 _BYTE_LOAD = re.compile(r"\bld\.global(\.\w+)*\.[bsu]8\b")
 _VECTOR_LOAD = re.compile(r"\bcp\.async\.cg\.shared\.global(\.\w+)* \[[^]]+\], \[[^]]+\], 0x10\b|"
                           r"\bld\.global(\.\w+)*\.v4\.b32\b")
@@ -336,6 +341,8 @@ def check(arch: int, verbose: bool = True, only: str | None = None, sass: bool =
                 problems.append("no div.rn.f32 (ARQ_TRITON_DIVISION=rn)")
             if QUOTIENT_DIVISION == "f64" and _quantizes(label) and "div.rn.f64" not in ptx:
                 problems.append("no div.rn.f64 (ARQ_TRITON_DIVISION=f64)")
+            if _quantizes(label) and not (_ROUND_ADD.search(ptx) and _ROUND_SUB.search(ptx)):
+                problems.append("rounding's two float32 adds of 1.5 * 2^23 folded or missing")
         except Exception as error:  # noqa: BLE001 - report every kernel, then fail
             problems = [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
         seconds = time.perf_counter() - start
