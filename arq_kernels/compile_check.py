@@ -225,12 +225,12 @@ def _variants():
         (16, 32, (128, 16, 32, 4), "cuda"), (32, 16, (128, 32, 64, 4), "cuda"), (64, 8, (128, 64, 64, 4), "cuda"),
     ]:
         for which, bits, int8_weight in ((1, 4, False), (4, 4, False)) + (
-                ((1, 8, False), (1, 4, True), (4, 4, True)) if tiles == "H200" else ()):
+                ((1, 8, False), (1, 8, True), (1, 4, True), (4, 4, True)) if tiles == "H200" else ()):
             label, ptrs, epi = epilogues[which]
             variants.append((
                 f"packed_conv2d_rows[3x3, b{bits}{', int8 weights' if int8_weight else ''}, {label}, "
                 f"as launched: {channels} ch, {tiles} tiles]",
-                packed_conv._packed_conv2d_rows_kernel, {**gemm_types, **ptrs, "w8_ptr": "*i8"},
+                packed_conv._packed_conv2d_rows_kernel, {**gemm_types, **ptrs, "w8_ptr": "*i8", "psum_ptr": "*i32"},
                 {"X_ZP": bits == 8, "C": channels, "KH": 3, "KW": 3, "BITS": bits, "VALUES": 32 // bits,
                  "WORD_TILES": block_k % (32 // bits) == 0 and (3 * channels) % (32 // bits) == 0,
                  "W_INT8": int8_weight, **epi,

@@ -26,7 +26,9 @@ Two K loops, the same sums (``ARQ_TRITON_CONV_LOOP`` or a config's ``"LOOP"`` pi
   steps of BLOCK_K. C is a compile-time constant there, so each column's tap ``kw = col // C``
   is a constant vector, the row's bounds are checked once per row, and the gather is one
   pointer per output pixel plus the column. Columns past the span (the last step of a row
-  when BLOCK_K does not divide ``KW * C``) meet zeroed weights. Specialized per C (a few values
+  when BLOCK_K does not divide ``KW * C``) meet zeroed weights. With a zero point z the padding
+  is read as 0 and ``z * (weight sum of the taps inside the image)`` is subtracted once per
+  tile (four entries of :func:`tap_prefix_sums`), instead of a per-byte select every step. Specialized per C (a few values
   in a network). Compared with ``im2col`` in SASS for sm_90 (``compile_check``), not yet timed
   on a GPU: ``gpu_check.sh`` A/Bs it end to end.
 
@@ -142,8 +144,9 @@ def _packed_conv2d_kernel(
 @triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point", "x_zero_point"])
 def _packed_conv2d_rows_kernel(
     # as _packed_conv2d_kernel; x has contiguous rows (channel stride 1, pixel stride C); w8_ptr:
-    # the same weights unpacked, int8 [N, K] contiguous, read instead of w_ptr when W_INT8
-    x_ptr, w_ptr, w8_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr, wsum_ptr,
+    # the same weights unpacked, int8 [N, K] contiguous, read instead of w_ptr when W_INT8; psum_ptr:
+    # int32 [(KH + 1) * (KW + 1), N], the taps' weight sums as 2-D prefix sums (read when X_ZP)
+    x_ptr, w_ptr, w8_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr, wsum_ptr, psum_ptr,
     H, W, OH, OW, M, N, K,
     stride_h, stride_w, pad_h, pad_w,
     stride_xb, stride_xh, stride_wn,
@@ -179,9 +182,9 @@ def _packed_conv2d_rows_kernel(
             col = start + cols  # place in the span: tap col // C, channel col % C
             iw = iw0[:, None] + (col // C)[None, :]
             inside = row_ok[:, None] & (iw >= 0) & (iw < W)
+            # the padding reads as 0 (with a zero point z, the real 0 is the code z: corrected
+            # after the loop, which is cheaper than selecting z byte by byte here)
             a = tl.load(x_ptr + row[:, None] + col[None, :], mask=inside & (col < SPAN)[None, :], other=0)
-            if X_ZP:  # the padding holds the real 0, i.e. the code z (columns past the span meet zero weights)
-                a = tl.where(inside, a, x_zero_point).to(tl.int8)
             k0 = kh * SPAN + start
             if W_INT8:  # no unpacking: the tile goes to shared memory as loaded
                 w = tl.load(w8_ptr + n[None, :].to(tl.int64) * K + (k0 + cols)[:, None],
@@ -195,7 +198,20 @@ def _packed_conv2d_rows_kernel(
                     w = tl.where((col < SPAN)[:, None], w, 0).to(tl.int8)
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
     if X_ZP:
-        acc = acc - x_zero_point * tl.load(wsum_ptr + n, mask=n < N, other=0)[None, :]
+        # sum over the image of (x - z) w = acc - z * (the weight sum of the taps inside the
+        # image). Those taps are a rectangle, rows [r1, r2) and columns [c1, c2) of the kernel, so
+        # their sum is four entries of the 2-D prefix sums P[a, b] = sum_{kh < a, kw < b} w_tap
+        r1 = tl.minimum(tl.maximum(-ih0, 0), KH)
+        r2 = tl.maximum(tl.minimum(tl.maximum(H - ih0, 0), KH), r1)
+        c1 = tl.minimum(tl.maximum(-iw0, 0), KW)
+        c2 = tl.maximum(tl.minimum(tl.maximum(W - iw0, 0), KW), c1)
+        n_ok = (n < N)[None, :]
+        prefix = psum_ptr + n[None, :]
+        inside_sum = (tl.load(prefix + (r2 * (KW + 1) + c2)[:, None] * N, mask=n_ok, other=0)
+                      - tl.load(prefix + (r1 * (KW + 1) + c2)[:, None] * N, mask=n_ok, other=0)
+                      - tl.load(prefix + (r2 * (KW + 1) + c1)[:, None] * N, mask=n_ok, other=0)
+                      + tl.load(prefix + (r1 * (KW + 1) + c1)[:, None] * N, mask=n_ok, other=0))
+        acc = acc - x_zero_point * inside_sum
 
     epilogue_store(acc, m, n, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, codes_ptr,
                    N, 1, N, 1,
@@ -208,6 +224,19 @@ def _packed_conv2d_rows_kernel(
 # ---------------------------------------------------------------------------------------------
 
 CONV_LOOPS = ("im2col", "rows")
+
+
+def tap_prefix_sums(weight: torch.Tensor, w_bits: int, kernel_hw: tuple[int, int], channels: int) -> torch.Tensor:
+    """int32 ``[(KH+1)*(KW+1), N]``: ``P[a * (KW+1) + b, n] = sum_{kh < a, kw < b, c} q[n, kh, kw, c]``,
+    from the packed int32 ``[N, words]`` or the unpacked int8 ``[N, KH*KW*C]`` weight. With a zero
+    point z the row loop reads the padding as 0 and subtracts z times the weight sum of the taps
+    inside the image, a rectangle of the kernel: four entries of P."""
+    kh, kw = kernel_hw
+    q = weight if weight.dtype == torch.int8 else unpack_weights(weight, w_bits, kh * kw * channels)
+    taps = q.reshape(q.shape[0], kh, kw, channels).to(torch.int32).sum(3, dtype=torch.int32)
+    prefix = torch.zeros(q.shape[0], kh + 1, kw + 1, dtype=torch.int32, device=q.device)
+    prefix[:, 1:, 1:] = taps.cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
+    return prefix.reshape(q.shape[0], -1).t().contiguous()
 
 
 def default_conv_loop() -> str:
@@ -274,6 +303,7 @@ def packed_conv2d(
     out: torch.Tensor | None = None,
     config: dict | None = None,
     int8_weight: torch.Tensor | None = None,
+    tap_sums: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """2-D convolution of int8 NHWC codes with packed 2-8 bit weights, fused epilogue.
 
@@ -293,6 +323,8 @@ def packed_conv2d(
             (:func:`arq_kernels.packed_matmul.unpack_weights`; a layer keeps it beside the packed
             one): the row loop then loads weight tiles as they are instead of unpacking them in
             every program. Must hold the same codes (not checked); ignored by the im2col loop.
+        tap_sums: optional int32 ``[(KH+1)*(KW+1), N]`` (:func:`tap_prefix_sums`), read by the row
+            loop with a zero point (computed per call when not given; a layer keeps it).
 
     Returns:
         ``[B, OH, OW, N]`` (NHWC, contiguous) in ``out_dtype``: the next layer's input as is; with
@@ -332,11 +364,18 @@ def packed_conv2d(
         raise ValueError(f"int8_weight must be a contiguous int8 [{n}, {k}] tensor on {device} (the unpacked "
                          f"packed_weight), got {int8_weight.dtype} {tuple(int8_weight.shape)} on {int8_weight.device}")
     if loop == "rows" and x.stride(3) == 1 and x.stride(2) == c:
+        prefix_shape = ((kh + 1) * (kw + 1), n)
+        if wsum is not None and tap_sums is None:
+            tap_sums = tap_prefix_sums(int8_weight if int8_weight is not None else packed_weight, w_bits, (kh, kw), c)
+        if tap_sums is not None and (tap_sums.dtype != torch.int32 or tuple(tap_sums.shape) != prefix_shape
+                                     or not tap_sums.is_contiguous() or tap_sums.device != device):
+            raise ValueError(f"tap_sums must be a contiguous int32 {list(prefix_shape)} tensor on {device} "
+                             f"(tap_prefix_sums), got {tap_sums.dtype} {tuple(tap_sums.shape)}")
         _packed_conv2d_rows_kernel[grid](
             x, packed_weight, int8_weight if int8_weight is not None else packed_weight,
             scales, bias if bias is not None else scales,
             residual if residual is not None else out, out, codes if codes is not None else out,
-            wsum if wsum is not None else packed_weight,
+            wsum if wsum is not None else packed_weight, tap_sums if wsum is not None else packed_weight,
             h, w, oh, ow, m, n, k,
             sh, sw, ph, pw,
             x.stride(0), x.stride(1), packed_weight.stride(0),
@@ -391,7 +430,7 @@ def packed_conv2d_reference(
     x_nhwc_int8, packed_weight, w_bits, scales, bias=None, *, kernel_size, stride=1, padding=0, relu=False,
     residual=None, out_scale=None, x_scale=1.0, residual_scale=None, out_dtype=None, out_zero_point=0,
     qmin=None, qmax=None, x_zero_point=0, weight_sums=None, codes_also=None, out=None, config=None,
-    int8_weight=None,
+    int8_weight=None, tap_sums=None,
 ):
     """Plain-torch :func:`packed_conv2d`: unpack, exact convolution of ``x - z`` (zero padding), the
     same float32 epilogue."""

@@ -219,6 +219,13 @@ class PackedConv2d(_PackedLayer):
         # packed weight is the stored form
         self.register_buffer("int8_weight", unpack_weights(self.packed_weight, self.w_bits, self.k).to(torch.int8),
                              persistent=False)
+        # the taps' weight sums as 2-D prefix sums (arq_kernels.packed_conv.tap_prefix_sums): the row
+        # loop's correction for the padding when the codes carry a zero point
+        kh, kw = self.kernel_size
+        taps = self.int8_weight.reshape(self.out_features, kh, kw, -1).to(torch.int32).sum(3, dtype=torch.int32)
+        prefix = torch.zeros(self.out_features, kh + 1, kw + 1, dtype=torch.int32, device=taps.device)
+        prefix[:, 1:, 1:] = taps.cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
+        self.register_buffer("tap_sums", prefix.reshape(self.out_features, -1).t().contiguous(), persistent=False)
         # set by to_kernels' fusion (Triton only, _chain_convolutions): this layer writes the next
         # one's int8 NHWC codes instead of its float output (scale, q_lo, q_hi, zero point, ReLU
         # before them), or its float output and such codes (codes_also: the same minus the ReLU,
@@ -264,7 +271,8 @@ class PackedConv2d(_PackedLayer):
         else:
             codes = x
         common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                      relu=self.epilogue_relu, int8_weight=self.int8_weight, **self._triton_args())
+                      relu=self.epilogue_relu, int8_weight=self.int8_weight, tap_sums=self.tap_sums,
+                      **self._triton_args())
         if residual is not None:
             if residual.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 raise TypeError(f"the fused residual must be a float32/16 or bfloat16 tensor, got {residual.dtype}")

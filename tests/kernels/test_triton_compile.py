@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 # one variant of each kernel family, the 3x3 conv also with its narrow n16 tiles (int8 codes out;
 # float32 and codes out) (the full list: python -m arq_kernels.compile_check)
 SUBSET = ("noisy_input[fp32];noisy_input[int8;vote_count[int8];argmax_count;packed_linear[b3;packed_conv2d[3x3, b4;"
-          "quantize_nhwc;packed_conv2d_rows[3x3, b4, int8 weights, int8+res+relu, as launched: 16 ch, H200")
+          "quantize_nhwc;packed_conv2d_rows[3x3, b4, int8 weights, int8+res+relu, as launched: 16 ch, H200;"
+          "packed_conv2d_rows[3x3, b8, int8 weights, int8+res+relu, as launched: 64 ch, H200")
 
 
 def _ptxas_available() -> bool:
@@ -48,9 +49,10 @@ def test_kernels_compile_for_sm90_without_fma_contraction(tmp_path):
     # noise fp32, int8, int8 normalized and the latter as launched; vote_count; argmax_count;
     # packed_linear b3; eighteen 3x3 b4 convs (one of the bit-width sweep, two narrow, three tuned
     # tiles, and twelve as launched on ResNet-110's layers, whose activation loads must be
-    # vectorized); quantize_nhwc; the row loop with int8 weights as launched on a 16-channel layer
-    assert report.count(" ok") == 27, report
-    assert report.count("as launched") == 14, report
+    # vectorized); quantize_nhwc; the row loop with int8 weights as launched, W4A4 on a 16-channel
+    # layer and W8A8 (the zero point's prefix-sum correction) on a 64-channel one
+    assert report.count(" ok") == 28, report
+    assert report.count("as launched") == 15, report
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build ships no ptxas")

@@ -311,3 +311,32 @@ def test_int8_weight_is_checked(device, generator):
     for bad in (unpacked.to(torch.int32), unpacked[:, :-1].contiguous(), unpacked.t().contiguous().t()):
         with pytest.raises(ValueError, match="int8_weight must be a contiguous int8"):
             packed_conv2d(x.to(device), packed.to(device), bits, ones, int8_weight=bad.to(device), **common)
+
+
+def test_tap_prefix_sums(device, generator):
+    """``tap_prefix_sums`` against direct sums of the [N, C, KH, KW] weight; given to the row loop (as a
+    layer does) it gives what the per-call sums give; a wrong shape or dtype is refused."""
+    from arq_kernels.packed_conv import tap_prefix_sums
+
+    geometry = (2, 7, 6, 16, 8, 3, 1, 1, 8)
+    batch, h, w, c, n, ks, stride, pad, bits = geometry
+    x, weight, packed = _case(geometry, generator)
+    sums = tap_prefix_sums(packed, bits, (ks, ks), c)
+    assert sums.dtype == torch.int32 and sums.shape == ((ks + 1) * (ks + 1), n)
+    taps = weight.to(torch.int64).sum(1)  # [N, KH, KW]
+    for a in range(ks + 1):
+        for b in range(ks + 1):
+            assert torch.equal(sums[a * (ks + 1) + b].to(torch.int64), taps[:, :a, :b].sum((1, 2)))
+    unpacked = weight.permute(0, 2, 3, 1).reshape(n, -1).contiguous()
+    assert torch.equal(tap_prefix_sums(unpacked, bits, (ks, ks), c), sums)
+    common = dict(kernel_size=ks, stride=stride, padding=pad, out_dtype=torch.int32, x_zero_point=-128,
+                  config={**MANY_PROGRAMS, "LOOP": "rows"})
+    ones = torch.ones(n, device=device)
+    given = packed_conv2d(x.to(device), packed.to(device), bits, ones, tap_sums=sums.to(device), **common)
+    assert torch.equal(given, packed_conv2d(x.to(device), packed.to(device), bits, ones, **common))
+    codes = x.to(torch.int64) + 128
+    expected = F.conv2d(codes.permute(0, 3, 1, 2).double(), weight.double(), stride=stride, padding=pad)
+    assert torch.equal(given.cpu().to(torch.int64), expected.permute(0, 2, 3, 1).to(torch.int64))
+    for bad in (sums.to(torch.int64), sums[:-1].contiguous(), sums.t().contiguous()):
+        with pytest.raises(ValueError, match="tap_sums must be a contiguous int32"):
+            packed_conv2d(x.to(device), packed.to(device), bits, ones, tap_sums=bad.to(device), **common)
