@@ -51,9 +51,12 @@ GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1
 * ``arq_w8a8``, ``arq_w4a4``  ``arq.certify`` on the W8A8 / W4A4 model: the engine runs arq's
                            packed Triton kernels (``arq.quant.kernels``; ``certificate_backend``
                            "...+packed"), or the fake-quant model where they are unavailable
-* ``arq_fp16_cl_graphs``, ``arq_w4a4_graphs``  the same with the engine's CUDA graphs
+* ``arq_fp16_cl_graphs``, ``arq_w4a4_graphs``  (on request) the same with the engine's CUDA graphs
                            (``prepare_model(..., cuda_graphs=True)``, "...+graphs")
-* ``arq_w4a4_floatnoise``  ``arq_w4a4`` with ``ARQ_INPUT_CODES=0``: float32 noisy images
+* ``arq_w8a8_rows``, ``arq_w4a4_rows``  the same with ``ARQ_TRITON_CONV_LOOP=rows``: the packed
+                           convolution's row loop with the layers' unpacked int8 weights, paired per
+                           round with its base (``paired_ratio_to_base``); any ``<arq variant>_rows``
+* ``arq_w4a4_floatnoise``  (on request) ``arq_w4a4`` with ``ARQ_INPUT_CODES=0``: float32 noisy images
                            that the packed model normalizes and quantizes itself, instead of its stem's
                            int8 codes written by the Triton noise kernel
 
@@ -92,9 +95,11 @@ if DEVICE == "cuda":
     # large share of a short call at GPU speed (10,000 ResNet-110 samples took 0.14 s on an H200,
     # 2026-11-27): longer calls, closer to certification at n = 100,000, within gpu_check's budget
     SAMPLES = {"resnet20": 100_000, "resnet110": 30_000}
-    # the CUDA graph is captured last, after every other variant's first call has allocated what it needs
-    VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_fp16_cl_graphs", "arq_w8a8", "arq_w4a4",
-                "arq_w4a4_floatnoise", "arq_w4a4_graphs", "fp16_cl_cudagraphs"]
+    # the CUDA graph is captured last, after every other variant's first call has allocated what it
+    # needs. The engine-graph and float-noise variants are on request: level with their base on
+    # ResNet-110 on an H200 (2026-11-28, benchmarks/results/gpu-h200-2026-11-28-session16)
+    VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w8a8_rows", "arq_w4a4", "arq_w4a4_rows",
+                "fp16_cl_cudagraphs"]
     torch.backends.cudnn.benchmark = True  # every variant alike: cuDNN picks its fastest algorithms
 else:
     BATCH = 400
@@ -253,6 +258,9 @@ def build(arch: str, variant: str, image: torch.Tensor):
         with mock.patch.dict(os.environ, {"ARQ_INPUT_CODES": "0"}):
             base, build_s, note = build(arch, variant[:-len("_floatnoise")], image)
         return (lambda run: lambda: _with_env(run, "ARQ_INPUT_CODES", "0"))(base), build_s, note
+    if variant.endswith("_rows"):
+        base, build_s, note = build(arch, variant[:-len("_rows")], image)
+        return (lambda run: lambda: _with_env(run, "ARQ_TRITON_CONV_LOOP", "rows"))(base), build_s, note
     if DEVICE == "cuda":
         x = image.cuda()
         if variant == "locuslab_fp32":
@@ -418,7 +426,7 @@ def test_e2e(benchmark, arch, variant, image):
         paired = f", paired per round {median:.2f} (quartiles {low:.2f}-{high:.2f})"
         base = variant.rpartition("_")[0]
         # an A/B against the variant it modifies
-        if variant.endswith(("_lowbit", "_onednn", "_nochunk")) and base in entries:
+        if variant.endswith(("_lowbit", "_onednn", "_nochunk", "_floatnoise", "_rows")) and base in entries:
             median, low, high = paired_ratio(entries[base]["times"], entry["times"])
             info.update(paired_ratio_to_base=[round(x, 3) for x in (median, low, high)], base_variant=base)
             paired += f"; {median:.2f} (quartiles {low:.2f}-{high:.2f}) x {base}"

@@ -3,7 +3,7 @@
 # kernel and end-to-end benchmarks, and write a summary JSON, all under $OUT, in < 8 minutes (the
 # issue's limit: no step starts after 470 s; give the device call a timeout of 520 s and rerun
 # only the steps that need it with ARQ_CHECK_STEPS). $OUT gets at most 8 files (the device tool
-# returns no more): env.json, steps.tsv, summary.json, the benchmark JSONs (at most four) and
+# returns no more): env.json, steps.tsv, summary.json, the benchmark JSONs (three) and
 # logs.tgz (every step's log, the tests' JUnit XML and the kernel profile, re-packed after each
 # step so that a run cut short still returns what it did).
 #
@@ -21,8 +21,8 @@
 # Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
 # (default 470: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
 # test and benchmark steps to run, space-separated: tests_gpu tests_kernels bench_e2e_gpu_resnet110
-# bench_e2e_gpu_resnet110_conv_rows (ARQ_TRITON_CONV_LOOP=rows against the default im2col loop) bench_e2e_gpu_resnet20
-# bench_kernels profile memcheck; default all of these. Run only when named:
+# bench_e2e_gpu_resnet20 bench_kernels profile memcheck; default all of these; the end-to-end steps
+# include the row loop's A/B, arq_w8a8_rows / arq_w4a4_rows, paired with their base). Run only when named:
 # the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against the default div.rn) and
 # bench_e2e_gpu_resnet110_generic_configs (generic launch configs against the H200-tuned ones), and
 # "tune", which measures the Triton launch configs on the card).
@@ -196,15 +196,6 @@ if [ "$HAS_CUDA" = 1 ]; then
                 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
                 --benchmark-json="$WORK/bench_e2e_gpu_${arch}_nograph.json"
         fi
-        if [ "$arch" = resnet110 ] && wanted bench_e2e_gpu_resnet110_conv_rows; then
-            # the A/B of the packed convolution's K loops (arq_kernels.packed_conv): the row loop
-            # with the layers' unpacked int8 weights, the FP16 CUDA-graph peer in the same run
-            step bench_e2e_gpu_resnet110_conv_rows 70 env ARQ_TRITON_CONV_LOOP=rows \
-                ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=3 \
-                ARQ_E2E_VARIANTS=arq_w8a8,arq_w4a4,fp16_cl_cudagraphs \
-                "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
-                --benchmark-json="$OUT/bench_e2e_gpu_${arch}_conv_rows.json"
-        fi
         if [ "$arch" = resnet110 ] && named bench_e2e_gpu_resnet110_div_f64; then
             # the A/B of the requantization's division (arq_kernels._common: the same codes either
             # way): the packed paths again with ARQ_TRITON_DIVISION=f64, in their own Triton cache,
@@ -240,8 +231,8 @@ if [ "$HAS_CUDA" = 1 ]; then
             "$PYTHON" -m benchmarks.gpu_memcheck resnet110
     fi
 else
-    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet110_conv_rows \
-            bench_e2e_gpu_resnet20 bench_kernels profile memcheck; do
+    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet20 bench_kernels profile \
+            memcheck; do
         skip "$name" "no CUDA device"
     done
 fi
@@ -273,8 +264,7 @@ summary = {
     "files": sorted(os.listdir(out)),
 }
 rows = []
-for arch in ("resnet110", "resnet110_nograph", "resnet110_conv_rows", "resnet110_div_f64", "resnet110_generic_configs",
-             "resnet20"):
+for arch in ("resnet110", "resnet110_nograph", "resnet110_div_f64", "resnet110_generic_configs", "resnet20"):
     in_work = arch.endswith(("nograph", "div_f64", "generic_configs"))  # $OUT's eight files are taken
     e2e = os.path.join(work if in_work else out, f"bench_e2e_gpu_{arch}.json")
     try:  # absent, or empty when the step failed before pytest-benchmark wrote it
@@ -283,14 +273,15 @@ for arch in ("resnet110", "resnet110_nograph", "resnet110_conv_rows", "resnet110
         continue
     for bench in benches:
         extra = bench.get("extra_info", {})
-        tag = "[conv_rows]" if arch.endswith("conv_rows") else "[div_f64]" if arch.endswith("div_f64") else "[generic_configs]" if arch.endswith("generic_configs") else ""
+        tag = "[div_f64]" if arch.endswith("div_f64") else "[generic_configs]" if arch.endswith("generic_configs") else ""
         rows.append({"name": bench["name"] + tag,
                      "samples_per_s": extra.get("samples_per_s"),
                      "speedup_vs_locuslab": extra.get("speedup_vs_locuslab"),
                      "ratio_to_best_non_arq": extra.get("ratio_to_best_non_arq"),
                      "share_of_int8_peak": extra.get("share_of_int8_peak"),
                      "certificate_backend": extra.get("certificate_backend"),
-                     "paired_ratio_to_best_non_arq": extra.get("paired_ratio_to_best_non_arq")})
+                     "paired_ratio_to_best_non_arq": extra.get("paired_ratio_to_best_non_arq"),
+                     "paired_ratio_to_base": extra.get("paired_ratio_to_base")})
 summary["e2e"] = rows
 json.dump(summary, open(os.path.join(out, "summary.json"), "w", encoding="utf-8"), indent=2)
 print(json.dumps({k: summary[k] for k in ("gpu_name", "extension", "elapsed_s", "all_ok")}))
