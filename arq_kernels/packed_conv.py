@@ -78,6 +78,15 @@ CANDIDATES = CANDIDATES_GEMM
 # ---------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def window_origins(m, OH, OW, stride_h, stride_w, pad_h, pad_w):
+    """For output rows ``m = (b, oh, ow)``: the image ``b`` and the top-left input pixel
+    ``(ih0, iw0)`` of each one's window (negative where the window overhangs the padding)."""
+    ow = m % OW
+    oh = (m // OW) % OH
+    return m // (OW * OH), oh * stride_h - pad_h, ow * stride_w - pad_w
+
+
 @triton.jit(do_not_specialize=["q_lo", "q_hi", "zero_point", "x_zero_point"])
 def _packed_conv2d_kernel(
     # pointers (wsum_ptr: int32 [N] weight row sums, read when X_ZP; codes_ptr: the int8 codes of
@@ -103,12 +112,7 @@ def _packed_conv2d_kernel(
     ks = tl.arange(0, BLOCK_K)
     m_ok = m < M
 
-    # -- output pixel of each row, and the top-left input pixel of its window --------------------
-    ow = m % OW
-    oh = (m // OW) % OH
-    b = m // (OW * OH)
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
+    b, ih0, iw0 = window_origins(m, OH, OW, stride_h, stride_w, pad_h, pad_w)
     row_base = b.to(tl.int64) * stride_xb
     num_words = tl.cdiv(K, VALUES)
 
@@ -164,11 +168,7 @@ def _packed_conv2d_rows_kernel(
     cols = tl.arange(0, BLOCK_K)
     m_ok = m < M
 
-    ow = m % OW
-    oh = (m // OW) % OH
-    b = m // (OW * OH)
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
+    b, ih0, iw0 = window_origins(m, OH, OW, stride_h, stride_w, pad_h, pad_w)
     # the window's first code (outside the image where the window overhangs: read only under the mask)
     window = b.to(tl.int64) * stride_xb + ih0.to(tl.int64) * stride_xh + iw0 * C
     num_words = tl.cdiv(K, VALUES)
