@@ -26,11 +26,12 @@ Two K loops, the same sums (``ARQ_TRITON_CONV_LOOP`` or a config's ``"LOOP"`` pi
   steps of BLOCK_K. C is a compile-time constant there, so each column's tap ``kw = col // C``
   is a constant vector, the row's bounds are checked once per row, and the gather is one
   pointer per output pixel plus the column. Columns past the span (the last step of a row
-  when BLOCK_K does not divide ``KW * C``) meet zeroed weights. With a zero point z the padding
-  is read as 0 and ``z * (weight sum of the taps inside the image)`` is subtracted once per
-  tile (four entries of :func:`tap_prefix_sums`), instead of a per-byte select every step. Specialized per C (a few values
-  in a network). Compared with ``im2col`` in SASS for sm_90 (``compile_check``), not yet timed
-  on a GPU: ``gpu_check.sh`` A/Bs it end to end.
+  when BLOCK_K does not divide ``KW * C``) meet zeroed weights. With a zero point z the
+  padding is read as 0 and ``z * (weight sum of the taps inside the image)`` is subtracted
+  once per tile (four entries of :func:`tap_prefix_sums`), instead of a per-byte select every
+  step. Specialized per C (a few values in a network). Compared with ``im2col`` in SASS for
+  sm_90 (``compile_check --sass``), not yet timed on a GPU: bench_e2e's ``*_rows`` variants
+  A/B it end to end in ``gpu_check.sh``.
 
 Blocked algorithm, ``im2col`` (one program = BLOCK_M output pixels x BLOCK_N output channels)::
 
