@@ -80,6 +80,14 @@ def _conv_specimen(batch: int, size: int, channels: int, bits: int) -> dict:
             "stride_xc": 1, "stride_wn": -(-k // (32 // bits))}
 
 
+# ResNet-110's 3x3 layers at batch 1000 as launched: (channels, image size, (BLOCK_M, BLOCK_N,
+# BLOCK_K, num_warps) of the card's configs/packed_conv.json entry, which entry)
+LAUNCHED_LAYERS = [
+    (16, 32, (256, 16, 32, 4), "H200"), (32, 16, (256, 32, 64, 8), "H200"), (64, 8, (64, 64, 64, 4), "H200"),
+    (16, 32, (128, 16, 32, 4), "cuda"), (32, 16, (128, 32, 64, 4), "cuda"), (64, 8, (128, 64, 64, 4), "cuda"),
+]
+
+
 def _variants():
     """(label, kernel, pointer/float types, constexprs, launch options[, specimen]) for each variant
     to compile; a ``specimen`` (integer arguments of a real launch) compiles the variant as the JIT
@@ -205,10 +213,7 @@ def _variants():
         ))
     # -- as launched: the ResNet-110 3x3 layers at batch 1000 (16, 32 and 64 channels, 4-bit weights,
     #    chained int8 codes out, or float32 + codes with the residual), with each card's tiles
-    for channels, size, (block_m, block_n, block_k, warps), tiles in [
-        (16, 32, (256, 16, 32, 4), "H200"), (32, 16, (256, 32, 64, 8), "H200"), (64, 8, (64, 64, 64, 4), "H200"),
-        (16, 32, (128, 16, 32, 4), "cuda"), (32, 16, (128, 32, 64, 4), "cuda"), (64, 8, (128, 64, 64, 4), "cuda"),
-    ]:
+    for channels, size, (block_m, block_n, block_k, warps), tiles in LAUNCHED_LAYERS:
         for which in (1, 4):
             label, ptrs, epi = epilogues[which]
             variants.append((
@@ -220,10 +225,7 @@ def _variants():
             ))
     # -- the same layers through the row loop (ARQ_TRITON_CONV_LOOP=rows; C is a constexpr there),
     #    and W8A8 (8-bit weights, unsigned 8-bit codes through the zero point) on the H200 tiles
-    for channels, size, (block_m, block_n, block_k, warps), tiles in [
-        (16, 32, (256, 16, 32, 4), "H200"), (32, 16, (256, 32, 64, 8), "H200"), (64, 8, (64, 64, 64, 4), "H200"),
-        (16, 32, (128, 16, 32, 4), "cuda"), (32, 16, (128, 32, 64, 4), "cuda"), (64, 8, (128, 64, 64, 4), "cuda"),
-    ]:
+    for channels, size, (block_m, block_n, block_k, warps), tiles in LAUNCHED_LAYERS:
         for which, bits, int8_weight in ((1, 4, False), (4, 4, False)) + (
                 ((1, 8, False), (1, 8, True), (1, 4, True), (4, 4, True)) if tiles == "H200" else ()):
             label, ptrs, epi = epilogues[which]

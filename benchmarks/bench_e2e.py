@@ -248,19 +248,29 @@ def int8_peak_ops() -> float | None:
     return next((peak for key, peak in INT8_PEAK_OPS.items() if key in name), None)
 
 
+# an arq variant's suffix -> the environment setting its build and calls run under (an A/B
+# against the variant without the suffix, paired per round)
+ENV_VARIANTS = {
+    "_nochunk": ("ARQ_CPU_CHUNK", "0"),
+    "_floatnoise": ("ARQ_INPUT_CODES", "0"),
+    "_lowbit": ("ARQ_CONV_KERNEL", "arq"),
+    "_onednn": ("ARQ_CONV_KERNEL", "onednn"),
+    "_rows": ("ARQ_TRITON_CONV_LOOP", "rows"),
+}
+
+
 def build(arch: str, variant: str, image: torch.Tensor):
     """``(zero-argument callable running SAMPLES[arch] samples, build seconds, note)``."""
+    suffix = next((suffix for suffix in ENV_VARIANTS if variant.endswith(suffix)), None)
+    if suffix is not None:
+        name, value = ENV_VARIANTS[suffix]
+        with mock.patch.dict(os.environ, {name: value}):  # some are read when the model is prepared
+            base, build_s, note = build(arch, variant[:-len(suffix)], image)
+        return (lambda run: lambda: _with_env(run, name, value))(base), build_s, note
     samples = SAMPLES[arch]
     model = make_model(arch)
     start = time.perf_counter()
     note = ""
-    if variant.endswith("_floatnoise"):
-        with mock.patch.dict(os.environ, {"ARQ_INPUT_CODES": "0"}):
-            base, build_s, note = build(arch, variant[:-len("_floatnoise")], image)
-        return (lambda run: lambda: _with_env(run, "ARQ_INPUT_CODES", "0"))(base), build_s, note
-    if variant.endswith("_rows"):
-        base, build_s, note = build(arch, variant[:-len("_rows")], image)
-        return (lambda run: lambda: _with_env(run, "ARQ_TRITON_CONV_LOOP", "rows"))(base), build_s, note
     if DEVICE == "cuda":
         x = image.cuda()
         if variant == "locuslab_fp32":
@@ -301,15 +311,6 @@ def build(arch: str, variant: str, image: torch.Tensor):
     elif peer == "locuslab_pt2e_int8":
         net = _pt2e_int8(model, batch)
         fn = lambda: locuslab_sample_noise(net, image, samples, batch, 10, SIGMA)  # noqa: E731
-    elif variant.endswith("_nochunk"):
-        chunked, build_s, note = build(arch, variant[:-len("_nochunk")], image)
-        fn = (lambda run: lambda: _with_env(run, "ARQ_CPU_CHUNK", "0"))(chunked)
-    elif variant.endswith(("_lowbit", "_onednn")):
-        base_variant, _, kernel = variant.rpartition("_")
-        kernel = "arq" if kernel == "lowbit" else "onednn"
-        with mock.patch.dict(os.environ, {"ARQ_CONV_KERNEL": kernel}):
-            base, build_s, note = build(arch, base_variant, image)
-        fn = (lambda run, kernel: lambda: _with_env(run, "ARQ_CONV_KERNEL", kernel))(base, kernel)
     elif variant.startswith("arq_w"):
         bits = (8, 8) if variant.startswith("arq_w8a8") else (4, 4)
         stream = variant.split("_")[1][4:]  # "", "r8" or "r8fs"
@@ -426,7 +427,7 @@ def test_e2e(benchmark, arch, variant, image):
         paired = f", paired per round {median:.2f} (quartiles {low:.2f}-{high:.2f})"
         base = variant.rpartition("_")[0]
         # an A/B against the variant it modifies
-        if variant.endswith(("_lowbit", "_onednn", "_nochunk", "_floatnoise", "_rows")) and base in entries:
+        if variant.endswith(tuple(ENV_VARIANTS)) and base in entries:
             median, low, high = paired_ratio(entries[base]["times"], entry["times"])
             info.update(paired_ratio_to_base=[round(x, 3) for x in (median, low, high)], base_variant=base)
             paired += f"; {median:.2f} (quartiles {low:.2f}-{high:.2f}) x {base}"

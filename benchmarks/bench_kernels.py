@@ -163,7 +163,8 @@ def test_packed_conv(benchmark, variant, layer, bits, batch):
     generator = torch.Generator().manual_seed(bits)
     limit = (1 << (bits - 1)) - 1
     q = torch.randint(-limit, limit + 1, (n, c, ks, ks), generator=generator, dtype=torch.int8)
-    packed = pack_weights(q.permute(0, 2, 3, 1).reshape(n, -1), bits).cuda()
+    q_matrix = q.permute(0, 2, 3, 1).reshape(n, -1).contiguous()  # (kh, kw, c) order
+    packed = pack_weights(q_matrix, bits).cuda()
     scales = (torch.rand(n, generator=generator) * 0.01).cuda()
     bias = torch.randn(n, generator=generator).cuda()
     x = torch.randint(-127, 128, (batch, h, w, c), generator=generator, dtype=torch.int8).cuda()
@@ -184,7 +185,7 @@ def test_packed_conv(benchmark, variant, layer, bits, batch):
                                    padding=pad, out_dtype=torch.int32)
     elif variant.startswith("triton_packed_rows"):
         rows = {**pick_config("packed_conv", x.device, width_buckets(n)), "LOOP": "rows"}
-        q8 = q.permute(0, 2, 3, 1).reshape(n, -1).contiguous().cuda()
+        q8 = q_matrix.cuda()
         if variant == "triton_packed_rows_raw":
             fn = lambda: packed_conv2d(x, packed, bits, scales, kernel_size=ks, stride=stride,  # noqa: E731
                                        padding=pad, out_dtype=torch.int32, config=rows, int8_weight=q8)

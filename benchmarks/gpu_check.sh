@@ -197,25 +197,20 @@ if [ "$HAS_CUDA" = 1 ]; then
                 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
                 --benchmark-json="$WORK/bench_e2e_gpu_${arch}_nograph.json"
         fi
-        if [ "$arch" = resnet110 ] && named bench_e2e_gpu_resnet110_div_f64; then
-            # the A/B of the requantization's division (arq_kernels._common: the same codes either
-            # way): the packed paths again with ARQ_TRITON_DIVISION=f64, in their own Triton cache,
-            # with the FP16 CUDA-graph peer measured in the same run
-            step bench_e2e_gpu_resnet110_div_f64 90 env ARQ_TRITON_DIVISION=f64 TRITON_CACHE_DIR="$WORK/triton-cache-f64" \
-                ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=5 \
-                ARQ_E2E_VARIANTS=arq_w8a8,arq_w4a4,fp16_cl_cudagraphs \
-                "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
-                --benchmark-json="$WORK/bench_e2e_gpu_${arch}_div_f64.json"
-        fi
-        if [ "$arch" = resnet110 ] && named bench_e2e_gpu_resnet110_generic_configs; then
-            # the A/B of the launch configs tuned on an H200 (arq_kernels/configs/*.json): the packed
-            # paths again with the generic "cuda" entries, the FP16 peer in the same run (JSON in logs.tgz)
-            step bench_e2e_gpu_resnet110_generic_configs 90 env ARQ_TRITON_TUNED=0 \
-                TRITON_CACHE_DIR="$WORK/triton-cache-generic" ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=5 \
-                ARQ_E2E_VARIANTS=arq_w8a8,arq_w4a4,fp16_cl_cudagraphs \
-                "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
-                --benchmark-json="$WORK/bench_e2e_gpu_${arch}_generic_configs.json"
-        fi
+        # the opt-in A/Bs (JSON in logs.tgz), the packed paths again in their own Triton cache with
+        # the FP16 CUDA-graph peer measured in the same run: the requantization's float64 quotient
+        # against the default div.rn (arq_kernels._common; the same codes either way), and the
+        # generic "cuda" launch configs against the H200-tuned ones (arq_kernels/configs/*.json)
+        for ab in "div_f64 ARQ_TRITON_DIVISION=f64" "generic_configs ARQ_TRITON_TUNED=0"; do
+            read -r ab_name ab_setting <<< "$ab"
+            if [ "$arch" = resnet110 ] && named "bench_e2e_gpu_resnet110_$ab_name"; then
+                step "bench_e2e_gpu_resnet110_$ab_name" 90 env "$ab_setting" \
+                    TRITON_CACHE_DIR="$WORK/triton-cache-$ab_name" ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=5 \
+                    ARQ_E2E_VARIANTS=arq_w8a8,arq_w4a4,fp16_cl_cudagraphs \
+                    "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
+                    --benchmark-json="$WORK/bench_e2e_gpu_${arch}_$ab_name.json"
+            fi
+        done
     done
     wanted bench_kernels && step bench_kernels 80 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         --benchmark-only --benchmark-group-by=group --benchmark-json="$OUT/bench_kernels.json"

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
-from arq.quant.packing import conv_weight_to_matrix, pack_weights, unpack_weights
+from arq.quant.packing import conv_weight_to_matrix, pack_weights
 from arq.quant.policy import FLOAT_BITS, MAX_BITS, quantizable_layers
 from arq.quant.quantizers import ActivationQuantizer
 
@@ -142,7 +142,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 class _PackedLayer(nn.Module):
     """Shared state: input quantization to codes, packed weight, scales, bias, backend."""
 
-    def _init_packed(self, layer: QuantConv2d | QuantLinear, backend: str) -> None:
+    def _init_packed(self, layer: QuantConv2d | QuantLinear, backend: str) -> torch.Tensor:
         quantizer = layer.input_quantizer
         if not quantizer._calibrated:
             raise RuntimeError("the layer's activation quantizer is not calibrated; run arq.quant.quantize first")
@@ -167,6 +167,7 @@ class _PackedLayer(nn.Module):
         self.requested_backend = backend
         self.backend = resolve_backend(backend, self.packed_weight.device)
         self._auto_backends = {self.packed_weight.device.type: self.backend} if backend == "auto" else {}
+        return weight_matrix
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """``clamp(round(x / s_x), q_lo, q_hi)`` as int8 (signed) or uint8 (unsigned), ``x``'s layout."""
@@ -213,19 +214,22 @@ class PackedConv2d(_PackedLayer):
         self.kernel_size = tuple(layer.kernel_size)
         self.stride = int(layer.stride[0])
         self.padding = _symmetric_padding(layer)
-        self._init_packed(layer, backend)
-        # the weights unpacked once, int8 [N, KH*KW*C]: the Triton row loop (ARQ_TRITON_CONV_LOOP=rows)
+        weight_matrix = self._init_packed(layer, backend)
+        # the weight codes kept unpacked, int8 [N, KH*KW*C]: the Triton row loop (ARQ_TRITON_CONV_LOOP=rows)
         # loads its tiles as stored instead of unpacking them in every program; not saved, the
         # packed weight is the stored form
-        self.register_buffer("int8_weight", unpack_weights(self.packed_weight, self.w_bits, self.k).to(torch.int8),
-                             persistent=False)
-        # the taps' weight sums as 2-D prefix sums (arq_kernels.packed_conv.tap_prefix_sums): the row
-        # loop's correction for the padding when the codes carry a zero point
-        kh, kw = self.kernel_size
-        taps = self.int8_weight.reshape(self.out_features, kh, kw, -1).to(torch.int32).sum(3, dtype=torch.int32)
-        prefix = torch.zeros(self.out_features, kh + 1, kw + 1, dtype=torch.int32, device=taps.device)
-        prefix[:, 1:, 1:] = taps.cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
-        self.register_buffer("tap_sums", prefix.reshape(self.out_features, -1).t().contiguous(), persistent=False)
+        self.register_buffer("int8_weight", weight_matrix.to(torch.int8).contiguous(), persistent=False)
+        # where the codes carry a zero point, the taps' weight sums as 2-D prefix sums: the row loop's
+        # correction for the padding (arq_kernels.packed_conv.tap_prefix_sums, which the launcher would
+        # otherwise compute every call; written here too so that a layer needs no Triton to be built)
+        tap_sums = None
+        if self.triton_zero_point:
+            kh, kw = self.kernel_size
+            taps = self.int8_weight.reshape(self.out_features, kh, kw, -1).to(torch.int32).sum(3, dtype=torch.int32)
+            prefix = torch.zeros(self.out_features, kh + 1, kw + 1, dtype=torch.int32, device=taps.device)
+            prefix[:, 1:, 1:] = taps.cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
+            tap_sums = prefix.reshape(self.out_features, -1).t().contiguous()
+        self.register_buffer("tap_sums", tap_sums, persistent=False)
         # set by to_kernels' fusion (Triton only, _chain_convolutions): this layer writes the next
         # one's int8 NHWC codes instead of its float output (scale, q_lo, q_hi, zero point, ReLU
         # before them), or its float output and such codes (codes_also: the same minus the ReLU,

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -390,17 +391,9 @@ def _with_row_loop(run):
                 return real[grid](*args, **kwargs)
             return launch
 
-    previous = os.environ.get("ARQ_TRITON_CONV_LOOP")
-    os.environ["ARQ_TRITON_CONV_LOOP"] = "rows"
-    packed_conv_module._packed_conv2d_rows_kernel = Counting()
-    try:
+    with mock.patch.dict(os.environ, {"ARQ_TRITON_CONV_LOOP": "rows"}), \
+            mock.patch.object(packed_conv_module, "_packed_conv2d_rows_kernel", Counting()):
         result = run()
-    finally:
-        packed_conv_module._packed_conv2d_rows_kernel = real
-        if previous is None:
-            del os.environ["ARQ_TRITON_CONV_LOOP"]
-        else:
-            os.environ["ARQ_TRITON_CONV_LOOP"] = previous
     assert launches and all(w_int8 for w_int8, _ in launches), launches  # every conv with its int8 weights
     return result, launches
 
