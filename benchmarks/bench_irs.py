@@ -23,6 +23,7 @@ import json
 import platform
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -97,8 +98,46 @@ def measure(model: nn.Module, *, images: int, n: int, n0: int, n_p: int, bits=((
             "mean_zeta": sum(zetas) / len(zetas) if zetas else None,
             "branches": {mode: [c.mode for c in fast].count(mode) for mode in ("irs", "direct", "abstain")},
             "full": summary(full), "irs": summary(fast),
+            # how f' ran: "cpp+int8" is its integer model (IRS runs f' as arq.certify does)
+            "full_backend": full[0].backend, "irs_backend": fast[0].backend,
         }
     return result
+
+
+@pytest.fixture(scope="module")
+def resnet20_candidate():
+    """A CIFAR ResNet-20 (random weights; sigma 0.25), its W4A4 fake-quant copy and f's IRS cache on four
+    random images (n = 1,000): the shapes of a CIFAR search's candidate, no data set needed."""
+    from arq.irs import build_cache
+    from arq.models.registry import get_architecture
+    from arq.quant import Policy, quantize
+
+    torch.manual_seed(0)
+    model = get_architecture("cifar_resnet20", "cifar10").eval()
+    model.arq_metadata = {"sigma": 0.25, "num_classes": 10}
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 3, 32, 32, generator=generator)
+    candidate = quantize(model, Policy.uniform(model, 4, 4), torch.rand(256, 3, 32, 32, generator=generator))
+    return candidate, images, build_cache(model, images, n=1000, n0=50, n_p=500, batch_size=500)
+
+
+@pytest.mark.parametrize("execution", ["as given", "auto"])
+def test_irs_candidate_execution(benchmark, resnet20_candidate, execution):
+    """IRS of a search candidate (4 images x n_p = 500), group ``irs-candidate-resnet20-w4a4``: the
+    fake-quant model ("as given", what IRS ran before) against its integer model ("auto", as
+    ``arq.certify`` runs it). Each round certifies a fresh copy of the candidate, so the integer model's
+    conversion is timed too, as in a search where every episode brings a new candidate."""
+    import copy
+
+    from arq.irs import certify_incremental
+
+    candidate, images, cache = resnet20_candidate
+    benchmark.group = "irs-candidate-resnet20-w4a4"
+    run = lambda model: certify_incremental(model, images, cache, n_p=500, batch_size=500,  # noqa: E731
+                                            execution=execution)
+    results = benchmark.pedantic(run, setup=lambda: ((copy.deepcopy(candidate),), {}), rounds=3, iterations=1)
+    benchmark.extra_info["backend"] = results[0].backend
+    assert len(results) == 4 and all(r.n_p in (0, 500) for r in results)
 
 
 def test_irs_speedup(benchmark):

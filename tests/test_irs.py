@@ -237,3 +237,66 @@ def test_quantized_f_is_certified_as_the_model_its_predictions_come_from(monkeyp
             assert entry.count == int((entry.predictions == entry.prediction).sum())
     build_cache(model, x, sigma=SIGMA, n=n, n0=20, n_p=10, seed=4, backend="auto")  # a float f: as asked
     assert backends == ["torch", "auto"]
+
+
+def _integer_engine_available() -> bool:
+    from arq._ext import compiled_ops_available
+
+    return compiled_ops_available() and "onednn" in torch.backends.quantized.supported_engines
+
+
+@pytest.mark.skipif(not _integer_engine_available(), reason="needs arq._C and torch's oneDNN quantized engine")
+@pytest.mark.parametrize("backend, execution", [("auto", "auto"), ("auto", "as given"), ("torch", "auto")])
+def test_quantized_candidate_runs_as_certify_runs_it(backend, execution):
+    """f' runs as ``arq.certify`` runs it: with "auto" on CPU its integer model (entered at its first layer's
+    input codes), with "torch" the fake-quant model; ``execution="as given"`` runs the fake-quant model under
+    any noise backend. IRS's disagreements and the direct branch's votes are that model's on exactly f's
+    samples, recomputed here from the float noisy images (a different sample changes them)."""
+    from arq.quant import Policy, quantize
+    from arq.quant.execution import IntegerExecutionConfig, to_integer
+    from arq.smoothing import engine, statistics
+    from arq.smoothing.noise import noisy_batch
+
+    generator = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 5 * 5, 3)).eval()
+    x = torch.rand(4, 1, 12, 12, generator=generator)
+    quantized = quantize(model, Policy.uniform(model, 3, 3), torch.rand(128, 1, 12, 12, generator=generator))
+    n, n_p, seed = 600, 300, 5
+    cache = build_cache(model, x, sigma=SIGMA, n=n, n0=30, n_p=n_p, seed=seed)
+    integer = backend == "auto" and execution == "auto"
+    if integer:
+        ran, tag = engine.prepare_model(quantized, "cpp", "cpu")  # cached: the object IRS will call
+        assert tag == "+int8" and ran.input_codes is not None  # the codes entry is exercised
+        expected_model, expected_backend = to_integer(quantized, IntegerExecutionConfig(compile=False)), "cpp+int8"
+    else:
+        ran, expected_model = quantized, quantized
+        expected_backend = "cpp+fakequant" if backend == "auto" else "torch"
+    seen = []  # what the model IRS should run was given: (dtype, samples)
+    ran.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, inputs[0].shape[0])))
+
+    def expected_predictions(one, index, start):
+        with torch.inference_mode():
+            images = noisy_batch(one, SIGMA, seed=seed, input_index=index, draw=DRAW_ESTIMATE, sample_start=start,
+                                 count=n_p, backend="torch")
+            return expected_model(images).argmax(dim=1)
+
+    modes = set()
+    for gamma in (0.99, 0.5 + 1e-9):  # the IRS branch below 0.99, the direct one for every non-abstained input
+        seen.clear()
+        results = certify_incremental(quantized, x, cache, n_p=n_p, gamma=gamma, backend=backend, execution=execution)
+        assert {dtype for dtype, _ in seen} == {torch.uint8 if integer else torch.float32}
+        assert sum(count for _, count in seen) == sum(r.n_p for r in results)
+        for index, (one, result) in enumerate(zip(x, results)):
+            assert result.backend == expected_backend
+            entry = cache[index]
+            modes.add(result.mode)
+            if result.mode == "irs":
+                assert result.disagreements == int((expected_predictions(one, index, 0) != entry.predictions).sum())
+            elif result.mode == "direct":
+                votes = int((expected_predictions(one, index, n) == entry.prediction).sum())
+                bound = statistics.clopper_pearson_lower(votes, n_p, cache.alpha) - noise_tv_bound(one.numel())
+                assert result.p_lower == pytest.approx(max(bound, 0.0) if bound < 0.5 else bound, abs=1e-12)
+    assert {"irs", "direct"} <= modes
+    with pytest.raises(ValueError, match="execution must be one of"):
+        certify_incremental(quantized, x, cache, n_p=n_p, execution="integer")

@@ -77,6 +77,10 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--gamma", type=common.probability, default=0.99,
                       help="IRS certifies directly above this p_A lower bound")
     data.add_argument("--batch", type=common.positive_int, default=1000, help="noisy samples per forward pass")
+    data.add_argument("--candidate-execution", choices=("auto", "as-given"), default="auto",
+                      help="how each candidate runs in IRS: auto as arq certify runs it (on CPU its integer model), "
+                           "as-given as its fake-quant model (what searches did before this option: resume those "
+                           "with it)")
     data.add_argument("--data-root", default=None, help="folder holding cifar10/imagenet (default: $ARQ_DATA)")
 
 
@@ -94,7 +98,8 @@ def search_config(args: argparse.Namespace, reward: str):
             finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
             finetune_batch_size=args.finetune_batch, accuracy_weight=args.accuracy_weight,
             irs=IRSSettings(n=args.search_n, n0=args.search_n0, n_p=args.n_p, alpha=args.search_alpha,
-                            alpha_zeta=args.alpha_zeta, gamma=args.gamma, seed=args.seed, batch_size=args.batch),
+                            alpha_zeta=args.alpha_zeta, gamma=args.gamma, seed=args.seed, batch_size=args.batch,
+                            candidate_execution=args.candidate_execution.replace("-", " ")),
             ddpg=DDPGConfig(warmup_episodes=args.warmup, seed=args.seed),
         )
     except ValueError as error:

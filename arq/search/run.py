@@ -129,12 +129,11 @@ def search(
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
             raise ValueError(f"{checkpoint_path}: unsupported checkpoint format {state.get('format_version')!r}")
-        saved_fingerprint = json.loads(state["fingerprint"])
+        saved_fingerprint = _as_run_then(json.loads(state["fingerprint"]))
         if saved_fingerprint != fingerprint:
-            changed = sorted(k for k in set(saved_fingerprint) | set(fingerprint)
-                             if saved_fingerprint.get(k) != fingerprint.get(k))
-            raise ValueError(f"resume: settings differ from the checkpoint's in {changed}; resume with the "
-                             "options of the first run")
+            raise ValueError(f"resume: settings differ from the checkpoint's in "
+                             f"{_changed_settings(saved_fingerprint, fingerprint)}; resume with the options of "
+                             "the first run")
         agent.load_state_dict(state["agent"])
         start_episode = int(state["episode"])
         elapsed_before = float(state["elapsed"])
@@ -224,6 +223,27 @@ def search(
     best.records = records
     best.seconds = elapsed_before + time.perf_counter() - started
     return best
+
+
+def _as_run_then(fingerprint: dict) -> dict:
+    """A checkpoint's settings, with those added since it was written set to what its run did: before
+    ``irs.candidate_execution`` existed, candidates were certified as their fake-quant models."""
+    irs = fingerprint.get("irs")
+    if isinstance(irs, dict) and "candidate_execution" not in irs:
+        fingerprint = {**fingerprint, "irs": {**irs, "candidate_execution": "as given"}}
+    return fingerprint
+
+
+def _changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ (``irs.candidate_execution``), sorted."""
+    changed = []
+    for key in sorted(set(saved) | set(now)):
+        before, after = saved.get(key), now.get(key)
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            changed += _changed_settings(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 # ----------------------------------------------------------------------------- assembling a search

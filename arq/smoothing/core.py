@@ -217,21 +217,21 @@ def _num_classes(model: torch.nn.Module, x: torch.Tensor, num_classes: int | Non
     return num_classes
 
 
-def _noisy_batches(x, *, sigma, num, draw, seed, input_index, batch_size, backend, model=None):
-    """Yields the noisy copies of samples ``0 .. num - 1`` of ``draw``, ``batch_size`` at a time: float
+def _noisy_batches(x, *, sigma, num, draw, seed, input_index, batch_size, backend, model=None, start=0):
+    """Yields the noisy copies of samples ``start .. start + num - 1`` of ``draw``, ``batch_size`` at a time: float
     images, or where ``model`` (a prepared integer model, ``arq.smoothing.engine``) reads its first
     layer's codes, those codes of the same samples (``noisy_codes_batch``: what the model would compute
     from the float images, bit for bit)."""
     codes = getattr(model, "input_codes", None)
     if codes is not None and not codes.accepts(x):
         codes = None  # not the format's input: the model's float entry would reject it with its own error
-    for start in range(0, num, batch_size):
-        count = min(batch_size, num - start)
+    for offset in range(0, num, batch_size):
+        count = min(batch_size, num - offset)
         if codes is not None:
             yield noisy_codes_batch(x, sigma, codes, seed=seed, input_index=input_index, draw=draw,
-                                    sample_start=start, count=count, backend=backend)
+                                    sample_start=start + offset, count=count, backend=backend)
         else:
-            yield noisy_batch(x, sigma, seed=seed, input_index=input_index, draw=draw, sample_start=start,
+            yield noisy_batch(x, sigma, seed=seed, input_index=input_index, draw=draw, sample_start=start + offset,
                               count=count, backend=backend)
 
 
@@ -276,15 +276,19 @@ def sample_predictions(
     input_index: int,
     batch_size: int,
     backend: str = "auto",
+    start: int = 0,
 ) -> torch.Tensor:
-    """The class ``int64[num]`` f gives each of samples ``0 .. num - 1`` of ``draw``, in sample order.
+    """The class ``int64[num]`` f gives each of samples ``start .. start + num - 1`` of ``draw``, in
+    sample order.
 
-    The same samples as ``sample_counts`` (IRS replays them to compare two models).
+    The same samples as ``sample_counts`` (IRS replays them to compare two models). ``model`` may be
+    a prepared integer model that reads its input codes (``arq.smoothing.engine``): it then gets the
+    codes of the same samples.
     """
     with torch.inference_mode():
         predictions = [model(part).argmax(dim=1) for batch in _noisy_batches(
             x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index, batch_size=batch_size,
-            backend=backend, model=model) for part in model_batches(batch)]
+            backend=backend, model=model, start=start) for part in model_batches(batch)]
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 

@@ -57,7 +57,33 @@ def test_search_cli_writes_log_best_policy_and_resumes(installed, tmp_path, caps
     # resuming with other settings is refused, naming them
     assert main(["search", "--model", "tiny", "--episodes", "4", "--out", str(out), "--resume",
                  *SMALL[:-2], "--batch", "100"]) == 2
-    assert "irs" in capsys.readouterr().err
+    assert "['irs.batch_size']" in capsys.readouterr().err
+
+
+def test_search_cli_resumes_a_search_from_before_candidate_execution(installed, tmp_path, capsys):
+    """A checkpoint written before ``irs.candidate_execution`` existed certified its candidates as
+    fake-quant models: resuming it under the default (the integer model) is refused, naming the setting;
+    ``--candidate-execution as-given`` continues it."""
+    import torch
+
+    from arq.cli.main import main
+
+    out = tmp_path / "policy.json"
+    assert main(["search", "--model", "tiny", "--episodes", "1", "--out", str(out), "--candidate-execution",
+                 "as-given", *SMALL]) == 0
+    checkpoint = tmp_path / "policy.ckpt.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    fingerprint = json.loads(state["fingerprint"])
+    assert fingerprint["irs"].pop("candidate_execution") == "as given"
+    state["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    torch.save(state, checkpoint)
+    capsys.readouterr()
+    assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), "--resume", *SMALL]) == 2
+    assert "['irs.candidate_execution']" in capsys.readouterr().err
+    assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), "--resume",
+                 "--candidate-execution", "as-given", *SMALL]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "policy.jsonl").read_text().splitlines()]
+    assert [line["episode"] for line in lines] == [0, 1]
 
 
 def test_search_cli_budget_error(installed, tmp_path, capsys):

@@ -109,3 +109,37 @@ def test_another_seed_explores_differently(tiny_model, tiny, tmp_path):
     other = search(other_env, other_agent, episodes=2)
     assert [r["policy"] for r in result.records] != [r["policy"] for r in other.records]
     assert all(r["acr"] is None and r["accuracy"] is not None for r in result.records)
+
+
+@pytest.mark.parametrize("execution", ["auto", "as given"])
+def test_candidates_are_certified_as_arq_certify_runs_them(tiny_model, tiny, monkeypatch, execution):
+    """``irs.candidate_execution`` "auto" runs each candidate as ``arq.certify`` does (on CPU with
+    ``arq._C``: its integer model, "cpp+int8"); "as given" as its fake-quant model."""
+    import torch
+
+    import arq.search.reward as reward_module
+    from arq._ext import compiled_ops_available
+
+    backends = []
+
+    def spy(*args, **kwargs):
+        certificates = certify_incremental(*args, **kwargs)
+        backends.extend(c.backend for c in certificates)
+        return certificates
+
+    certify_incremental = reward_module.certify_incremental
+    monkeypatch.setattr(reward_module, "certify_incremental", spy)
+    evaluator = make_evaluator(tiny_model, tiny, "arq")
+    evaluator.irs.candidate_execution = execution
+    evaluator.reference()  # f itself through IRS (a float model: the noise backend alone)
+    backends.clear()
+    evaluator(Policy.uniform(tiny_model, 4, 4))
+    if not compiled_ops_available():
+        expected = {"torch"}
+    elif execution == "auto" and "onednn" in torch.backends.quantized.supported_engines:
+        expected = {"cpp+int8"}
+    else:
+        expected = {"cpp+fakequant"}
+    assert len(backends) == 9 and set(backends) == expected  # the candidate on the nine search images
+    with pytest.raises(ValueError, match="candidate_execution must be one of"):
+        IRSSettings(candidate_execution="integer")

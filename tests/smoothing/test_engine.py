@@ -246,6 +246,32 @@ def test_gpu_packed_model_reads_its_input_codes(monkeypatch, qmodel, mnist):
     assert arq.certify(gpu_model, images, sigma=0.6, n=N, n0=N0, batch_size=256) == entered
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_irs_runs_the_candidate_on_the_packed_kernels(monkeypatch, float_model, qmodel, mnist):
+    """IRS (arq.irs) runs a quantized f' as arq.certify does: on CUDA through the packed kernels, entered
+    at its stem's codes; its certificates are those of the packed model's float entry, exactly (the same
+    samples in both), and those of the fake-quant f' ("as given") differ at most where the two models
+    classify a replayed sample differently."""
+    from arq.irs import build_cache, certify_incremental
+
+    gpu_float, gpu_model = copy.deepcopy(float_model).cuda().eval(), copy.deepcopy(qmodel).cuda().eval()
+    images = mnist[0].cuda()
+    if engine.prepare_model(gpu_model, "auto", "cuda")[1] != "+packed":
+        pytest.skip("the packed GPU path is not available here")
+    cache = build_cache(gpu_float, images, sigma=0.6, n=N, n0=N0, n_p=N // 2, batch_size=256)
+    entered = certify_incremental(gpu_model, images, cache, n_p=N // 2, batch_size=256)
+    assert all(c.backend == "cuda+packed" for c in entered)
+    as_given = certify_incremental(gpu_model, images, cache, n_p=N // 2, batch_size=256, execution="as given")
+    assert all(c.backend == "cuda+fakequant" for c in as_given)
+    for packed, fake in zip(entered, as_given):
+        assert packed.mode == fake.mode
+        if packed.mode == "irs":
+            assert abs(packed.disagreements - fake.disagreements) <= N // 2 // 50  # <= 2 % of samples flip
+    monkeypatch.setenv("ARQ_INPUT_CODES", "0")
+    assert certify_incremental(gpu_model, images, cache, n_p=N // 2, batch_size=256) == entered
+
+
 def test_model_batches_split_cpu_batches_into_near_equal_chunks(monkeypatch):
     monkeypatch.setenv("ARQ_CPU_CHUNK", "128")
     sizes = lambda n: [part.shape[0] for part in engine.model_batches(torch.empty(n, 3))]  # noqa: E731
