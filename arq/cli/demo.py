@@ -10,7 +10,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     defaults = DemoConfig()
     parser = subparsers.add_parser(
         "demo",
-        help="run the whole pipeline on a shipped MNIST model (offline, ~10 min on 2 cores)",
+        help="run the whole pipeline on a shipped MNIST model (offline; 1.5-5 min on 2 cores)",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
