@@ -20,16 +20,22 @@
 #
 # Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
 # (default 470: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
-# test and benchmark steps to run, space-separated: tests_gpu tests_kernels bench_e2e_gpu_resnet110
-# bench_e2e_gpu_resnet20 bench_kernels profile memcheck; default all of these; the end-to-end steps
-# include the row loop's A/B, arq_w8a8_rows / arq_w4a4_rows, paired with their base). Run only when named:
-# the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against the default div.rn) and
-# bench_e2e_gpu_resnet110_generic_configs (generic launch configs against the H200-tuned ones), and
-# "tune", which measures the Triton launch configs on the card).
+# test and benchmark steps to run, space-separated; default all of: tests_gpu bench_e2e_gpu_resnet110
+# bench_kernels profile ncu tests_kernels bench_e2e_gpu_resnet20 memcheck, run in that order; the
+# end-to-end steps include the row loop's A/B, arq_w8a8_rows / arq_w4a4_rows, paired with their
+# base). Run only when named: the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against
+# the default div.rn) and bench_e2e_gpu_resnet110_generic_configs (generic launch configs against the
+# H200-tuned ones), and "tune", which measures the Triton launch configs on the card).
 # Step times on an H200 (2026-11-28, benchmarks/results/gpu-h200-2026-11-28-session16): environment
-# 14 s, build 40, tests_gpu 105 (one test 59 s; now in xdist workers), tests_kernels > 140 (cut at
-# its limit with the CPU-only lowbit conv tests still in; they are left out now), ResNet-110 78,
-# ResNet-20 40, bench_kernels 40, profile 19, memcheck 36, each A/B 53-57.
+# 14 s, build 40, tests_gpu 105 (one test 59 s, not in xdist workers then), tests_kernels > 140 (cut
+# at its limit with the 316 CPU-only lowbit conv tests still in; they are left out now), ResNet-110
+# 78, ResNet-20 40 (both before the row-loop variants were added), bench_kernels 40, profile 19,
+# memcheck 36, each A/B 53-57; ncu not run yet (estimated 40-60 s: six Triton compiles, nine
+# profiled launches of at most a millisecond each). That sums to more than the 470 s (about 520-580
+# s with ncu), so the order is what matters most for the issue first: the GPU tests, the ResNet-110
+# target, then what says where its time goes (per layer, per kernel, the counters); the broad
+# kernel tests, ResNet-20 and memcheck come last, and a step that finds no time left is recorded
+# "no_time": rerun those on the warm machine with ARQ_CHECK_STEPS and ARQ_CHECK_SKIP_BUILD=1.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -171,20 +177,10 @@ if [ "$HAS_CUDA" = 1 ]; then
     if "$PYTHON" -c "import xdist" > /dev/null 2>&1; then XDIST=(-n 16); fi
     wanted tests_gpu && step tests_gpu 130 "${PYTEST[@]}" "${XDIST[@]}" --durations=10 -m gpu tests \
         --junitxml="$WORK/tests_gpu.xml"
-    # the rest of the kernel tests, on the GPU instead of the interpreter; the lowbit conv's tests
-    # run the CPU op alone (CI runs them)
-    wanted tests_kernels && step tests_kernels 140 "${PYTEST[@]}" "${XDIST[@]}" --durations=15 -m "not gpu" tests/kernels \
-        --ignore=tests/kernels/test_lowbit_conv.py --junitxml="$WORK/tests_kernels.xml"
-    # a test that crashed the interpreter: its native backtrace (cuda-gdb also debugs host code; the
-    # image has no gdb)
-    if grep -qE "Segmentation fault|Fatal Python error|crashed" "$WORK/logs/tests_kernels.log" 2>/dev/null \
-            && command -v cuda-gdb > /dev/null 2>&1; then
-        step crash_backtrace 60 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary arq" \
-            --args "$PYTHON" -X faulthandler -m pytest -q -x -p no:cacheprovider tests/kernels/test_cpp_ops.py
-    fi
-    # one step (and one JSON) per network, so that a slow build costs one network, not both;
-    # ResNet-110 first: the issue's GPU target is stated for it
-    for arch in resnet110 resnet20; do
+    # e2e ARCH: one end-to-end step (and one JSON) per network, so that a slow build costs one network,
+    # not both; for ResNet-110 also its fallback and the opt-in A/Bs
+    e2e() {
+        local arch=$1
         wanted "bench_e2e_gpu_$arch" && step "bench_e2e_gpu_$arch" 130 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch \
             ARQ_E2E_ROUNDS=5 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
             --benchmark-json="$OUT/bench_e2e_gpu_$arch.json"
@@ -211,7 +207,9 @@ if [ "$HAS_CUDA" = 1 ]; then
                     --benchmark-json="$WORK/bench_e2e_gpu_${arch}_$ab_name.json"
             fi
         done
-    done
+    }
+    # ResNet-110 first: the issue's GPU target is stated for it; ResNet-20 after the kernel tests
+    e2e resnet110
     wanted bench_kernels && step bench_kernels 80 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         --benchmark-only --benchmark-group-by=group --benchmark-json="$OUT/bench_kernels.json"
     # launch configs measured on this card (opt-in: ARQ_CHECK_STEPS="tune"; JSON in logs.tgz, to
@@ -221,13 +219,37 @@ if [ "$HAS_CUDA" = 1 ]; then
     fi
     # where the quantized path's GPU time goes, kernel by kernel (JSON in logs.tgz)
     wanted profile && step profile 90 "$PYTHON" -m benchmarks.gpu_profile "$WORK/profile_resnet110.json" resnet110
+    # the packed convolution's counters, one 3x3 layer per ResNet-110 stage, both K loops and cuDNN's
+    # FP16 convolution beside them (benchmarks/gpu_ncu.py; the report and its CSV in logs.tgz)
+    NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+    if wanted ncu && [ -n "$NCU" ]; then
+        step ncu 100 "$NCU" --profile-from-start off -f -o "$WORK/ncu_layers" --section SpeedOfLight \
+            --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats \
+            "$PYTHON" -m benchmarks.gpu_ncu
+        [ -f "$WORK/ncu_layers.ncu-rep" ] && step ncu_csv 30 "$NCU" -i "$WORK/ncu_layers.ncu-rep" --csv --page details
+    elif wanted ncu; then
+        skip ncu "no ncu on this machine"
+    fi
+    # the rest of the kernel tests, on the GPU instead of the interpreter; the lowbit conv's tests
+    # run the CPU op alone (CI runs them)
+    wanted tests_kernels && step tests_kernels 140 "${PYTEST[@]}" "${XDIST[@]}" --durations=15 -m "not gpu" tests/kernels \
+        --ignore=tests/kernels/test_lowbit_conv.py --junitxml="$WORK/tests_kernels.xml"
+    # a test that crashed the interpreter: its native backtrace (cuda-gdb also debugs host code; the
+    # image has no gdb)
+    if grep -qE "Segmentation fault|Fatal Python error|crashed" "$WORK/logs/tests_kernels.log" 2>/dev/null \
+            && command -v cuda-gdb > /dev/null 2>&1; then
+        step crash_backtrace 60 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary arq" \
+            --args "$PYTHON" -X faulthandler -m pytest -q -x -p no:cacheprovider tests/kernels/test_cpp_ops.py
+    fi
+    e2e resnet20
     # out-of-bounds accesses in any GPU path of the end-to-end benchmark, named by kernel
     if wanted memcheck && command -v compute-sanitizer > /dev/null 2>&1; then
         step memcheck 120 compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 3 \
             "$PYTHON" -m benchmarks.gpu_memcheck resnet110
     fi
 else
-    for name in tests_gpu tests_kernels bench_e2e_gpu_resnet110 bench_e2e_gpu_resnet20 bench_kernels profile \
+    for name in tests_gpu bench_e2e_gpu_resnet110 bench_kernels profile ncu tests_kernels bench_e2e_gpu_resnet20 \
             memcheck; do
         skip "$name" "no CUDA device"
     done

@@ -340,3 +340,21 @@ def test_tap_prefix_sums(device, generator):
     for bad in (sums.to(torch.int64), sums[:-1].contiguous(), sums.t().contiguous()):
         with pytest.raises(ValueError, match="tap_sums must be a contiguous int32"):
             packed_conv2d(x.to(device), packed.to(device), bits, ones, tap_sums=bad.to(device), **common)
+
+
+@pytest.mark.parametrize("layer", ["stage1_16ch", "stage3_64ch"])
+def test_ncu_script_launches_one_layer_three_ways(device, layer):
+    """benchmarks/gpu_ncu.py (the GPU check's counter step) profiles the same layer through both K
+    loops and cuDNN: the loops give the same codes, and cuDNN's float16 output, quantized as the
+    packed epilogue does, is within one code of them (float16 rounding)."""
+    from benchmarks.gpu_ncu import LAYERS, launches
+
+    height, channels = LAYERS[layer]
+    variants = launches(height, channels, device=device, batch=2)
+    im2col, rows = variants["packed_im2col"]().cpu(), variants["packed_rows"]().cpu()
+    y16 = variants["cudnn_fp16_nhwc"]().float().cpu().permute(0, 2, 3, 1)
+    assert im2col.dtype == torch.int8 and im2col.shape == (2, height, height, channels)
+    assert torch.equal(im2col, rows)
+    from_fp16 = torch.clamp(torch.round(y16 / 0.05), -7, 7).to(torch.int8)
+    assert (im2col.int() - from_fp16.int()).abs().max() <= 1
+    assert im2col.float().std() > 0.5  # not all clamped to one code
