@@ -115,8 +115,19 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+#: oneDNN's ISA levels (``ONEDNN_MAX_CPU_ISA``) below the first with VNNI: capped there, oneDNN's
+#: u8 x s8 kernels add byte-pair products in saturating int16 (``vpmaddubsw``) whatever the CPU has
+_ONEDNN_ISAS_WITHOUT_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE", "AVX512_MIC", "AVX512_MIC_4OPS"})
+
+
 def cpu_has_vnni() -> bool:
-    """True when /proc/cpuinfo lists AVX-512 VNNI, AVX-VNNI or AMX-INT8 (no u8 x s8 saturation)."""
+    """True when oneDNN's int8 kernels multiply without u8 x s8 saturation: /proc/cpuinfo lists
+    AVX-512 VNNI, AVX-VNNI or AMX-INT8, and ``ONEDNN_MAX_CPU_ISA`` (or the older
+    ``DNNL_MAX_CPU_ISA``) does not cap oneDNN below them (e.g. ``AVX2``, which makes a VNNI CPU
+    saturate as an AVX2 one does: the 8x8-bit layers must then be split)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in _ONEDNN_ISAS_WITHOUT_VNNI:
+        return False
     return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
@@ -132,11 +143,16 @@ def lowbit_conv_preferred() -> bool:
     on 16- and 32-channel 3x3 layers (1.01-1.08x where the layer adds the 8-bit stream), 0.88-0.94x on
     64-channel ones, and end to end within this host's noise of oneDNN whether it ran every k x k
     layer or those up to 32 channels (0.98-1.02x, ResNet-20 and -110, W8A8 with the 8-bit stream),
-    so oneDNN stays the default there (``conv_kernel="arq"`` takes the op)."""
+    so oneDNN stays the default there (``conv_kernel="arq"`` takes the op).
+
+    ``ARQ_CPU_ISA=avx2`` chooses as on an AVX2 CPU whatever this one has, so that the AVX2 host's
+    whole path can be measured on a newer CPU (with ``ONEDNN_MAX_CPU_ISA=AVX2`` and
+    ``ATEN_CPU_CAPABILITY=avx2`` for oneDNN's and torch's kernels)."""
     from arq.ops import _has_kernel, cpu_isa  # here: arq.ops imports arq.quant
 
-    return (not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"} and cpu_isa() == "avx2"
-            and _has_kernel("lowbit_conv2d", "CPU"))
+    as_avx2_host = os.environ.get("ARQ_CPU_ISA", "").strip().lower() == "avx2" or (
+        not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"})
+    return as_avx2_host and cpu_isa() == "avx2" and _has_kernel("lowbit_conv2d", "CPU")
 
 
 def default_conv_kernel() -> str:

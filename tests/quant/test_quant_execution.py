@@ -11,6 +11,8 @@ inputs, seeds 0-7, uniform 8 / uniform 4 / mixed, float and 8-bit residual strea
 convolution kernels (2026-11-28): 0.002-0.61 % of codes differ (mixed, seed 5: 0.61 %), first
 differences always one step and at most 23 in one input, max logit error 0-3.5 %.
 """
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -196,11 +198,13 @@ def test_conv_kernel_is_checked_and_read_from_the_environment(monkeypatch):
     assert IntegerExecutionConfig().conv_kernel == "auto"
 
 
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("isa", ["auto", "scalar", "avx2"])
 def test_auto_conv_kernel_takes_lowbit_for_kxk_layers_where_preferred(isa, monkeypatch):
     """The default ``conv_kernel="auto"``: arq::lowbit_conv2d for the eligible k x k convolutions
-    (k > 1) where :func:`lowbit_conv_preferred` (AVX2 without VNNI or AVX-512), oneDNN for the 1x1
-    ones and everywhere else (here forced by ``ARQ_CPU_ISA=scalar``); same tolerance either way."""
+    (k > 1) where :func:`lowbit_conv_preferred` (AVX2 without VNNI or AVX-512, or any CPU under
+    ``ARQ_CPU_ISA=avx2``), oneDNN for the 1x1 ones and everywhere else (here forced by
+    ``ARQ_CPU_ISA=scalar``); same tolerance either way."""
+    from arq.ops import cpu_isa
     from arq.quant.execution import lowbit_conv_preferred
 
     monkeypatch.delenv("ARQ_CONV_KERNEL")
@@ -212,6 +216,8 @@ def test_auto_conv_kernel_takes_lowbit_for_kxk_layers_where_preferred(isa, monke
     preferred = lowbit_conv_preferred()
     if isa == "scalar":
         assert not preferred
+    if isa == "avx2" and cpu_isa() == "avx2":  # the extension built, on a CPU with AVX2
+        assert preferred == ops_have_lowbit()
     convs = [m for m in integer.modules() if isinstance(m, IntegerConv2d)]
     assert any(m.kernel_size == 1 for m in convs) and any(m.kernel_size == 3 for m in convs)
     assert all(m.lowbit == (preferred and m.kernel_size > 1) for m in convs)
@@ -593,3 +599,56 @@ def test_compiled_model_entered_at_its_input_codes_matches_eager():
     codes = enter_at_input_codes(eager)
     compiled = CompiledIntegerModel(eager, dynamic=False)
     assert_compiled_matches_eager(eager, compiled, codes.encode(_noisy_images(32, seed=5)))
+
+
+_SATURATION_SCRIPT = """
+import torch
+from torch import nn
+from arq.quant import LayerBits, QuantConv2d
+from arq.quant.execution import IntegerConv2d, cpu_has_vnni
+conv = nn.Conv2d(32, 8, 3, padding=1, bias=False)
+with torch.no_grad():
+    conv.weight.fill_(1.0)  # every weight code 127, every input code 255: pair sums past int16
+layer = QuantConv2d.from_float(conv, LayerBits(8, 8))
+x = torch.ones(2, 32, 6, 6)
+layer.input_quantizer.start_calibration(); layer(x); layer.input_quantizer.finish_calibration(); layer.eval()
+with torch.no_grad():
+    reference = layer(x)
+    auto, never = IntegerConv2d(layer, "auto", "onednn"), IntegerConv2d(layer, "never", "onednn")
+    print(int(cpu_has_vnni()), int(auto.split), float((auto(x) - reference).abs().max()),
+          float((never(x) - reference).abs().max()), float(reference.abs().max()))
+"""
+
+
+def test_onednn_capped_below_vnni_splits_8_bit_layers():
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN's u8 x s8 kernels add byte pairs in saturating int16
+    on any CPU: the "auto" split must see that (not only /proc/cpuinfo), or an 8x8-bit layer whose
+    codes fill their range comes out wrong. In a fresh process, as oneDNN reads the cap once."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ARQ_CONV_KERNEL": "onednn"}
+    run = subprocess.run([sys.executable, "-c", _SATURATION_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300, check=True)
+    has_vnni, split, auto_error, never_error, scale = run.stdout.split()
+    assert (has_vnni, split) == ("0", "1")
+    assert float(auto_error) <= 1e-6 * float(scale)
+    assert float(never_error) > 0.1 * float(scale)  # the unsplit layer saturates: the cap is in force
+
+
+def test_cpu_has_vnni_reads_the_onednn_cap(monkeypatch):
+    from arq.quant import execution
+
+    monkeypatch.setattr(execution, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert execution.cpu_has_vnni()
+    for cap, expected in [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", True), ("ALL", True)]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert execution.cpu_has_vnni() == expected, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert not execution.cpu_has_vnni()
+    monkeypatch.setattr(execution, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
+    assert not execution.cpu_has_vnni()
