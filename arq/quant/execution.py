@@ -115,6 +115,12 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_isa_forced_to_avx2() -> bool:
+    """``ARQ_CPU_ISA=avx2``: arq's CPU defaults that depend on the host (the convolution kernel,
+    the engine's chunks) choose as on an AVX2 CPU, whatever this one has."""
+    return os.environ.get("ARQ_CPU_ISA", "").strip().lower() == "avx2"
+
+
 #: oneDNN's ISA levels (``ONEDNN_MAX_CPU_ISA``) below the first with VNNI: capped there, oneDNN's
 #: u8 x s8 kernels add byte-pair products in saturating int16 (``vpmaddubsw``) whatever the CPU has
 _ONEDNN_ISAS_WITHOUT_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE", "AVX512_MIC", "AVX512_MIC_4OPS"})
@@ -150,8 +156,7 @@ def lowbit_conv_preferred() -> bool:
     ``ATEN_CPU_CAPABILITY=avx2`` for oneDNN's and torch's kernels)."""
     from arq.ops import _has_kernel, cpu_isa  # here: arq.ops imports arq.quant
 
-    as_avx2_host = os.environ.get("ARQ_CPU_ISA", "").strip().lower() == "avx2" or (
-        not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"})
+    as_avx2_host = cpu_isa_forced_to_avx2() or (not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"})
     return as_avx2_host and cpu_isa() == "avx2" and _has_kernel("lowbit_conv2d", "CPU")
 
 

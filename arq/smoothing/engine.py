@@ -104,10 +104,11 @@ CPU_CHUNK = 128
 
 
 def default_cpu_chunk() -> int:
-    """``CPU_CHUNK`` on hosts without AVX-512, 0 (whole batches) on AVX-512 ones (module docstring)."""
-    from arq.quant.execution import _cpu_flags  # here: arq.quant imports this package
+    """``CPU_CHUNK`` on hosts without AVX-512 (and under ``ARQ_CPU_ISA=avx2``, which chooses as on
+    one), 0 (whole batches) on AVX-512 ones (module docstring)."""
+    from arq.quant.execution import _cpu_flags, cpu_isa_forced_to_avx2  # here: arq.quant imports this package
 
-    return 0 if "avx512f" in _cpu_flags() else CPU_CHUNK
+    return 0 if "avx512f" in _cpu_flags() and not cpu_isa_forced_to_avx2() else CPU_CHUNK
 
 
 def cpu_chunk() -> int:

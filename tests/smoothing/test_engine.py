@@ -304,6 +304,8 @@ def test_default_cpu_chunk_follows_the_host(monkeypatch, flags, chunk):
     monkeypatch.delenv("ARQ_CPU_CHUNK", raising=False)
     assert engine.cpu_chunk() == chunk
     assert [part.shape[0] for part in engine.model_batches(torch.empty(400, 3))] == ([100] * 4 if chunk else [400])
+    monkeypatch.setenv("ARQ_CPU_ISA", "avx2")  # chooses as on an AVX2 host
+    assert engine.cpu_chunk() == 128
     monkeypatch.setenv("ARQ_CPU_CHUNK", "200")
     assert engine.cpu_chunk() == 200
 
