@@ -66,7 +66,8 @@ the certification engine then has the noise op write them (``arq::noisy_input_co
 codes bit for bit), so no float32 noisy batch is written, read back and quantized.
 
 With ``IntegerExecutionConfig(conv_kernel="arq")``, and by default (``"auto"``) for the k x k
-convolutions (k > 1) on AVX2 CPUs without VNNI or AVX-512 (:func:`lowbit_conv_preferred`), the
+convolutions (k > 1) on AVX2 CPUs without VNNI or AVX-512 and for those of up to 32 output channels
+on AVX-512 VNNI ones (:func:`lowbit_conv_preferred`), the
 convolutions whose bit widths allow it run ``arq::lowbit_conv2d`` (csrc/cpu/lowbit_conv.cpp):
 the same ``acc`` (exact; int16 sums of ``vpmaddubsw`` pairs where
 ``2 code_max 2^(w_bits-1) <= 32767`` keeps them exact, widened per chunk), the same epilogues
@@ -137,19 +138,26 @@ def cpu_has_vnni() -> bool:
     return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def lowbit_conv_preferred() -> bool:
-    """Whether ``conv_kernel="auto"`` runs eligible k x k (k > 1) convolutions through
-    ``arq::lowbit_conv2d``: on CPUs whose best integer path is AVX2 (no VNNI, no AVX-512), where
+#: on AVX-512 VNNI CPUs ``conv_kernel="auto"`` takes arq::lowbit_conv2d for k x k layers up to this
+#: many output channels (lowbit_conv_preferred)
+VNNI_LOWBIT_MAX_CHANNELS = 32
+
+
+def lowbit_conv_preferred(out_channels: int | None = None) -> bool:
+    """Whether ``conv_kernel="auto"`` runs eligible k x k (k > 1) convolutions (of ``out_channels``
+    outputs; None: any) through ``arq::lowbit_conv2d``: on CPUs whose best integer path is AVX2 (no VNNI, no AVX-512), where
     oneDNN spends two multiplies per 32 MACs and the op's int16 sums one. Measured there
     (docs/performance-log.md), against oneDNN: 3x3 ResNet layers 0.85-1.08x (median), 1x1 ones
     0.64-0.71x (so those stay on oneDNN); end to end 0.98-1.03x on ResNet-20 and 0.98-1.11x on
     ResNet-110 (1.08-1.11x with an 8-bit residual stream).
 
-    With AVX-512 VNNI both multiply with ``vpdpbusd``. The op's VNNI path measured 0.95-1.01x oneDNN
-    on 16- and 32-channel 3x3 layers (1.01-1.08x where the layer adds the 8-bit stream), 0.88-0.94x on
-    64-channel ones, and end to end within this host's noise of oneDNN whether it ran every k x k
-    layer or those up to 32 channels (0.98-1.02x, ResNet-20 and -110, W8A8 with the 8-bit stream),
-    so oneDNN stays the default there (``conv_kernel="arq"`` takes the op).
+    With AVX-512 VNNI both multiply with ``vpdpbusd``; there "auto" takes the op for the k x k layers
+    of up to ``VNNI_LOWBIT_MAX_CHANNELS`` (32) output channels and leaves wider ones to oneDNN. Since
+    its accumulators stay in registers (2026-11-29) the op's VNNI path measured, against oneDNN, W8A8,
+    400 samples: 1.14-1.25x on 16-channel 3x3 layers, 1.00-1.10x on 32-channel and stride-2 16 -> 32
+    ones, 0.92-0.96x on 64-channel ones; end to end, ResNet-110 W8A8 with the 8-bit stream, compiled,
+    this routing against oneDNN everywhere 1.10x (paired, quartiles 1.10-1.13), 1.11x pt2e
+    (docs/performance-log.md).
 
     ``ARQ_CPU_ISA=avx2`` chooses as on an AVX2 CPU whatever this one has, so that the AVX2 host's
     whole path can be measured on a newer CPU (with ``ONEDNN_MAX_CPU_ISA=AVX2`` and
@@ -157,7 +165,11 @@ def lowbit_conv_preferred() -> bool:
     from arq.ops import _has_kernel, cpu_isa  # here: arq.ops imports arq.quant
 
     as_avx2_host = cpu_isa_forced_to_avx2() or (not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"})
-    return as_avx2_host and cpu_isa() == "avx2" and _has_kernel("lowbit_conv2d", "CPU")
+    if not _has_kernel("lowbit_conv2d", "CPU"):
+        return False
+    if as_avx2_host and cpu_isa() == "avx2":
+        return True
+    return cpu_isa() == "vnni" and out_channels is not None and out_channels <= VNNI_LOWBIT_MAX_CHANNELS
 
 
 def default_conv_kernel() -> str:
@@ -189,9 +201,11 @@ class IntegerExecutionConfig:
             square kernel, groups 1, no dilation, and bit widths whose ``vpmaddubsw`` pair sums
             stay exact in int16 so that it can add them in int16:
             ``2 code_max 2^(w_bits-1) <= 32767``, e.g. 4-bit activations with any weights up to
-            8 bits, 8-bit ones with up to 7-bit weights); oneDNN runs the other layers. "auto"
-            (default): "arq" for the eligible k x k convolutions with k > 1 where
-            :func:`lowbit_conv_preferred` (AVX2 CPUs without VNNI or AVX-512), else oneDNN. Both
+            8 bits, 8-bit ones with up to 7-bit weights; with AVX-512 VNNI any widths up to 8 x 8);
+            oneDNN runs the other layers. "auto" (default): "arq" for the eligible k x k
+            convolutions with k > 1 where :func:`lowbit_conv_preferred` (every one on AVX2 CPUs
+            without VNNI or AVX-512, those of up to 32 output channels on AVX-512 VNNI ones),
+            else oneDNN. Both
             kernels give the same codes up to the module's tolerance. The environment variable
             ``ARQ_CONV_KERNEL`` sets the default (what ``arq.certify`` uses).
     """
@@ -352,7 +366,8 @@ class IntegerConv2d(_IntegerLayer):
         if conv_kernel not in CONV_KERNELS:
             raise ValueError(f"conv_kernel must be one of {CONV_KERNELS}, got {conv_kernel!r}")
         kernel_h, kernel_w = weight_codes.shape[2:]
-        wanted = conv_kernel == "arq" or (conv_kernel == "auto" and kernel_h > 1 and lowbit_conv_preferred())
+        wanted = conv_kernel == "arq" or (conv_kernel == "auto" and kernel_h > 1
+                                          and lowbit_conv_preferred(int(weight_codes.shape[0])))
         return (wanted and kernel_h == kernel_w and self.groups == 1 and self.dilation == [1, 1]
                 and self.stride[0] == self.stride[1] and self.padding[0] == self.padding[1]
                 and not self.split

@@ -14,9 +14,10 @@
 // With AVX-512 VNNI (and ARQ_CPU_ISA not below it) the op multiplies with vpdpbusd instead: four
 // u8 x s8 products added into each int32 lane, 64 MACs an instruction, for any bit widths up to
 // 8 x 8 (no int16 bound), 16 output channels a vector. There it competes with oneDNN's own VNNI
-// kernels and measured level with them (0.90-1.10x per ResNet layer, W8A8, 2-core AVX-512 host;
-// oneDNN is near the multiplier's limit on 64-channel layers, neither is on 16-channel ones), so the
-// integer model keeps oneDNN by default there (docs/performance-log.md).
+// kernels: 1.14-1.25x them on 16-channel ResNet layers, 1.00-1.10x on 32-channel ones, 0.92-0.96x
+// on 64-channel ones, where oneDNN is near the multiplier's limit (W8A8, 400 samples, 2-core
+// AVX-512 host), so the integer model takes it for k x k layers of up to 32 output channels there
+// (docs/performance-log.md).
 //
 // Exactness: with codes c in [0, max_code] and weights |q| <= 2^(w_bits-1) =: W, every int16
 // lane of one vpmaddubsw is |c0 q0 + c1 q1| <= 2 max_code W (no saturation when this is <= 32767)
@@ -47,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -270,9 +272,13 @@ inline void finish16(const __m512i (&acc)[P][Q], int q, int64_t pixel, int64_t o
   const __m512i correction = _mm512_loadu_si512(e.correction + o);
   const __m512 scale = _mm512_loadu_ps(e.scale + o), bias = _mm512_loadu_ps(e.bias + o);
   const __m512 r_zero = _mm512_set1_ps(e.residual_zero), r_scale = _mm512_set1_ps(e.residual_scale);
-  const __m512 inv = _mm512_set1_ps(e.inv_out_scale), t_lo = _mm512_set1_ps(-1.0e9f), t_hi = _mm512_set1_ps(1.0e9f);
-  const __m512i zero = _mm512_set1_epi32(e.out_zero), hi = _mm512_set1_epi32(e.out_max);
-  const __m512i lo = _mm512_set1_epi32(e.relu && codes ? std::max(e.out_min, e.out_zero) : e.out_min);
+  // clamping the quotient to the integers [lo - zero, hi - zero] before rounding is clamping the
+  // rounded codes to [lo, hi] after it (rounding is monotone and keeps integers; NaN -> lo either
+  // way, vmaxps returning its second operand): the AVX2 path's two clamps in one
+  const int64_t lo = e.relu && codes ? std::max(e.out_min, e.out_zero) : e.out_min;
+  const __m512 inv = _mm512_set1_ps(e.inv_out_scale), t_lo = _mm512_set1_ps(static_cast<float>(lo - e.out_zero));
+  const __m512 t_hi = _mm512_set1_ps(static_cast<float>(e.out_max - e.out_zero));
+  const __m512i zero = _mm512_set1_epi32(e.out_zero);
   const bool relu = e.relu;
   float* const out_f = e.out_f;
   uint8_t* const out_u8 = e.out_u8;
@@ -292,32 +298,73 @@ inline void finish16(const __m512i (&acc)[P][Q], int q, int64_t pixel, int64_t o
       continue;
     }
     const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(y, inv), t_lo), t_hi);
-    __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(t), zero);  // half to even
-    c = _mm512_min_epi32(_mm512_max_epi32(c, lo), hi);
+    const __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(t), zero);  // half to even
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out_u8 + at), _mm512_cvtepi32_epi8(c));  // in 0..255: exact
   }
+}
+
+// The P x Q (<= 16) int32 accumulators of a tile, as named members rather than an array: GCC -O3
+// keeps an array of _mm512_dpbusd_epi32 accumulators in registers but copies every one of them
+// twice a step (the intrinsic's destination is a new value), and through an asm operand it keeps
+// the array in memory; named members that the asm below updates in place compile to the bare
+// vpdpbusd loop (ad hoc, 16 x 16 tile, loop alone: 146-157 -> 195-200 GMAC/s a core).
+struct Accumulators {
+  __m512i r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15;
+};
+
+template <int I>
+__attribute__((target("avx512f"), always_inline)) inline __m512i& accumulator(Accumulators& a) {
+  static_assert(I >= 0 && I < 16, "at most 16 accumulators a tile");
+  if constexpr (I == 0) return a.r0; else if constexpr (I == 1) return a.r1;
+  else if constexpr (I == 2) return a.r2; else if constexpr (I == 3) return a.r3;
+  else if constexpr (I == 4) return a.r4; else if constexpr (I == 5) return a.r5;
+  else if constexpr (I == 6) return a.r6; else if constexpr (I == 7) return a.r7;
+  else if constexpr (I == 8) return a.r8; else if constexpr (I == 9) return a.r9;
+  else if constexpr (I == 10) return a.r10; else if constexpr (I == 11) return a.r11;
+  else if constexpr (I == 12) return a.r12; else if constexpr (I == 13) return a.r13;
+  else if constexpr (I == 14) return a.r14; else return a.r15;
+}
+
+// accumulator I = p * Q + q += the four input codes of pixel p (broadcast) . weight vector q
+template <int Q, int I>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
+inline void multiply_add(Accumulators& a, const uint8_t* x, int64_t pixel_stride, const __m512i* wv) {
+  constexpr int p = I / Q, q = I % Q;
+  int32_t four;
+  std::memcpy(&four, x + p * pixel_stride, sizeof(four));
+  const __m512i xv = _mm512_set1_epi32(four);  // the same for every q of p: CSE'd
+  asm("vpdpbusd %2, %1, %0" : "+v"(accumulator<I>(a)) : "v"(xv), "v"(wv[q]));  // u8 x, s8 w
+}
+
+template <int Q, size_t... I>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
+inline void multiply_add_all(Accumulators& a, const uint8_t* x, int64_t pixel_stride, const __m512i* wv,
+                             std::index_sequence<I...>) {
+  (multiply_add<Q, int(I)>(a, x, pixel_stride, wv), ...);
+}
+
+template <int Q, size_t... I>
+__attribute__((target("avx512f"), always_inline))
+inline void unpack(Accumulators& a, __m512i* flat, std::index_sequence<I...>) {
+  ((flat[I] = accumulator<int(I)>(a)), ...);
 }
 
 template <int P, int Q, Out kOut>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void tile_vnni(const uint8_t* origin, int64_t pixel_stride, const int64_t* offsets, int64_t steps, const int8_t* w,
                int64_t block_stride, int64_t pixel, int64_t o0, int64_t out_channels, const Epilogue& e) {
-  __m512i acc[P][Q];
-  for (int p = 0; p < P; ++p)
-    for (int q = 0; q < Q; ++q) acc[p][q] = _mm512_setzero_si512();
+  static_assert(P * Q <= 16, "at most 16 accumulators a tile");
+  Accumulators a;
+  a.r0 = a.r1 = a.r2 = a.r3 = a.r4 = a.r5 = a.r6 = a.r7 = _mm512_setzero_si512();
+  a.r8 = a.r9 = a.r10 = a.r11 = a.r12 = a.r13 = a.r14 = a.r15 = a.r0;
   const int8_t* wi = w;
-#pragma GCC unroll 2
   for (int64_t i = 0; i < steps; ++i, wi += 64) {
     __m512i wv[Q];
     for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_si512(wi + q * block_stride);
-    const uint8_t* x = origin + offsets[i];
-    for (int p = 0; p < P; ++p) {
-      int32_t four;
-      std::memcpy(&four, x + p * pixel_stride, sizeof(four));
-      const __m512i xv = _mm512_set1_epi32(four);
-      for (int q = 0; q < Q; ++q) acc[p][q] = _mm512_dpbusd_epi32(acc[p][q], xv, wv[q]);
-    }
+    multiply_add_all<Q>(a, origin + offsets[i], pixel_stride, wv, std::make_index_sequence<P * Q>{});
   }
+  __m512i acc[P][Q];
+  unpack<Q>(a, &acc[0][0], std::make_index_sequence<P * Q>{});
   for (int q = 0; q < Q; ++q) {
     const int64_t oq = o0 + 16 * q;
     if (oq >= out_channels) break;
