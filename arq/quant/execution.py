@@ -156,7 +156,7 @@ def lowbit_conv_preferred(out_channels: int | None = None) -> bool:
     its accumulators stay in registers (2026-11-29) the op's VNNI path measured, against oneDNN, W8A8,
     400 samples: 1.14-1.25x on 16-channel 3x3 layers, 1.00-1.10x on 32-channel and stride-2 16 -> 32
     ones, 0.92-0.96x on 64-channel ones; end to end, ResNet-110 W8A8 with the 8-bit stream, compiled,
-    this routing against oneDNN everywhere 1.10x (paired, quartiles 1.10-1.13), 1.11x pt2e
+    this routing against oneDNN everywhere 1.10x (paired, quartiles 1.10-1.14), 1.11x pt2e
     (docs/performance-log.md).
 
     ``ARQ_CPU_ISA=avx2`` chooses as on an AVX2 CPU whatever this one has, so that the AVX2 host's
