@@ -66,7 +66,7 @@ the certification engine then has the noise op write them (``arq::noisy_input_co
 codes bit for bit), so no float32 noisy batch is written, read back and quantized.
 
 With ``IntegerExecutionConfig(conv_kernel="arq")``, and by default (``"auto"``) for the k x k
-convolutions (k > 1) on AVX2 CPUs without VNNI or AVX-512 and for those of up to 32 output channels
+convolutions (k > 1) on AVX2 CPUs without VNNI or AVX-512 and for those of 16 or 32 output channels
 on AVX-512 VNNI ones (:func:`lowbit_conv_preferred`), the
 convolutions whose bit widths allow it run ``arq::lowbit_conv2d`` (csrc/cpu/lowbit_conv.cpp):
 the same ``acc`` (exact; int16 sums of ``vpmaddubsw`` pairs where
@@ -152,7 +152,8 @@ def lowbit_conv_preferred(out_channels: int | None = None) -> bool:
     ResNet-110 (1.08-1.11x with an 8-bit residual stream).
 
     With AVX-512 VNNI both multiply with ``vpdpbusd``; there "auto" takes the op for the k x k layers
-    of up to ``VNNI_LOWBIT_MAX_CHANNELS`` (32) output channels and leaves wider ones to oneDNN. Since
+    of 16 or 32 output channels (multiples of 16 up to ``VNNI_LOWBIT_MAX_CHANNELS``) and leaves the
+    others to oneDNN. Since
     its accumulators stay in registers (2026-11-29) the op's VNNI path measured, against oneDNN, W8A8,
     400 samples: 1.14-1.25x on 16-channel 3x3 layers, 1.00-1.10x on 32-channel and stride-2 16 -> 32
     ones, 0.92-0.96x on 64-channel ones; end to end, ResNet-110 W8A8 with the 8-bit stream, compiled,
@@ -169,7 +170,10 @@ def lowbit_conv_preferred(out_channels: int | None = None) -> bool:
         return False
     if as_avx2_host and cpu_isa() == "avx2":
         return True
-    return cpu_isa() == "vnni" and out_channels is not None and out_channels <= VNNI_LOWBIT_MAX_CHANNELS
+    # whole 16-channel vectors only: a partial one finishes channel by channel (a 6-channel LeNet
+    # layer made MNIST certification 1.55x slower)
+    return (cpu_isa() == "vnni" and out_channels is not None and out_channels % 16 == 0
+            and out_channels <= VNNI_LOWBIT_MAX_CHANNELS)
 
 
 def default_conv_kernel() -> str:
@@ -204,7 +208,7 @@ class IntegerExecutionConfig:
             8 bits, 8-bit ones with up to 7-bit weights; with AVX-512 VNNI any widths up to 8 x 8);
             oneDNN runs the other layers. "auto" (default): "arq" for the eligible k x k
             convolutions with k > 1 where :func:`lowbit_conv_preferred` (every one on AVX2 CPUs
-            without VNNI or AVX-512, those of up to 32 output channels on AVX-512 VNNI ones),
+            without VNNI or AVX-512, those of 16 or 32 output channels on AVX-512 VNNI ones),
             else oneDNN. Both
             kernels give the same codes up to the module's tolerance. The environment variable
             ``ARQ_CONV_KERNEL`` sets the default (what ``arq.certify`` uses).

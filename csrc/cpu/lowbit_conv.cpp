@@ -16,7 +16,7 @@
 // 8 x 8 (no int16 bound), 16 output channels a vector. There it competes with oneDNN's own VNNI
 // kernels: 1.14-1.25x them on 16-channel ResNet layers, 1.00-1.10x on 32-channel ones, 0.92-0.96x
 // on 64-channel ones, where oneDNN is near the multiplier's limit (W8A8, 400 samples, 2-core
-// AVX-512 host), so the integer model takes it for k x k layers of up to 32 output channels there
+// AVX-512 host), so the integer model takes it for k x k layers of 16 or 32 output channels there
 // (docs/performance-log.md).
 //
 // Exactness: with codes c in [0, max_code] and weights |q| <= 2^(w_bits-1) =: W, every int16

@@ -213,13 +213,13 @@ def test_auto_conv_kernel_takes_lowbit_for_kxk_layers_where_preferred(isa, monke
     generator = torch.Generator().manual_seed(8)
     qmodel = quant.quantize(model, Policy.uniform(model, 4, 4), torch.rand(32, 3, 32, 32, generator=generator))
     integer = to_integer(qmodel)
-    preferred = {channels: lowbit_conv_preferred(channels) for channels in (16, 32, 64)}
+    preferred = {channels: lowbit_conv_preferred(channels) for channels in (6, 16, 32, 64)}
     if isa == "scalar":
         assert not any(preferred.values())
     if isa == "avx2" and cpu_isa() == "avx2":  # the extension built, on a CPU with AVX2: every k x k layer
         assert set(preferred.values()) == {ops_have_lowbit()}
-    if cpu_isa() == "vnni":  # AVX-512 VNNI: the k x k layers up to 32 output channels
-        assert preferred == {16: ops_have_lowbit(), 32: ops_have_lowbit(), 64: False}
+    if cpu_isa() == "vnni":  # AVX-512 VNNI: the k x k layers of 16 or 32 output channels
+        assert preferred == {6: False, 16: ops_have_lowbit(), 32: ops_have_lowbit(), 64: False}
     convs = [m for m in integer.modules() if isinstance(m, IntegerConv2d)]
     assert any(m.kernel_size == 1 for m in convs) and any(m.kernel_size == 3 for m in convs)
     assert all(m.lowbit == (m.kernel_size > 1 and preferred[m.w_scale.shape[0]]) for m in convs)
