@@ -145,34 +145,33 @@ VNNI_LOWBIT_MAX_CHANNELS = 32
 
 def lowbit_conv_preferred(out_channels: int | None = None) -> bool:
     """Whether ``conv_kernel="auto"`` runs eligible k x k (k > 1) convolutions (of ``out_channels``
-    outputs; None: any) through ``arq::lowbit_conv2d``: on CPUs whose best integer path is AVX2 (no VNNI, no AVX-512), where
-    oneDNN spends two multiplies per 32 MACs and the op's int16 sums one. Measured there
-    (docs/performance-log.md), against oneDNN: 3x3 ResNet layers 0.85-1.08x (median), 1x1 ones
-    0.64-0.71x (so those stay on oneDNN); end to end 0.98-1.03x on ResNet-20 and 0.98-1.11x on
-    ResNet-110 (1.08-1.11x with an 8-bit residual stream).
+    outputs; None: any) through ``arq::lowbit_conv2d``: on CPUs whose best integer path is AVX2 (no
+    VNNI, no AVX-512), every one; there oneDNN spends two multiplies per 32 MACs and the op's int16
+    sums one. Measured there (docs/performance-log.md), against oneDNN: 3x3 ResNet layers
+    0.85-1.08x (median), 1x1 ones 0.64-0.71x (so those stay on oneDNN); end to end 0.98-1.03x on
+    ResNet-20 and 0.98-1.11x on ResNet-110 (1.08-1.11x with an 8-bit residual stream).
 
     With AVX-512 VNNI both multiply with ``vpdpbusd``; there "auto" takes the op for the k x k layers
     of 16 or 32 output channels (multiples of 16 up to ``VNNI_LOWBIT_MAX_CHANNELS``) and leaves the
-    others to oneDNN. Since
-    its accumulators stay in registers (2026-11-29) the op's VNNI path measured, against oneDNN, W8A8,
-    400 samples: 1.14-1.25x on 16-channel 3x3 layers, 1.00-1.10x on 32-channel and stride-2 16 -> 32
-    ones, 0.92-0.96x on 64-channel ones; end to end, ResNet-110 W8A8 with the 8-bit stream, compiled,
-    this routing against oneDNN everywhere 1.10x (paired, quartiles 1.10-1.14), 1.11x pt2e
-    (docs/performance-log.md).
+    others to oneDNN. Since its accumulators stay in registers (2026-11-29) the op's VNNI path
+    measured, against oneDNN, W8A8, 400 samples: 1.14-1.25x on 16-channel 3x3 layers, 1.00-1.10x on
+    32-channel and stride-2 16 -> 32 ones, 0.92-0.96x on 64-channel ones; end to end, ResNet-110 W8A8
+    with the 8-bit stream, compiled, this routing against oneDNN everywhere 1.10x (paired, quartiles
+    1.10-1.14), 1.11x pt2e (docs/performance-log.md).
 
     ``ARQ_CPU_ISA=avx2`` chooses as on an AVX2 CPU whatever this one has, so that the AVX2 host's
     whole path can be measured on a newer CPU (with ``ONEDNN_MAX_CPU_ISA=AVX2`` and
     ``ATEN_CPU_CAPABILITY=avx2`` for oneDNN's and torch's kernels)."""
     from arq.ops import _has_kernel, cpu_isa  # here: arq.ops imports arq.quant
 
-    as_avx2_host = cpu_isa_forced_to_avx2() or (not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"})
     if not _has_kernel("lowbit_conv2d", "CPU"):
         return False
-    if as_avx2_host and cpu_isa() == "avx2":
-        return True
+    isa = cpu_isa()
+    if isa == "avx2":
+        return cpu_isa_forced_to_avx2() or (not cpu_has_vnni() and not _cpu_flags() & {"avx512f", "avx512bw"})
     # whole 16-channel vectors only: a partial one finishes channel by channel (a 6-channel LeNet
     # layer made MNIST certification 1.55x slower)
-    return (cpu_isa() == "vnni" and out_channels is not None and out_channels % 16 == 0
+    return (isa == "vnni" and out_channels is not None and out_channels % 16 == 0
             and out_channels <= VNNI_LOWBIT_MAX_CHANNELS)
 
 

@@ -343,7 +343,7 @@ inline void multiply_add_all(Accumulators& a, const uint8_t* x, int64_t pixel_st
   (multiply_add<Q, int(I)>(a, x, pixel_stride, wv), ...);
 }
 
-template <int Q, size_t... I>
+template <size_t... I>
 __attribute__((target("avx512f"), always_inline))
 inline void unpack(Accumulators& a, __m512i* flat, std::index_sequence<I...>) {
   ((flat[I] = accumulator<int(I)>(a)), ...);
@@ -364,7 +364,7 @@ void tile_vnni(const uint8_t* origin, int64_t pixel_stride, const int64_t* offse
     multiply_add_all<Q>(a, origin + offsets[i], pixel_stride, wv, std::make_index_sequence<P * Q>{});
   }
   __m512i acc[P][Q];
-  unpack<Q>(a, &acc[0][0], std::make_index_sequence<P * Q>{});
+  unpack(a, &acc[0][0], std::make_index_sequence<P * Q>{});
   for (int q = 0; q < Q; ++q) {
     const int64_t oq = o0 + 16 * q;
     if (oq >= out_channels) break;
