@@ -78,7 +78,8 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
                       help="IRS certifies directly above this p_A lower bound")
     data.add_argument("--batch", type=common.positive_int, default=1000, help="noisy samples per forward pass")
     data.add_argument("--candidate-execution", choices=("auto", "as-given"), default="auto",
-                      help="how each candidate runs in IRS: auto as arq certify runs it (on CPU its integer model), "
+                      help="how each candidate runs in IRS and for its clean accuracy: auto as arq certify runs it "
+                           "(on CPU its integer model), "
                            "as-given as its fake-quant model (what searches did before this option: resume those "
                            "with it)")
     data.add_argument("--data-root", default=None, help="folder holding cifar10/imagenet (default: $ARQ_DATA)")

@@ -9,7 +9,8 @@ the measurements into a reward:
 
       R_haq = 0.1 * (acc_q - acc_f)      accuracies in percent (HAQ's code),
 
-  ``acc`` the top-1 accuracy of the base classifier on the clean search images.
+  ``acc`` the top-1 accuracy of the base classifier on the clean search images (the candidate
+  run as in IRS, :class:`IRSSettings`).
 * ``"arq"`` (Yang, Ugare, Zhao, Singh and Misailovic, arXiv 2410.24214), certified
   robustness of the smoothed quantized model relative to the float one:
 
@@ -43,6 +44,8 @@ from torch import nn
 
 from arq.irs import DEFAULT_ALPHA_ZETA, DEFAULT_GAMMA, EXECUTIONS, IRSCache, build_cache, certify_incremental
 from arq.quant import FinetuneConfig, Policy, QuantConfig, quantize
+from arq.smoothing.engine import clean_logits, prepare_model
+from arq.smoothing.noise import _choose_backend
 
 __all__ = [
     "REWARDS",
@@ -83,11 +86,12 @@ class IRSSettings:
         gamma: above this p_A_lower the candidate is certified directly with n_p samples.
         seed: the noise seed of both.
         batch_size: noisy samples per forward pass.
-        candidate_execution: how each candidate runs in IRS: "auto" as ``arq.certify`` runs it
-            (on CPU with ``arq._C``: its integer model, the one ``arq.certify`` certifies and a
-            user deploys; 7-9x faster than its fake-quant form on a CIFAR ResNet-20, 2x on the
-            MNIST LeNet) or "as given" (the fake-quant model; what searches measured before this
-            setting existed).
+        candidate_execution: how each candidate runs, in IRS and for its clean accuracy (the
+            ``"haq"`` reward, and ``"arq"``'s accuracy term): "auto" as ``arq.certify`` runs it (on
+            CPU with ``arq._C``: its integer model, the one ``arq.certify`` certifies and a user
+            deploys; 7-9x faster than its fake-quant form on a CIFAR ResNet-20, 2x on the MNIST
+            LeNet) or "as given" (the fake-quant model; what searches measured before this setting
+            existed; until 2026-11-29 clean accuracy was always measured this way).
     """
 
     n: int = 10_000
@@ -253,12 +257,21 @@ class CandidateEvaluator:
 
     # -- measurements ----------------------------------------------------------------
     @torch.no_grad()
-    def clean_accuracy(self, model: nn.Module) -> float:
-        """Top-1 accuracy of the base classifier on the clean search images."""
+    def clean_accuracy(self, model: nn.Module, execution: str = "as given") -> float:
+        """Top-1 accuracy of the base classifier on the clean search images, run as given or, with
+        ``execution="auto"``, as ``arq.certify`` runs it (a quantized model: its integer model on CPU,
+        the packed kernels on CUDA; ``arq.smoothing.engine.prepare_model``)."""
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(map(repr, EXECUTIONS))}, got {execution!r}")
         device = next(iter(model.parameters())).device
+        runner = model
+        if execution == "auto":
+            runner, _ = prepare_model(model, _choose_backend("auto", device), device,
+                                      work=self.search_images.shape[0])
         correct = 0
         for images, labels in zip(self.search_images.split(256), self.search_labels.split(256)):
-            correct += int((model(images.to(device)).argmax(dim=1).cpu() == labels).sum())
+            logits = clean_logits(runner, images.to(device))
+            correct += int((logits.argmax(dim=1).cpu() == labels).sum())
         return correct / self.search_images.shape[0]
 
     def candidate_acr(self, model: nn.Module) -> float:
@@ -289,7 +302,7 @@ class CandidateEvaluator:
         started = time.perf_counter()
         float_accuracy = self.float_accuracy()
         candidate = self.quantize(policy)
-        accuracy = self.clean_accuracy(candidate)
+        accuracy = self.clean_accuracy(candidate, self.irs.candidate_execution)
         inputs = RewardInputs(candidate, policy, accuracy, float_accuracy, self)
         if self.reward == "haq":
             reward = haq_reward(accuracy, float_accuracy)

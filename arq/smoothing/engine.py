@@ -279,6 +279,17 @@ def prepare_model(
     return _graphed(model, inner, tag, device, cuda_graphs)
 
 
+def clean_logits(prepared, images: torch.Tensor) -> torch.Tensor:
+    """The logits of a :func:`prepare_model` callable on clean float images ``[B, C, H, W]``: where it reads
+    its first layer's codes (``input_codes``), the images are encoded first (:meth:`InputCodes.encode`,
+    what its float entry would compute, bit for bit), so the predictions are those of the model
+    ``arq.certify`` runs, without noise."""
+    codes = getattr(prepared, "input_codes", None)
+    if codes is not None and images.shape[0] > 0 and codes.accepts(images[0]):
+        images = codes.encode(images)
+    return prepared(images)
+
+
 def execution_of(tag: str) -> str:
     """Which model a :func:`prepare_model` tag runs, for run records: ``"as given"`` (a float model, or a
     fake-quant model run as it is), ``"integer"`` (the integer CPU model; compiled or not, the same layers

@@ -143,3 +143,43 @@ def test_candidates_are_certified_as_arq_certify_runs_them(tiny_model, tiny, mon
     assert len(backends) == 9 and set(backends) == expected  # the candidate on the nine search images
     with pytest.raises(ValueError, match="candidate_execution must be one of"):
         IRSSettings(candidate_execution="integer")
+
+
+@pytest.mark.parametrize("execution", ["auto", "as given"])
+def test_clean_accuracy_runs_the_candidate_as_its_irs_does(tiny_model, tiny, monkeypatch, execution):
+    """The candidate's clean accuracy (the "haq" reward) follows ``irs.candidate_execution``: "auto" counts
+    the integer model's top-1 on the search images (on CPU with ``arq._C``), "as given" the fake-quant one's."""
+    import torch
+
+    import arq.search.reward as reward_module
+    from arq._ext import compiled_ops_available
+    from arq.quant import to_integer
+
+    tags = []
+
+    def spy(*args, **kwargs):
+        prepared, tag = prepare_model(*args, **kwargs)
+        tags.append(tag)
+        return prepared, tag
+
+    prepare_model = reward_module.prepare_model
+    monkeypatch.setattr(reward_module, "prepare_model", spy)
+    evaluator = make_evaluator(tiny_model, tiny, "haq")
+    evaluator.irs.candidate_execution = execution
+    policy = Policy.uniform(tiny_model, 2, 2)
+    evaluation = evaluator(policy)
+    candidate = evaluator.quantize(policy)  # the same seeded fine-tuning: the same candidate
+    images, labels = evaluator.search_images, evaluator.search_labels
+    integer_ran = (execution == "auto" and compiled_ops_available()
+                   and "onednn" in torch.backends.quantized.supported_engines)
+    with torch.no_grad():
+        model = to_integer(candidate) if integer_ran else candidate
+        expected = float((model(images).argmax(dim=1) == labels).double().mean())
+    assert evaluation["accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert evaluation.reward == pytest.approx(haq_reward(expected, evaluation["float_accuracy"]), abs=1e-12)
+    if execution == "auto":
+        assert tags == ["+int8"] if integer_ran else len(tags) == 1
+    else:
+        assert tags == []
+    with pytest.raises(ValueError, match="execution must be one of"):
+        evaluator.clean_accuracy(candidate, "integer")

@@ -365,6 +365,26 @@ def test_noise_enters_as_the_first_layers_codes_with_the_same_votes(qmodel, mnis
     assert arq.predict(qmodel, images[1], n=N, batch_size=256) == float_prediction
 
 
+@pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
+def test_clean_logits_encode_clean_images_for_a_model_that_reads_codes(qmodel, mnist, monkeypatch):
+    """``clean_logits`` feeds a codes-entered integer model the codes of clean images: its logits are
+    the float entry's (ARQ_INPUT_CODES=0) exactly; a float model gets the images as they are."""
+    images = torch.cat([mnist[0], mnist[1][:33]])  # 37: an odd count
+    entered, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    assert entered.input_codes is not None
+    with pytest.raises(RuntimeError):
+        entered(images)  # the entered model alone reads uint8 codes, not float images
+    monkeypatch.setenv("ARQ_INPUT_CODES", "0")
+    floats, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    assert floats.input_codes is None
+    with torch.inference_mode():
+        expected = floats(images)
+        assert torch.equal(engine.clean_logits(entered, images), expected)
+        assert torch.equal(engine.clean_logits(floats, images), expected)
+        model = _PixelVotes()
+        assert torch.equal(engine.clean_logits(model, images), model(images))
+
+
 class _OwnNormalize(nn.Module):
     """A model's own normalization layer (not arq's NormalizeLayer), written the usual way."""
 
