@@ -1,6 +1,7 @@
 """Helpers shared by the kernel families: config loading, quantization rounding, checks.
 
-Nothing here runs at import time beyond defining functions: configs are read from
+Nothing here runs at import time beyond defining functions (and, on Triton 3.6 only, one fix
+of its interpreter: :func:`_fix_interpreter_index`): configs are read from
 ``arq_kernels/configs/*.json`` on the first launch and cached.
 
 Quantization of a float ``y`` to integer codes (``arq.quant.quantizers``; zero point ``z``):
@@ -35,6 +36,41 @@ import triton
 import triton.language as tl
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _triton_before(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:  # a development version string: assume a current Triton
+        return False
+    return found < (major, minor)
+
+
+def _fix_interpreter_index() -> None:
+    """Triton 3.6's interpreter (the one torch 2.11 pins) turns a scalar kernel argument into a
+    Python int with ``int(array of shape (1,))``, a TypeError since numpy 2.4, so a loop
+    ``range(0, K, BLOCK_K)`` over a runtime ``K`` fails under ``TRITON_INTERPRET=1``; Triton 3.7
+    squeezes the array first (triton-lang/triton#9171). This makes 3.6 do the same. Compiled
+    kernels (GPUs) never take this path, and on Triton >= 3.7 nothing is changed."""
+    if not _triton_before(3, 7):
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_arq_index_fix", False):
+        return
+
+    def patched(tensor, scope, *args, **kwargs):
+        patch(tensor, scope, *args, **kwargs)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._arq_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+_fix_interpreter_index()
 
 #: How :func:`quantize_codes` divides (module docstring): "f64" or "rn".
 QUOTIENT_DIVISION = os.environ.get("ARQ_TRITON_DIVISION", "rn").strip().lower() or "rn"
