@@ -45,7 +45,6 @@ from torch import nn
 from arq.irs import DEFAULT_ALPHA_ZETA, DEFAULT_GAMMA, EXECUTIONS, IRSCache, build_cache, certify_incremental
 from arq.quant import FinetuneConfig, Policy, QuantConfig, quantize
 from arq.smoothing.engine import clean_logits, prepare_model
-from arq.smoothing.noise import _choose_backend
 
 __all__ = [
     "REWARDS",
@@ -266,8 +265,7 @@ class CandidateEvaluator:
         device = next(iter(model.parameters())).device
         runner = model
         if execution == "auto":
-            runner, _ = prepare_model(model, _choose_backend("auto", device), device,
-                                      work=self.search_images.shape[0])
+            runner, _ = prepare_model(model, "auto", device, work=self.search_images.shape[0])
         correct = 0
         for images, labels in zip(self.search_images.split(256), self.search_labels.split(256)):
             logits = clean_logits(runner, images.to(device))
