@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
             out = os.path.join(args.out, f"search_{reward}.json")
             paths = default_paths(out)
             search_settings = search_config(args, reward)
-            fingerprint = {"model": args.model, "dataset": dataset, **search_settings.to_dict()}
+            from arq.search.run import search_fingerprint
+
+            fingerprint = search_fingerprint(args.model, dataset, search_settings)
             resume = args.resume and os.path.isfile(paths["checkpoint"])
             print(f"arq compare: {reward.upper()} search, {args.episodes} episodes", file=sys.stderr)
             result = run_one_search(model, train_set, search_settings, episodes=args.episodes, out=out,

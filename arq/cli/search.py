@@ -192,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or paths["checkpoint"]
     config = search_config(args, args.reward)
     model, train_set, dataset = load_model_and_data(args)
-    fingerprint = {"model": args.model, "dataset": dataset, **config.to_dict()}
+    from arq.search.run import search_fingerprint
+
+    fingerprint = search_fingerprint(args.model, dataset, config)
     result = run_one_search(model, train_set, config, episodes=args.episodes, out=args.out, log=log,
                             checkpoint=checkpoint, cache_path=paths["cache"], resume=args.resume,
                             fingerprint=fingerprint)

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from arq.search.agent import DDPGAgent, DDPGConfig
 from arq.search.environment import QuantizationEnv
 from arq.search.reward import REWARDS, IRSSettings
 
-__all__ = ["SearchConfig", "SearchResult", "make_search", "search", "take"]
+__all__ = ["SearchConfig", "SearchResult", "make_search", "search", "search_fingerprint", "take"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -130,10 +131,20 @@ def search(
         if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
             raise ValueError(f"{checkpoint_path}: unsupported checkpoint format {state.get('format_version')!r}")
         saved_fingerprint = _as_run_then(json.loads(state["fingerprint"]))
-        if saved_fingerprint != fingerprint:
-            raise ValueError(f"resume: settings differ from the checkpoint's in "
-                             f"{_changed_settings(saved_fingerprint, fingerprint)}; resume with the options of "
-                             "the first run")
+        changed = _changed_settings(saved_fingerprint, fingerprint)
+        if changed == ["accuracy_execution"] and not _reward_uses_accuracy(fingerprint):
+            warnings.warn(f"resume: episodes before {int(state['episode'])} logged the clean accuracy of the "
+                          f"candidate run {saved_fingerprint['accuracy_execution']!r}, later ones run "
+                          f"{fingerprint['accuracy_execution']!r}; the reward does not use it", stacklevel=2)
+        elif changed:
+            why = ""
+            if "accuracy_execution" in changed:
+                why = (f" (the checkpoint's run measured each candidate's clean accuracy "
+                       f"{saved_fingerprint.get('accuracy_execution')!r}, which enters its reward: a search "
+                       "started before 2026-11-29 with candidate_execution 'auto' cannot be continued by this "
+                       "version; start a new one)")
+            raise ValueError(f"resume: settings differ from the checkpoint's in {changed}{why}; resume with the "
+                             "options of the first run")
         agent.load_state_dict(state["agent"])
         start_episode = int(state["episode"])
         elapsed_before = float(state["elapsed"])
@@ -225,13 +236,30 @@ def search(
     return best
 
 
+def search_fingerprint(model: str, dataset: str, config: SearchConfig) -> dict:
+    """The settings a resumed search must share with its checkpoint: the model, the data set, the
+    :class:`SearchConfig`, and how a candidate's clean accuracy is measured (``accuracy_execution``:
+    as ``irs.candidate_execution`` says since 2026-11-29; before, always "as given", even where IRS
+    ran the integer model)."""
+    return {"model": model, "dataset": dataset, **config.to_dict(),
+            "accuracy_execution": config.irs.candidate_execution}
+
+
 def _as_run_then(fingerprint: dict) -> dict:
     """A checkpoint's settings, with those added since it was written set to what its run did: before
-    ``irs.candidate_execution`` existed, candidates were certified as their fake-quant models."""
+    ``irs.candidate_execution`` existed, candidates were certified as their fake-quant models, and
+    before ``accuracy_execution``, their clean accuracy was always the fake-quant model's."""
     irs = fingerprint.get("irs")
     if isinstance(irs, dict) and "candidate_execution" not in irs:
         fingerprint = {**fingerprint, "irs": {**irs, "candidate_execution": "as given"}}
+    if isinstance(irs, dict) and "accuracy_execution" not in fingerprint:
+        fingerprint = {**fingerprint, "accuracy_execution": "as given"}
     return fingerprint
+
+
+def _reward_uses_accuracy(fingerprint: Mapping[str, Any]) -> bool:
+    """Whether clean accuracy enters the reward: the "haq" reward, or "arq" with an accuracy weight."""
+    return fingerprint.get("reward") != "arq" or float(fingerprint.get("accuracy_weight") or 0.0) != 0.0
 
 
 def _changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -75,13 +75,59 @@ def test_search_cli_resumes_a_search_from_before_candidate_execution(installed, 
     state = torch.load(checkpoint, weights_only=True)
     fingerprint = json.loads(state["fingerprint"])
     assert fingerprint["irs"].pop("candidate_execution") == "as given"
+    assert fingerprint.pop("accuracy_execution") == "as given"
     state["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
     torch.save(state, checkpoint)
     capsys.readouterr()
     assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), "--resume", *SMALL]) == 2
-    assert "['irs.candidate_execution']" in capsys.readouterr().err
+    assert "['accuracy_execution', 'irs.candidate_execution']" in capsys.readouterr().err
     assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), "--resume",
                  "--candidate-execution", "as-given", *SMALL]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "policy.jsonl").read_text().splitlines()]
+    assert [line["episode"] for line in lines] == [0, 1]
+
+
+def _checkpoint_from_before_accuracy_execution(main, tmp_path, *options):
+    """A search run now under ``options``, its checkpoint rewritten as sessions of 2026-11-28 wrote it:
+    ``irs.candidate_execution`` "auto" (IRS on the integer model) and no ``accuracy_execution`` (clean
+    accuracy on the fake-quant model, whatever ``candidate_execution`` said)."""
+    import torch
+
+    out = tmp_path / "policy.json"
+    assert main(["search", "--model", "tiny", "--episodes", "1", "--out", str(out), *SMALL, *options]) == 0
+    checkpoint = tmp_path / "policy.ckpt.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    fingerprint = json.loads(state["fingerprint"])
+    assert fingerprint["irs"]["candidate_execution"] == "auto"
+    assert fingerprint.pop("accuracy_execution") == "auto"
+    state["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    torch.save(state, checkpoint)
+    return out
+
+
+@pytest.mark.parametrize("options", [["--reward", "haq"], ["--accuracy-weight", "0.5"]])
+def test_search_cli_refuses_a_resume_that_would_mix_accuracy_definitions(installed, tmp_path, capsys, options):
+    """Where clean accuracy enters the reward, a checkpoint whose episodes measured it on the fake-quant
+    model cannot be continued on the integer model: one search would rank policies by two rewards."""
+    from arq.cli.main import main
+
+    out = _checkpoint_from_before_accuracy_execution(main, tmp_path, *options)
+    capsys.readouterr()
+    assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), "--resume", *SMALL,
+                 *options]) == 2
+    err = capsys.readouterr().err
+    assert "['accuracy_execution']" in err and "start a new one" in err
+    assert len((tmp_path / "policy.jsonl").read_text().splitlines()) == 1
+
+
+def test_search_cli_resumes_with_a_warning_where_the_reward_ignores_accuracy(installed, tmp_path, capsys):
+    """The "arq" reward without an accuracy weight only logs clean accuracy: the resume goes on and says
+    from which episode the logged accuracy is the integer model's."""
+    from arq.cli.main import main
+
+    out = _checkpoint_from_before_accuracy_execution(main, tmp_path)
+    with pytest.warns(UserWarning, match="episodes before 1 logged the clean accuracy of the candidate run 'as given'"):
+        assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), "--resume", *SMALL]) == 0
     lines = [json.loads(line) for line in (tmp_path / "policy.jsonl").read_text().splitlines()]
     assert [line["episode"] for line in lines] == [0, 1]
 
