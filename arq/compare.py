@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -108,6 +109,8 @@ class ModelRow:
 
 def test_subset(length: int, images: int) -> list[int]:
     """``images`` indices spread evenly over a split of ``length``: ``0, s, 2s, ...``, ``s = length // images``."""
+    if isinstance(images, bool) or not isinstance(images, numbers.Integral) or images < 1:
+        raise ValueError(f"images must be a positive integer, got {images!r}")
     if images > length:
         raise ValueError(f"images ({images}) exceeds the {length} test images")
     skip = length // images
@@ -232,6 +235,12 @@ def paired_acr_difference(rows: Sequence, reference_rows: Sequence, *, level: fl
     """
     from arq.analyze import _certified_radii
 
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+        raise ValueError(f"level must be a confidence level in (0, 1), got {level!r}")
+    if isinstance(resamples, bool) or not isinstance(resamples, numbers.Integral) or resamples < 1:
+        raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
+    if len(rows) == 0:
+        raise ValueError("paired rows are empty: no image to compare")
     if [row.idx for row in rows] != [row.idx for row in reference_rows]:
         raise ValueError("paired rows must be for the same test indices, in the same order")
     values = torch.tensor([max(v, 0.0) for v in _certified_radii(rows)], dtype=torch.float64)

@@ -66,6 +66,7 @@ ResNet-110 at sigma 1 (``benchmarks/bench_irs.py`` measures ours).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -183,8 +184,12 @@ class IRSCache:
         return cache
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the cache with ``torch.save`` (tensors and plain values only)."""
-        torch.save(self.to_dict(), path)
+        """Write the cache with ``torch.save`` (tensors and plain values only), through a temporary
+        file in the same folder and an atomic rename: an interrupted save leaves the old file or none."""
+        path = os.fspath(path)
+        partial = f"{path}.partial"
+        torch.save(self.to_dict(), partial)
+        os.replace(partial, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "IRSCache":
@@ -332,6 +337,9 @@ def build_cache(
     sigma = float(sigma if sigma is not None else (getattr(model, "arq_metadata", None) or {}).get("sigma") or 0.0)
     if not sigma > 0:
         raise ValueError("sigma is required: pass sigma=... or give the model arq_metadata['sigma']")
+    for name, value, least in (("n", n, 1), ("n0", n0, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     n_keep = resolve_n_p(n, n_p, n_p_share)
     if n_keep > n:
         raise ValueError(f"n_p={n_keep} must not exceed n={n}: IRS replays f's estimation samples")

@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from arq.analyze import parse_radii
     from arq.compare import CompareConfig, check_rows, compare, table_rows
     from arq.quant import Policy
+    from arq.search.budget import policy_share
 
     try:
         radii = parse_radii(args.radii)
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             search_settings = search_config(args, reward)
             from arq.search.run import search_fingerprint
 
-            fingerprint = search_fingerprint(args.model, dataset, search_settings)
+            fingerprint = search_fingerprint(args.model, dataset, search_settings, common.model_fingerprint(model))
             resume = args.resume and os.path.isfile(paths["checkpoint"])
             print(f"arq compare: {reward.upper()} search, {args.episodes} episodes", file=sys.stderr)
             result = run_one_search(model, train_set, search_settings, episodes=args.episodes, out=out,
@@ -141,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
                 policies[label].validate(model)
             except (OSError, ValueError) as error:
                 raise common.CommandError(f"--{reward}-policy {path}: {error}") from None
+            share = policy_share(model, policies[label], tuple(train_set[0][0].shape))
+            if share > args.budget * (1 + 1e-9):  # searched rows are held to --budget; a given one is not
+                common.warn_user(f"--{reward}-policy {path} costs {share:.6g} of FP32's BitOPs, over --budget "
+                                 f"{args.budget:g}: its row is not a comparison at that budget")
         else:
             policies[label] = searched(reward)
     try:

@@ -28,8 +28,8 @@ def default_paths(out: str) -> dict[str, str]:
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite non-negative number, got {text}")
     return value
 
 
@@ -153,13 +153,25 @@ def run_one_search(model, train_set, config, *, episodes: int, out: str, log: st
                    resume: bool, fingerprint: dict, progress: bool = True):
     """Build the search, reuse or save the float model's IRS cache, run it; returns the SearchResult."""
     from arq.irs import IRSCache
-    from arq.search.run import make_search, search
+    from arq.search.run import load_checkpoint, make_search, search
 
     if not resume:
         for path in (log, checkpoint):
             if os.path.exists(path) and os.path.getsize(path) > 0:
                 raise common.CommandError(f"{path} exists: pass --resume to continue that search, or delete it")
-    cache = IRSCache.load(cache_path) if resume and os.path.isfile(cache_path) else None
+    else:  # before the float model's certificates: a resume that cannot go on says so at once
+        try:
+            load_checkpoint(checkpoint, fingerprint)
+        except (ValueError, FileNotFoundError) as error:
+            raise common.CommandError(str(error)) from None
+    for path in (out, log, checkpoint, cache_path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cache = None
+    if resume and os.path.isfile(cache_path):
+        try:
+            cache = IRSCache.load(cache_path)
+        except Exception as error:  # a cut or foreign file: the certificates are rebuilt, not trusted
+            common.warn_user(f"{cache_path} is not a readable IRS cache ({error}); certifying the float model again")
     try:
         env, agent = make_search(model, train_set, config, cache=cache)
     except ValueError as error:
@@ -182,7 +194,7 @@ def run_one_search(model, train_set, config, *, episodes: int, out: str, log: st
     try:
         return search(env, agent, episodes=episodes, log_path=log, best_path=out, checkpoint_path=checkpoint,
                       resume=resume, fingerprint=fingerprint, progress=False, on_episode=report if progress else None)
-    except (ValueError, FileExistsError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
         raise common.CommandError(str(error)) from None
 
 
@@ -194,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     model, train_set, dataset = load_model_and_data(args)
     from arq.search.run import search_fingerprint
 
-    fingerprint = search_fingerprint(args.model, dataset, config)
+    fingerprint = search_fingerprint(args.model, dataset, config, common.model_fingerprint(model))
     result = run_one_search(model, train_set, config, episodes=args.episodes, out=args.out, log=log,
                             checkpoint=checkpoint, cache_path=paths["cache"], resume=args.resume,
                             fingerprint=fingerprint)

@@ -21,6 +21,7 @@ Seeded (network init, exploration, minibatches) and resumable bit for bit from
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -65,8 +66,9 @@ class DDPGConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden", "batch_size", "replay_episodes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("actor_lr", "critic_lr", "exploration_sigma", "init_w"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

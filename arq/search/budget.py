@@ -19,6 +19,7 @@ soon as the policy fits (``fit_to_budget``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,15 @@ def fit_to_budget(
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be a BitOPs share of FP32 in (0, 1], got {budget!r}")
+    check_bit_range(min_bits, MAX_BITS)
+    strategy = [[w, a] for w, a in strategy]
+    if len(strategy) != len(costs.macs):
+        raise ValueError(f"strategy has {len(strategy)} layers, the model {len(costs.macs)} ({', '.join(costs.names)})")
+    for layer, pair in zip(costs.names, strategy):
+        for kind, bits in zip(("weight", "activation"), pair):
+            if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not min_bits <= bits <= MAX_BITS:
+                raise ValueError(f"strategy: {kind} bits of layer {layer!r} must be an integer in "
+                                 f"{min_bits}..{MAX_BITS} (min_bits..8), got {bits!r}")
     strategy = [[int(w), int(a)] for w, a in strategy]
     floor_share = bitops_share(costs, [[min_bits, min_bits]] * len(strategy))
     if floor_share > budget:

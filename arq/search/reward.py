@@ -216,6 +216,8 @@ class CandidateEvaluator:
         self.quant_config = quant_config or QuantConfig()
         self.irs = irs or IRSSettings()
         self.accuracy_weight = float(accuracy_weight)
+        if not 0.0 <= self.accuracy_weight < float("inf"):
+            raise ValueError(f"accuracy_weight must be a finite number >= 0, got {accuracy_weight!r}")
         self.cache = cache
         self._float_accuracy: float | None = None
         self._float_acr: float | None = None
@@ -226,9 +228,20 @@ class CandidateEvaluator:
         return self.reward == "arq" or callable(self.reward)
 
     def float_cache(self) -> IRSCache:
-        """f's certificates on the search subset (CERTIFY with ``irs.n`` samples), built once."""
+        """f's certificates on the search subset (CERTIFY with ``irs.n`` samples), built once. A cache
+        given to the evaluator must come from these settings (sigma, n, n0, alpha, seed, at least n_p
+        replayable predictions): its certificates are the reference every reward is measured against."""
+        settings = self.irs
+        if self.cache is not None:
+            wanted = {"sigma": float(self.sigma), "n": settings.n, "n0": settings.n0, "alpha": settings.alpha,
+                      "seed": settings.seed}
+            held = {name: getattr(self.cache, name) for name in wanted}
+            differ = [f"{name} {held[name]!r} (settings: {wanted[name]!r})" for name in wanted if held[name] != wanted[name]]
+            if self.cache.entries and self.cache.n_p_cached < settings.n_p:
+                differ.append(f"{self.cache.n_p_cached} replayable predictions per input (settings: n_p {settings.n_p})")
+            if differ:
+                raise ValueError("the IRS cache was built with other settings than the search's: " + ", ".join(differ))
         if self.cache is None or any(i not in self.cache.entries for i in self.search_indices):
-            settings = self.irs
             self.cache = build_cache(
                 self.model, self.search_images, sigma=self.sigma, n=settings.n, n0=settings.n0,
                 alpha=settings.alpha, n_p=settings.n_p, seed=settings.seed, input_index=self.search_indices,
@@ -308,8 +321,9 @@ class CandidateEvaluator:
             reward = arq_reward(inputs.acr(), self.float_acr(), accuracy, float_accuracy, self.accuracy_weight)
         else:
             reward = float(self.reward(inputs))
-            if not math.isfinite(reward):
-                raise ValueError(f"the reward callable returned {reward}, not a finite number")
+        if not math.isfinite(reward):  # the agent's replay buffer and the log would carry it silently
+            raise ValueError(f"the {self.reward if isinstance(self.reward, str) else 'callable'} reward is "
+                             f"{reward}, not a finite number")
         acr = inputs._acr
         return Evaluation(
             reward=float(reward), accuracy=accuracy, acr=acr, float_accuracy=float_accuracy,

@@ -35,7 +35,7 @@ from arq.search.agent import DDPGAgent, DDPGConfig
 from arq.search.environment import QuantizationEnv
 from arq.search.reward import REWARDS, IRSSettings
 
-__all__ = ["SearchConfig", "SearchResult", "make_search", "search", "search_fingerprint", "take"]
+__all__ = ["SearchConfig", "SearchResult", "make_search", "load_checkpoint", "search", "search_fingerprint", "take"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -125,26 +125,7 @@ def search(
     best = SearchResult(None, float("-inf"), -1)
 
     if resume:
-        if checkpoint_path is None or not os.path.isfile(checkpoint_path):
-            raise FileNotFoundError(f"resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-            raise ValueError(f"{checkpoint_path}: unsupported checkpoint format {state.get('format_version')!r}")
-        saved_fingerprint = _as_run_then(json.loads(state["fingerprint"]))
-        changed = _changed_settings(saved_fingerprint, fingerprint)
-        if changed == ["accuracy_execution"] and not _reward_uses_accuracy(fingerprint):
-            warnings.warn(f"resume: episodes before {int(state['episode'])} logged the clean accuracy of the "
-                          f"candidate run {saved_fingerprint['accuracy_execution']!r}, later ones run "
-                          f"{fingerprint['accuracy_execution']!r}; the reward does not use it", stacklevel=2)
-        elif changed:
-            why = ""
-            if "accuracy_execution" in changed:
-                why = (f" (the checkpoint's run measured each candidate's clean accuracy "
-                       f"{saved_fingerprint.get('accuracy_execution')!r}, which enters its reward: a search "
-                       "started before 2026-11-29 with candidate_execution 'auto' cannot be continued by this "
-                       "version; start a new one)")
-            raise ValueError(f"resume: settings differ from the checkpoint's in {changed}{why}; resume with the "
-                             "options of the first run")
+        state = load_checkpoint(checkpoint_path, fingerprint)
         agent.load_state_dict(state["agent"])
         start_episode = int(state["episode"])
         elapsed_before = float(state["elapsed"])
@@ -154,7 +135,11 @@ def search(
             if best_path is not None:  # an episode after the checkpoint may have overwritten it
                 _atomic_policy_save(best.best_policy, best_path)
         if log_path is not None:
-            records = _read_log(log_path, int(state["log_bytes"])) if os.path.exists(log_path) else []
+            if os.path.exists(log_path):
+                records = _read_log(log_path, int(state["log_bytes"]))
+            elif int(state["log_bytes"]) > 0:
+                raise FileNotFoundError(f"resume: the search log {log_path} is missing; the checkpoint's run had "
+                                        f"written {int(state['log_bytes'])} bytes to its log (pass the same log)")
     else:
         for path in (log_path, checkpoint_path):
             if path is not None and os.path.exists(path) and os.path.getsize(path) > 0:
@@ -236,13 +221,56 @@ def search(
     return best
 
 
-def search_fingerprint(model: str, dataset: str, config: SearchConfig) -> dict:
-    """The settings a resumed search must share with its checkpoint: the model, the data set, the
-    :class:`SearchConfig`, and how a candidate's clean accuracy is measured (``accuracy_execution``:
-    as ``irs.candidate_execution`` says since 2026-11-29; before, always "as given", even where IRS
-    ran the integer model)."""
-    return {"model": model, "dataset": dataset, **config.to_dict(),
-            "accuracy_execution": config.irs.candidate_execution}
+def search_fingerprint(model: str, dataset: str, config: SearchConfig, model_weights: str | None = None) -> dict:
+    """The settings a resumed search must share with its checkpoint: the model (its name and, given,
+    ``model_weights``, a hash of its weights: a different model behind the same path is refused), the
+    data set, the :class:`SearchConfig`, and how a candidate's clean accuracy is measured
+    (``accuracy_execution``: as ``irs.candidate_execution`` says since 2026-11-29; before, always
+    "as given", even where IRS ran the integer model)."""
+    fingerprint = {"model": model, "dataset": dataset, **config.to_dict(),
+                   "accuracy_execution": config.irs.candidate_execution}
+    if model_weights is not None:
+        fingerprint["model_weights"] = model_weights
+    return fingerprint
+
+
+def load_checkpoint(checkpoint_path: str | os.PathLike | None, fingerprint: Mapping[str, Any]) -> dict:
+    """The state of the checkpoint a search resumes from, once its settings are checked against
+    ``fingerprint`` (:func:`search_fingerprint`): raises FileNotFoundError when there is none and
+    ValueError, naming the settings, when they differ. Cheap: callers check before the float model's
+    certificates are built."""
+    if checkpoint_path is None or not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"resume: no checkpoint at {checkpoint_path}")
+    try:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: torch raises RuntimeError, pickle errors, ...
+        raise ValueError(f"resume: {checkpoint_path} is not a readable search checkpoint ({error})") from None
+    if not isinstance(state, dict) or state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{checkpoint_path}: unsupported checkpoint format {found!r}")
+    fingerprint = _json_ready(dict(fingerprint))
+    saved = _as_run_then(json.loads(state["fingerprint"]))
+    if "model_weights" not in saved and "model_weights" in fingerprint:
+        warnings.warn(f"resume: {checkpoint_path} predates the model's weight hash in the checkpoint, so it "
+                      "cannot be checked that the model is the same", stacklevel=3)
+        fingerprint.pop("model_weights")
+    changed = _changed_settings(saved, fingerprint)
+    if changed == ["accuracy_execution"] and not _reward_uses_accuracy(fingerprint):
+        warnings.warn(f"resume: episodes before {int(state['episode'])} logged the clean accuracy of the "
+                      f"candidate run {saved['accuracy_execution']!r}, later ones run "
+                      f"{fingerprint['accuracy_execution']!r}; the reward does not use it", stacklevel=3)
+    elif changed:
+        why = ""
+        if "accuracy_execution" in changed:
+            why = (f" (the checkpoint's run measured each candidate's clean accuracy "
+                   f"{saved.get('accuracy_execution')!r}, which enters its reward: a search "
+                   "started before 2026-11-29 with candidate_execution 'auto' cannot be continued by this "
+                   "version; start a new one)")
+        elif "model_weights" in changed:
+            why = " (the model's weights are not those the search started with)"
+        raise ValueError(f"resume: settings differ from the checkpoint's in {changed}{why}; resume with the "
+                         "options of the first run")
+    return state
 
 
 def _as_run_then(fingerprint: dict) -> dict:

@@ -86,3 +86,21 @@ def test_certify_rows_refuses_to_resume_under_other_settings(tiny, tiny_model, t
     assert (tmp_path / "certify_W4A4.tsv").read_text() == before
     rows = compare.certify_rows(tiny_model, test_set, [0, 2, 4], path, config, settings=made)
     assert [row.idx for row in rows] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"level": 1.5}, "level"), ({"level": 0.0}, "level"), ({"level": -0.5}, "level"),
+    ({"resamples": 0}, "resamples"), ({"resamples": 2.5}, "resamples"),
+])
+def test_bootstrap_parameters_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        paired_acr_difference(rows([0.1, 0.2]), rows([0.1, 0.3]), **kwargs)
+
+
+def test_test_subset_needs_a_positive_count():
+    from arq.compare import test_subset
+
+    assert test_subset(10, 3) == [0, 3, 6]
+    for images in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="images must be a positive integer"):
+            test_subset(10, images)

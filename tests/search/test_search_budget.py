@@ -79,3 +79,19 @@ def test_budget_below_two_bits_everywhere_is_a_clear_error():
         fit_to_budget(COSTS, [[8, 8]] * 3, 0.003)
     with pytest.raises(ValueError, match="budget"):
         fit_to_budget(COSTS, [[8, 8]] * 3, 0.0)
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ([[32, 32], [8, 8], [8, 8]], "weight bits of layer"),
+    ([[4, 4], [4, 9], [4, 4]], "activation bits of layer"),
+    ([[4, 4], [1, 4], [4, 4]], "weight bits of layer"),
+    ([[4, 4], [4.5, 4], [4, 4]], "must be an integer"),
+    ([[4, 4], [True, 4], [4, 4]], "must be an integer"),
+    ([[4, 4], [4, 4]], "strategy has 2 layers, the model 3"),
+])
+def test_fit_to_budget_refuses_widths_it_cannot_produce(tiny_model, tiny, strategy, message):
+    """The procedure only lowers bits within min_bits..8: anything else is the caller's error, not a
+    policy to pass on (32 would come back lowered to 26)."""
+    costs = LayerCosts.of(tiny_model, tiny.INPUT_SHAPE)
+    with pytest.raises(ValueError, match=message):
+        fit_to_budget(costs, strategy, 0.5)

@@ -132,6 +132,83 @@ def test_search_cli_resumes_with_a_warning_where_the_reward_ignores_accuracy(ins
     assert [line["episode"] for line in lines] == [0, 1]
 
 
+def test_search_cli_refuses_to_resume_with_another_model_behind_the_same_name(installed, tmp_path, capsys):
+    """The checkpoint holds a hash of the model's weights: other weights under the same --model are refused
+    before anything is certified, and the first run's log is untouched."""
+    import torch
+
+    from arq.cli.main import main
+
+    out = tmp_path / "policy.json"
+    assert main(["search", "--model", "tiny", "--episodes", "1", "--out", str(out), *SMALL]) == 0
+    log_before = (tmp_path / "policy.jsonl").read_text()
+    with torch.no_grad():
+        next(installed.parameters()).add_(1e-3)
+    capsys.readouterr()
+    assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), "--resume", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "['model_weights']" in err and "not those the search started with" in err
+    assert "float model on" not in err  # refused before the float model was certified
+    assert (tmp_path / "policy.jsonl").read_text() == log_before
+
+
+def test_search_cli_resume_errors_come_before_the_float_model_is_certified(installed, tmp_path, capsys):
+    from arq.cli.main import main
+
+    out = tmp_path / "policy.json"
+    # no checkpoint: refused at once, nothing written
+    assert main(["search", "--model", "tiny", "--episodes", "1", "--out", str(out), "--resume", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "float model on" not in err
+    assert list(tmp_path.iterdir()) == []
+    # another n_p: named as the setting, not as a cache error
+    assert main(["search", "--model", "tiny", "--episodes", "1", "--out", str(out), *SMALL]) == 0
+    capsys.readouterr()
+    changed = [*SMALL[:SMALL.index("--n-p")], "--n-p", "80", *SMALL[SMALL.index("--n-p") + 2:]]
+    assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), "--resume", *changed]) == 2
+    err = capsys.readouterr().err
+    assert "['irs.n_p']" in err and "float model on" not in err
+
+
+def test_search_cli_resume_survives_a_cut_cache_and_refuses_a_missing_log(installed, tmp_path, capsys):
+    from arq.cli.main import main
+
+    out = tmp_path / "runs" / "new" / "policy.json"  # folders that do not exist yet
+    assert main(["search", "--model", "tiny", "--episodes", "1", "--out", str(out), *SMALL]) == 0
+    cache = tmp_path / "runs" / "new" / "policy.irs.pt"
+    cache.write_bytes(cache.read_bytes()[:100])  # an interrupted write of an older version
+    assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), "--resume", *SMALL]) == 0
+    assert "not a readable IRS cache" in capsys.readouterr().err
+    log = tmp_path / "runs" / "new" / "policy.jsonl"
+    assert [json.loads(line)["episode"] for line in log.read_text().splitlines()] == [0, 1]
+    log.unlink()
+    assert main(["search", "--model", "tiny", "--episodes", "3", "--out", str(out), "--resume", *SMALL]) == 2
+    assert "policy.jsonl is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_search_cli_accuracy_weight_must_be_finite(installed, tmp_path, capsys, value):
+    from arq.cli.main import main
+
+    assert main(["search", "--model", "tiny", "--episodes", "1", "--out", str(tmp_path / "p.json"), *SMALL,
+                 "--accuracy-weight", value]) == 2
+    assert "--accuracy-weight" in capsys.readouterr().err and not (tmp_path / "p.jsonl").exists()
+
+
+def test_compare_cli_warns_about_a_given_policy_over_the_budget(installed, tmp_path, capsys):
+    from arq.cli.main import main
+
+    policy = tmp_path / "w8a8.json"
+    Policy.from_haq(installed, [[8, 8], [8, 8], [8, 8]]).save(policy)
+    code = main(["compare", "--model", "tiny", "--out", str(tmp_path / "cmp"), "--images", "2", "--n", "40",
+                 "--n0", "10", "--final-finetune-steps", "1", "--uniform", "W4A4", "--haq-policy", str(policy),
+                 "--arq-policy", str(policy), "--radii", "0", "--only", "ARQ", *SMALL])
+    assert code == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "over --budget 0.03" in line]
+    assert len(warnings) == 2 and "--haq-policy" in warnings[0] and "--arq-policy" in warnings[1]
+    assert all("costs 0.0625 of FP32's BitOPs" in line for line in warnings)
+
+
 def test_search_cli_budget_error(installed, tmp_path, capsys):
     from arq.cli.main import main
 

@@ -185,3 +185,30 @@ def test_clean_accuracy_runs_the_candidate_as_its_irs_does(tiny_model, tiny, mon
         assert tags == []
     with pytest.raises(ValueError, match="execution must be one of"):
         evaluator.clean_accuracy(candidate, "integer")
+
+
+def test_evaluator_refuses_a_cache_built_with_other_settings(tiny_model, tiny):
+    """f's certificates are every reward's reference: a cache from another sigma, n, alpha or seed (or with
+    fewer replayable predictions than n_p) is refused, naming what differs, even when it covers the images."""
+    from arq.irs import build_cache
+
+    evaluator = make_evaluator(tiny_model, tiny)
+    other = build_cache(tiny_model, evaluator.search_images, sigma=0.5, n=100, n0=20, alpha=0.01, n_p=40, seed=5,
+                        input_index=evaluator.search_indices, batch_size=100)
+    evaluator = make_evaluator(tiny_model, tiny, cache=other)
+    with pytest.raises(ValueError, match=r"sigma 0.5 \(settings: 0.25\).*n 100 .*alpha 0.01.*seed 5.*n_p 60"):
+        evaluator.float_cache()
+    good = make_evaluator(tiny_model, tiny).float_cache()
+    assert make_evaluator(tiny_model, tiny, cache=good).float_cache() is good
+
+
+@pytest.mark.parametrize("weight", [float("inf"), float("nan"), -1.0])
+def test_evaluator_accuracy_weight_must_be_finite(tiny_model, tiny, weight):
+    with pytest.raises(ValueError, match="accuracy_weight"):
+        make_evaluator(tiny_model, tiny, accuracy_weight=weight)
+
+
+def test_dqn_config_widths_must_be_integers():
+    for name, value in (("hidden", 2.5), ("batch_size", 0), ("replay_episodes", True)):
+        with pytest.raises(ValueError, match=name):
+            DDPGConfig(**{name: value})
