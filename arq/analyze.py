@@ -28,6 +28,7 @@ import csv
 import io
 import math
 import os
+import warnings
 import re
 from typing import Mapping, NamedTuple, Sequence
 
@@ -97,17 +98,20 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
     """Read a certify or predict TSV (arq's or locuslab/smoothing's).
 
     Columns are found by name from the header, so extra columns are ignored
-    and the order does not matter. A trailing line without a newline (a run
-    killed while writing) is ignored. Raises ``ValueError`` naming the file
-    and line on a malformed row.
+    and the order does not matter. A trailing line without a newline is a run
+    killed while writing, or a file written without a final newline: it is read
+    when it has all of the header's fields (each field but the last ends at a tab,
+    so only the last one could have been cut short) and ignored, with a warning,
+    otherwise. Raises ``ValueError`` naming the file and line on a malformed row.
     """
     path = os.fspath(path)
     with open(path, "r", encoding="utf-8", newline="") as handle:
         text = handle.read()
     lines = text.split("\n")
-    # The last element is "" for a file ending in a newline, else an incomplete row.
+    # The last element is "" for a file ending in a newline, else a row without its newline.
     complete_lines = lines[:-1] if len(lines) > 1 else lines
     complete_lines = [line.rstrip("\r") for line in complete_lines]
+    last = lines[-1].rstrip("\r") if len(lines) > 1 else ""
     if not complete_lines or not complete_lines[0].strip():
         raise ValueError(f"{path}: empty file, expected a header 'idx label predict radius correct time'")
     header = complete_lines[0].split("\t")
@@ -117,6 +121,11 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
             f"{path}: header {header!r} lacks column(s) {missing}; "
             "expected tab-separated 'idx label predict radius correct time'"
         )
+    if last.strip():
+        if len(last.split("\t")) == len(header):
+            complete_lines.append(last)
+        else:
+            warnings.warn(f"{path}: ignored its last line, cut short without a newline: {last!r}", stacklevel=2)
     column = {name: header.index(name) for name in header}
     radius_column = column.get("radius")
     time_column = column.get("time")
@@ -144,6 +153,10 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
     return rows
 
 
+#: More radii than a table or plot can show is a typo (0:1e12:1), not a request.
+MAX_RADII = 10_000
+
+
 def parse_radii(text: str) -> list[float]:
     """Radii from ``"start:stop:step"`` (stop included, e.g. ``"0:1.5:0.25"``) or a
     comma-separated list (``"0,0.25,0.5"``)."""
@@ -154,19 +167,22 @@ def parse_radii(text: str) -> list[float]:
             if len(parts) != 3:
                 raise ValueError
             start, stop, step = parts
-            if step <= 0 or stop < start or start < 0:
+            if not all(map(math.isfinite, parts)) or step <= 0 or stop < start or start < 0:
                 raise ValueError
             count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            if count > MAX_RADII:
+                raise ValueError
             # round() removes the drift of start + k * step (0.30000000000000004).
             return [round(start + k * step, 12) for k in range(count)]
         radii = [float(part) for part in text.split(",") if part.strip()]
-        if not radii or any(r < 0 or not math.isfinite(r) for r in radii):
+        if not radii or len(radii) > MAX_RADII or any(r < 0 or not math.isfinite(r) for r in radii):
             raise ValueError
         return radii
     except ValueError:
         raise ValueError(
-            f"radii {text!r}: expected start:stop:step with 0 <= start <= stop and step > 0 "
-            "(e.g. 0:1.5:0.25), or non-negative numbers separated by commas (e.g. 0,0.5,1)"
+            f"radii {text!r}: expected start:stop:step with finite 0 <= start <= stop and step > 0 "
+            f"(e.g. 0:1.5:0.25), or non-negative numbers separated by commas (e.g. 0,0.5,1); at most "
+            f"{MAX_RADII} radii"
         ) from None
 
 

@@ -122,14 +122,13 @@ def _read_done(path: str) -> list:
 
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return []
-    rows = read_results(path)
-    with open(path, "rb") as handle:  # drop a partial last line
+    with open(path, "rb") as handle:  # drop a partial last line: its row is certified again
         content = handle.read()
     end = content.rfind(b"\n") + 1
     if end < len(content):
         with open(path, "r+b") as handle:
             handle.truncate(end)
-    return rows
+    return read_results(path)
 
 
 def certify_rows(model: nn.Module, test_set, indices: Sequence[int], path: str, config: CompareConfig,

@@ -67,8 +67,25 @@ def test_parse_time_seconds_rejects_garbage():
 def test_read_results_ignores_a_partial_last_line_and_extra_columns(tmp_path):
     path = tmp_path / "killed.tsv"
     path.write_text("time\tidx\tlabel\tpredict\tradius\tcorrect\textra\n0.5\t7\t1\t1\t0.75\t1\tx\n0.2\t8\t1")
-    rows = analyze.read_results(path)
+    with pytest.warns(UserWarning, match="ignored its last line"):
+        rows = analyze.read_results(path)
     assert rows == [ResultRow(idx=7, label=1, predict=1, radius=0.75, correct=1, time=0.5)]
+
+
+def test_read_results_keeps_a_whole_last_row_without_a_newline(tmp_path):
+    """Every field but the last ends at a tab, so a last line with all of them lost at most the end of
+    its time: the row counts (a file written without a final newline loses nothing)."""
+    path = tmp_path / "nonl.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.1\n1\t2\t2\t0.9\t1\t0.1")
+    rows = analyze.read_results(path)
+    assert [row.radius for row in rows] == [0.5, 0.9]
+    assert analyze.average_certified_radius(rows) == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("text", ["0:inf:1", "0:1e12:1", "nan,1", "0:1:nan"])
+def test_parse_radii_refuses_infinite_or_endless_grids(text):
+    with pytest.raises(ValueError, match="at most 10000 radii"):
+        analyze.parse_radii(text)
 
 
 def test_read_results_reads_predict_files_without_radius(tmp_path):

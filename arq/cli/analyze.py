@@ -63,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--labels gives {len(labels)} names for {len(args.files)} files")
     if len(set(labels)) != len(labels):
         raise CommandError(f"--labels must be distinct, got {labels}")
+    if args.plot is not None:  # before any work: matplotlib names a format only when saving
+        from matplotlib.figure import Figure
+
+        suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        formats = Figure().canvas.get_supported_filetypes()
+        if suffix not in formats:
+            raise CommandError(f"--plot {args.plot}: the file name must end in an image format matplotlib writes "
+                               f"({', '.join(sorted(formats))}), got {suffix or 'no suffix'!r}")
     results = {}
     for label, path in zip(labels, args.files):
         if not os.path.isfile(path):

@@ -54,6 +54,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def noise_seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -83,9 +90,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use only indices below MAX (-1: no limit), as locuslab's --max")
     parser.add_argument("--split", choices=("train", "test"), default="test", help="train or test split")
     parser.add_argument("--alpha", type=probability, default=0.001, help="failure probability")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="noise seed (non-negative integer)")
+    parser.add_argument("--seed", type=noise_seed, default=0, help="noise seed (integer in [0, 2^63))")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--backend", default="auto", help="sampling/vote backend passed to arq (default auto)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "cuda", "triton"),
+                        help="sampling/vote backend passed to arq (default auto)")
     parser.add_argument("--data-root", default=None,
                         help="folder holding cifar10/imagenet (default: environment variable ARQ_DATA)")
     parser.add_argument("--resume", action="store_true",
@@ -94,7 +102,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_sigma_and_outfile(values: Sequence[str]) -> tuple[float | None, str]:
     if len(values) == 1:
-        return None, values[0]
+        try:
+            float(values[0])
+        except ValueError:
+            return None, values[0]
+        raise CommandError(f"OUTFILE {values[0]!r} is a number: the output file is missing after SIGMA "
+                           f"(DATASET MODEL [SIGMA] OUTFILE; write ./{values[0]} for a file of that name)")
     if len(values) == 2:
         try:
             return float(values[0]), values[1]
@@ -181,10 +194,12 @@ def load_model(spec: str):
 
 
 def load_dataset(name: str, split: str, root: str | None):
-    """``arq.data.get_dataset``; the tests replace this function with a tiny data set."""
+    """``arq.data.get_dataset`` without augmentation, whatever the split: a row certified, a
+    calibration or search image is the same image at every access and in every run (``arq train``
+    reads its data itself, augmented). The tests replace this function with a tiny data set."""
     from arq.data import get_dataset
 
-    return get_dataset(name, split, root)
+    return get_dataset(name, split, root, augment=False)
 
 
 def model_metadata(model) -> dict:
@@ -265,10 +280,19 @@ def _is_non_empty_file(path: str) -> bool:
     return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
+def _holds_only_a_header(path: str) -> bool:
+    """A result file with its header line and no row (a run that failed before its first row)."""
+    if os.path.getsize(path) > 4096:
+        return False
+    with open(path, "rb") as handle:
+        lines = handle.read().splitlines()
+    return len(lines) == 1 and lines[0].split(b"\t")[0] == b"idx"
+
+
 def refuse_to_overwrite(path: str, resume: bool) -> None:
     if os.path.isdir(path):
         raise CommandError(f"OUTFILE {path} is a directory")
-    if _is_non_empty_file(path) and not resume:
+    if _is_non_empty_file(path) and not resume and not _holds_only_a_header(path):
         raise CommandError(f"{path} exists and is not empty: pass --resume to continue it, or delete it")
 
 
@@ -407,6 +431,23 @@ def prepare_engine(model, backend: str, device, work: int) -> dict:
     return execution_record(*prepare_model(model, backend, device, work=work))
 
 
+def check_model_takes_inputs(model, dataset, index: int, device, dataset_name: str) -> None:
+    """Run the model once on input ``index`` (clean), before the output file is written: a model
+    that does not take the data set's images fails here with its error named, not at the first row."""
+    import torch
+
+    image = dataset[index][0]
+    try:
+        with torch.inference_mode():
+            logits = model(image.unsqueeze(0).to(device))
+    except Exception as error:  # any failure of the user's model on this data
+        raise CommandError(f"the model does not take {dataset_name}'s images (shape {tuple(image.shape)}): "
+                           f"{type(error).__name__}: {error}") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise CommandError(f"the model must return logits [batch, classes] for {dataset_name}'s images, got {shape}")
+
+
 def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None,
                 samples_per_input: int = 0) -> PreparedRun:
     """Resolve SIGMA/OUTFILE, load the model and data, prepare the model's execution, and open the
@@ -433,7 +474,15 @@ def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = N
     indices = selected_indices(len(dataset), args.skip, args.max)
     fingerprint = model_fingerprint(model)
     model = model.to(device).eval()
-    execution = prepare_engine(model, args.backend, device, work=len(indices) * samples_per_input)
+    try:
+        from arq.smoothing.noise import resolve_backend
+
+        resolve_backend(args.backend, device)
+        execution = prepare_engine(model, args.backend, device, work=len(indices) * samples_per_input)
+    except (ValueError, RuntimeError) as error:
+        raise CommandError(f"--backend {args.backend}: {error}") from None
+    if len(indices):
+        check_model_takes_inputs(model, dataset, indices[0], device, args.dataset)
     record = {"command": getattr(args, "command", None), "dataset": args.dataset, "split": args.split,
               "model": fingerprint, "sigma": float(sigma), "alpha": float(args.alpha),
               "seed": int(args.seed), **(settings or {}), **execution}

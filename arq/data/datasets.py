@@ -65,7 +65,7 @@ def dataset_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ..
     return NORMALIZATION[_check_dataset(name)]
 
 
-def get_dataset(name: str, split: str, root: str | os.PathLike | None = None) -> Dataset:
+def get_dataset(name: str, split: str, root: str | os.PathLike | None = None, *, augment: bool | None = None) -> Dataset:
     """Data set ``name`` ("mnist", "cifar10", "imagenet"), ``split`` "train" or "test".
 
     MNIST is read from the copy shipped with arq unless ``root`` names another folder.
@@ -76,16 +76,19 @@ def get_dataset(name: str, split: str, root: str | os.PathLike | None = None) ->
 
     Train splits get locuslab's augmentation (CIFAR-10: random crop 32 with padding 4 and
     horizontal flip; ImageNet: random resized crop 224 and flip); test splits get
-    CIFAR-10: none, ImageNet: resize 256 then center crop 224.
+    CIFAR-10: none, ImageNet: resize 256 then center crop 224. ``augment`` overrides that:
+    ``False`` gives a train split the test split's deterministic images (what certifying,
+    calibrating on or searching over a train split needs: the same image at every access).
     """
     _check_dataset(name)
     _check_split(split)
     if name == "mnist":
         return load_mnist(split, root)
     data_root = _data_root(name, root)
+    augment = (split == "train") if augment is None else bool(augment)
     if name == "cifar10":
-        return _cifar10(split, data_root)
-    return _imagenet(split, data_root)
+        return _cifar10(split, data_root, augment)
+    return _imagenet(split, data_root, augment)
 
 
 def _data_root(name: str, root: str | os.PathLike | None) -> Path:
@@ -187,7 +190,7 @@ class CIFAR10Dataset(Dataset):
         return f"CIFAR10Dataset(split={self.split!r}, size={len(self)})"
 
 
-def _cifar10(split: str, root: Path) -> CIFAR10Dataset:
+def _cifar10(split: str, root: Path, augment: bool) -> CIFAR10Dataset:
     folder = root if (root / _CIFAR10_FILES["test"][0]).is_file() else root / _CIFAR10_FOLDER
     paths = [folder / file_name for file_name in _CIFAR10_FILES[split]]
     missing = [str(path) for path in paths if not path.is_file()]
@@ -196,20 +199,20 @@ def _cifar10(split: str, root: Path) -> CIFAR10Dataset:
     batches = [_read_cifar10_batch(path) for path in paths]
     images = torch.from_numpy(np.concatenate([images for images, _ in batches]))
     labels = torch.from_numpy(np.concatenate([labels for _, labels in batches]))
-    return CIFAR10Dataset(images, labels, split, augment=(split == "train"))
+    return CIFAR10Dataset(images, labels, split, augment=augment)
 
 
 # ----------------------------------------------------------------------------------- ImageNet
 
 
-def _imagenet(split: str, root: Path) -> Dataset:
+def _imagenet(split: str, root: Path, augment: bool) -> Dataset:
     split_folder = _IMAGENET_SPLIT_FOLDERS[split]
     folder = root / split_folder if (root / split_folder).is_dir() else root / "imagenet" / split_folder
     if not folder.is_dir():
         raise FileNotFoundError(f"ImageNet {split} folder {folder} not found. {_how_to_get('imagenet', root)}")
     from torchvision import datasets, transforms  # optional dependency
 
-    if split == "train":
+    if augment:
         transform = transforms.Compose(
             [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
         )

@@ -25,6 +25,7 @@ Memory is bounded by ``batch_size``: votes accumulate on the model's device.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -84,27 +85,29 @@ def _model_sigma(model: torch.nn.Module, sigma: float | None) -> float:
                 "pass sigma=..., the noise level the base classifier was trained with"
             )
         sigma = stored
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0:
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
     return float(sigma)
 
 
+# numbers.Integral / numbers.Real: numpy scalars (np.int64(1000), np.float32(0.5)) are accepted as the
+# Python numbers they stand for; bool is not a count or a level.
 def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 1.0):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 < alpha < 1.0):
         raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
     return float(alpha)
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (0 <= seed < 2**63):
         raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def _model_device(model: torch.nn.Module, device) -> torch.device:
@@ -131,6 +134,8 @@ def _prepare_inputs(x: torch.Tensor, model: torch.nn.Module, device: torch.devic
         raise ValueError(f"x must have shape [C, H, W] or [B, C, H, W], got {x.dim()} dimensions {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor of pixels, got dtype {x.dtype}")
+    if x.shape[0] == 0 or x[0].numel() == 0:
+        raise ValueError(f"x holds no input (shape {tuple(x.shape)})")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf: a certificate for it would be meaningless")
     single = x.dim() == 3
@@ -193,11 +198,34 @@ def _produced_classes(model: torch.nn.Module, x: torch.Tensor) -> int:
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.inference_mode():
-        logits = model(x[:1])
-    if logits.dim() != 2:
-        raise ValueError(f"the model must return logits [batch, classes], got shape {tuple(logits.shape)}")
+        logits = model_logits(model, x[:1])
+    if logits.shape[1] < 2:
+        raise ValueError(f"the model gives {logits.shape[1]} logit per input; votes need one logit per class, "
+                         "at least 2 (wrap a one-logit binary classifier to return [0, logit])")
     _PRODUCED_CLASSES[model] = (key, logits.shape[1])
     return logits.shape[1]
+
+
+def model_logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """``model(batch)``, checked to be logits ``[len(batch), classes]``: one row per noisy sample, or
+    every extra row (a test-time augmentation's, say) would be counted as a vote."""
+    logits = model(batch)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the model must return a logits tensor [batch, classes], got {type(logits).__name__} "
+                        "(wrap a model with several outputs to return its logits only)")
+    if logits.dim() != 2:
+        raise ValueError(f"the model must return logits [batch, classes], got shape {tuple(logits.shape)}")
+    if logits.shape[0] != batch.shape[0]:
+        raise ValueError(f"the model returned {logits.shape[0]} rows of logits for {batch.shape[0]} inputs: "
+                         "each noisy sample must give exactly one row (one vote)")
+    return logits
+
+
+def _check_no_nan(seen_nan: torch.Tensor | None, where: str) -> None:
+    if seen_nan is not None and bool(seen_nan):
+        raise ValueError(f"the model returned NaN logits on {where}: argmax would count each such sample as "
+                         "a vote for the first NaN class, a meaningless certificate (check the model's "
+                         "numerics, e.g. float16 overflow)")
 
 
 def _num_classes(model: torch.nn.Module, x: torch.Tensor, num_classes: int | None) -> int:
@@ -254,14 +282,19 @@ def sample_counts(
     The model must be in eval mode and x on its device; counts stay on that device.
     """
     counts = torch.zeros(num_classes, dtype=torch.int64, device=x.device)
+    seen_nan = None  # one flag on the device: no host synchronization per batch
     bar = tqdm(total=num, disable=not progress, unit="sample", leave=False)
     with torch.inference_mode():
         for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
                                     batch_size=batch_size, backend=backend, model=model):
             for part in model_batches(batch):
-                counts += count_votes(model(part), num_classes, backend=backend)
+                logits = model_logits(model, part)
+                nan_here = torch.isnan(logits).any()
+                seen_nan = nan_here if seen_nan is None else seen_nan | nan_here
+                counts += count_votes(logits, num_classes, backend=backend)
             bar.update(batch.shape[0])
     bar.close()
+    _check_no_nan(seen_nan, f"noisy samples of input {input_index}")
     return counts
 
 
@@ -285,10 +318,16 @@ def sample_predictions(
     a prepared integer model that reads its input codes (``arq.smoothing.engine``): it then gets the
     codes of the same samples.
     """
+    predictions, seen_nan = [], None
     with torch.inference_mode():
-        predictions = [model(part).argmax(dim=1) for batch in _noisy_batches(
-            x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index, batch_size=batch_size,
-            backend=backend, model=model, start=start) for part in model_batches(batch)]
+        for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
+                                    batch_size=batch_size, backend=backend, model=model, start=start):
+            for part in model_batches(batch):
+                logits = model_logits(model, part)
+                nan_here = torch.isnan(logits).any()
+                seen_nan = nan_here if seen_nan is None else seen_nan | nan_here
+                predictions.append(logits.argmax(dim=1))
+    _check_no_nan(seen_nan, f"noisy samples of input {input_index}")
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 
@@ -403,6 +442,10 @@ def predict(
     chosen_backend = _choose_backend(backend, run_device)
     # The n samples' joint law is within n * delta of Gaussian in total variation.
     test_level = alpha - n * noise_tv_bound(batch[0].numel())
+    if test_level <= 0:
+        raise ValueError(f"alpha={alpha:g} is not above n * delta = {n * noise_tv_bound(batch[0].numel()):.3g}, the "
+                         f"sampler's deviation bound for n={n} samples of {batch[0].numel()} values: PREDICT "
+                         "could only abstain; raise alpha or lower n")
     predictions = []
     with _EvalMode(model):
         classes = _num_classes(model, batch, num_classes)

@@ -416,6 +416,12 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that ``backend`` ("auto", "torch", "cpp", "cuda" or "triton") runs on ``device``:
+    "auto" resolved; ValueError or RuntimeError, naming it, when it cannot run there."""
+    return _choose_backend(backend, device)
+
+
 def _choose_backend(backend: str, device: torch.device) -> str:
     from arq._ext import cuda_ops_available
 

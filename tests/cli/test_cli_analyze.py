@@ -75,13 +75,17 @@ def test_analyze_latex_to_stdout(tmp_path, capsys):
         (["--radii", "1:0:0.5"], "--radii: radii '1:0:0.5'"),
         (["--labels", "a", "b"], "--labels gives 2 names for 1 files"),
         (["--format", "html"], "invalid choice: 'html'"),
+        (["--radii", "0:inf:1"], "at most 10000 radii"),
+        (["--radii", "0:1e12:1"], "at most 10000 radii"),
+        (["--plot", "out.xyz"], "--plot out.xyz: the file name must end in an image format"),
     ],
 )
 def test_analyze_bad_options_are_named(tmp_path, capsys, arguments, message):
     path = tmp_path / "run.tsv"
     path.write_text(LOCUSLAB_FILE)
     assert main(["analyze", str(path), *arguments]) == 2
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""  # refused before any table is printed
 
 
 def test_analyze_missing_and_predict_files(tmp_path, capsys):

@@ -185,12 +185,42 @@ def test_resume_of_a_foreign_file_is_refused(tiny, tmp_path, capsys):
         (["--alpha", "1.5"], "--alpha: must be in (0, 1)"),
         (["--max", "-3"], "--max must be -1"),
         (["--device", "warp-drive"], "--device 'warp-drive' is not a torch device"),
+        (["--backend", "foo"], "argument --backend: invalid choice: 'foo'"),
+        (["--backend", "cuda"], "--backend cuda: backend='cuda' runs on CUDA tensors"),
+        (["--seed", str(2**63)], "--seed: must be an integer in [0, 2^63)"),
     ],
 )
 def test_bad_options_are_named(tiny, tmp_path, capsys, arguments, message):
     outfile = tmp_path / "out.tsv"
     assert main(["certify", "mnist", "tiny", str(outfile), *OPTIONS, *arguments]) == 2
     assert message in capsys.readouterr().err
+    assert not outfile.exists() and not (tmp_path / "out.tsv.run.json").exists()
+
+
+def test_a_model_that_does_not_take_the_datasets_images_fails_before_the_output_is_written(tiny, tmp_path, capsys,
+                                                                                          monkeypatch):
+    import torch
+
+    monkeypatch.setattr(common, "load_model",
+                        lambda spec: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)))
+    outfile = tmp_path / "out.tsv"
+    assert main(["certify", "mnist", "tiny", "0.25", str(outfile), *OPTIONS]) == 2
+    assert "the model does not take mnist's images" in capsys.readouterr().err
+    assert not outfile.exists()
+
+
+def test_a_header_only_file_from_a_failed_run_is_not_a_result_to_keep(tiny, tmp_path):
+    outfile = tmp_path / "out.tsv"
+    outfile.write_text(HEADER + "\n")
+    assert main(["certify", "mnist", "tiny", str(outfile), "--max", "2", *OPTIONS]) == 0
+    assert [row[0] for row in read_rows(outfile)] == ["0", "1"]
+
+
+def test_a_number_as_the_only_outfile_is_a_missing_outfile(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["certify", "mnist", "tiny", "0.25", *OPTIONS]) == 2
+    assert "OUTFILE '0.25' is a number" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

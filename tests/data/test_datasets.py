@@ -69,6 +69,28 @@ def test_cifar10_train_split_concatenates_and_augments(tmp_path, monkeypatch):
     assert set((image * 255).round().to(torch.int64).flatten().tolist()) <= original
 
 
+def test_cifar10_train_split_without_augmentation_is_the_same_image_every_time(tmp_path):
+    """What certify, predict, calibration and search read (arq.cli.common.load_dataset): a row or a
+    search image must not be a fresh random crop at every access."""
+    batches = _write_fake_cifar(tmp_path)
+    train_set = get_dataset("cifar10", "train", root=tmp_path, augment=False)
+    expected = torch.from_numpy(batches["data_batch_1"][0][2].reshape(3, 32, 32).astype(np.float32) / 255)
+    for _ in range(5):
+        assert torch.equal(train_set[2][0], expected)
+    augmented = get_dataset("cifar10", "train", root=tmp_path)
+    torch.manual_seed(0)
+    assert any(not torch.equal(augmented[2][0], expected) for _ in range(20))
+
+
+def test_the_cli_reads_every_split_without_augmentation(tmp_path, monkeypatch):
+    from arq.cli import common
+
+    _write_fake_cifar(tmp_path)
+    train_set = common.load_dataset("cifar10", "train", str(tmp_path))
+    assert torch.equal(train_set[4][0], train_set[4][0])
+    assert torch.equal(train_set[4][0], get_dataset("cifar10", "train", root=tmp_path, augment=False)[4][0])
+
+
 def test_cifar10_missing_folder_says_where_and_how(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         get_dataset("cifar10", "test", root=tmp_path)

@@ -205,6 +205,79 @@ def test_the_class_check_runs_once_per_model_version():
         arq.certify(model, x, sigma=0.5, n=50, n0=10, num_classes=3)
 
 
+class _TwoRowsPerSample(torch.nn.Module):
+    """A test-time-augmentation wrapper that stacks the logits of x and of its flip: two rows per input."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _finite_model()
+
+    def forward(self, x):
+        return torch.cat([self.inner(x), self.inner(x.flip(-1))])
+
+
+class _OneLogit(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1).sum(1, keepdim=True)
+
+
+class _TupleOutput(torch.nn.Module):
+    def forward(self, x):
+        return _finite_model()(x), x
+
+
+class _NaNOnNoise(torch.nn.Module):
+    """Finite on the clean input (the class check passes), NaN on noisy samples."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 3)
+        return torch.where((x < 0).flatten(1).any(1, keepdim=True), torch.nan, logits)
+
+
+@pytest.mark.parametrize("model, error, message", [
+    (_TwoRowsPerSample(), ValueError, "rows of logits for"),
+    (_OneLogit(), ValueError, "1 logit per input"),
+    (_TupleOutput(), TypeError, "got tuple"),
+    (_NaNOnNoise(), ValueError, "NaN logits"),
+])
+def test_a_model_whose_outputs_are_not_one_vote_per_sample_is_refused(model, error, message):
+    """Each would otherwise count votes that are not f's (extra rows, a single class, NaN rows counted as
+    the first class) and certify a class at a radius its votes do not support."""
+    x = torch.rand(3, 4, 4) * 0.5 + 0.25
+    with pytest.raises(error, match=message):
+        arq.certify(model, x, sigma=0.5, n=200, n0=10)
+    with pytest.raises(error, match=message):
+        arq.predict(model, x, sigma=0.5, n=200)
+
+
+def test_numpy_scalars_are_accepted_as_the_numbers_they_hold():
+    import numpy as np
+
+    x, model = torch.rand(3, 4, 4), _finite_model()
+    plain = arq.certify(model, x, sigma=0.5, n=100, n0=10, alpha=0.01, seed=3, batch_size=50)
+    numpy = arq.certify(model, x, sigma=np.float32(0.5), n=np.int64(100), n0=np.int32(10),
+                        alpha=np.float64(0.01), seed=np.uint8(3), batch_size=np.int64(50))
+    assert numpy == plain._replace(sigma=float(np.float32(0.5)))
+    with pytest.raises(ValueError, match="n must be an integer"):
+        arq.certify(_finite_model(), x, sigma=0.5, n=np.float64(100.0), n0=10)
+
+
+def test_an_empty_batch_is_named():
+    with pytest.raises(ValueError, match="x holds no input"):
+        arq.certify(_finite_model(), torch.rand(0, 3, 4, 4), sigma=0.5, n=10, n0=10)
+
+
+def test_predict_refuses_an_alpha_it_could_only_abstain_at():
+    """PREDICT tests at alpha - n * delta (the sampler's deviation over n samples): at or below 0 it
+    would abstain on every input, so the call is refused, naming alpha and n."""
+    x = torch.rand(3, 4, 4)
+    limit = 1000 * noise_tv_bound(x.numel())
+    with pytest.raises(ValueError, match=r"alpha=1e-12 is not above n \* delta"):
+        arq.predict(_finite_model(), x, sigma=0.5, n=1000, alpha=1e-12)
+    assert limit < 1e-9  # and just above it, PREDICT runs
+    arq.predict(_finite_model(), x, sigma=0.5, n=1000, alpha=1e-9)
+
+
 def test_integer_input_is_rejected():
     with pytest.raises(TypeError, match="floating-point"):
         arq.certify(_finite_model(), torch.zeros(3, 4, 4, dtype=torch.uint8), sigma=0.5, n=10, n0=10)
