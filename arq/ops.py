@@ -9,8 +9,8 @@
 Weights use the packed format of docs/design.md (:mod:`arq.quant.packing`): ``32 // b`` two's-complement
 b-bit fields per int32 word along K, shape ``[N, ceil(K / (32 // b))]``; ``w = q * scales[n]``.
 
-The epilogue, in float32 and in this order (every backend and the references use it, so float outputs agree
-bit for bit; the integer accumulator ``acc = sum_k x[m, k] q[n, k]`` is exact)::
+The epilogue, in float32 and in this order (the C++ and CUDA ops and the references use it, so their float
+outputs agree bit for bit; the integer accumulator ``acc = sum_k x[m, k] q[n, k]`` is exact)::
 
     y = float32(acc) * float32(x_scale)
     y = y * scales[n]
@@ -472,15 +472,34 @@ def _out_dtype(relu: bool, out_scale: float) -> torch.dtype:
     return torch.float32
 
 
+def _check_fake_arguments(op: str, tensors, *, dims: tuple | None = None, geometry: tuple | None = None) -> None:
+    """The checks a fake kernel can make without data: its tensors on one device (a CPU call with
+    one meta argument dispatches here, and an empty tensor must not stand in for the real result),
+    the first tensor's rank and the convolution geometry (kernel, stride, padding)."""
+    present = [t for t in tensors if t is not None]
+    devices = {t.device for t in present}
+    torch._check(len(devices) <= 1, lambda: f"{op}: expected all tensors on one device, got {sorted(map(str, devices))}")
+    if dims is not None:
+        torch._check(present[0].dim() in dims, lambda: f"{op}: x must have {' or '.join(map(str, dims))} dimensions, "
+                                                      f"got {present[0].dim()}")
+    if geometry is not None:
+        kernel, stride, padding = geometry
+        torch._check(min(kernel) >= 1 and stride >= 1 and padding >= 0,
+                     lambda: f"{op}: need kernel sizes and stride >= 1, padding >= 0, got {kernel}, {stride}, {padding}")
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("arq::packed_linear")
     def _packed_linear_fake(x, packed_weight, w_bits, scales, bias, x_scale, relu, residual, out_scale):
+        _check_fake_arguments("packed_linear", (x, packed_weight, scales, bias, residual))
         torch._check(x.dtype in (torch.int8, torch.uint8), lambda: "packed_linear: x must be int8 or uint8")
         return x.new_empty((*x.shape[:-1], packed_weight.shape[0]), dtype=_out_dtype(relu, out_scale))
 
     @torch.library.register_fake("arq::packed_conv2d")
     def _packed_conv2d_fake(x, packed_weight, w_bits, scales, bias, x_scale, kernel_h, kernel_w, stride, padding,
                             relu, residual, out_scale):
+        _check_fake_arguments("packed_conv2d", (x, packed_weight, scales, bias, residual), dims=(4,),
+                              geometry=((kernel_h, kernel_w), stride, padding))
         b, h, w, _ = x.shape
         oh = (h + 2 * padding - kernel_h) // stride + 1
         ow = (w + 2 * padding - kernel_w) // stride + 1
@@ -488,6 +507,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("arq::vote_count")
     def _vote_count_fake(features, weight, bias, num_classes):
+        _check_fake_arguments("vote_count", (features, weight, bias))
+        torch._check(num_classes >= 1, lambda: f"vote_count: num_classes must be >= 1, got {num_classes}")
         return features.new_empty((num_classes,), dtype=torch.int64)
 
     @torch.library.register_fake("arq::requantize_codes")
@@ -501,16 +522,20 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("arq::noisy_input")
     def _noisy_input_fake(x, sigma, seed, input_index, draw, sample_start, count):
+        torch._check(count >= 0, lambda: f"noisy_input: count must be >= 0, got {count}")
         return x.new_empty((count, *x.shape))
 
     @torch.library.register_fake("arq::argmax_count")
     def _argmax_count_fake(logits, num_classes):
+        torch._check(num_classes >= 1, lambda: f"argmax_count: num_classes must be >= 1, got {num_classes}")
         return logits.new_empty((num_classes,), dtype=torch.int64)
 
     if _has_kernel("noisy_input_codes", "CPU"):
         @torch.library.register_fake("arq::noisy_input_codes")
         def _noisy_input_codes_fake(x, sigma, seed, input_index, draw, sample_start, count, mean, std, scale,
                                     zero_point, code_min, code_max):
+            _check_fake_arguments("noisy_input_codes", (x, mean, std), dims=(3,))
+            torch._check(count >= 0, lambda: f"noisy_input_codes: count must be >= 0, got {count}")
             return torch.empty((count, *x.shape), dtype=torch.uint8, device=x.device,
                                memory_format=torch.channels_last)
 
@@ -519,6 +544,8 @@ def _register_fakes() -> None:
         def _lowbit_conv2d_fake(x, weight_tiles, weight_sums, scale, bias, out_channels, kernel_size, stride, padding,
                                 zero_point, max_code, w_bits, relu, residual, residual_scale, residual_zero_point,
                                 out_scale, out_zero_point, out_min, out_max):
+            _check_fake_arguments("lowbit_conv2d", (x, weight_tiles, weight_sums, scale, bias, residual), dims=(4,),
+                                  geometry=((kernel_size,), stride, padding))
             b, _, h, w = x.shape
             oh = (h + 2 * padding - kernel_size) // stride + 1
             ow = (w + 2 * padding - kernel_size) // stride + 1

@@ -319,13 +319,14 @@ def _check_args(x, sigma, seed, input_index, draw, sample_start, count, out_dtyp
         raise TypeError(f"x must be float64/32/16 or bfloat16, got {x.dtype}")
     if x.numel() < 1:
         raise ValueError("x must have at least one element")
-    if not (float(sigma) > 0.0):
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if not (0.0 < float(sigma) < float("inf")):
+        raise ValueError(f"sigma must be finite and > 0, got {sigma}")
     _ref._check_seed(seed)
     _ref._check_counter("input_index", input_index)
     _ref._check_counter("draw", draw)
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
+    _ref._check_counter("sample_start", sample_start)
     _ref._check_counter("sample_start + count", sample_start + count, _ref.MAX_COUNTER + 1)
     _ref._check_counter("number of element pairs", (x.numel() + 1) // 2 - 1)
     out_dtype = x.dtype if out_dtype is None else out_dtype

@@ -55,6 +55,7 @@ import triton.language as tl
 from arq_kernels._common import launch_options, pick_config, width_buckets
 from arq_kernels.packed_matmul import CANDIDATES as CANDIDATES_GEMM
 from arq_kernels.packed_matmul import (
+    MAX_K,
     EpilogueArgs,
     _check_bits,
     epilogue_reference,
@@ -268,6 +269,8 @@ def _geometry(x, packed_weight, w_bits, kernel_size, stride, padding):
         raise ValueError("kernel_size and stride must be >= 1, padding >= 0")
     batch, h, w, c = x.shape
     k = kh * kw * c
+    if k > MAX_K:
+        raise ValueError(f"K = {kh}*{kw}*{c} = {k} exceeds {MAX_K}: the int32 accumulator could overflow")
     if packed_weight.dim() != 2 or packed_weight.dtype != torch.int32 or packed_weight.shape[1] != packed_width(k, w_bits):
         raise ValueError(
             f"packed_weight must be int32 [N, {packed_width(k, w_bits)}] for K = {kh}*{kw}*{c}, bits={w_bits}"
@@ -374,7 +377,7 @@ def packed_conv2d(
                              f"(tap_prefix_sums), got {tap_sums.dtype} {tuple(tap_sums.shape)}")
         _packed_conv2d_rows_kernel[grid](
             x, packed_weight, int8_weight if int8_weight is not None else packed_weight,
-            scales, bias if bias is not None else scales,
+            epi.scales, epi.bias if epi.bias is not None else epi.scales,
             residual if residual is not None else out, out, codes if codes is not None else out,
             wsum if wsum is not None else packed_weight, tap_sums if wsum is not None else packed_weight,
             h, w, oh, ow, m, n, k,
@@ -390,7 +393,7 @@ def packed_conv2d(
         )
         return result
     _packed_conv2d_kernel[grid](
-        x, packed_weight, scales, bias if bias is not None else scales,
+        x, packed_weight, epi.scales, epi.bias if epi.bias is not None else epi.scales,
         residual if residual is not None else out, out, codes if codes is not None else out,
         wsum if wsum is not None else packed_weight,
         h, w, c, oh, ow, m, n, k,

@@ -38,6 +38,8 @@ Blocked algorithm (one program = a BLOCK_M x BLOCK_N tile of ``out = x @ W.T``):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -55,6 +57,8 @@ from arq_kernels._common import (
 
 MIN_BITS = 2
 MAX_BITS = 8
+#: Largest K: |sum_k (x - z) q| <= 255 * 128 * K must fit the int32 accumulator (as the C++ ops).
+MAX_K = 65535
 
 # ---------------------------------------------------------------------------------------------
 # candidate configs (chosen ones: configs/packed_matmul.json, also used by packed_conv)
@@ -321,6 +325,11 @@ class EpilogueArgs:
             self.codes_also = (codes_scale, code_lo, code_hi, codes_zero_point)
             self.out_mode = 3
             out_scale, out_zero_point, (self.q_lo, self.q_hi) = codes_scale, codes_zero_point, (code_lo, code_hi)
+        if not math.isfinite(as_float32(x_scale)):
+            raise ValueError(f"x_scale must be finite as a float32, got {x_scale}")
+        # the kernels read these as dense vectors: a strided view would give other channels' values
+        self.scales = scales.contiguous()
+        self.bias = bias.contiguous() if bias is not None else None
         self.scalars = (
             as_float32(x_scale),
             as_float32(residual_scale) if residual_scale is not None else 1.0,
@@ -434,12 +443,14 @@ def packed_linear(
         return result
     if k == 0:
         raise ValueError("K must be >= 1")
+    if k > MAX_K:
+        raise ValueError(f"K = {k} exceeds {MAX_K}: the int32 accumulator could overflow (|x - z| <= 255, |q| <= 128)")
     cfg = dict(config) if config is not None else pick_config("packed_matmul", x_int8.device, width_buckets(n))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     res = residual if residual is not None else out
     wsum = zero_point_weight_sums(x_zero_point, weight_sums, packed_weight, w_bits, k)
     _packed_linear_kernel[grid](
-        x_int8, packed_weight, scales, bias if bias is not None else scales, res, out,
+        x_int8, packed_weight, epi.scales, epi.bias if epi.bias is not None else epi.scales, res, out,
         codes if codes is not None else out, wsum if wsum is not None else packed_weight,
         m, n, k,
         x_int8.stride(0), x_int8.stride(1), packed_weight.stride(0),

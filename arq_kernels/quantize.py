@@ -13,6 +13,8 @@ plain-torch reference :func:`quantize_nhwc_reference`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -53,9 +55,12 @@ def _quantize_nhwc_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check(x: torch.Tensor, q_lo: int, q_hi: int, zero_point: int) -> None:
+def _check(x: torch.Tensor, scale: float, q_lo: int, q_hi: int, zero_point: int) -> None:
     if x.dtype != torch.float32 or x.dim() not in (2, 4):
         raise TypeError(f"x must be a float32 [B, C, H, W] or [M, K] tensor, got {x.dtype} {tuple(x.shape)}")
+    step = as_float32(scale)
+    if not (math.isfinite(step) and step > 0 and math.isfinite(1.0 / step)):
+        raise ValueError(f"scale must be a positive float32 with a finite reciprocal, got {scale}")
     if not (q_lo <= q_hi and -128 <= q_lo + zero_point and q_hi + zero_point <= 127):
         raise ValueError(f"codes [{q_lo}, {q_hi}] + zero point {zero_point} do not fit int8")
 
@@ -75,7 +80,7 @@ def quantize_nhwc(x: torch.Tensor, scale: float, q_lo: int, q_hi: int, zero_poin
     Returns:
         int8 ``[B, H, W, C]`` (contiguous) or ``[M, K]``.
     """
-    _check(x, q_lo, q_hi, zero_point)
+    _check(x, scale, q_lo, q_hi, zero_point)
     if x.dim() == 2:
         view = x[:, :, None, None]
         shape = tuple(x.shape)
@@ -110,7 +115,7 @@ def quantize_nhwc(x: torch.Tensor, scale: float, q_lo: int, q_hi: int, zero_poin
 def quantize_nhwc_reference(x: torch.Tensor, scale: float, q_lo: int, q_hi: int, zero_point: int = 0,
                             out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Plain-torch :func:`quantize_nhwc`: float32 divide, round half to even, clamp, shift, permute."""
-    _check(x, q_lo, q_hi, zero_point)
+    _check(x, scale, q_lo, q_hi, zero_point)
     s = torch.tensor(as_float32(scale), dtype=torch.float32, device=x.device)
     codes = (torch.clamp(torch.round(x / s), q_lo, q_hi) + zero_point).to(torch.int8)
     codes = codes.permute(0, 2, 3, 1).contiguous() if x.dim() == 4 else codes.contiguous()

@@ -177,8 +177,11 @@ def _check_last_layer(features, weight, bias, num_classes, feature_scale, weight
             raise TypeError(f"features must be int8, float32, float16 or bfloat16, got {features.dtype}")
         if not weight.is_floating_point():
             raise TypeError(f"float features need a float weight, got {weight.dtype}")
-    if bias is not None and (bias.shape != (num_classes,) or not bias.is_floating_point()):
-        raise ValueError(f"bias must be a float [{num_classes}] tensor")
+    if bias is not None and (bias.shape != (num_classes,) or not bias.is_floating_point()
+                             or bias.device != features.device):
+        raise ValueError(f"bias must be a float [{num_classes}] tensor on {features.device}")
+    if int8 and weight_scale.device != features.device:
+        raise ValueError(f"weight_scale must be on {features.device}, got {weight_scale.device}")
     return int8
 
 
@@ -213,6 +216,9 @@ def vote_count(
         ``counts`` int64 ``[num_classes]`` on the features' device.
     """
     int8 = _check_last_layer(features, weight, bias, num_classes, feature_scale, weight_scale)
+    # the kernel reads bias and weight_scale as dense vectors: a strided view would give other classes' values
+    bias = bias.contiguous() if bias is not None else None
+    weight_scale = weight_scale.contiguous() if int8 else weight_scale
     num_rows, num_features = features.shape
     counts = _prepare_outputs(num_rows, num_classes, features.device, counts, predictions)
     if num_rows == 0:

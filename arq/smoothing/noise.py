@@ -223,6 +223,9 @@ def _check_fields(seed: int, input_index: int, draw: int, sample_start: int, cou
     _check_seed(seed)
     _check_counter("input_index", input_index)
     _check_counter("draw", draw)
+    _check_counter("sample_start", sample_start)
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count!r}")
     _check_counter("sample_start + count", sample_start + count, MAX_COUNTER + 1)
 
 

@@ -478,8 +478,10 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   TORCH_CHECK(pair_bound <= 32767 || isa != packed::Isa::kAvx2, kOp, ": ", w_bits, "-bit weights with codes up to ",
               max_code, " can overflow int16 on this CPU's AVX2 path (2 * max_code * 2^(w_bits-1) = ", pair_bound,
               " > 32767); use oneDNN");
-  TORCH_CHECK(kernel_size >= 1 && stride >= 1 && padding >= 0, kOp,
-              ": need kernel_size >= 1, stride >= 1, padding >= 0, got ", kernel_size, ", ", stride, ", ", padding);
+  constexpr int64_t kMax = packed::kMaxGeometry;
+  TORCH_CHECK(kernel_size >= 1 && stride >= 1 && padding >= 0 && kernel_size <= kMax && stride <= kMax &&
+                  padding <= kMax, kOp, ": need kernel_size and stride in 1..", kMax, " and padding in 0..", kMax,
+              ", got ", kernel_size, ", ", stride, ", ", padding);
   Geometry g;
   g.batch = x.size(0);
   g.in_channels = x.size(1);
@@ -508,6 +510,15 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
               kOp, ": weight_tiles must be contiguous int8 [", g.blocks, ", ", kernel_size * kernel_size, ", ",
               g.groups(), ", 8, 4] (arq.ops.lowbit_conv_weight_tiles), got ", weight_tiles.scalar_type(), " ",
               weight_tiles.sizes());
+  {  // the int16 chunking (AVX2) and the int32 bound above assume |q| <= 2^(w_bits-1): checked, not trusted
+    const int8_t* q = weight_tiles.data_ptr<int8_t>();
+    const int64_t limit = int64_t{1} << (w_bits - 1);
+    int64_t largest = 0;
+    for (int64_t i = 0, count = weight_tiles.numel(); i < count; ++i)
+      largest = std::max<int64_t>(largest, q[i] < 0 ? -int64_t{q[i]} : int64_t{q[i]});
+    TORCH_CHECK(largest <= limit, kOp, ": weight_tiles hold a code of magnitude ", largest, ", outside ", w_bits,
+                "-bit weights' range (|q| <= ", limit, ")");
+  }
   // the per-channel vectors padded to whole blocks of 8 in plain vectors: ATen ops here (zeros,
   // narrow, copy, mul) took about 4 % of the op's time in torch.profiler (W4A4 ResNet-20)
   const int64_t padded_channels = g.blocks * 8;
@@ -553,16 +564,16 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
     if (r.scalar_type() == at::kFloat) {
       e.residual_f = residual_c.data_ptr<float>();
     } else {
-      TORCH_CHECK(std::isfinite(residual_scale) && residual_scale > 0 && residual_zero_point >= 0 &&
-                      residual_zero_point <= 255, kOp, ": uint8 residual needs residual_scale > 0 and "
-                      "residual_zero_point in 0..255, got ", residual_scale, ", ", residual_zero_point);
+      TORCH_CHECK(residual_zero_point >= 0 && residual_zero_point <= 255, kOp,
+                  ": uint8 residual needs residual_zero_point in 0..255, got ", residual_zero_point);
+      packed::float32_scale(residual_scale, kOp, "residual_scale");
       e.residual_u8 = residual_c.data_ptr<uint8_t>();
       e.residual_scale = static_cast<float>(residual_scale);
       e.residual_zero = static_cast<float>(residual_zero_point);
     }
   }
   if (e.codes) {
-    TORCH_CHECK(std::isfinite(out_scale), kOp, ": out_scale must be finite, got ", out_scale);
+    packed::float32_scale(out_scale, kOp, "out_scale");
     TORCH_CHECK(0 <= out_min && out_min <= out_max && out_max <= 255 && out_zero_point >= 0 && out_zero_point <= 255,
                 kOp, ": need 0 <= out_min <= out_max <= 255 and out_zero_point in 0..255, got ", out_min, ", ", out_max,
                 ", ", out_zero_point);

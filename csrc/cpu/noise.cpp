@@ -20,6 +20,7 @@
 #endif
 
 #include "noise_math.h"
+#include "cpu/packed_common.h"
 
 namespace arq {
 namespace {
@@ -31,7 +32,8 @@ void check_counters(int64_t seed, int64_t input_index, int64_t draw, int64_t sam
   TORCH_CHECK(input_index >= 0 && input_index < kCounterLimit, "noisy_input: input_index must be in [0, 2^32), got ",
               input_index);
   TORCH_CHECK(draw >= 0 && draw < kCounterLimit, "noisy_input: draw must be in [0, 2^32), got ", draw);
-  TORCH_CHECK(count >= 0 && sample_start >= 0 && sample_start + count <= kCounterLimit,
+  // compared without forming sample_start + count, which could overflow int64
+  TORCH_CHECK(count >= 0 && sample_start >= 0 && sample_start <= kCounterLimit && count <= kCounterLimit - sample_start,
               "noisy_input: samples [sample_start, sample_start + count) must lie in [0, 2^32), got start ",
               sample_start, " count ", count);
   TORCH_CHECK((num_elements + 1) / 2 <= kCounterLimit, "noisy_input: input too large for the pair counter");
@@ -76,7 +78,7 @@ void noisy_input_kernel(const scalar_t* x, scalar_t* out, int64_t num_elements, 
 at::Tensor noisy_input_cpu(const at::Tensor& x, double sigma, int64_t seed, int64_t input_index, int64_t draw,
                            int64_t sample_start, int64_t count) {
   TORCH_CHECK(x.is_floating_point(), "noisy_input: x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(sigma > 0, "noisy_input: sigma must be > 0, got ", sigma);
+  TORCH_CHECK(std::isfinite(sigma) && sigma > 0, "noisy_input: sigma must be finite and > 0, got ", sigma);
   check_counters(seed, input_index, draw, sample_start, count, x.numel());
   const at::Tensor input = x.contiguous();
   std::vector<int64_t> shape{count};
@@ -187,14 +189,14 @@ at::Tensor noisy_input_codes_cpu(const at::Tensor& x, double sigma, int64_t seed
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3,
               "noisy_input_codes: x must be one float32 input [C, H, W], got ", x.scalar_type(), " of shape ",
               x.sizes());
-  TORCH_CHECK(sigma > 0, "noisy_input_codes: sigma must be > 0, got ", sigma);
+  TORCH_CHECK(std::isfinite(sigma) && sigma > 0, "noisy_input_codes: sigma must be finite and > 0, got ", sigma);
   check_counters(seed, input_index, draw, sample_start, count, x.numel());
   const int64_t channels = x.size(0), plane = x.size(1) * x.size(2);
   TORCH_CHECK(mean.scalar_type() == at::kFloat && std_dev.scalar_type() == at::kFloat && mean.numel() == channels &&
                   std_dev.numel() == channels,
               "noisy_input_codes: mean and std must be float32 with one value per channel (", channels, "), got ",
               mean.sizes(), " and ", std_dev.sizes());
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "noisy_input_codes: scale must be finite and > 0, got ", scale);
+  packed::float32_scale(scale, "noisy_input_codes", "scale");
   TORCH_CHECK(0 <= code_min && code_min <= code_max && code_max <= 255,
               "noisy_input_codes: need 0 <= code_min <= code_max <= 255, got ", code_min, " and ", code_max);
   TORCH_CHECK(0 <= zero_point && zero_point <= 255, "noisy_input_codes: zero_point must be in 0..255, got ",

@@ -98,6 +98,26 @@ struct Epilogue {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// No convolution has a kernel, stride or padding near this; bounding them keeps every size and
+// product computed from them (padded extents, K = kh * kw * C) far inside int64.
+constexpr int64_t kMaxGeometry = int64_t(1) << 20;
+
+// a * b, refused (naming `what`) where it would overflow int64.
+inline int64_t checked_product(int64_t a, int64_t b, const char* op, const char* what) {
+  int64_t product = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(a, b, &product), op, ": ", what, " overflows int64 (", a, " x ", b, ")");
+  return product;
+}
+
+// A double scale as the float32 the kernels compute with: finite, and > 0 as a float32 (a double
+// such as 1e-50 is 0 in float32 and 1e300 is inf: their quotients would be NaN or inf).
+inline float float32_scale(double value, const char* op, const char* name) {
+  const float as_float = static_cast<float>(value);
+  TORCH_CHECK(std::isfinite(value) && value > 0 && std::isnormal(as_float) && std::isfinite(1.0f / as_float), op,
+              ": ", name, " must be a positive float32 whose reciprocal is finite, got ", value);
+  return as_float;
+}
+
 // Per-panel epilogue constants, zero beyond the last column.
 struct PanelConstants {
   alignas(64) float scale[kPanelCols];
@@ -192,8 +212,10 @@ inline at::Tensor prepare_epilogue(const char* op, const at::Tensor& like, std::
     residual_c = residual->contiguous();
     e.residual = residual_c.data_ptr<float>();
   }
-  TORCH_CHECK(std::isfinite(x_scale), op, ": x_scale must be finite, got ", x_scale);
+  TORCH_CHECK(std::isfinite(x_scale) && std::isfinite(static_cast<float>(x_scale)), op,
+              ": x_scale must be finite as a float32, got ", x_scale);
   TORCH_CHECK(std::isfinite(out_scale), op, ": out_scale must be finite, got ", out_scale);
+  if (out_scale > 0) float32_scale(out_scale, op, "out_scale");
   e.x_scale = static_cast<float>(x_scale);
   e.relu = relu;
   e.requant = out_scale > 0;

@@ -27,15 +27,17 @@ at::Tensor packed_conv2d_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
               ": x must be int8 or uint8, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 4, op, ": x must be NHWC [B, H, W, C], got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU");
-  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1, op, ": kernel sizes must be >= 1");
-  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1 && kernel_h <= kMaxGeometry && kernel_w <= kMaxGeometry, op,
+              ": kernel sizes must be in 1..", kMaxGeometry, ", got ", kernel_h, "x", kernel_w);
+  TORCH_CHECK(stride >= 1 && stride <= kMaxGeometry, op, ": stride must be in 1..", kMaxGeometry, ", got ", stride);
+  TORCH_CHECK(padding >= 0 && padding <= kMaxGeometry, op, ": padding must be in 0..", kMaxGeometry, ", got ",
+              padding);
   const int64_t batch = x.size(0), h = x.size(1), wd = x.size(2), c = x.size(3);
   const int64_t oh = (h + 2 * padding - kernel_h) / stride + 1;
   const int64_t ow = (wd + 2 * padding - kernel_w) / stride + 1;
   TORCH_CHECK(h + 2 * padding >= kernel_h && wd + 2 * padding >= kernel_w, op, ": kernel ", kernel_h, "x", kernel_w,
               " larger than the padded input ", h, "x", wd, " (padding ", padding, ")");
-  const int64_t k = kernel_h * kernel_w * c;
+  const int64_t k = checked_product(kernel_h * kernel_w, c, op, "K = kernel_h * kernel_w * C");
   const Panels w = unpack_to_panels(packed_weight, w_bits, k, op);
   std::vector<int64_t> out_shape{batch, oh, ow, w.n};
   Epilogue e;

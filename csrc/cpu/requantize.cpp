@@ -138,10 +138,8 @@ bool quantize_avx2(const float* src, uint8_t* dst, int64_t begin, int64_t end, c
 at::Tensor requantize_codes_cpu(const at::Tensor& codes, double in_scale, int64_t in_zero, double out_scale,
                                 int64_t out_zero, int64_t out_min, int64_t out_max) {
   TORCH_CHECK(codes.scalar_type() == at::kByte, "requantize_codes: codes must be uint8, got ", codes.scalar_type());
-  TORCH_CHECK(std::isfinite(in_scale) && in_scale > 0, "requantize_codes: in_scale must be finite and > 0, got ",
-              in_scale);
-  TORCH_CHECK(std::isfinite(out_scale) && out_scale > 0, "requantize_codes: out_scale must be finite and > 0, got ",
-              out_scale);
+  packed::float32_scale(in_scale, "requantize_codes", "in_scale");
+  packed::float32_scale(out_scale, "requantize_codes", "out_scale");
   TORCH_CHECK(0 <= out_min && out_min <= out_max && out_max <= 255,
               "requantize_codes: need 0 <= out_min <= out_max <= 255, got ", out_min, " and ", out_max);
   TORCH_CHECK(0 <= in_zero && in_zero <= 255 && 0 <= out_zero && out_zero <= 255,
@@ -177,7 +175,7 @@ at::Tensor requantize_codes_cpu(const at::Tensor& codes, double in_scale, int64_
 at::Tensor quantize_codes_cpu(const at::Tensor& x, double scale, int64_t zero_point, int64_t code_min,
                               int64_t code_max) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "quantize_codes: x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "quantize_codes: scale must be finite and > 0, got ", scale);
+  packed::float32_scale(scale, "quantize_codes", "scale");
   TORCH_CHECK(0 <= code_min && code_min <= code_max && code_max <= 255,
               "quantize_codes: need 0 <= code_min <= code_max <= 255, got ", code_min, " and ", code_max);
   TORCH_CHECK(0 <= zero_point && zero_point <= 255, "quantize_codes: zero_point must be in 0..255, got ",

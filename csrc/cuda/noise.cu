@@ -34,11 +34,11 @@ at::Tensor noisy_input_cuda(const at::Tensor& x, double sigma, int64_t seed, int
                             int64_t sample_start, int64_t count) {
   constexpr int64_t kCounterLimit = int64_t(1) << 32;
   TORCH_CHECK(x.is_floating_point(), "noisy_input: x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(sigma > 0, "noisy_input: sigma must be > 0, got ", sigma);
+  TORCH_CHECK(std::isfinite(sigma) && sigma > 0, "noisy_input: sigma must be finite and > 0, got ", sigma);
   TORCH_CHECK(seed >= 0, "noisy_input: seed must be >= 0");
   TORCH_CHECK(input_index >= 0 && input_index < kCounterLimit, "noisy_input: input_index must be in [0, 2^32)");
   TORCH_CHECK(draw >= 0 && draw < kCounterLimit, "noisy_input: draw must be in [0, 2^32)");
-  TORCH_CHECK(count >= 0 && sample_start >= 0 && sample_start + count <= kCounterLimit,
+  TORCH_CHECK(count >= 0 && sample_start >= 0 && sample_start <= kCounterLimit && count <= kCounterLimit - sample_start,
               "noisy_input: samples must lie in [0, 2^32)");
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor input = x.contiguous();

@@ -1,0 +1,161 @@
+"""Bad input to the compiled ops and the Triton launchers: a named error, never a crash or garbage.
+
+Each case was found by feeding the ops inputs no model produces (sizes that overflow int64, codes
+outside the declared bit width, scales that are 0 or inf as float32, counters past 2^32, strided
+vectors, tensors on two devices); before the checks they segfaulted, read uninitialized memory or
+returned wrong numbers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arq import ops
+from arq._ext import compiled_ops_available
+
+needs_ops = pytest.mark.skipif(not compiled_ops_available(), reason="arq._C not built")
+
+
+@needs_ops
+def test_packed_conv2d_refuses_a_geometry_whose_sizes_overflow():
+    """kernel 2^32 x 2^32 made K = kh * kw * C wrap to 0, so a 0-word weight passed and the gather wrote
+    far outside its buffer (SIGSEGV)."""
+    x = torch.zeros(1, 1, 1, 1, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="packed_conv2d: kernel sizes must be in 1..1048576"):
+        torch.ops.arq.packed_conv2d(x, torch.zeros(1, 0, dtype=torch.int32), 4, torch.ones(1), None, 1.0,
+                                    2**32, 2**32, 1, 2**31, False, None, 0.0)
+    with pytest.raises(RuntimeError, match="padding must be in 0..1048576"):
+        torch.ops.arq.packed_conv2d(x, torch.zeros(1, 1, dtype=torch.int32), 4, torch.ones(1), None, 1.0,
+                                    1, 1, 1, 2**40, False, None, 0.0)
+
+
+@needs_ops
+def test_lowbit_conv2d_refuses_overflowing_geometry_and_codes_outside_w_bits():
+    """The AVX2 path adds byte pairs in int16 chunks sized for the declared w_bits: 8-bit codes declared
+    as 2-bit saturated them (462 wrong outputs), so the codes are checked."""
+    weight = torch.full((11, 5, 3, 3), 127, dtype=torch.int8)
+    tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+    x = torch.full((1, 5, 6, 7), 255, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="magnitude 127, outside 2-bit weights' range"):
+        torch.ops.arq.lowbit_conv2d(x, tiles, sums, torch.ones(11), torch.zeros(11), 11, 3, 1, 1, 0, 255, 2,
+                                    False, None, 0.0, 0, 0.0, 0, 0, 255)
+    with pytest.raises(RuntimeError, match="need kernel_size and stride in 1..1048576"):
+        torch.ops.arq.lowbit_conv2d(x, tiles, sums, torch.ones(11), torch.zeros(11), 11, 2**32, 1, 2**31, 0, 255, 8,
+                                    False, None, 0.0, 0, 0.0, 0, 0, 255)
+    # the same weights at their own width run, and equal the reference
+    out = torch.ops.arq.lowbit_conv2d(x, tiles, sums, torch.ones(11), torch.zeros(11), 11, 3, 1, 1, 0, 255, 8,
+                                      False, None, 0.0, 0, 0.0, 0, 0, 255)
+    assert torch.equal(out, ops.lowbit_conv2d_reference(x, tiles, sums, torch.ones(11), torch.zeros(11), 11, 3, 1, 1,
+                                                        0, 255, 8))
+
+
+@needs_ops
+@pytest.mark.parametrize("scale", [1e-50, 1e300, 0.0, -1.0, float("nan")])
+def test_scales_are_checked_as_the_float32_the_kernels_use(scale):
+    """1e-50 passed a double check but is 0 as float32: its NaN quotients became codes outside
+    [code_min, code_max], different on each instruction-set path. (The dispatchers refuse 0, negative
+    and NaN scales themselves; the ops refuse the rest.)"""
+    with pytest.raises((RuntimeError, ValueError), match="scale must be"):
+        ops.quantize_codes(torch.zeros(11), scale, 5, 3, 200)
+    with pytest.raises(RuntimeError, match="quantize_codes: scale must be a positive float32"):
+        torch.ops.arq.quantize_codes(torch.zeros(11), scale, 5, 3, 200)
+    codes = torch.full((11,), 5, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="requantize_codes: out_scale must be a positive float32"):
+        torch.ops.arq.requantize_codes(codes, 0.1, 5, scale, 9, 3, 200)
+    with pytest.raises(RuntimeError, match="requantize_codes: in_scale must be a positive float32"):
+        torch.ops.arq.requantize_codes(codes, scale, 5, 0.1, 9, 3, 200)
+    mean, std = torch.tensor([0.5]), torch.tensor([0.25])
+    with pytest.raises(RuntimeError, match="noisy_input_codes: scale must be a positive float32"):
+        torch.ops.arq.noisy_input_codes(torch.full((1, 1, 4), 0.5), 0.1, 0, 0, 0, 0, 1, mean, std, scale, 7, 3, 200)
+
+
+@needs_ops
+def test_noise_counters_past_2_to_the_32_are_refused_without_overflow():
+    """sample_start 2^63 - 1 made sample_start + count wrap negative and pass; its noise was sample
+    2^32 - 1's."""
+    x = torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"must lie in \[0, 2\^32\)"):
+        torch.ops.arq.noisy_input(x, 1.0, 0, 0, 0, 2**63 - 1, 1)
+    with pytest.raises(RuntimeError, match=r"must lie in \[0, 2\^32\)"):
+        torch.ops.arq.noisy_input_codes(torch.zeros(1, 1, 4), 1.0, 0, 0, 0, 2**63 - 1, 1, torch.zeros(1),
+                                        torch.ones(1), 0.05, 128, 0, 255)
+    with pytest.raises(RuntimeError, match="sigma must be finite"):
+        torch.ops.arq.noisy_input(x, float("inf"), 0, 0, 0, 0, 1)
+    last = torch.ops.arq.noisy_input(x, 1.0, 0, 0, 0, 2**32 - 1, 1)  # the last counter is still fine
+    assert torch.isfinite(last).all()
+
+
+def test_the_reference_noise_refuses_a_negative_sample_start():
+    from arq.smoothing.noise import noisy_batch
+
+    with pytest.raises(ValueError, match="sample_start must be an integer in"):
+        noisy_batch(torch.zeros(1, 2, 2), 0.25, seed=0, input_index=0, draw=0, sample_start=-1, count=1,
+                    backend="torch")
+
+
+@needs_ops
+def test_a_call_mixing_cpu_and_meta_tensors_is_refused_not_answered_with_empty_memory():
+    """One meta argument sends a CPU call to the fake kernel, whose uninitialized output was returned."""
+    x = torch.randint(-8, 8, (64, 10), dtype=torch.int8)
+    packed = ops.pack_weights(torch.ones(64, 10, dtype=torch.int8), 4)
+    with pytest.raises(RuntimeError, match=r"packed_linear: expected all tensors on one device"):
+        torch.ops.arq.packed_linear(x, packed, 4, torch.ones(64, device="meta"), None, 1.0, False, None, 0.0)
+    with pytest.raises(RuntimeError, match=r"vote_count: expected all tensors on one device"):
+        torch.ops.arq.vote_count(torch.randn(8, 3), torch.randn(5, 3, device="meta"), None, 5)
+    with pytest.raises(RuntimeError, match=r"noisy_input_codes: expected all tensors on one device"):
+        torch.ops.arq.noisy_input_codes(torch.rand(3, 4, 5), 0.25, 0, 0, 0, 0, 2, torch.zeros(3, device="meta"),
+                                        torch.ones(3), 0.05, 10, 0, 255)
+    # all on meta: the fakes still give shapes (what torch.compile traces)
+    meta = torch.ops.arq.packed_linear(x.to("meta"), packed.to("meta"), 4, torch.ones(64, device="meta"), None, 1.0,
+                                       False, None, 0.0)
+    assert meta.shape == (64, 64) and meta.device.type == "meta"
+
+
+# --- the Triton launchers (under TRITON_INTERPRET=1 on CPU, set by this folder's conftest) -----------------
+
+
+def test_triton_noise_refuses_a_negative_sample_start(device):
+    from arq_kernels.noise import noisy_input
+
+    with pytest.raises(ValueError, match="sample_start must be an integer in"):
+        noisy_input(torch.zeros(1, 2, 2, device=device), 0.25, seed=0, input_index=0, draw=0, sample_start=-1,
+                    count=1)
+
+
+def test_triton_packed_linear_refuses_a_k_its_accumulator_cannot_hold(device):
+    from arq_kernels.packed_matmul import packed_linear
+
+    k = 65536
+    x = torch.ones(1, k, dtype=torch.int8, device=device)
+    packed = ops.pack_weights(torch.ones(1, k, dtype=torch.int8), 8).to(device)
+    with pytest.raises(ValueError, match="K = 65536 exceeds 65535"):
+        packed_linear(x, packed, 8, torch.ones(1, device=device))
+
+
+def test_triton_epilogue_and_votes_read_strided_vectors_as_their_values(device, generator):
+    """Strided scales, bias and weight_scale were read as if dense: other channels' values."""
+    from arq_kernels.packed_matmul import packed_linear, packed_linear_reference
+    from arq_kernels.votes import vote_count, vote_count_reference
+
+    x = torch.randint(-8, 8, (33, 20), dtype=torch.int8, generator=generator).to(device)
+    packed = ops.pack_weights(torch.randint(-7, 8, (6, 20), dtype=torch.int8, generator=generator), 4).to(device)
+    scales = torch.rand(12, generator=generator).to(device)[::2]
+    bias = torch.randn(12, generator=generator).to(device)[::2]
+    expected = packed_linear_reference(x, packed, 4, scales.contiguous(), bias.contiguous(), x_scale=0.5)
+    out = torch.full_like(expected, float("nan"))
+    packed_linear(x, packed, 4, scales, bias, x_scale=0.5, out=out)
+    assert torch.equal(out, expected)
+
+    features = torch.randn(40, 7, generator=generator).to(device)
+    weight = torch.randn(5, 7, generator=generator).to(device)
+    strided_bias = torch.randn(10, generator=generator).to(device)[::2]
+    assert torch.equal(vote_count(features, weight, strided_bias, 5),
+                       vote_count_reference(features, weight, strided_bias.contiguous(), 5))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("nan"), 1e-50])
+def test_triton_quantize_refuses_a_scale_that_is_not_a_positive_float32(device, scale):
+    from arq_kernels.quantize import quantize_nhwc
+
+    with pytest.raises(ValueError, match="scale must be a positive float32"):
+        quantize_nhwc(torch.zeros(1, 2, 2, 2, device=device), scale, -7, 7)
