@@ -20,6 +20,12 @@ outputs agree bit for bit; the integer accumulator ``acc = sum_k x[m, k] q[n, k]
     if out_scale > 0:                     # requantize: round half to even, NaN -> 0
         q = clamp(round(y * (1 / float32(out_scale))), -128, 127) as int8    ([0, 255] as uint8 when relu)
 
+The Triton kernels of ``arq_kernels`` (``backend="triton"``, and "auto" on CUDA, where no packed CUDA kernel is
+built) keep their own order, ``float32(acc) * (float32(x_scale) * scales[n])``, and requantize by the float32
+quotient ``y / out_scale`` (:mod:`arq_kernels.packed_matmul`): their float outputs agree with the above to
+float32 rounding, not bit for bit, and a code may differ by one step where ``y / out_scale`` is within that
+rounding of a half-integer.
+
 Each dispatcher takes ``backend``: ``"auto"`` (C++ on CPU; on CUDA the CUDA kernel when built, else Triton from
 ``arq_kernels`` when installed, else torch), ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (the reference).
 The compiled ops are ``torch.ops.arq.*``; a ``register_fake`` for each lets ``torch.compile`` trace them.
