@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -123,12 +124,12 @@ class TrainConfig:
             value = getattr(self, field_name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{field_name} must be None or an integer >= 1, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}")
         if not 0 < self.lr_gamma <= 1:
@@ -167,6 +168,12 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None) -> dict[
         torch.set_num_threads(config.num_threads)
     device = _resolve_device(config.device)
     out = Path(config.out)
+    if not config.resume:  # a finished or interrupted run there would be overwritten epoch by epoch
+        earlier = [name for name in (CHECKPOINT_NAME, LOG_NAME, f"{config.name}.safetensors")
+                   if (out / name).is_file() and (out / name).stat().st_size > 0]
+        if earlier:
+            raise ValueError(f"{out} holds a run ({', '.join(earlier)}): pass resume=True (--resume) to continue "
+                             "it, or choose another out folder")
     out.mkdir(parents=True, exist_ok=True)
     show_progress = sys.stderr.isatty() if config.progress is None else config.progress
 
@@ -420,8 +427,17 @@ def _truncate_log(path: Path, completed_epochs: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # cut short by the interruption being resumed from: rewritten
+                warnings.warn(f"{path}: dropped its last line, cut short: {line!r}", stacklevel=2)
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON log record: {line!r}") from None
         if "epoch" in record and record["epoch"] <= completed_epochs:
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

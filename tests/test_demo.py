@@ -37,3 +37,15 @@ def test_demo_config_rejects_bad_values():
         DemoConfig(images=0)
     with pytest.raises(ValueError, match="alpha"):
         DemoConfig(alpha=1.0)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--images", "0"], "images must be >= 1"), (["--alpha", "2"], "alpha must be in (0, 1)"),
+    (["--model", "nope"], "no zoo model named 'nope'"), (["--finetune-steps", "-1"], "finetune_steps must be >= 0"),
+])
+def test_demo_cli_names_bad_options_without_a_traceback(tmp_path, capsys, arguments, message):
+    from arq.cli.main import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

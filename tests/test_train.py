@@ -90,6 +90,8 @@ def test_seeded_noise_augmentation_statistics():
         ("arch", "vgg", "arch must be one of"),
         ("dataset", "svhn", "dataset must be one of"),
         ("max_train_samples", 0, "max_train_samples must be None or an integer >= 1"),
+        ("lr", float("inf"), "lr must be a finite number > 0"),
+        ("weight_decay", float("nan"), "weight_decay must be a finite number >= 0"),
     ],
 )
 def test_config_validation_names_the_field(tmp_path, field, value, message):
@@ -119,3 +121,25 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     code = train_cli.main(["--dataset", "mnist", "--arch", "lenet", "--sigma", "-1", "--out", str(tmp_path)])
     assert code == 2
     assert "sigma must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_a_run_is_not_overwritten_without_resume(tmp_path):
+    """Without --resume a new run would empty the log and replace the checkpoint of the run in --out."""
+    train(_small_config(tmp_path, epochs=2, max_train_samples=64), stop_after_epochs=1)
+    log_before = (tmp_path / "run" / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"holds a run \(checkpoint.pt, log.jsonl\): pass resume=True"):
+        train(_small_config(tmp_path, epochs=2, max_train_samples=64))
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log_before
+
+
+def test_resume_drops_a_cut_last_log_line_and_names_a_corrupt_one(tmp_path):
+    train(_small_config(tmp_path, epochs=2, max_train_samples=64), stop_after_epochs=1)
+    log = tmp_path / "run" / "log.jsonl"
+    with open(log, "a") as handle:
+        handle.write('{"epoch": 2, "train_lo')  # the interruption cut this line
+    with pytest.warns(UserWarning, match="dropped its last line"):
+        train(_small_config(tmp_path, epochs=2, max_train_samples=64, resume=True))
+    assert [json.loads(line).get("epoch") for line in log.read_text().splitlines()] == [1, 2, None]
+    log.write_text("not json\n" + log.read_text())
+    with pytest.raises(ValueError, match=r"log.jsonl:1: not a JSON log record"):
+        train(_small_config(tmp_path, epochs=2, max_train_samples=64, resume=True))

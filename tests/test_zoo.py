@@ -106,3 +106,28 @@ def test_cli_parser_wiring():
                               "--lr-schedule", "cosine", "--resume"])
     assert args.run is train_cli.run and args.sigma == 0.5 and args.resume and args.lr_schedule == "cosine"
     assert parser.parse_args(["zoo", "--json"]).run is zoo_cli.run
+
+
+def test_a_changed_zoo_file_is_refused(tmp_path, monkeypatch):
+    """Its metadata would still claim the shipped model's accuracies: the shipped sha256 is checked."""
+    import shutil
+
+    for file_name in ("SHA256SUMS", "mnist-lenet-sigma0.25.safetensors"):
+        shutil.copy(zoo.WEIGHTS_DIR / file_name, tmp_path / file_name)
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    assert zoo.load("mnist-lenet-sigma0.25").arq_metadata["sigma"] == 0.25
+    path = tmp_path / "mnist-lenet-sigma0.25.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="the zoo file was changed"):
+        zoo.load("mnist-lenet-sigma0.25")
+
+
+def test_the_shipped_sha256_list_covers_every_shipped_model():
+    import hashlib
+
+    listed = dict(reversed(line.split()) for line in (zoo.WEIGHTS_DIR / "SHA256SUMS").read_text().splitlines())
+    assert sorted(name.removesuffix(".safetensors") for name in listed) == zoo.names()
+    for name, digest in listed.items():
+        assert hashlib.sha256((zoo.WEIGHTS_DIR / name).read_bytes()).hexdigest() == digest

@@ -11,7 +11,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo",
         help="run the whole pipeline on a shipped MNIST model (offline; 1.5-5 min on 2 cores)",
-        description=__doc__,
+        description="Certify a shipped MNIST model, quantize it (uniform W8A8 and W4A4, and the zoo's ARQ "
+                    "policy), certify each quantized model on the same noise, and print one table; offline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", default=defaults.model, help="zoo name (see `arq zoo`)")
@@ -33,7 +34,15 @@ def run(args) -> int:
     from arq.demo import DemoConfig, run_demo
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = DemoConfig(model=args.model, images=args.images, n=args.n, n0=args.n0, alpha=args.alpha,
-                        batch_size=args.batch, finetune_steps=args.finetune_steps, out=args.out, seed=args.seed)
+    from arq.cli.common import CommandError
+
+    from arq.zoo import path_of
+
+    try:  # the settings, checked before any work: DemoConfig and the zoo name the option
+        config = DemoConfig(model=args.model, images=args.images, n=args.n, n0=args.n0, alpha=args.alpha,
+                            batch_size=args.batch, finetune_steps=args.finetune_steps, out=args.out, seed=args.seed)
+        path_of(config.model)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     run_demo(config)
     return 0

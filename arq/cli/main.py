@@ -88,9 +88,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"arq {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"arq {args.command}: interrupted; the rows written so far are complete (continue with --resume)",
+        kept = _KEPT_ON_INTERRUPT.get(args.command)
+        print(f"arq {args.command}: interrupted" + (f"; {kept} (continue with --resume)" if kept else ""),
               file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+#: What an interrupted command leaves for --resume (commands not named leave nothing to continue).
+_KEPT_ON_INTERRUPT = {
+    "certify": "the rows written so far are complete",
+    "predict": "the rows written so far are complete",
+    "compare": "the rows and search episodes written so far are complete",
+    "search": "the episodes logged so far are complete",
+    "train": "its last checkpoint is complete",
+}
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def load_mnist(split: str, root: str | os.PathLike | None = None) -> MNISTDatase
     """The MNIST ``split`` ("train": 60,000 images, "test": 10,000) from ``root`` (default: vendored)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    folder = VENDORED_MNIST_DIR if root is None else Path(root)
+    folder = VENDORED_MNIST_DIR if root is None else Path(root).expanduser()
     images = read_idx(_find_mnist_file(folder, MNIST_FILES[(split, "images")]))
     labels = read_idx(_find_mnist_file(folder, MNIST_FILES[(split, "labels")]))
     if images.shape[0] != labels.shape[0]:

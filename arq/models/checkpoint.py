@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -124,6 +123,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     arch, dataset = metadata["arch"], metadata["dataset"]
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{path}: unknown architecture {arch!r} (arq knows {', '.join(ARCHITECTURES)})")
+    bad = [repr(key) for key, value in state_dict.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: the state dict must map names to tensors; not so for {', '.join(bad[:5])}")
     state_dict, stored_normalization = _canonical_keys(state_dict)
     normalization = metadata.get("normalization") or stored_normalization
     if normalization is None:
@@ -174,7 +176,7 @@ def _load_safetensors_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_torch_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+    except Exception as error:  # any file that is not a torch checkpoint: torch raises many kinds (KeyError too)
         raise CheckpointError(
             f"{path} is neither an arq .safetensors file nor a torch checkpoint that loads with "
             f"weights_only=True: {error}"

@@ -43,10 +43,34 @@ def info(name: str) -> dict[str, Any]:
 
 def load(name: str, map_location: str | torch.device = "cpu") -> nn.Module:
     """Zoo model ``name`` in eval mode: ``[B, 1, 28, 28]`` in [0, 1] -> logits ``[B, 10]``,
-    with ``model.arq_metadata["sigma"]`` the noise level it was trained at."""
+    with ``model.arq_metadata["sigma"]`` the noise level it was trained at. A shipped file's sha256
+    must be the one in ``weights/SHA256SUMS``: a changed file is refused (its metadata would still
+    describe the shipped model's accuracy)."""
     from arq.models import load_checkpoint
 
-    return load_checkpoint(path_of(name), map_location=map_location)
+    path = path_of(name)
+    check_sha256(path)
+    return load_checkpoint(path, map_location=map_location)
+
+
+def check_sha256(path: Path) -> None:
+    """Raise ValueError when ``weights/SHA256SUMS`` lists ``path`` with another sha256 (a file the
+    list does not name, one a user added, is not checked)."""
+    import hashlib
+
+    sums = WEIGHTS_DIR / "SHA256SUMS"
+    expected = {}
+    if sums.is_file():
+        for line in sums.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                digest, file_name = line.split(maxsplit=1)
+                expected[file_name.strip().lstrip("*")] = digest
+    if path.name not in expected:
+        return
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if actual != expected[path.name]:
+        raise ValueError(f"{path} has sha256 {actual}, not the shipped {expected[path.name]}: the zoo file was "
+                         "changed; reinstall arq")
 
 
 def arq_policy(name: str):
@@ -64,4 +88,4 @@ def arq_policy(name: str):
     return Policy.load(policy_path)
 
 
-__all__ = ["POLICY_SUFFIX", "WEIGHTS_DIR", "arq_policy", "info", "load", "names", "path_of"]
+__all__ = ["POLICY_SUFFIX", "WEIGHTS_DIR", "arq_policy", "check_sha256", "info", "load", "names", "path_of"]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from arq.cli import main as cli_main
 from arq.cli.main import SUBCOMMANDS, main
 
@@ -54,3 +56,19 @@ def test_one_subcommand_imports_only_its_module():
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env=environment).stdout
     assert output.splitlines()[-1] == "['arq.cli.analyze', 'arq.cli.common', 'arq.cli.main']"
+
+
+@pytest.mark.parametrize("command, arguments, hint", [
+    ("train", ["--dataset", "mnist", "--arch", "lenet", "--sigma", "0.25", "--out", "unused"],
+     "arq train: interrupted; its last checkpoint is complete (continue with --resume)"),
+    ("zoo", [], "arq zoo: interrupted\n"),
+])
+def test_an_interrupted_command_says_what_it_kept(monkeypatch, capsys, command, arguments, hint):
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"arq.cli.{command}"), "run", interrupted)
+    assert main([command, *arguments]) == cli_main.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.endswith(hint if hint.endswith("\n") else hint + "\n")

@@ -83,3 +83,14 @@ def test_root_without_files_names_the_folder(tmp_path):
 def test_bad_split_is_named():
     with pytest.raises(ValueError, match="split"):
         get_dataset("mnist", "validation")
+
+
+def test_root_expands_the_home_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from arq.data.mnist import VENDORED_MNIST_DIR, load_mnist
+
+    home = tmp_path / "home"
+    shutil.copytree(VENDORED_MNIST_DIR, home / "mnist")
+    monkeypatch.setenv("HOME", str(home))
+    assert len(load_mnist("test", "~/mnist")) == 10_000

@@ -156,3 +156,17 @@ def test_metadata_header_is_plain_json(tmp_path):
         header = handle.metadata()
     assert json.loads(header["arq"])["sigma"] == 1.0
     assert json.loads(header["arq"])["format_version"] == 1
+
+
+def test_files_that_are_not_checkpoints_are_named(tmp_path):
+    """A text file made torch.load raise KeyError, and a state dict holding a number an AttributeError."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello world\n")
+    with pytest.raises(CheckpointError, match="notes.txt is neither"):
+        load_checkpoint(notes)
+    odd = tmp_path / "odd.pth"
+    state = get_architecture("lenet", "mnist").state_dict()
+    state["fc3.bias"] = 5
+    torch.save({"arch": "lenet", "state_dict": state, "arq_metadata": {"arch": "lenet", "dataset": "mnist"}}, odd)
+    with pytest.raises(CheckpointError, match="odd.pth: the state dict must map names to tensors; not so for 'fc3.bias'"):
+        load_checkpoint(odd)
