@@ -23,6 +23,7 @@ range and passes no gradient outside it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -47,7 +48,8 @@ class QuantConfig:
         percentile: the percentile of |x| used by "percentile", in (0, 100].
         clip_search_steps: grid size of the MSE clip searches (ratios k / steps of the max, k = 1..steps).
         calibration_samples: activation values kept per layer for "percentile" and "mse"
-            (strided subsample, deterministic).
+            (a uniform random subsample from a generator with a fixed seed, so deterministic;
+            the observed min and max are exact).
         calibration_batch_size: batch size when the calibration data is one tensor.
         calibration_sigma: Gaussian noise std added to calibration inputs (in [0, 1] pixel
             space, as the smoothed classifier sees them); ``None`` takes
@@ -206,14 +208,19 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, q_lo: int, q_
     return _straight_through(x, x_hat, q_lo * scale, q_hi * scale)
 
 
-def _mse_clip(values: torch.Tensor, bits: int, signed: bool, steps: int) -> float:
-    """The clip ``c = r * max|v|`` minimizing ``||Q(v; c) - v||^2`` over ``r = k / steps``, k = 1..steps.
+def _mse_clip(values: torch.Tensor, bits: int, signed: bool, steps: int, amax: float | None = None) -> float:
+    """The clip ``c = r * amax`` minimizing ``||Q(v; c) - v||^2`` over ``r = k / steps``, k = 1..steps.
+
+    ``amax`` is the top of the grid, by default ``max|v|``. Calibration passes the exactly
+    observed largest magnitude: ``values`` is then a subsample that may miss the maximum,
+    and the grid must not depend on which values were drawn.
 
     Coarse to fine: every ``stride``-th ratio first (stride ~ sqrt(steps)), then every ratio
     within one stride of the best coarse one; the error curve is unimodal in practice, so
     this finds the grid minimum in about ``2 sqrt(steps)`` evaluations instead of ``steps``.
     """
-    amax = float(values.abs().max())
+    if amax is None:
+        amax = float(values.abs().max())
     if amax == 0.0:
         return 0.0
     q_lo, q_hi = activation_levels(bits, signed)
@@ -231,6 +238,11 @@ def _mse_clip(values: torch.Tensor, bits: int, signed: bool, steps: int) -> floa
             errors[k] = error(k)
     best = min(errors, key=lambda k: (errors[k], -k))  # ties: the larger clip
     return amax * best / steps
+
+
+#: Seed of the calibration subsample's generator (a constant: calibration is deterministic
+#: and independent of the global RNG and of ``QuantConfig.seed``, which seeds the noise).
+SUBSAMPLE_SEED = 0x5EED
 
 
 class ActivationQuantizer(nn.Module):
@@ -253,6 +265,9 @@ class ActivationQuantizer(nn.Module):
         self._sample_count = 0
         self._min = float("inf")
         self._max = float("-inf")
+        self._generator: torch.Generator | None = None
+        #: the layer's name in error messages (set by :func:`arq.quant.calibrate`)
+        self.layer_name = ""
         # Python copies of the buffers, so that forward never syncs with a GPU to read them.
         self._calibrated = False
         self._levels = (0, 0)
@@ -287,22 +302,36 @@ class ActivationQuantizer(nn.Module):
         self._observing = True
         self._samples, self._sample_count = [], 0
         self._min, self._max = float("inf"), float("-inf")
+        self._generator = torch.Generator(device="cpu").manual_seed(SUBSAMPLE_SEED)
 
     def _observe(self, x: torch.Tensor) -> None:
         flat = x.detach().flatten().float()
-        self._min = min(self._min, float(flat.min()))
-        self._max = max(self._max, float(flat.max()))
+        low, high = float(flat.min()), float(flat.max())  # min/max propagate NaN
+        if not (math.isfinite(low) and math.isfinite(high)):
+            where = f" of layer {self.layer_name!r}" if self.layer_name else ""
+            raise ValueError(f"the activation quantizer{where} saw non-finite values (NaN or inf) during "
+                             "calibration; calibration data and activations must be finite")
+        self._min = min(self._min, low)
+        self._max = max(self._max, high)
         if self.config.activation_range == "minmax":
             return
-        # Keep a bounded, deterministic strided subsample: at most samples/8 per batch,
-        # and halve what is kept whenever it passes 2 x samples.
+        # Keep a bounded, deterministic subsample: at most samples/8 per batch, drawn uniformly
+        # (with replacement) by a generator seeded at start_calibration that advances across
+        # batches, and halve what is kept whenever it passes 2 x samples. Not a fixed stride: a
+        # stride over a flattened NCHW tensor is often a multiple of W or H*W, and then keeps
+        # only a few spatial positions (one image column, say), whose values are not typical.
         cap = self.config.calibration_samples
         per_batch = max(1, cap // 8)
-        stride = max(1, -(-flat.numel() // per_batch))
-        kept = flat[::stride].cpu()
+        if flat.numel() <= per_batch:
+            kept = flat.cpu()
+        else:
+            if self._generator is None:
+                self._generator = torch.Generator(device="cpu").manual_seed(SUBSAMPLE_SEED)
+            index = torch.randint(flat.numel(), (per_batch,), generator=self._generator)
+            kept = flat[index.to(flat.device)].cpu()
         self._samples.append(kept)
         self._sample_count += kept.numel()
-        if self._sample_count > 2 * cap:
+        if self._sample_count > 2 * cap:  # the draws are in random order, so every other one is uniform too
             self._samples = [torch.cat(self._samples)[::2]]
             self._sample_count = self._samples[0].numel()
 
@@ -326,7 +355,8 @@ class ActivationQuantizer(nn.Module):
             if method == "percentile":
                 clip = float(torch.quantile(values.abs().double(), self.config.percentile / 100.0))
             else:
-                clip = _mse_clip(values, self.bits, signed, self.config.clip_search_steps)
+                # the grid's top is the observed magnitude, which the subsample may not contain
+                clip = _mse_clip(values, self.bits, signed, self.config.clip_search_steps, amax=magnitude)
         self._samples, self._sample_count = [], 0
         scale = clip / q_hi if clip > 0 else 1.0  # an all-zero activation: any scale gives q = 0
         self.set_range(scale, signed)

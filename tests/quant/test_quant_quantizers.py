@@ -128,3 +128,62 @@ def test_config_validation_names_the_field(field, value):
 def test_config_dict_round_trip():
     config = QuantConfig(weight_clip="mse", activation_range="percentile", percentile=99.5, seed=3)
     assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+def _column_dependent_activations():
+    """``[256, 16, 32, 32]`` in [0, 4), small (< 0.4) in image column 0 only, as after zero padding."""
+    x = torch.rand(256, 16, 32, 32, generator=torch.Generator().manual_seed(1)) * 4.0
+    x[..., 0] *= 0.1
+    return x
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+def test_calibration_samples_every_image_column(method):
+    # With a fixed stride over the flattened NCHW tensor (4M values, 8192 kept per batch:
+    # stride 512) only column 0 was kept, and the clip came out near 0.4.
+    x = _column_dependent_activations()
+    quantizer = ActivationQuantizer(8, QuantConfig(activation_range=method, percentile=99.0))
+    quantizer.start_calibration()
+    quantizer(x)
+    quantizer.finish_calibration()
+    clip = float(quantizer.scale) * 255
+    assert 3.8 < clip <= 4.0
+
+
+def test_mse_grid_top_is_the_observed_maximum():
+    # one value of 4M sets the maximum; the 8192-value subsample does not contain it
+    x = torch.rand(256, 16, 32, 32, generator=torch.Generator().manual_seed(2))
+    x.view(-1)[1_234_567] = 7.0
+    quantizer = ActivationQuantizer(4, QuantConfig(activation_range="mse", clip_search_steps=1))
+    quantizer.start_calibration()
+    quantizer(x)
+    assert float(torch.cat(quantizer._samples).max()) < 1.0
+    quantizer.finish_calibration()
+    # one grid point, k = steps: the clip is the grid's top
+    assert float(quantizer.scale) * 15 == pytest.approx(7.0, rel=1e-6)
+    values = torch.tensor([0.1, -0.5, 0.9])
+    from arq.quant.quantizers import _mse_clip
+    assert _mse_clip(values, 4, True, 1) == pytest.approx(0.9)
+    assert _mse_clip(values, 4, True, 1, amax=2.0) == 2.0
+    k = _mse_clip(values, 4, True, 10, amax=2.0) / 0.2  # on the grid k * 2.0 / 10
+    assert abs(k - round(k)) < 1e-9 and 1 <= round(k) <= 10
+
+
+def test_calibration_subsample_is_deterministic():
+    x = _column_dependent_activations()[:64]
+    scales = []
+    for _ in range(2):
+        quantizer = ActivationQuantizer(4, QuantConfig(activation_range="percentile", percentile=99.0,
+                                                       calibration_samples=4096))
+        for _ in range(2):  # a second calibration of the same quantizer starts the draws again
+            quantizer.start_calibration()
+            for batch in x.split(16):  # the generator advances across batches
+                quantizer(batch)
+            quantizer.finish_calibration()
+            scales.append(float(quantizer.scale))
+    assert len(set(scales)) == 1 and scales[0] > 0
+    # batches no larger than the per-batch cap are kept whole
+    quantizer = ActivationQuantizer(4, QuantConfig(activation_range="mse", calibration_samples=800))
+    quantizer.start_calibration()
+    quantizer(x[0, 0, :10, :10])
+    assert torch.equal(quantizer._samples[0], x[0, 0, :10, :10].flatten())
