@@ -46,7 +46,33 @@ def test_batchnorm_before_an_unpadded_conv_is_folded_and_a_padded_one_is_not():
         torch.testing.assert_close(qmodel(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_fold_check_catches_a_conv_output_with_two_users():
+class _ConvUsedTwice(nn.Module):
+    """``conv_a -> BN -> ReLU -> conv_b``, then ``bn_b(y) + y`` with ``y = conv_b(...)``: only bn_a folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv_b(torch.relu(self.bn_a(self.conv_a(x))))
+        return self.fc((self.bn_b(y) + y).mean((2, 3)))
+
+
+def _randomize_bn(model):
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-1, 1, generator=generator)
+                module.running_var.uniform_(0.5, 2, generator=generator)
+    return model.eval()
+
+
+def test_fold_leaves_a_conv_output_with_two_users_unfolded():
     class TwoUsers(nn.Module):
         def __init__(self):
             super().__init__()
@@ -65,11 +91,61 @@ def test_fold_check_catches_a_conv_output_with_two_users():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         before = model(x)
-    with pytest.raises(RuntimeError, match="another user"):
-        quant.fold_batchnorm(model, x)
-    assert isinstance(model.bn, nn.BatchNorm2d)  # restored
+    with pytest.warns(UserWarning, match=r"'bn' \(follows 'conv'"):
+        assert quant.fold_batchnorm(model, x) == []
+    assert isinstance(model.bn, nn.BatchNorm2d)  # left as it was
     with torch.no_grad():
         assert torch.equal(model(x), before)
+    # a foldable pair in the same model is folded, pair by pair
+    model = _randomize_bn(_ConvUsedTwice())
+    with torch.no_grad():
+        before = model(x)
+    with pytest.warns(UserWarning, match="'bn_b'"):
+        assert quant.fold_batchnorm(model, x) == ["bn_a"]
+    assert isinstance(model.bn_a, nn.Identity) and isinstance(model.bn_b, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+class _TokenBatchNorm(nn.Module):
+    """A Linear on the last dim of ``[N, C, L]``, then BatchNorm1d over dim 1 (C channels)."""
+
+    def __init__(self, channels, length):
+        super().__init__()
+        self.lin = nn.Linear(length, length)
+        self.bn = nn.BatchNorm1d(channels)
+        self.fc = nn.Linear(channels * length, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.lin(x)).flatten(1))
+
+
+@pytest.mark.parametrize("make", [_ConvUsedTwice, lambda: _TokenBatchNorm(4, 5), lambda: _TokenBatchNorm(4, 4)],
+                         ids=["conv-used-twice", "bn1d-over-dim1", "bn1d-over-dim1-square"])
+def test_unfoldable_batchnorm_stays_float_through_quantize_save_load_and_integer(make, tmp_path):
+    model = _randomize_bn(make())
+    shape = (3, 8, 8) if isinstance(model, _ConvUsedTwice) else (4, model.lin.in_features)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.rand(32, *shape, generator=generator)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the two-user pair's warning (tested above)
+        qmodel = quant.quantize(model, Policy.uniform(model, 8, 8), x)
+    assert isinstance(qmodel.bn if hasattr(qmodel, "bn") else qmodel.bn_b, nn.modules.batchnorm._BatchNorm)
+    with torch.no_grad():
+        reference, fake = model(x), qmodel(x)
+    assert float((fake - reference).abs().max()) < 0.05 * float(reference.abs().max())  # W8A8 is close
+    quant.save(qmodel, tmp_path / "q.safetensors")
+    loaded = quant.load(tmp_path / "q.safetensors", model=make())
+    assert loaded.arq_quant["folded_batchnorm"] == qmodel.arq_quant["folded_batchnorm"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fake)
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        return  # the integer path needs oneDNN; the rest was checked
+    from arq.quant.execution import to_integer
+    with torch.no_grad():
+        integer = to_integer(loaded)(x)
+    torch.testing.assert_close(integer, fake, rtol=1e-4, atol=1e-4 * float(fake.abs().max()))
 
 
 def test_output_error_shrinks_with_bits_and_8_bit_is_close():
