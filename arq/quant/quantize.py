@@ -316,25 +316,44 @@ def quantizers_of(model: nn.Module) -> list[ActivationQuantizer]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, calibration_data: Any, config: QuantConfig, sigma: float) -> int:
-    """Set every activation quantizer's range from ``calibration_data + N(0, sigma^2)``; returns inputs seen."""
+    """Set every activation quantizer's range from ``calibration_data + N(0, sigma^2)``; returns inputs seen.
+
+    Raises ValueError for a batch with NaN or inf values (the ranges would be meaningless), and,
+    naming them, for quantized layers that the model never called on the data (defined but
+    unused, or used through their weights only, as ``nn.MultiheadAttention`` uses
+    ``out_proj``): they have no range to calibrate, and set to 32/32 bits they need none.
+    """
     device = _model_device(model)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    quantizers = quantizers_of(model)
+    named = [(name, module) for name, module in model.named_modules() if isinstance(module, ActivationQuantizer)]
+    quantizers = [quantizer for _, quantizer in named]
+    for name, quantizer in named:
+        quantizer.layer_name = name.removesuffix(".input_quantizer")
     was_training = model.training
     model.eval()
     for quantizer in quantizers:
         quantizer.start_calibration()
     seen = 0
     try:
-        for batch in iter_input_batches(calibration_data, config.calibration_batch_size):
+        for index, batch in enumerate(iter_input_batches(calibration_data, config.calibration_batch_size)):
             batch = batch.float()
+            if not bool(torch.isfinite(batch).all()):
+                raise ValueError(f"calibration_data: batch {index} has non-finite values (NaN or inf)")
             if sigma > 0:
                 batch = batch + sigma * torch.randn(batch.shape, generator=generator)
             model(batch.to(device))
             seen += batch.shape[0]
+        unused = [quantizer.layer_name for quantizer in quantizers if quantizer.enabled and quantizer.saw_no_data]
+        if unused:
+            raise ValueError(
+                f"layers {unused} were never called during calibration (defined but not used in forward, or "
+                "used through their weights only, as nn.MultiheadAttention uses out_proj), so their activation "
+                "ranges cannot be calibrated; set them to 32/32 bits in the policy"
+            )
     except BaseException:
         for quantizer in quantizers:
             quantizer._observing = False
+        model.train(was_training)
         raise
     for quantizer in quantizers:
         quantizer.finish_calibration()

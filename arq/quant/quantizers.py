@@ -335,13 +335,19 @@ class ActivationQuantizer(nn.Module):
             self._samples = [torch.cat(self._samples)[::2]]
             self._sample_count = self._samples[0].numel()
 
+    @property
+    def saw_no_data(self) -> bool:
+        """True while nothing was observed since :meth:`start_calibration`."""
+        return self._min == float("inf")
+
     def finish_calibration(self) -> None:
         """Set ``signed`` and ``scale`` from what was observed since :meth:`start_calibration`."""
         self._observing = False
         if not self.enabled:
             return
-        if self._min == float("inf"):
-            raise RuntimeError("activation quantizer saw no calibration data")
+        if self.saw_no_data:
+            where = f" of layer {self.layer_name!r}" if self.layer_name else ""
+            raise RuntimeError(f"the activation quantizer{where} saw no calibration data (the layer was never called)")
         signed = self._min < 0.0
         q_lo, q_hi = activation_levels(self.bits, signed)
         magnitude = max(abs(self._min), abs(self._max)) if signed else self._max

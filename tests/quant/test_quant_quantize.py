@@ -329,3 +329,57 @@ def test_quantize_leaves_the_callers_cpu_generator_alone(mnist):
     for (name, a), (_, b) in zip(quant.quantizable_layers(qmodel), quant.quantizable_layers(again)):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.weight_scale, b.weight_scale), name
         assert a.weight.dtype == torch.float32 and torch.isfinite(a.weight).all(), name
+
+
+def test_layers_never_called_during_calibration_are_named():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.aux = nn.Linear(4, 2)  # defined, never called
+            self.fc = nn.Linear(4 * 6 * 6, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(8, 16)
+            self.att = nn.MultiheadAttention(16, 2, batch_first=True)  # uses out_proj's weights only
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = self.inp(x.flatten(2).transpose(1, 2)[..., :8])
+            h, _ = self.att(h, h, h)
+            return self.fc(h.mean(1))
+
+    torch.manual_seed(0)
+    for model, name, x in [(Unused().eval(), "aux", torch.rand(8, 3, 8, 8)),
+                           (Attention().eval(), "att.out_proj", torch.rand(8, 8, 4, 4))]:
+        with pytest.raises(ValueError, match=rf"layers \['{name}'\] were never called during calibration.*32/32"):
+            quant.quantize(model, Policy.uniform(model, 4, 4), x)
+        bits = {layer: LayerBits(4, 4) for layer, _ in quant.quantizable_layers(model)}
+        bits[name] = LayerBits(32, 32)  # as the message says
+        qmodel = quant.quantize(model, Policy(bits), x)
+        with torch.no_grad():
+            assert torch.isfinite(qmodel(x)).all()
+
+
+def test_calibration_rejects_non_finite_values():
+    class Log(nn.Module):
+        def forward(self, x):
+            return torch.log(x)  # NaN where the conv output is negative
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Log(), nn.Conv2d(4, 2, 3), nn.Flatten()).eval()
+    x = torch.rand(8, 3, 8, 8)
+    bad = x.clone()
+    bad[5, 0, 0, 0] = float("nan")
+    for activation_range in ("minmax", "mse"):
+        config = QuantConfig(activation_range=activation_range, calibration_batch_size=4)
+        with pytest.raises(ValueError, match=r"calibration_data: batch 1 has non-finite values \(NaN or inf\)"):
+            quant.quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(),
+                           Policy.uniform(nn.Sequential(nn.Conv2d(3, 4, 3)), 4, 4), bad, config=config)
+        with pytest.raises(ValueError, match=r"activation quantizer of layer '2' saw non-finite values"):
+            quant.quantize(model, Policy.uniform(model, 4, 4), x, config=config)
