@@ -15,6 +15,8 @@ Steps, in order:
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
 from arq.quant.policy import FLOAT_BITS, Policy, quantizable_layers
-from arq.quant.quantizers import ActivationQuantizer, QuantConfig
+from arq.quant.quantizers import ActivationQuantizer, QuantConfig, check_int
 from arq.quant.residual import quantize_residual_stream
 
 #: Relative tolerance of the check that BatchNorm folding did not change the model.
@@ -59,6 +61,12 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "seed") + (("max_steps",) if self.max_steps is not None else ()):
+            check_int(self, name)
+        for name in ("lr", "momentum", "weight_decay") + (("sigma",) if self.sigma is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not self.lr > 0:

@@ -24,6 +24,7 @@ range and passes no gradient outside it.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -34,6 +35,14 @@ from arq.quant.policy import FLOAT_BITS, MAX_BITS, MIN_BITS
 
 WeightClip = Literal["auto", "max", "mse"]
 ActivationRange = Literal["minmax", "percentile", "mse"]
+
+
+def check_int(config, name: str) -> None:
+    """``config.<name>`` must be an int (a numpy integer is turned into one); bools are refused."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    setattr(config, name, int(value))
 
 
 @dataclass
@@ -81,6 +90,8 @@ class QuantConfig:
     residual_shortcuts: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("mse_weight_bits", "clip_search_steps", "calibration_samples", "calibration_batch_size", "seed"):
+            check_int(self, name)
         if self.weight_clip not in ("auto", "max", "mse"):
             raise ValueError(f"weight_clip must be 'auto', 'max' or 'mse', got {self.weight_clip!r}")
         if not MIN_BITS <= self.mse_weight_bits <= MAX_BITS:
@@ -97,8 +108,10 @@ class QuantConfig:
             raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
         if self.calibration_batch_size < 1:
             raise ValueError(f"calibration_batch_size must be >= 1, got {self.calibration_batch_size}")
-        if self.calibration_sigma is not None and self.calibration_sigma < 0:
-            raise ValueError(f"calibration_sigma must be >= 0 or None, got {self.calibration_sigma}")
+        if self.calibration_sigma is not None and not (
+                isinstance(self.calibration_sigma, numbers.Real) and not isinstance(self.calibration_sigma, bool)
+                and math.isfinite(self.calibration_sigma) and self.calibration_sigma >= 0):
+            raise ValueError(f"calibration_sigma must be a finite number >= 0 or None, got {self.calibration_sigma!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if isinstance(self.residual_bits, bool) or not isinstance(self.residual_bits, int) or not (

@@ -383,3 +383,19 @@ def test_calibration_rejects_non_finite_values():
                            Policy.uniform(nn.Sequential(nn.Conv2d(3, 4, 3)), 4, 4), bad, config=config)
         with pytest.raises(ValueError, match=r"activation quantizer of layer '2' saw non-finite values"):
             quant.quantize(model, Policy.uniform(model, 4, 4), x, config=config)
+
+
+@pytest.mark.parametrize("field,value,error,message", [
+    ("sigma", float("nan"), ValueError, "sigma must be a finite number, got nan"),
+    ("sigma", float("inf"), ValueError, "sigma must be a finite number, got inf"),
+    ("lr", float("nan"), ValueError, "lr must be a finite number"),
+    ("weight_decay", float("nan"), ValueError, "weight_decay must be a finite number"),
+    ("epochs", 1.5, TypeError, "epochs must be an int, got float"),
+    ("batch_size", 64.0, TypeError, "batch_size must be an int, got float"),
+    ("max_steps", 2.5, TypeError, "max_steps must be an int, got float"),
+    ("seed", True, TypeError, "seed must be an int, got bool"),
+])
+def test_finetune_config_refuses_non_finite_and_non_integer_values(field, value, error, message):
+    with pytest.raises(error, match=message):
+        FinetuneConfig(**{field: value})
+    assert FinetuneConfig(sigma=0.0, max_steps=None).sigma == 0.0

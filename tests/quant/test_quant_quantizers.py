@@ -187,3 +187,26 @@ def test_calibration_subsample_is_deterministic():
     quantizer.start_calibration()
     quantizer(x[0, 0, :10, :10])
     assert torch.equal(quantizer._samples[0], x[0, 0, :10, :10].flatten())
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", 1.5), ("calibration_batch_size", 2.5), ("clip_search_steps", 10.0), ("calibration_samples", "8"),
+    ("mse_weight_bits", True),
+])
+def test_config_integer_fields_must_be_ints(field, value):
+    with pytest.raises(TypeError, match=rf"{field} must be an int, got {type(value).__name__}"):
+        QuantConfig(**{field: value})
+
+
+def test_config_takes_numpy_integers_as_ints():
+    import numpy as np
+
+    config = QuantConfig(seed=np.int64(3), calibration_batch_size=np.int32(16))
+    assert type(config.seed) is int and type(config.calibration_batch_size) is int
+    assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, "0.1"])
+def test_config_calibration_sigma_must_be_finite_and_non_negative(value):
+    with pytest.raises(ValueError, match="calibration_sigma must be a finite number >= 0 or None"):
+        QuantConfig(calibration_sigma=value)
