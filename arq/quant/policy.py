@@ -211,7 +211,7 @@ class Policy:
             raise ValueError("policy data must be a dict with a 'layers' entry")
         version = data.get("format_version", POLICY_FORMAT_VERSION)
         if version != POLICY_FORMAT_VERSION:
-            raise ValueError(f"unsupported policy format_version {version} (expected {POLICY_FORMAT_VERSION})")
+            raise ValueError(f"unsupported policy format_version {version!r} (expected {POLICY_FORMAT_VERSION})")
         return cls(dict(data["layers"]))
 
     def to_json(self) -> str:

@@ -118,3 +118,8 @@ def test_from_haq_takes_whole_numbers_and_refuses_the_rest():
         with pytest.raises(error, match=message):
             Policy.from_haq(model, bad)
 
+
+
+def test_unsupported_format_version_is_quoted():
+    with pytest.raises(ValueError, match=r"unsupported policy format_version '1' \(expected 1\)"):
+        Policy.from_dict({"format_version": "1", "layers": {}})
