@@ -356,6 +356,7 @@ class ActivationQuantizer(nn.Module):
     def finish_calibration(self) -> None:
         """Set ``signed`` and ``scale`` from what was observed since :meth:`start_calibration`."""
         self._observing = False
+        self._generator = None
         if not self.enabled:
             return
         if self.saw_no_data:
