@@ -14,6 +14,7 @@ prints the BitOPs of the policy as a share of the FP32 model.
 from __future__ import annotations
 
 import argparse
+import os
 
 from arq.cli import common
 
@@ -70,12 +71,31 @@ def _stack_inputs(dataset, indices):
     return torch.stack(inputs), torch.tensor(labels, dtype=torch.long)
 
 
+def _prepare_out(path: str) -> None:
+    """Refuse an --out that is a folder and create its folder, before any calibration or fine-tuning."""
+    if os.path.isdir(path):
+        raise common.CommandError(f"--out {path} is a directory; give a .safetensors file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise common.CommandError(f"--out {path}: cannot create its folder {directory}: {error}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from safetensors import SafetensorError
+
     import arq.quant as quant
+    from arq.quant.modules import QUANT_LAYER_TYPES
+    from arq.quant.residual import residual_blocks
 
     model = common.load_model(args.model)
+    if any(isinstance(m, QUANT_LAYER_TYPES) for m in model.modules()):
+        raise common.CommandError(
+            f"--model {args.model} is already quantized; arq quantize takes a float model (a checkpoint or zoo name)"
+        )
     metadata = common.model_metadata(model)
     try:
         policy = (
@@ -99,8 +119,14 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch, seed=args.seed,
             ) if args.finetune_epochs > 0 else None
         )
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise common.CommandError(str(error)) from None
+    if args.residual_bits != 32 and not residual_blocks(model):
+        raise common.CommandError(
+            f"--residual-bits {args.residual_bits}: the model has no residual block (a module returning "
+            "add(a, b) or relu(add(a, b)) that torch.fx can trace); leave --residual-bits at 32"
+        )
+    _prepare_out(args.out)
     dataset_name = args.dataset or metadata.get("dataset")
     if dataset_name is None:
         raise common.CommandError("--dataset is required: the model's metadata names no data set")
@@ -114,8 +140,14 @@ def run(args: argparse.Namespace) -> int:
 
     device = common.choose_device(args.device)
     model = model.to(device).eval()
-    qmodel = quant.quantize(model, policy, calibration, finetune=finetune, train_data=train_data, config=config)
-    quant.save(qmodel.cpu(), args.out)
+    try:
+        qmodel = quant.quantize(model, policy, calibration, finetune=finetune, train_data=train_data, config=config)
+    except (TypeError, ValueError) as error:
+        raise common.CommandError(f"quantize: {error}") from None
+    try:
+        quant.save(qmodel.cpu(), args.out)
+    except (OSError, SafetensorError) as error:  # SafetensorError is not an OSError
+        raise common.CommandError(f"--out {args.out}: cannot write it: {error}") from None
     report = quant.bitops(model.cpu(), policy, tuple(calibration.shape[1:]))
     print(
         f"quantized {len(policy)} layers: {report.gbops:.4f} GBOPs per sample, "

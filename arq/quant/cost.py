@@ -22,7 +22,16 @@ FP32_BITOPS_PER_MAC = FLOAT_BITS * FLOAT_BITS
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One layer's cost. ``bitops = macs * w_bits * a_bits``; bytes as stored by ``arq.quant.save``."""
+    """One layer's cost. ``bitops = macs * w_bits * a_bits``.
+
+    ``packed_bytes`` counts what the integer layer needs (:func:`packed_layer_bytes`): the packed
+    weight words, the float32 per-channel scales and the float layer's float32 bias (at 32 bits,
+    the float32 weight and bias). It is not the layer's share of the file that
+    ``arq.quant.save`` writes, which also stores the float32 ``weight_clip_ratio`` (4 bytes per
+    output channel, for training a loaded model), a bias that BatchNorm folding added to a layer
+    without one, at 32 bits ``weight_scale`` and ``weight_clip_ratio`` as well, and the input
+    quantizer's scale and sign.
+    """
 
     name: str
     kind: str
@@ -120,7 +129,10 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[
 
 
 def packed_layer_bytes(weight_shape: Sequence[int], w_bits: int, has_bias: bool) -> int:
-    """Bytes of one layer as stored: packed int32 words + float32 scales + float32 bias (float32 weight at 32 bits)."""
+    """Bytes of one integer layer: packed int32 words + float32 scales + float32 bias (float32 weight at 32 bits).
+
+    Not the bytes ``arq.quant.save`` writes for it (see :class:`LayerCost`).
+    """
     n = int(weight_shape[0])
     k = 1
     for size in weight_shape[1:]:

@@ -10,6 +10,9 @@ normalization. 32 bits means "left in floating point".
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -30,6 +33,19 @@ def _check_bits(value: int, parameter: str) -> None:
         raise ValueError(
             f"{parameter} must be in {MIN_BITS}..{MAX_BITS} or {FLOAT_BITS} (float), got {value}"
         )
+
+
+def _haq_bits(value, parameter: str) -> int:
+    """``value`` as an int: an int (not a bool), a numpy integer, or a float with an integer value."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise TypeError(f"{parameter} must be an int, got a bool ({value!r})")
+    if isinstance(value, numbers.Integral):
+        return operator.index(value)
+    if isinstance(value, numbers.Real):
+        if math.isfinite(value) and float(value).is_integer():
+            return int(value)
+        raise ValueError(f"{parameter} must be a whole number of bits, got {value!r}")
+    raise TypeError(f"{parameter} must be an int, got {type(value).__name__} ({value!r})")
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,12 @@ class Policy:
 
     @classmethod
     def from_haq(cls, model: nn.Module, strategy: Sequence[Sequence[int]]) -> "Policy":
-        """From HAQ's strategy, a list of ``[w_bit, a_bit]`` in :func:`quantizable_layers` order."""
+        """From HAQ's strategy, a list of ``[w_bit, a_bit]`` in :func:`quantizable_layers` order.
+
+        Bits are ints (numpy integers too) or floats with an integer value (``4.0``, as a
+        JSON or numpy round trip may give); ``4.7``, bools and other values are refused,
+        not truncated.
+        """
         names = [name for name, _ in quantizable_layers(model)]
         strategy = list(strategy)
         if len(strategy) != len(names):
@@ -149,12 +170,14 @@ class Policy:
             )
         layers = {}
         for index, (name, pair) in enumerate(zip(names, strategy)):
+            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__"):
+                raise TypeError(f"strategy[{index}] ({name}) must be a [w_bit, a_bit] pair, got {pair!r}")
             if len(pair) != 2:
-                raise ValueError(f"strategy[{index}] must be [w_bit, a_bit], got {pair!r}")
+                raise ValueError(f"strategy[{index}] ({name}) must be a [w_bit, a_bit] pair, got {pair!r}")
             try:
-                layers[name] = LayerBits(int(pair[0]), int(pair[1]))
-            except ValueError as error:
-                raise ValueError(f"strategy[{index}] ({name}): {error}") from None
+                layers[name] = LayerBits(_haq_bits(pair[0], "w_bits"), _haq_bits(pair[1], "a_bits"))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"strategy[{index}] ({name}): {error}") from None
         return cls(layers)
 
     def to_haq(self, model: nn.Module) -> list[list[int]]:
@@ -188,7 +211,7 @@ class Policy:
             raise ValueError("policy data must be a dict with a 'layers' entry")
         version = data.get("format_version", POLICY_FORMAT_VERSION)
         if version != POLICY_FORMAT_VERSION:
-            raise ValueError(f"unsupported policy format_version {version} (expected {POLICY_FORMAT_VERSION})")
+            raise ValueError(f"unsupported policy format_version {version!r} (expected {POLICY_FORMAT_VERSION})")
         return cls(dict(data["layers"]))
 
     def to_json(self) -> str:

@@ -2,7 +2,8 @@
 
 Steps, in order:
 1. fold every BatchNorm that directly follows a Conv2d/Linear, or directly precedes
-   one without padding, into that layer (eval statistics):
+   one without padding, into that layer (eval statistics; a pair whose folding would
+   change the output stays unfolded, the BN a float module beside the quantized layer):
    follows:  W' = W * a[n],  b' = (b - mu) * a + beta,     a = gamma / sqrt(var + eps)
    precedes: W' = W * a[c],  b' = b + sum_{c,kh,kw} W[n,c,kh,kw] (beta - mu a)[c];
 2. replace each Conv2d/Linear by QuantConv2d/QuantLinear at the policy's bits;
@@ -14,6 +15,9 @@ Steps, in order:
 from __future__ import annotations
 
 import copy
+import math
+import numbers
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 from arq.quant.modules import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
 from arq.quant.policy import FLOAT_BITS, Policy, quantizable_layers
-from arq.quant.quantizers import ActivationQuantizer, QuantConfig
+from arq.quant.quantizers import ActivationQuantizer, QuantConfig, check_int
 from arq.quant.residual import quantize_residual_stream
 
 #: Relative tolerance of the check that BatchNorm folding did not change the model.
@@ -57,6 +61,12 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "seed") + (("max_steps",) if self.max_steps is not None else ()):
+            check_int(self, name)
+        for name in ("lr", "momentum", "weight_decay") + (("sigma",) if self.sigma is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not self.lr > 0:
@@ -167,19 +177,24 @@ def _dataflow_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, 
 
     Found with forward hooks: a tensor's producer is the last module whose output it
     was (an in-place ReLU returning its input becomes the producer), so a BN whose
-    input was produced by a Conv2d follows it. Whether the producer's output has
-    other users cannot be seen this way; :func:`fold_batchnorm` checks the folded
-    model against the original instead.
+    input was produced by a Conv2d follows it. A pair is only listed when the BN's
+    channels are the layer's output (follows) or input (precedes) features: same count,
+    and a BatchNorm1d sees a 2-D ``[N, C]`` input (on ``[N, C, L]`` it normalizes dim 1,
+    while a Linear acts on the last dim). Whether the producer's output has other users
+    cannot be seen this way; :func:`fold_batchnorm` checks the folded model against the
+    original instead.
     """
     producer: dict[int, str] = {}
     keep_alive: list[torch.Tensor] = []
     calls: list[tuple[str, int, int]] = []
     kinds: dict[str, nn.Module] = {}
+    input_dims: dict[str, int] = {}
 
     def hook(name):
         def record(module, inputs, output):
             if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
                 calls.append((name, id(inputs[0]), id(output)))
+                input_dims[name] = inputs[0].dim()
                 keep_alive.extend([inputs[0], output])
         return record
 
@@ -203,6 +218,11 @@ def _dataflow_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, 
     for name, _, _ in calls:
         called_count[name] = called_count.get(name, 0) + 1
 
+    def channels_match(bn: nn.Module, bn_name: str, features: int) -> bool:
+        if isinstance(bn, nn.BatchNorm1d) and input_dims.get(bn_name) != 2:
+            return False  # [N, C, L]: the BN's channels are not a Linear's features
+        return bn.num_features == features
+
     pairs = []
     bn_types = (nn.BatchNorm1d, nn.BatchNorm2d)
     for bn_name, module in kinds.items():
@@ -213,7 +233,7 @@ def _dataflow_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, 
         if called_count.get(source) == 1 and (
             (isinstance(layer, nn.Conv2d) and isinstance(module, nn.BatchNorm2d))
             or (isinstance(layer, nn.Linear) and isinstance(module, nn.BatchNorm1d))
-        ):
+        ) and channels_match(module, bn_name, layer.weight.shape[0]):
             pairs.append(("follows", source, bn_name))
     for layer_name, module in kinds.items():
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or called_count.get(layer_name) != 1:
@@ -234,6 +254,8 @@ def _dataflow_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, 
             continue  # zero padding of BN(x) is not BN of padded x: folding would be wrong at borders
         if isinstance(module, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
             continue
+        if not channels_match(bn, source, module.weight.shape[1]):  # groups == 1: dim 1 is the input
+            continue
         pairs.append(("precedes", layer_name, source))
     return pairs
 
@@ -244,33 +266,55 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
 
     A folded BN becomes ``nn.Identity`` (names of other modules do not change). The
     model must be in eval mode. The result is checked on ``example``: outputs must
-    agree to ``FOLD_CHECK_RTOL`` of their magnitude, else the model is restored and
-    RuntimeError raised.
+    agree to ``FOLD_CHECK_RTOL`` of their magnitude. When folding every pair at once fails
+    that check (a layer's output has another user than its BN, say ``bn(conv(x)) + conv(x)``),
+    the pairs are folded and checked one at a time, and a pair that changes the output is
+    left as it was: its BN stays a float module beside the layer (a UserWarning names it).
     """
     if model.training:
         raise ValueError("fold_batchnorm needs the model in eval mode (it uses running statistics)")
     reference = model(example)
+    tolerance = FOLD_CHECK_RTOL * max(1.0, float(reference.abs().max()))
     pairs = _dataflow_pairs(model, example)
-    if not pairs:
-        return []
-    originals = []
-    for kind, layer_name, bn_name in pairs:
+
+    def fold(pair):
+        kind, layer_name, bn_name = pair
         layer = model.get_submodule(layer_name)
         bn = model.get_submodule(bn_name)
-        originals.append((layer_name, copy.deepcopy(layer), bn_name, bn))
+        undo = (layer_name, copy.deepcopy(layer), bn_name, bn)
         (_fold_following if kind == "follows" else _fold_preceding)(layer, bn)
         _set_submodule(model, bn_name, nn.Identity())
-    folded = model(example)
-    error = float((folded - reference).abs().max())
-    if error > FOLD_CHECK_RTOL * max(1.0, float(reference.abs().max())):
-        for layer_name, layer, bn_name, bn in originals:  # leave the model as it was
-            _set_submodule(model, layer_name, layer)
-            _set_submodule(model, bn_name, bn)
-        raise RuntimeError(
-            f"BatchNorm folding changed the model's output by {error:.3g}: some conv/BN output has "
-            f"another user than the BN; pairs were {pairs}"
+        return undo
+
+    def restore(undo):
+        layer_name, layer, bn_name, bn = undo
+        _set_submodule(model, layer_name, layer)
+        _set_submodule(model, bn_name, bn)
+
+    def error() -> float:
+        return float((model(example) - reference).abs().max())
+
+    undos = [fold(pair) for pair in pairs]
+    if not pairs or error() <= tolerance:
+        return [bn_name for _, _, bn_name in pairs]
+    for undo in reversed(undos):  # reversed: a layer in two pairs gets its state from before both
+        restore(undo)
+    folded, left = [], []
+    for pair in pairs:
+        undo = fold(pair)
+        change = error()
+        if change <= tolerance:
+            folded.append(pair[2])
+        else:
+            restore(undo)
+            left.append(f"{pair[2]!r} ({pair[0]} {pair[1]!r}: folding changed the output by {change:.3g})")
+    if left:
+        warnings.warn(
+            "BatchNorm folding left these BatchNorms as float modules, since folding them changed the "
+            "model's output (their layer's output or input has another user): " + "; ".join(left),
+            stacklevel=3,  # the caller of fold_batchnorm (through torch.no_grad's wrapper)
         )
-    return [bn_name for _, _, bn_name in pairs]
+    return folded
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -280,25 +324,44 @@ def quantizers_of(model: nn.Module) -> list[ActivationQuantizer]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, calibration_data: Any, config: QuantConfig, sigma: float) -> int:
-    """Set every activation quantizer's range from ``calibration_data + N(0, sigma^2)``; returns inputs seen."""
+    """Set every activation quantizer's range from ``calibration_data + N(0, sigma^2)``; returns inputs seen.
+
+    Raises ValueError for a batch with NaN or inf values (the ranges would be meaningless), and,
+    naming them, for quantized layers that the model never called on the data (defined but
+    unused, or used through their weights only, as ``nn.MultiheadAttention`` uses
+    ``out_proj``): they have no range to calibrate, and set to 32/32 bits they need none.
+    """
     device = _model_device(model)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    quantizers = quantizers_of(model)
+    named = [(name, module) for name, module in model.named_modules() if isinstance(module, ActivationQuantizer)]
+    quantizers = [quantizer for _, quantizer in named]
+    for name, quantizer in named:
+        quantizer.layer_name = name.removesuffix(".input_quantizer")
     was_training = model.training
     model.eval()
     for quantizer in quantizers:
         quantizer.start_calibration()
     seen = 0
     try:
-        for batch in iter_input_batches(calibration_data, config.calibration_batch_size):
+        for index, batch in enumerate(iter_input_batches(calibration_data, config.calibration_batch_size)):
             batch = batch.float()
+            if not bool(torch.isfinite(batch).all()):
+                raise ValueError(f"calibration_data: batch {index} has non-finite values (NaN or inf)")
             if sigma > 0:
                 batch = batch + sigma * torch.randn(batch.shape, generator=generator)
             model(batch.to(device))
             seen += batch.shape[0]
+        unused = [quantizer.layer_name for quantizer in quantizers if quantizer.enabled and quantizer.saw_no_data]
+        if unused:
+            raise ValueError(
+                f"layers {unused} were never called during calibration (defined but not used in forward, or "
+                "used through their weights only, as nn.MultiheadAttention uses out_proj), so their activation "
+                "ranges cannot be calibrated; set them to 32/32 bits in the policy"
+            )
     except BaseException:
         for quantizer in quantizers:
             quantizer._observing = False
+        model.train(was_training)
         raise
     for quantizer in quantizers:
         quantizer.finish_calibration()

@@ -23,6 +23,8 @@ range and passes no gradient outside it.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -33,6 +35,14 @@ from arq.quant.policy import FLOAT_BITS, MAX_BITS, MIN_BITS
 
 WeightClip = Literal["auto", "max", "mse"]
 ActivationRange = Literal["minmax", "percentile", "mse"]
+
+
+def check_int(config, name: str) -> None:
+    """``config.<name>`` must be an int (a numpy integer is turned into one); bools are refused."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    setattr(config, name, int(value))
 
 
 @dataclass
@@ -47,7 +57,8 @@ class QuantConfig:
         percentile: the percentile of |x| used by "percentile", in (0, 100].
         clip_search_steps: grid size of the MSE clip searches (ratios k / steps of the max, k = 1..steps).
         calibration_samples: activation values kept per layer for "percentile" and "mse"
-            (strided subsample, deterministic).
+            (a uniform random subsample from a generator with a fixed seed, so deterministic;
+            the observed min and max are exact).
         calibration_batch_size: batch size when the calibration data is one tensor.
         calibration_sigma: Gaussian noise std added to calibration inputs (in [0, 1] pixel
             space, as the smoothed classifier sees them); ``None`` takes
@@ -79,6 +90,8 @@ class QuantConfig:
     residual_shortcuts: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("mse_weight_bits", "clip_search_steps", "calibration_samples", "calibration_batch_size", "seed"):
+            check_int(self, name)
         if self.weight_clip not in ("auto", "max", "mse"):
             raise ValueError(f"weight_clip must be 'auto', 'max' or 'mse', got {self.weight_clip!r}")
         if not MIN_BITS <= self.mse_weight_bits <= MAX_BITS:
@@ -95,8 +108,10 @@ class QuantConfig:
             raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
         if self.calibration_batch_size < 1:
             raise ValueError(f"calibration_batch_size must be >= 1, got {self.calibration_batch_size}")
-        if self.calibration_sigma is not None and self.calibration_sigma < 0:
-            raise ValueError(f"calibration_sigma must be >= 0 or None, got {self.calibration_sigma}")
+        if self.calibration_sigma is not None and not (
+                isinstance(self.calibration_sigma, numbers.Real) and not isinstance(self.calibration_sigma, bool)
+                and math.isfinite(self.calibration_sigma) and self.calibration_sigma >= 0):
+            raise ValueError(f"calibration_sigma must be a finite number >= 0 or None, got {self.calibration_sigma!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if isinstance(self.residual_bits, bool) or not isinstance(self.residual_bits, int) or not (
@@ -206,14 +221,19 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, q_lo: int, q_
     return _straight_through(x, x_hat, q_lo * scale, q_hi * scale)
 
 
-def _mse_clip(values: torch.Tensor, bits: int, signed: bool, steps: int) -> float:
-    """The clip ``c = r * max|v|`` minimizing ``||Q(v; c) - v||^2`` over ``r = k / steps``, k = 1..steps.
+def _mse_clip(values: torch.Tensor, bits: int, signed: bool, steps: int, amax: float | None = None) -> float:
+    """The clip ``c = r * amax`` minimizing ``||Q(v; c) - v||^2`` over ``r = k / steps``, k = 1..steps.
+
+    ``amax`` is the top of the grid, by default ``max|v|``. Calibration passes the exactly
+    observed largest magnitude: ``values`` is then a subsample that may miss the maximum,
+    and the grid must not depend on which values were drawn.
 
     Coarse to fine: every ``stride``-th ratio first (stride ~ sqrt(steps)), then every ratio
     within one stride of the best coarse one; the error curve is unimodal in practice, so
     this finds the grid minimum in about ``2 sqrt(steps)`` evaluations instead of ``steps``.
     """
-    amax = float(values.abs().max())
+    if amax is None:
+        amax = float(values.abs().max())
     if amax == 0.0:
         return 0.0
     q_lo, q_hi = activation_levels(bits, signed)
@@ -231,6 +251,11 @@ def _mse_clip(values: torch.Tensor, bits: int, signed: bool, steps: int) -> floa
             errors[k] = error(k)
     best = min(errors, key=lambda k: (errors[k], -k))  # ties: the larger clip
     return amax * best / steps
+
+
+#: Seed of the calibration subsample's generator (a constant: calibration is deterministic
+#: and independent of the global RNG and of ``QuantConfig.seed``, which seeds the noise).
+SUBSAMPLE_SEED = 0x5EED
 
 
 class ActivationQuantizer(nn.Module):
@@ -253,6 +278,9 @@ class ActivationQuantizer(nn.Module):
         self._sample_count = 0
         self._min = float("inf")
         self._max = float("-inf")
+        self._generator: torch.Generator | None = None
+        #: the layer's name in error messages (set by :func:`arq.quant.calibrate`)
+        self.layer_name = ""
         # Python copies of the buffers, so that forward never syncs with a GPU to read them.
         self._calibrated = False
         self._levels = (0, 0)
@@ -287,32 +315,53 @@ class ActivationQuantizer(nn.Module):
         self._observing = True
         self._samples, self._sample_count = [], 0
         self._min, self._max = float("inf"), float("-inf")
+        self._generator = torch.Generator(device="cpu").manual_seed(SUBSAMPLE_SEED)
 
     def _observe(self, x: torch.Tensor) -> None:
         flat = x.detach().flatten().float()
-        self._min = min(self._min, float(flat.min()))
-        self._max = max(self._max, float(flat.max()))
+        low, high = float(flat.min()), float(flat.max())  # min/max propagate NaN
+        if not (math.isfinite(low) and math.isfinite(high)):
+            where = f" of layer {self.layer_name!r}" if self.layer_name else ""
+            raise ValueError(f"the activation quantizer{where} saw non-finite values (NaN or inf) during "
+                             "calibration; calibration data and activations must be finite")
+        self._min = min(self._min, low)
+        self._max = max(self._max, high)
         if self.config.activation_range == "minmax":
             return
-        # Keep a bounded, deterministic strided subsample: at most samples/8 per batch,
-        # and halve what is kept whenever it passes 2 x samples.
+        # Keep a bounded, deterministic subsample: at most samples/8 per batch, drawn uniformly
+        # (with replacement) by a generator seeded at start_calibration that advances across
+        # batches, and halve what is kept whenever it passes 2 x samples. Not a fixed stride: a
+        # stride over a flattened NCHW tensor is often a multiple of W or H*W, and then keeps
+        # only a few spatial positions (one image column, say), whose values are not typical.
         cap = self.config.calibration_samples
         per_batch = max(1, cap // 8)
-        stride = max(1, -(-flat.numel() // per_batch))
-        kept = flat[::stride].cpu()
+        if flat.numel() <= per_batch:
+            kept = flat.cpu()
+        else:
+            if self._generator is None:
+                self._generator = torch.Generator(device="cpu").manual_seed(SUBSAMPLE_SEED)
+            index = torch.randint(flat.numel(), (per_batch,), generator=self._generator)
+            kept = flat[index.to(flat.device)].cpu()
         self._samples.append(kept)
         self._sample_count += kept.numel()
-        if self._sample_count > 2 * cap:
+        if self._sample_count > 2 * cap:  # the draws are in random order, so every other one is uniform too
             self._samples = [torch.cat(self._samples)[::2]]
             self._sample_count = self._samples[0].numel()
+
+    @property
+    def saw_no_data(self) -> bool:
+        """True while nothing was observed since :meth:`start_calibration`."""
+        return self._min == float("inf")
 
     def finish_calibration(self) -> None:
         """Set ``signed`` and ``scale`` from what was observed since :meth:`start_calibration`."""
         self._observing = False
+        self._generator = None
         if not self.enabled:
             return
-        if self._min == float("inf"):
-            raise RuntimeError("activation quantizer saw no calibration data")
+        if self.saw_no_data:
+            where = f" of layer {self.layer_name!r}" if self.layer_name else ""
+            raise RuntimeError(f"the activation quantizer{where} saw no calibration data (the layer was never called)")
         signed = self._min < 0.0
         q_lo, q_hi = activation_levels(self.bits, signed)
         magnitude = max(abs(self._min), abs(self._max)) if signed else self._max
@@ -326,7 +375,8 @@ class ActivationQuantizer(nn.Module):
             if method == "percentile":
                 clip = float(torch.quantile(values.abs().double(), self.config.percentile / 100.0))
             else:
-                clip = _mse_clip(values, self.bits, signed, self.config.clip_search_steps)
+                # the grid's top is the observed magnitude, which the subsample may not contain
+                clip = _mse_clip(values, self.bits, signed, self.config.clip_search_steps, amax=magnitude)
         self._samples, self._sample_count = [], 0
         scale = clip / q_hi if clip > 0 else 1.0  # an all-zero activation: any scale gives q = 0
         self.set_range(scale, signed)

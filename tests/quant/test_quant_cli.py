@@ -98,3 +98,85 @@ def test_cli_quantizes_the_residual_stream(tmp_path, tiny_world):
                                 "--out", str(out), "--device", "cpu"])
     with pytest.raises(CommandError, match="residual_bits"):
         bad.run(bad)
+
+
+@pytest.fixture
+def plain_world(monkeypatch):
+    """A conv net without residual blocks; the data set loader records that it was called."""
+    from arq.cli import common
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 10)).eval()
+    model.arq_metadata = {"sigma": 0.25, "dataset": "cifar10"}
+    generator = torch.Generator().manual_seed(0)
+    dataset = [(torch.rand(3, 8, 8, generator=generator), i % 10) for i in range(16)]
+    calls = []
+    state = {"model": model}
+    monkeypatch.setattr(common, "load_model", lambda spec: state["model"])
+    monkeypatch.setattr(common, "load_dataset", lambda name, split, root: calls.append(name) or dataset)
+    return state, calls
+
+
+def test_cli_refuses_residual_bits_without_residual_blocks_before_any_work(tmp_path, plain_world):
+    from arq.cli.common import CommandError
+
+    _, calls = plain_world
+    args = _parser().parse_args(["quantize", "--model", "m", "--uniform", "4", "4", "--residual-bits", "5",
+                                 "--out", str(tmp_path / "q.safetensors"), "--device", "cpu"])
+    with pytest.raises(CommandError, match=r"--residual-bits 5: the model has no residual block"):
+        args.run(args)
+    assert calls == []  # refused before the data set was loaded
+
+
+def test_cli_refuses_an_already_quantized_model(tmp_path, plain_world):
+    from arq.cli.common import CommandError
+
+    state, calls = plain_world
+    state["model"] = quant.quantize(state["model"], quant.Policy.uniform(state["model"], 4, 4), torch.rand(4, 3, 8, 8))
+    args = _parser().parse_args(["quantize", "--model", "q.safetensors", "--uniform", "4", "4",
+                                 "--out", str(tmp_path / "q.safetensors"), "--device", "cpu"])
+    with pytest.raises(CommandError, match="--model q.safetensors is already quantized"):
+        args.run(args)
+    assert calls == []
+
+
+def test_cli_out_folder_is_created_or_refused_before_any_work(tmp_path, plain_world):
+    from arq.cli.common import CommandError
+
+    _, calls = plain_world
+    out = tmp_path / "new" / "sub" / "q.safetensors"
+    args = _parser().parse_args(["quantize", "--model", "m", "--uniform", "4", "4", "--out", str(out),
+                                 "--calibration-size", "8", "--device", "cpu"])
+    assert args.run(args) == 0
+    assert out.is_file() and (tmp_path / "new" / "sub" / "q.policy.json").is_file()
+    calls.clear()
+    (tmp_path / "file").write_text("not a folder")
+    for bad, message in [(tmp_path / "file" / "q.safetensors", "cannot create its folder"),
+                         (tmp_path / "new", "is a directory")]:
+        args = _parser().parse_args(["quantize", "--model", "m", "--uniform", "4", "4", "--out", str(bad),
+                                     "--device", "cpu"])
+        with pytest.raises(CommandError, match=message):
+            args.run(args)
+    assert calls == []
+
+
+def test_cli_reports_quantize_and_save_errors_as_command_errors(tmp_path, plain_world, monkeypatch):
+    from arq.cli.common import CommandError
+
+    def failing_save(qmodel, path):
+        from safetensors import SafetensorError
+        raise SafetensorError("Error while serializing: I/O error")
+
+    monkeypatch.setattr(quant, "save", failing_save)
+    args = _parser().parse_args(["quantize", "--model", "m", "--uniform", "4", "4", "--calibration-size", "8",
+                                 "--out", str(tmp_path / "q.safetensors"), "--device", "cpu"])
+    with pytest.raises(CommandError, match="--out .*q.safetensors: cannot write it: Error while serializing"):
+        args.run(args)
+
+    def failing_quantize(*args, **kwargs):
+        raise ValueError("layer 'aux' was never called")
+
+    monkeypatch.setattr(quant, "quantize", failing_quantize)
+    with pytest.raises(CommandError, match="quantize: layer 'aux' was never called"):
+        args.run(args)

@@ -202,15 +202,17 @@ def test_certify_kernel_model_gives_the_fake_quant_prediction():
     with torch.no_grad():
         logits = qmodel(candidates)
     classes, top2 = logits.argmax(1), logits.topk(2, dim=1).values
-    # one input of each of the two classes this random net predicts, and its closest call
+    # one input of each of the two classes this random net predicts, its closest call and its
+    # clearest one (so that some prediction is not ABSTAIN whatever the calibrated ranges)
     picks = [int(torch.nonzero(classes == c)[0]) for c in classes.unique()[:2]]
-    picks.append(int((top2[:, 0] - top2[:, 1]).argmin()))
+    margins = top2[:, 0] - top2[:, 1]
+    picks += [int(margins.argmin()), int(margins.argmax())]
     x = candidates[picks]
     kwargs = dict(sigma=0.25, n=300, n0=20, batch_size=160)
     reference = arq.certify(qmodel, x, backend="torch", **kwargs)  # the fake-quant model itself
     result = arq.certify(kernel_model, x, **kwargs)
     assert [c.prediction for c in result] == [c.prediction for c in reference]
-    assert any(c.prediction != arq.ABSTAIN for c in reference)  # measured: ABSTAIN, ABSTAIN, 7 (counts 108, 133, 215)
+    assert any(c.prediction != arq.ABSTAIN for c in reference)  # measured: ABSTAIN x 3, 7 (counts 145, 137, 170, 237)
     for ours, theirs in zip(result, reference):
         assert abs(ours.count - theirs.count) <= 3  # a sample's class may flip at a near tie
 

@@ -123,3 +123,36 @@ def test_load_rejects_other_files(tmp_path):
 def test_save_needs_a_quantized_model(tmp_path):
     with pytest.raises(ValueError, match="arq.quant.quantize"):
         quant.save(cifar_resnet(20), tmp_path / "x.safetensors")
+
+
+def test_loaded_model_trains_from_the_saved_scales(tmp_path):
+    # 3-bit weights: "auto" clips them at an MSE-optimal ratio r < 1 of max|w|. The loaded
+    # weights are q * scale, whose maximum is already the clip, so keeping r would shrink
+    # every scale by r in a train-mode forward (which recomputes the scale from the weights).
+    model, qmodel = _quantized_resnet(lambda m: quant.Policy.uniform(m, 3, 4))
+    layers = dict(quant.quantizable_layers(qmodel))
+    assert float(layers["1.layer1.0.conv1"].weight_clip_ratio.min()) < 1.0
+    path = tmp_path / "q.safetensors"
+    quant.save(qmodel, path)
+    loaded = quant.load(path, model=cifar_resnet(20, seed=5))
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = qmodel(x)
+    for _, layer in quant.quantizable_layers(loaded):  # train mode for the layers (no BN is left unfolded)
+        layer.train()
+    trained = loaded(x)  # with grad: the weight scales are recomputed from the weights
+    torch.testing.assert_close(trained.detach(), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+    for name, layer in quant.quantizable_layers(loaded):
+        # to float32 rounding: at most one ulp, and no integer code moves
+        torch.testing.assert_close(layer.weight_scale, layers[name].weight_scale, rtol=2 ** -23, atol=0)
+        assert torch.equal(layer.integer_weight(), layers[name].integer_weight()), name
+    # save -> load -> save: the packed weights and the scales are the same bits
+    loaded.eval()
+    again = tmp_path / "again.safetensors"
+    quant.save(loaded, again)
+    from safetensors.torch import load_file
+    first, second = load_file(str(path)), load_file(str(again))
+    for key in first:
+        if key.endswith((".weight_packed", ".weight_scale")):
+            assert torch.equal(first[key], second[key]), key
+    assert sum(key.endswith(".weight_packed") for key in first) == 22

@@ -90,3 +90,36 @@ def test_load_rejects_bad_json(tmp_path):
 def test_uniform_needs_a_quantizable_layer():
     with pytest.raises(ValueError, match="no Conv2d or Linear"):
         Policy.uniform(nn.Sequential(nn.ReLU()), 4, 4)
+
+
+def test_from_haq_takes_whole_numbers_and_refuses_the_rest():
+    import numpy as np
+
+    model = cifar_resnet(20)
+    strategy = [[4, 4]] * 22
+    strategy[0] = [8.0, np.int64(6)]  # floats with an integer value (JSON, numpy) and numpy integers
+    strategy[1] = np.array([3, 5])  # a numpy row
+    policy = Policy.from_haq(model, strategy)
+    names = [name for name, _ in quantizable_layers(model)]
+    assert policy[names[0]] == LayerBits(8, 6) and policy[names[1]] == LayerBits(3, 5)
+    assert all(type(policy[name].w_bits) is int and type(policy[name].a_bits) is int for name in names)
+    for index, entry, error, message in [
+        (2, [4.7, 4], ValueError, r"strategy\[2\] \(1.layer1.0.conv2\): w_bits must be a whole number of bits, got 4.7"),
+        (3, [4, True], TypeError, r"strategy\[3\] .*a_bits must be an int, got a bool \(True\)"),
+        (4, [None, 4], TypeError, r"strategy\[4\] .*w_bits must be an int, got NoneType"),
+        (5, [4, "4"], TypeError, r"strategy\[5\] .*a_bits must be an int, got str"),
+        (6, [4, float("nan")], ValueError, r"strategy\[6\] .*a_bits must be a whole number of bits, got nan"),
+        (7, 4, TypeError, r"strategy\[7\] \(.*\) must be a \[w_bit, a_bit\] pair, got 4"),
+        (8, [4, 4, 4], ValueError, r"strategy\[8\] \(.*\) must be a \[w_bit, a_bit\] pair"),
+        (9, [4.0, 1.0], ValueError, r"strategy\[9\] .*a_bits must be in 2..8 or 32"),
+    ]:
+        bad = [[4, 4]] * 22
+        bad[index] = entry
+        with pytest.raises(error, match=message):
+            Policy.from_haq(model, bad)
+
+
+
+def test_unsupported_format_version_is_quoted():
+    with pytest.raises(ValueError, match=r"unsupported policy format_version '1' \(expected 1\)"):
+        Policy.from_dict({"format_version": "1", "layers": {}})

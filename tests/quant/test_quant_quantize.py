@@ -46,7 +46,33 @@ def test_batchnorm_before_an_unpadded_conv_is_folded_and_a_padded_one_is_not():
         torch.testing.assert_close(qmodel(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_fold_check_catches_a_conv_output_with_two_users():
+class _ConvUsedTwice(nn.Module):
+    """``conv_a -> BN -> ReLU -> conv_b``, then ``bn_b(y) + y`` with ``y = conv_b(...)``: only bn_a folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv_b(torch.relu(self.bn_a(self.conv_a(x))))
+        return self.fc((self.bn_b(y) + y).mean((2, 3)))
+
+
+def _randomize_bn(model):
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-1, 1, generator=generator)
+                module.running_var.uniform_(0.5, 2, generator=generator)
+    return model.eval()
+
+
+def test_fold_leaves_a_conv_output_with_two_users_unfolded():
     class TwoUsers(nn.Module):
         def __init__(self):
             super().__init__()
@@ -65,11 +91,61 @@ def test_fold_check_catches_a_conv_output_with_two_users():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         before = model(x)
-    with pytest.raises(RuntimeError, match="another user"):
-        quant.fold_batchnorm(model, x)
-    assert isinstance(model.bn, nn.BatchNorm2d)  # restored
+    with pytest.warns(UserWarning, match=r"'bn' \(follows 'conv'"):
+        assert quant.fold_batchnorm(model, x) == []
+    assert isinstance(model.bn, nn.BatchNorm2d)  # left as it was
     with torch.no_grad():
         assert torch.equal(model(x), before)
+    # a foldable pair in the same model is folded, pair by pair
+    model = _randomize_bn(_ConvUsedTwice())
+    with torch.no_grad():
+        before = model(x)
+    with pytest.warns(UserWarning, match="'bn_b'"):
+        assert quant.fold_batchnorm(model, x) == ["bn_a"]
+    assert isinstance(model.bn_a, nn.Identity) and isinstance(model.bn_b, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+class _TokenBatchNorm(nn.Module):
+    """A Linear on the last dim of ``[N, C, L]``, then BatchNorm1d over dim 1 (C channels)."""
+
+    def __init__(self, channels, length):
+        super().__init__()
+        self.lin = nn.Linear(length, length)
+        self.bn = nn.BatchNorm1d(channels)
+        self.fc = nn.Linear(channels * length, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.lin(x)).flatten(1))
+
+
+@pytest.mark.parametrize("make", [_ConvUsedTwice, lambda: _TokenBatchNorm(4, 5), lambda: _TokenBatchNorm(4, 4)],
+                         ids=["conv-used-twice", "bn1d-over-dim1", "bn1d-over-dim1-square"])
+def test_unfoldable_batchnorm_stays_float_through_quantize_save_load_and_integer(make, tmp_path):
+    model = _randomize_bn(make())
+    shape = (3, 8, 8) if isinstance(model, _ConvUsedTwice) else (4, model.lin.in_features)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.rand(32, *shape, generator=generator)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the two-user pair's warning (tested above)
+        qmodel = quant.quantize(model, Policy.uniform(model, 8, 8), x)
+    assert isinstance(qmodel.bn if hasattr(qmodel, "bn") else qmodel.bn_b, nn.modules.batchnorm._BatchNorm)
+    with torch.no_grad():
+        reference, fake = model(x), qmodel(x)
+    assert float((fake - reference).abs().max()) < 0.05 * float(reference.abs().max())  # W8A8 is close
+    quant.save(qmodel, tmp_path / "q.safetensors")
+    loaded = quant.load(tmp_path / "q.safetensors", model=make())
+    assert loaded.arq_quant["folded_batchnorm"] == qmodel.arq_quant["folded_batchnorm"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fake)
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        return  # the integer path needs oneDNN; the rest was checked
+    from arq.quant.execution import to_integer
+    with torch.no_grad():
+        integer = to_integer(loaded)(x)
+    torch.testing.assert_close(integer, fake, rtol=1e-4, atol=1e-4 * float(fake.abs().max()))
 
 
 def test_output_error_shrinks_with_bits_and_8_bit_is_close():
@@ -253,3 +329,73 @@ def test_quantize_leaves_the_callers_cpu_generator_alone(mnist):
     for (name, a), (_, b) in zip(quant.quantizable_layers(qmodel), quant.quantizable_layers(again)):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.weight_scale, b.weight_scale), name
         assert a.weight.dtype == torch.float32 and torch.isfinite(a.weight).all(), name
+
+
+def test_layers_never_called_during_calibration_are_named():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.aux = nn.Linear(4, 2)  # defined, never called
+            self.fc = nn.Linear(4 * 6 * 6, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(8, 16)
+            self.att = nn.MultiheadAttention(16, 2, batch_first=True)  # uses out_proj's weights only
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = self.inp(x.flatten(2).transpose(1, 2)[..., :8])
+            h, _ = self.att(h, h, h)
+            return self.fc(h.mean(1))
+
+    torch.manual_seed(0)
+    for model, name, x in [(Unused().eval(), "aux", torch.rand(8, 3, 8, 8)),
+                           (Attention().eval(), "att.out_proj", torch.rand(8, 8, 4, 4))]:
+        with pytest.raises(ValueError, match=rf"layers \['{name}'\] were never called during calibration.*32/32"):
+            quant.quantize(model, Policy.uniform(model, 4, 4), x)
+        bits = {layer: LayerBits(4, 4) for layer, _ in quant.quantizable_layers(model)}
+        bits[name] = LayerBits(32, 32)  # as the message says
+        qmodel = quant.quantize(model, Policy(bits), x)
+        with torch.no_grad():
+            assert torch.isfinite(qmodel(x)).all()
+
+
+def test_calibration_rejects_non_finite_values():
+    class Log(nn.Module):
+        def forward(self, x):
+            return torch.log(x)  # NaN where the conv output is negative
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Log(), nn.Conv2d(4, 2, 3), nn.Flatten()).eval()
+    x = torch.rand(8, 3, 8, 8)
+    bad = x.clone()
+    bad[5, 0, 0, 0] = float("nan")
+    for activation_range in ("minmax", "mse"):
+        config = QuantConfig(activation_range=activation_range, calibration_batch_size=4)
+        with pytest.raises(ValueError, match=r"calibration_data: batch 1 has non-finite values \(NaN or inf\)"):
+            quant.quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(),
+                           Policy.uniform(nn.Sequential(nn.Conv2d(3, 4, 3)), 4, 4), bad, config=config)
+        with pytest.raises(ValueError, match=r"activation quantizer of layer '2' saw non-finite values"):
+            quant.quantize(model, Policy.uniform(model, 4, 4), x, config=config)
+
+
+@pytest.mark.parametrize("field,value,error,message", [
+    ("sigma", float("nan"), ValueError, "sigma must be a finite number, got nan"),
+    ("sigma", float("inf"), ValueError, "sigma must be a finite number, got inf"),
+    ("lr", float("nan"), ValueError, "lr must be a finite number"),
+    ("weight_decay", float("nan"), ValueError, "weight_decay must be a finite number"),
+    ("epochs", 1.5, TypeError, "epochs must be an int, got float"),
+    ("batch_size", 64.0, TypeError, "batch_size must be an int, got float"),
+    ("max_steps", 2.5, TypeError, "max_steps must be an int, got float"),
+    ("seed", True, TypeError, "seed must be an int, got bool"),
+])
+def test_finetune_config_refuses_non_finite_and_non_integer_values(field, value, error, message):
+    with pytest.raises(error, match=message):
+        FinetuneConfig(**{field: value})
+    assert FinetuneConfig(sigma=0.0, max_steps=None).sigma == 0.0

@@ -128,3 +128,85 @@ def test_config_validation_names_the_field(field, value):
 def test_config_dict_round_trip():
     config = QuantConfig(weight_clip="mse", activation_range="percentile", percentile=99.5, seed=3)
     assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+def _column_dependent_activations():
+    """``[256, 16, 32, 32]`` in [0, 4), small (< 0.4) in image column 0 only, as after zero padding."""
+    x = torch.rand(256, 16, 32, 32, generator=torch.Generator().manual_seed(1)) * 4.0
+    x[..., 0] *= 0.1
+    return x
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+def test_calibration_samples_every_image_column(method):
+    # With a fixed stride over the flattened NCHW tensor (4M values, 8192 kept per batch:
+    # stride 512) only column 0 was kept, and the clip came out near 0.4.
+    x = _column_dependent_activations()
+    quantizer = ActivationQuantizer(8, QuantConfig(activation_range=method, percentile=99.0))
+    quantizer.start_calibration()
+    quantizer(x)
+    quantizer.finish_calibration()
+    clip = float(quantizer.scale) * 255
+    assert 3.8 < clip <= 4.0
+
+
+def test_mse_grid_top_is_the_observed_maximum():
+    # one value of 4M sets the maximum; the 8192-value subsample does not contain it
+    x = torch.rand(256, 16, 32, 32, generator=torch.Generator().manual_seed(2))
+    x.view(-1)[1_234_567] = 7.0
+    quantizer = ActivationQuantizer(4, QuantConfig(activation_range="mse", clip_search_steps=1))
+    quantizer.start_calibration()
+    quantizer(x)
+    assert float(torch.cat(quantizer._samples).max()) < 1.0
+    quantizer.finish_calibration()
+    # one grid point, k = steps: the clip is the grid's top
+    assert float(quantizer.scale) * 15 == pytest.approx(7.0, rel=1e-6)
+    values = torch.tensor([0.1, -0.5, 0.9])
+    from arq.quant.quantizers import _mse_clip
+    assert _mse_clip(values, 4, True, 1) == pytest.approx(0.9)
+    assert _mse_clip(values, 4, True, 1, amax=2.0) == 2.0
+    k = _mse_clip(values, 4, True, 10, amax=2.0) / 0.2  # on the grid k * 2.0 / 10
+    assert abs(k - round(k)) < 1e-9 and 1 <= round(k) <= 10
+
+
+def test_calibration_subsample_is_deterministic():
+    x = _column_dependent_activations()[:64]
+    scales = []
+    for _ in range(2):
+        quantizer = ActivationQuantizer(4, QuantConfig(activation_range="percentile", percentile=99.0,
+                                                       calibration_samples=4096))
+        for _ in range(2):  # a second calibration of the same quantizer starts the draws again
+            quantizer.start_calibration()
+            for batch in x.split(16):  # the generator advances across batches
+                quantizer(batch)
+            quantizer.finish_calibration()
+            scales.append(float(quantizer.scale))
+    assert len(set(scales)) == 1 and scales[0] > 0
+    # batches no larger than the per-batch cap are kept whole
+    quantizer = ActivationQuantizer(4, QuantConfig(activation_range="mse", calibration_samples=800))
+    quantizer.start_calibration()
+    quantizer(x[0, 0, :10, :10])
+    assert torch.equal(quantizer._samples[0], x[0, 0, :10, :10].flatten())
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", 1.5), ("calibration_batch_size", 2.5), ("clip_search_steps", 10.0), ("calibration_samples", "8"),
+    ("mse_weight_bits", True),
+])
+def test_config_integer_fields_must_be_ints(field, value):
+    with pytest.raises(TypeError, match=rf"{field} must be an int, got {type(value).__name__}"):
+        QuantConfig(**{field: value})
+
+
+def test_config_takes_numpy_integers_as_ints():
+    import numpy as np
+
+    config = QuantConfig(seed=np.int64(3), calibration_batch_size=np.int32(16))
+    assert type(config.seed) is int and type(config.calibration_batch_size) is int
+    assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, "0.1"])
+def test_config_calibration_sigma_must_be_finite_and_non_negative(value):
+    with pytest.raises(ValueError, match="calibration_sigma must be a finite number >= 0 or None"):
+        QuantConfig(calibration_sigma=value)
