@@ -173,9 +173,11 @@ def assert_within_tolerance(result, reference, codes: dict, reference_codes: dic
     ``codes`` in forward order. In each input, the first layer whose codes differ from the
     reference's shows rounding-boundary flips only: one code step each, at most 32 of them (a
     wiring or scale error moves more codes, by more). From there the difference may spread, so
-    overall at most 1 % of the codes differ. Logits within 5 % of the largest reference logit;
-    top-1 equal on >= 99 % of the inputs whose reference top-2 margin exceeds 1e-3 of that logit,
-    of which there must be at least ``min_clear``.
+    overall at most 1 % of the codes differ. An input whose codes agree in every layer has the
+    reference's logits to float rounding (1e-5 of the largest reference logit); one with a flip
+    has no such bound (a single flip moved a random W4A4 ResNet-18's logits by 10.5 % of the
+    largest). Top-1 equal on >= 99 % of the inputs whose reference top-2 margin exceeds 1e-3 of
+    that logit, of which there must be at least ``min_clear``.
     """
     names = list(codes)
     differs_earlier = torch.zeros(codes[names[0]].shape[0], dtype=torch.bool)
@@ -189,7 +191,9 @@ def assert_within_tolerance(result, reference, codes: dict, reference_codes: dic
     differing = sum(int((c != reference_codes[name]).sum()) for name, c in codes.items())
     assert differing <= 1e-2 * sum(c.numel() for c in codes.values())
     scale = float(reference.abs().max())
-    assert float((result - reference).abs().max()) <= 0.05 * scale
+    same_codes = ~differs_earlier
+    if same_codes.any():
+        assert float((result - reference)[same_codes].abs().max()) <= 1e-5 * scale
     top2 = reference.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * scale
     assert int(clear.sum()) >= min_clear
