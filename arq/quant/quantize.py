@@ -337,6 +337,13 @@ def calibrate(model: nn.Module, calibration_data: Any, config: QuantConfig, sigm
     quantizers = [quantizer for _, quantizer in named]
     for name, quantizer in named:
         quantizer.layer_name = name.removesuffix(".input_quantizer")
+    # every quantized layer must run its own forward: one whose weights another module reads
+    # directly (nn.MultiheadAttention's out_proj) would compute with its float weights
+    called: set[str] = set()
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, QUANT_LAYER_TYPES) and (module.w_bits, module.a_bits) != (FLOAT_BITS, FLOAT_BITS)]
+    hooks = [module.register_forward_pre_hook(lambda module, args, name=name: called.add(name))
+             for name, module in layers]
     was_training = model.training
     model.eval()
     for quantizer in quantizers:
@@ -351,18 +358,23 @@ def calibrate(model: nn.Module, calibration_data: Any, config: QuantConfig, sigm
                 batch = batch + sigma * torch.randn(batch.shape, generator=generator)
             model(batch.to(device))
             seen += batch.shape[0]
-        unused = [quantizer.layer_name for quantizer in quantizers if quantizer.enabled and quantizer.saw_no_data]
+        unused = sorted({name for name, _ in layers if name not in called}
+                        | {quantizer.layer_name for quantizer in quantizers if quantizer.enabled and quantizer.saw_no_data})
         if unused:
             raise ValueError(
                 f"layers {unused} were never called during calibration (defined but not used in forward, or "
                 "used through their weights only, as nn.MultiheadAttention uses out_proj), so their activation "
-                "ranges cannot be calibrated; set them to 32/32 bits in the policy"
+                "ranges cannot be calibrated and their quantized weights would not be used; set them to 32/32 bits "
+                "in the policy"
             )
     except BaseException:
         for quantizer in quantizers:
             quantizer._observing = False
         model.train(was_training)
         raise
+    finally:
+        for hook in hooks:
+            hook.remove()
     for quantizer in quantizers:
         quantizer.finish_calibration()
     model.train(was_training)

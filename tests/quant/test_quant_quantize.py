@@ -360,6 +360,9 @@ def test_layers_never_called_during_calibration_are_named():
         with pytest.raises(ValueError, match=rf"layers \['{name}'\] were never called during calibration.*32/32"):
             quant.quantize(model, Policy.uniform(model, 4, 4), x)
         bits = {layer: LayerBits(4, 4) for layer, _ in quant.quantizable_layers(model)}
+        bits[name] = LayerBits(4, 32)  # float activations, 4-bit weights: still never run as quantized
+        with pytest.raises(ValueError, match=rf"layers \['{name}'\] were never called.*weights would not be used"):
+            quant.quantize(model, Policy(bits), x)
         bits[name] = LayerBits(32, 32)  # as the message says
         qmodel = quant.quantize(model, Policy(bits), x)
         with torch.no_grad():
