@@ -92,10 +92,11 @@ class CostReport:
 def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, nn.Module]]:
     """MACs per sample of every quantizable layer: ``{name: (macs, module)}`` (one forward of zeros)."""
     shape = tuple(int(s) for s in input_shape)
-    if len(shape) == 3:
+    if len(shape) in (1, 3):  # one sample without its batch dimension: (features,) or (C, H, W)
         shape = (1,) + shape
     if len(shape) not in (2, 4) or shape[0] != 1 or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape must be (C, H, W), (1, C, H, W) or (1, features), got {tuple(input_shape)}")
+        raise ValueError(f"input_shape must be (C, H, W), (1, C, H, W), (features,) or (1, features), got "
+                         f"{tuple(input_shape)}")
     batch = shape[0]
     layers = quantizable_layers(model)
     macs: dict[str, int] = {}

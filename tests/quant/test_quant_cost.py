@@ -73,3 +73,10 @@ def test_bad_input_shape_and_policy():
         bitops(model, None, (32, 32))
     with pytest.raises(TypeError, match="policy"):
         bitops(model, {"1.conv1": (4, 4)}, (3, 32, 32))
+
+
+def test_a_linear_models_sample_shape_may_omit_the_batch():
+    model = nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 10))
+    policy = Policy.uniform(model, 4, 4)
+    assert bitops(model, policy, (784,)).total_bitops == bitops(model, policy, (1, 784)).total_bitops
+    assert bitops(model, policy, (784,)).fraction_of_fp32 == 16 / 1024
