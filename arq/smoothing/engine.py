@@ -50,7 +50,9 @@ attribute: the integer model cannot be deep-copied, and ``copy.deepcopy(qmodel)`
 working), one entry per ``(backend, device, compiled, ARQ_CONV_KERNEL, ARQ_INPUT_CODES)``, each stamped with a
 fingerprint of the model's policy and its parameters and buffers (storage and in-place version
 counters): re-quantizing, calibrating or fine-tuning the model rebuilds the integer model on
-next use.
+next use. Writes that bypass the version counters (through ``.data``, a numpy view) are caught by
+comparing the parameters and buffers with a copy taken when the entries were built, on every
+use (one pass over the weights): a changed value rebuilds them too.
 
 Compilation (Inductor fuses the activation quantization with the float glue; the first call
 per batch shape compiles) is used when the work of one call is large (``compile_threshold``
@@ -139,6 +141,8 @@ def model_batches(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return batch.tensor_split(-(-batch.shape[0] // chunk))
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+#: model -> copies of its parameters and buffers when its cache entries were built
+_SNAPSHOTS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -366,11 +370,34 @@ def _prepare_inner(model, backend: str, device: torch.device, compile, work, com
 
 
 def _entries(model: nn.Module, fingerprint: tuple) -> dict:
-    """The model's cache entries, without those built from an older version of it (lock held)."""
+    """The model's cache entries, without those built from an older version of it (lock held).
+
+    The version fingerprint misses writes through ``.data`` or a numpy view (they leave the
+    version counters alone), so the values are compared with the snapshot taken when the
+    entries were built: any difference drops every entry."""
     entries = _CACHE.setdefault(model, {})
     for key in [k for k, (stamp, _, _) in entries.items() if stamp != fingerprint]:
         del entries[key]
+    if entries and not _values_unchanged(model):
+        entries.clear()
+    if not entries:  # the caller builds from the model as it is now
+        _SNAPSHOTS[model] = [(name, tensor.detach().clone()) for name, tensor in _named_tensors(model)]
     return entries
+
+
+def _named_tensors(model: nn.Module) -> list:
+    return [(name, tensor) for name, tensor in list(model.named_parameters()) + list(model.named_buffers())
+            if tensor is not None]
+
+
+def _values_unchanged(model: nn.Module) -> bool:
+    snapshot = _SNAPSHOTS.get(model)
+    current = _named_tensors(model)
+    if snapshot is None or [name for name, _ in snapshot] != [name for name, _ in current]:
+        return False
+    # torch.equal: exact, NaN unequal to itself (such a model is rebuilt every time, never stale)
+    return all(old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
+               and torch.equal(old, new.detach()) for (_, old), (_, new) in zip(snapshot, current))
 
 
 _GPU_FAILURES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -503,5 +530,7 @@ def clear_cache(model: nn.Module | None = None) -> None:
     with _LOCK:
         if model is None:
             _CACHE.clear()
+            _SNAPSHOTS.clear()
         else:
             _CACHE.pop(model, None)
+            _SNAPSHOTS.pop(model, None)

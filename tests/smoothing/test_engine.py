@@ -124,6 +124,33 @@ def test_cache_reuse_and_invalidation(float_model, mnist):
     assert engine.prepare_model(qmodel, "cpp", "cpu")[0] is not rebuilt
 
 
+def _favour_class_3(bias):
+    values = torch.zeros_like(bias)
+    values[3] = 100.0
+    return values
+
+
+@pytest.mark.parametrize("write", [
+    lambda b: b.data.add_(_favour_class_3(b)),     # old-style training loops, EMA, clipping
+    lambda b: b.data.copy_(b.data + _favour_class_3(b)),
+    lambda b: torch.from_numpy(b.detach().numpy()).add_(_favour_class_3(b)),  # a numpy view of the storage
+])
+def test_writes_that_bypass_version_counters_rebuild_the_integer_model(float_model, mnist, write):
+    """Writes through .data or numpy leave the version counters alone: the cached integer model then
+    certified the old weights. Their values are compared with the snapshot taken at build time."""
+    qmodel = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 8, 8), mnist[1][:64])
+    image = mnist[0][0]
+    before = arq.certify(qmodel, image, n=N, n0=N0)
+    first, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    assert engine.prepare_model(qmodel, "cpp", "cpu")[0] is first  # unchanged values: reused
+    write(qmodel.get_submodule("1.fc3").bias)
+    after = arq.certify(qmodel, image, n=N, n0=N0)
+    fresh = arq.certify(copy.deepcopy(qmodel), image, n=N, n0=N0)  # converted from scratch
+    assert after == fresh and after.backend == "cpp+int8"
+    assert before.prediction != 3 and after.prediction == 3
+    assert engine.prepare_model(qmodel, "cpp", "cpu")[0] is not first
+
+
 def test_float_and_integer_models_pass_through(float_model, mnist):
     assert engine.prepare_model(float_model, "cpp", "cpu") == (float_model, "")
     assert engine.prepare_model(float_model, "torch", "cpu") == (float_model, "")
