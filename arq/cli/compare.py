@@ -77,7 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--radii", default="0,0.25,0.5,0.75,1,1.25,1.5", help="radii of the table's columns")
     parser.add_argument("--final-finetune-steps", type=common.non_negative_int, default=200,
                         help="fine-tuning steps of every compared quantized model")
-    parser.add_argument("--uniform", type=uniform_policies, default=((8, 8), (4, 4)),
+    parser.add_argument("--uniform", type=uniform_policies, default="W8A8,W4A4",
                         help="uniform baselines, e.g. W8A8,W4A4,W3A3 (the one at the budget is the fair peer)")
     parser.add_argument("--haq-policy", default=None, help="use this HAQ policy (JSON) instead of searching")
     parser.add_argument("--arq-policy", default=None, help="use this ARQ policy (JSON) instead of searching")

@@ -125,8 +125,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="arq: IRS ACR relative to the float model; haq: clean accuracy")
     parser.add_argument("--episodes", type=common.positive_int, default=600, help="episodes in total (HAQ: 600)")
     parser.add_argument("--out", required=True, help="the best policy (JSON), written as it improves")
-    parser.add_argument("--log", default=None, help="JSONL, one line per episode (default: OUT.jsonl)")
-    parser.add_argument("--checkpoint", default=None, help="resumable state (default: OUT.ckpt.pt)")
+    parser.add_argument("--log", default=None,
+                        help="JSONL, one line per episode (default: OUT with .jsonl for .json, e.g. policy.jsonl)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="resumable state (default: OUT with .ckpt.pt for .json; the float model's IRS "
+                             "certificates go beside it, .irs.pt)")
     parser.add_argument("--resume", action="store_true", help="continue the search of --checkpoint")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_search_options(parser)

@@ -263,9 +263,10 @@ def load_checkpoint(checkpoint_path: str | os.PathLike | None, fingerprint: Mapp
         why = ""
         if "accuracy_execution" in changed:
             why = (f" (the checkpoint's run measured each candidate's clean accuracy "
-                   f"{saved.get('accuracy_execution')!r}, which enters its reward: a search "
-                   "started before 2026-11-29 with candidate_execution 'auto' cannot be continued by this "
-                   "version; start a new one)")
+                   f"{saved.get('accuracy_execution')!r}, this one would measure it "
+                   f"{fingerprint.get('accuracy_execution')!r}, and it enters the reward; a search started "
+                   "before 2026-11-29 with candidate_execution 'auto' cannot be continued by this version: "
+                   "start a new one)")
         elif "model_weights" in changed:
             why = " (the model's weights are not those the search started with)"
         raise ValueError(f"resume: settings differ from the checkpoint's in {changed}{why}; resume with the "
