@@ -215,10 +215,21 @@ def average_certified_radius(rows: Sequence[ResultRow]) -> float:
     return sum(max(value, 0.0) for value in certified) / len(certified)
 
 
-def envelope(list_of_results: Sequence[Sequence[ResultRow]], radii: Sequence[float]) -> list[float]:
-    """Best certified accuracy over the runs at each radius (max over sigma)."""
+def _check_same_images(list_of_results: Sequence[Sequence[ResultRow]]) -> None:
+    """The envelope compares the runs' certified fractions radius by radius: only meaningful over
+    the same test images (a run still in progress covers fewer)."""
     if not list_of_results:
         raise ValueError("list_of_results is empty: the envelope needs at least one run")
+    first = sorted(row.idx for row in list_of_results[0])
+    for number, rows in enumerate(list_of_results[1:], start=2):
+        if sorted(row.idx for row in rows) != first:
+            raise ValueError(f"run {number} covers other test images than run 1 ({len(rows)} against "
+                             f"{len(first)} rows): the best-over-runs envelope needs the same images in every run")
+
+
+def envelope(list_of_results: Sequence[Sequence[ResultRow]], radii: Sequence[float]) -> list[float]:
+    """Best certified accuracy over the runs at each radius (max over sigma), runs over the same images."""
+    _check_same_images(list_of_results)
     curves = [certified_accuracy(rows, radii) for rows in list_of_results]
     return [max(values) for values in zip(*curves)]
 
@@ -231,8 +242,7 @@ def envelope_area(list_of_results: Sequence[Sequence[ResultRow]]) -> float:
     several it is the ACR that a per-radius choice of sigma would reach (an
     upper bound, not the ACR of any single model).
     """
-    if not list_of_results:
-        raise ValueError("list_of_results is empty: the envelope needs at least one run")
+    _check_same_images(list_of_results)
     certified_per_run = [sorted(_certified_radii(rows)) for rows in list_of_results]
     breakpoints = sorted({value for run in certified_per_run for value in run if value > 0})
     area, previous = 0.0, 0.0
@@ -253,6 +263,12 @@ def certified_accuracy_table(
     ``envelope_label`` is given and there are at least two runs (its ACR is :func:`envelope_area`)."""
     if not results:
         raise ValueError("results is empty: give at least one run")
+    for label, rows in results.items():
+        indices = [row.idx for row in rows]
+        if len(set(indices)) != len(indices):
+            repeated = sorted({index for index in indices if indices.count(index) > 1})
+            raise ValueError(f"run {label!r} has several rows for test image(s) {repeated[:10]}: each would count "
+                             "more than once")
     header = ["run"] + [f"r={r:g}" for r in radii] + ["ACR"]
     table = [
         (label, certified_accuracy(rows, radii) + [average_certified_radius(rows)])
@@ -299,7 +315,7 @@ def format_table(
     cells = [[label] + [f"{value:.{decimals}f}" for value in values] for label, values in table]
     if fmt == "md":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
-        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        lines += ["| " + " | ".join([row[0].replace("|", "\\|")] + row[1:]) + " |" for row in cells]
         return "\n".join(lines) + "\n"
     latex_header = [""] + [f"$r = {r:g}$" for r in radii] + ["ACR"]
     lines = [

@@ -31,6 +31,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -136,12 +137,13 @@ def certify_rows(model: nn.Module, test_set, indices: Sequence[int], path: str, 
     """CERTIFY ``model`` on ``test_set[indices]``, appending rows to the TSV ``path`` (resuming after its
     complete rows, which must be the first of ``indices``); returns every row as ``arq.analyze.ResultRow``.
 
-    ``path.run.json`` (:mod:`arq.run_record`) keeps what the rows depend on: CERTIFY's settings, the
+    ``path.run.json`` (:mod:`arq.run_record`) keeps what the rows depend on: the model's weights
+    (sha256: a quantized model's after calibration and fine-tuning), CERTIFY's settings, the
     model's sigma and execution (``arq.smoothing.engine.execution_record``), and the caller's ``settings``
     (JSON-able: how the model was made); resuming under other ones raises
     :class:`arq.run_record.RunRecordMismatch`."""
     from arq.analyze import ResultRow
-    from arq.run_record import check_run_record
+    from arq.run_record import check_run_record, weights_sha256
     from arq.smoothing.core import certify
     from arq.smoothing.engine import execution_record, prepare_model
 
@@ -156,7 +158,7 @@ def certify_rows(model: nn.Module, test_set, indices: Sequence[int], path: str, 
     model_device = device if device is not None else (first.device if first is not None else torch.device("cpu"))
     prepared, tag = prepare_model(model, "auto", model_device, work=len(remaining) * (config.n + config.n0))
     sigma = (getattr(model, "arq_metadata", None) or {}).get("sigma")
-    record = {"n": config.n, "n0": config.n0, "alpha": config.alpha, "seed": config.seed,
+    record = {"model": weights_sha256(model), "n": config.n, "n0": config.n0, "alpha": config.alpha, "seed": config.seed,
               "sigma": None if sigma is None else float(sigma), **execution_record(prepared, tag), **(settings or {})}
     check_run_record(path, record, has_rows=bool(done))
     from tqdm import tqdm
@@ -197,14 +199,20 @@ def format_compare_table(models: Sequence[ModelRow], radii: Sequence[float], fmt
         search = "-" if model.search_seconds is None else f"{model.search_seconds:.0f}"
         values = [model.clean_accuracy] + certified_accuracy(model.rows, radii) + [average_certified_radius(model.rows)]
         table.append((model.label, values, model.bitops_share, search))
-    if fmt == "csv":
-        lines = [",".join(header)]
-        lines += [",".join([label] + [repr(float(v)) for v in values] + [repr(share), search])
-                  for label, values, share, search in table]
-        return "\n".join(lines) + "\n"
+    if fmt == "csv":  # csv quotes a label holding a comma
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        for label, values, share, search in table:
+            writer.writerow([label] + [repr(float(v)) for v in values] + [repr(share), search])
+        return buffer.getvalue()
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for label, values, share, search in table:
-        lines.append("| " + " | ".join([label] + [f"{v:.3f}" for v in values] + [f"{share:.5f}", search]) + " |")
+        cells = [label.replace("|", "\\|")] + [f"{v:.3f}" for v in values] + [f"{share:.5f}", search]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -334,6 +342,12 @@ def compare(
         raise ValueError("model.arq_metadata['sigma'] is required: compare certifies at the model's noise level")
     named: list[tuple[str, Policy | Callable]] = [
         (uniform_label(w, a), Policy.uniform(model, w, a)) for w, a in config.uniform] + list(policies.items())
+    taken = {"float"} | {uniform_label(w, a) for w, a in config.uniform}
+    for label in policies:  # labels name the rows' files (certify_<label>.tsv, policy_<label>.json)
+        if label in taken or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", label):
+            raise ValueError(f"policies: label {label!r} must differ from 'float' and the uniform rows "
+                             f"({', '.join(sorted(taken - {'float'}))}) and be a file-name-safe word "
+                             "(letters, digits, _ . + -)")
     if only is not None:
         check_rows(only, table_rows(config.uniform, list(policies)))
     indices = test_subset(len(test_set), config.images)

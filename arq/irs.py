@@ -75,7 +75,7 @@ from typing import NamedTuple
 import torch
 
 from arq.smoothing import statistics
-from arq.smoothing.core import ABSTAIN, _model_device, _model_dtype, certify, sample_predictions
+from arq.smoothing.core import ABSTAIN, _input_indices, _model_device, _model_dtype, certify, sample_predictions
 from arq.smoothing.engine import is_quantized, prepare_model
 from arq.smoothing.noise import DRAW_ESTIMATE, MAX_COUNTER, _choose_backend, noise_tv_bound
 
@@ -235,14 +235,9 @@ def _as_batch(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def _indices(input_index, count: int) -> list[int]:
-    if input_index is None:
-        return list(range(count))
-    if isinstance(input_index, int) and not isinstance(input_index, bool):
-        return [input_index + i for i in range(count)]
-    indices = [int(i) for i in input_index]
-    if len(indices) != count:
-        raise ValueError(f"input_index has {len(indices)} entries for {count} inputs")
-    return indices
+    """``input_index`` as the certification core reads it (an int, numpy or 0-d tensor integer, or one
+    per input; each in [0, 2^32))."""
+    return _input_indices(input_index, count)
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:

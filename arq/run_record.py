@@ -15,7 +15,27 @@ import sys
 
 RUN_RECORD_SUFFIX = ".run.json"
 
-__all__ = ["RUN_RECORD_SUFFIX", "RunRecordMismatch", "check_run_record", "run_record_path"]
+__all__ = ["RUN_RECORD_SUFFIX", "RunRecordMismatch", "check_run_record", "run_record_path", "weights_sha256"]
+
+
+def weights_sha256(model) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes and bytes, in key order): the
+    record's ``model``, so that a resume with other weights behind the same name is refused."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _canonical(value) -> str:
+    """A JSON-able value as the record file holds it (tuples as lists, keys as strings, NaN equal to NaN)."""
+    return json.dumps(value, sort_keys=True)
 
 
 class RunRecordMismatch(ValueError):
@@ -35,6 +55,7 @@ def check_run_record(outfile: str, record: dict, has_rows: bool, warn=None) -> N
     were made with these settings.
     """
     warn = warn or (lambda message: print(f"arq: warning: {message}", file=sys.stderr))
+    record = json.loads(_canonical(record))  # compared as the file will hold it
     path = run_record_path(outfile)
     if has_rows and os.path.isfile(path):
         try:
@@ -43,7 +64,7 @@ def check_run_record(outfile: str, record: dict, has_rows: bool, warn=None) -> N
         except (OSError, ValueError) as error:
             raise RunRecordMismatch(f"{path}: unreadable run record ({error}); delete it to resume without the check")
         changed = [f"{key} was {first[key]!r}, now {value!r}" for key, value in record.items()
-                   if key in first and first[key] != value]
+                   if key in first and _canonical(first[key]) != _canonical(value)]
         if changed:
             raise RunRecordMismatch(f"{outfile} was started with other settings ({'; '.join(changed)}): "
                                     "resume with the settings of the first run, or write to a new file")

@@ -23,9 +23,9 @@ RUN_A_ACR = (0.5 + 1.2) / 4
 RUN_B_TSV = (
     "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
     "0\t1\t1\t0.3\t1\t0:00:01.500000\n"
-    "100\t2\t2\t0.2\t1\t0:02:32.717239\n"
-    "200\t3\t3\t0.1\t1\t1:00:00\n"
-    "300\t4\t4\t2.0\t1\t1 day, 0:00:02.5\n"
+    "1\t2\t2\t0.2\t1\t0:02:32.717239\n"
+    "2\t3\t3\t0.1\t1\t1:00:00\n"
+    "3\t4\t4\t2.0\t1\t1 day, 0:00:02.5\n"
 )
 RUN_B_ACCURACY = [1.0, 0.5, 0.25, 0.25, 0.25, 0.25]
 RUN_B_ACR = (0.3 + 0.2 + 0.1 + 2.0) / 4
@@ -43,7 +43,7 @@ def test_read_results_parses_both_time_formats(run_files):
     rows_a = analyze.read_results(run_files[0])
     rows_b = analyze.read_results(run_files[1])
     assert rows_a[2] == ResultRow(idx=2, label=3, predict=-1, radius=0.0, correct=0, time=0.03)
-    assert [row.idx for row in rows_b] == [0, 100, 200, 300]
+    assert [row.idx for row in rows_b] == [0, 1, 2, 3]
     assert rows_b[1].radius == 0.2
     assert rows_b[0].time == pytest.approx(1.5)
     assert rows_b[1].time == pytest.approx(152.717239)
@@ -206,3 +206,27 @@ def test_importing_analyze_does_not_import_matplotlib():
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env=environment)
     assert output.stdout.strip() == "False"
+
+
+def test_the_envelope_needs_the_same_images_in_every_run(tmp_path):
+    """A run still in progress (4 images) against a complete one (100): the envelope took each
+    radius's best fraction, so the 4 lucky images set it."""
+    complete = [analyze.ResultRow(i, 0, 0 if i < 55 else 1, 0.5, int(i < 55), 0.1) for i in range(100)]
+    partial = [analyze.ResultRow(i, 0, 0, 2.5, 1, 0.1) for i in range(4)]
+    with pytest.raises(ValueError, match="run 2 covers other test images than run 1"):
+        analyze.envelope([complete, partial], [0.0, 1.0])
+    with pytest.raises(ValueError, match="run 2 covers other test images"):
+        analyze.format_table({"full": complete, "partial": partial}, [0.0])
+    assert analyze.format_table({"full": complete, "partial": partial}, [0.0], envelope_label=None)
+
+
+def test_a_run_with_repeated_images_is_refused():
+    rows = [analyze.ResultRow(i % 3, 0, 0, 0.5, 1, 0.1) for i in range(5)]
+    with pytest.raises(ValueError, match=r"several rows for test image\(s\) \[0, 1\]"):
+        analyze.format_table({"dup": rows}, [0.0])
+
+
+def test_labels_with_table_syntax_stay_in_their_cell():
+    rows = [analyze.ResultRow(0, 0, 0, 0.5, 1, 0.1)]
+    markdown = analyze.format_table({"a|b": rows}, [0.0], envelope_label=None)
+    assert markdown.splitlines()[2] == "| a\\|b | 1.000 | 0.500 |"

@@ -379,17 +379,10 @@ def write_rows(
 
 
 def model_fingerprint(model) -> str:
-    """sha256 over the model's state dict (names, dtypes, shapes and bytes, in key order)."""
-    import hashlib
+    """sha256 over the model's state dict (:func:`arq.run_record.weights_sha256`)."""
+    from arq.run_record import weights_sha256
 
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return weights_sha256(model)
 
 
 def check_run_record(outfile: str, record: dict, has_rows: bool) -> None:

@@ -31,6 +31,7 @@ import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -144,11 +145,13 @@ def _prepare_inputs(x: torch.Tensor, model: torch.nn.Module, device: torch.devic
 
 
 def _input_indices(input_index, batch_size: int) -> list[int]:
+    if isinstance(input_index, torch.Tensor) and input_index.dim() == 0:
+        input_index = input_index.item()
     if input_index is None:
         indices = list(range(batch_size))
-    elif isinstance(input_index, int) and not isinstance(input_index, bool):
-        indices = [input_index + i for i in range(batch_size)]
-    elif isinstance(input_index, Sequence) or isinstance(input_index, torch.Tensor):
+    elif isinstance(input_index, numbers.Integral) and not isinstance(input_index, bool):
+        indices = [int(input_index) + i for i in range(batch_size)]
+    elif isinstance(input_index, (Sequence, torch.Tensor, np.ndarray)):
         indices = [int(i) for i in input_index]
         if len(indices) != batch_size:
             raise ValueError(f"input_index has {len(indices)} entries for {batch_size} inputs")

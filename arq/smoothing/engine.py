@@ -348,6 +348,8 @@ def _prepare_inner(model, backend: str, device: torch.device, compile, work, com
         return model, "+fakequant"
     if "onednn" not in torch.backends.quantized.supported_engines or not torch.backends.mkldnn.is_available():
         return model, "+fakequant"
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        return model, "+fakequant"  # the integer conversion reads float32 weights (a .double() model runs as given)
     fingerprint = _fingerprint(model)
     from arq.quant.execution import default_conv_kernel  # here: arq.quant imports this package
 

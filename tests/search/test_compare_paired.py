@@ -1,4 +1,6 @@
 """arq.compare's paired ACR differences: the statistic the README's "beats" claims rest on."""
+import json
+
 import pytest
 import torch
 
@@ -104,3 +106,62 @@ def test_test_subset_needs_a_positive_count():
     for images in (0, -1, 2.0):
         with pytest.raises(ValueError, match="images must be a positive integer"):
             test_subset(10, images)
+
+
+def test_certify_rows_refuses_to_resume_with_other_weights(tiny, tiny_model, tmp_path):
+    """The record holds the weights' sha256: model A's rows cut short and resumed with model B
+    mixed the two in one file."""
+    import copy
+
+    import torch
+
+    from arq import compare
+    from arq.run_record import RunRecordMismatch, weights_sha256
+
+    images, labels = tiny.tiny_data(6, 3)
+    test_set = list(zip(images, labels.tolist()))
+    config = compare.CompareConfig(n=40, n0=10, batch_size=50)
+    path = str(tmp_path / "certify_float.tsv")
+    compare.certify_rows(tiny_model, test_set, [0, 2], path, config)
+    assert json.loads((tmp_path / "certify_float.tsv.run.json").read_text())["model"] == weights_sha256(tiny_model)
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.5)
+    with pytest.raises(RunRecordMismatch, match="model was"):
+        compare.certify_rows(other, test_set, [0, 2, 4], path, config)
+
+
+def test_run_records_compare_values_as_the_file_holds_them(tmp_path):
+    """Tuples, integer keys and NaN are what the JSON file turns them into: the same settings resume."""
+    from arq.run_record import check_run_record
+
+    path = str(tmp_path / "rows.tsv")
+    record = {"uniform": ((8, 8), (4, 4)), "bits": {1: 8}, "x": float("nan")}
+    check_run_record(path, record, has_rows=False)
+    check_run_record(path, record, has_rows=True)  # no RunRecordMismatch
+
+
+@pytest.mark.parametrize("label", ["float", "W8A8", "ARQ/1", "../x", ""])
+def test_compare_refuses_labels_that_clash_or_are_not_file_names(tiny, tiny_model, tmp_path, label):
+    from arq import compare
+    from arq.quant import Policy
+
+    images, labels = tiny.tiny_data(6, 3)
+    data = list(zip(images, labels.tolist()))
+    config = compare.CompareConfig(images=2, n=40, n0=10, batch_size=50, train_images=4, calibration_images=4,
+                                   finetune_steps=0)
+    with pytest.raises(ValueError, match=f"label {label!r} must differ"):
+        compare.compare(tiny_model, data, data, str(tmp_path / "cmp"), config,
+                        policies={label: Policy.uniform(tiny_model, 4, 4)})
+    assert not (tmp_path / "cmp" / "certify_float.tsv").exists()
+
+
+def test_compare_csv_quotes_a_label_with_a_comma():
+    import csv
+
+    from arq.analyze import ResultRow
+    from arq.compare import ModelRow, format_compare_table
+
+    model = ModelRow("ARQ, 0.1 budget", [ResultRow(0, 0, 0, 0.5, 1, 0.1)], 1.0, 0.0156, None)
+    rows = list(csv.reader(format_compare_table([model], [0.0], fmt="csv").splitlines()))
+    assert rows[1][0] == "ARQ, 0.1 budget" and len(rows[1]) == len(rows[0])

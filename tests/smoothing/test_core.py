@@ -316,3 +316,12 @@ def test_peak_memory_is_bounded_by_batch_size_not_n(tmp_path):
         peaks[n] = json.loads(result.stdout.strip().splitlines()[-1])["after"]
     # ru_maxrss is in KiB; n = 1e6 would need > 256 MB if samples were kept
     assert peaks[1_000_000] <= peaks[10_000] + 4 * 1024
+
+
+def test_input_index_takes_numpy_and_tensor_integers():
+    import numpy as np
+
+    model, x = _finite_model(), torch.rand(2, 3, 4, 4)
+    expected = arq.certify(model, x, sigma=0.5, n=50, n0=10, input_index=[7, 8])
+    for index in (np.int64(7), torch.tensor(7), np.array([7, 8]), torch.tensor([7, 8])):
+        assert arq.certify(model, x, sigma=0.5, n=50, n0=10, input_index=index) == expected

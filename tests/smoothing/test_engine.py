@@ -479,3 +479,12 @@ def test_a_failing_codes_entry_keeps_the_float_entry(qmodel, mnist, monkeypatch)
     assert tag == "+int8" and prepared.input_codes is None
     common = dict(sigma=0.6, num=300, draw=1, seed=3, input_index=0, batch_size=150, num_classes=10, backend="cpp")
     assert torch.equal(sample_counts(prepared, mnist[0][0], **common), sample_counts(floats, mnist[0][0], **common))
+
+
+def test_a_float64_quantized_model_runs_as_given(float_model, mnist):
+    """The integer conversion reads float32 weights: a .double() model is certified as the model it is."""
+    qmodel = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 8, 8), mnist[1][:64]).double()
+    certificate = arq.certify(qmodel, mnist[0][0], n=200, n0=20)
+    assert certificate.backend == "cpp+fakequant"
+    assert certificate == arq.certify(qmodel, mnist[0][0], n=200, n0=20, backend="torch")._replace(
+        backend="cpp+fakequant")
