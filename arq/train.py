@@ -409,6 +409,9 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, optimizer: torch
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     rng = checkpoint["rng"]
+    if rng["noise"].numel() != noise_generator.get_state().numel():  # CPU and CUDA generators differ
+        raise ValueError(f"cannot resume from {path}: its noise generator's state comes from another device type "
+                         f"than {device.type}; resume on the kind of device the run started on (--device)")
     torch.set_rng_state(rng["torch"])
     data_generator.set_state(rng["data"])
     noise_generator.set_state(rng["noise"])

@@ -143,3 +143,14 @@ def test_resume_drops_a_cut_last_log_line_and_names_a_corrupt_one(tmp_path):
     log.write_text("not json\n" + log.read_text())
     with pytest.raises(ValueError, match=r"log.jsonl:1: not a JSON log record"):
         train(_small_config(tmp_path, epochs=2, max_train_samples=64, resume=True))
+
+
+def test_resume_on_another_device_type_is_named(tmp_path):
+    """A CUDA run's noise generator state does not fit a CPU generator (simulated: no GPU here)."""
+    train(_small_config(tmp_path, epochs=2, max_train_samples=64), stop_after_epochs=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA Philox generator's size
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="another device type than cpu"):
+        train(_small_config(tmp_path, epochs=2, max_train_samples=64, resume=True))
