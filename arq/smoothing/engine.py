@@ -351,9 +351,10 @@ def _prepare_inner(model, backend: str, device: torch.device, compile, work, com
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         return model, "+fakequant"  # the integer conversion reads float32 weights (a .double() model runs as given)
     fingerprint = _fingerprint(model)
-    from arq.quant.execution import default_conv_kernel  # here: arq.quant imports this package
+    from arq.quant.execution import cpu_isa_forced_to_avx2, default_conv_kernel  # here: arq.quant imports this package
 
-    conv_kernel = default_conv_kernel()  # what _build_integer's config will take
+    # what _build_integer's config will take; ARQ_CPU_ISA=avx2 changes the host-dependent routing
+    conv_kernel = (default_conv_kernel(), cpu_isa_forced_to_avx2())
     codes = input_codes_wanted()
     with _LOCK:
         entries = _entries(model, fingerprint)

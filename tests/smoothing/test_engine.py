@@ -107,6 +107,18 @@ def test_cache_keeps_one_integer_model_per_conv_kernel(float_model, mnist, monke
     assert engine.prepare_model(qmodel, "cpp", "cpu")[0] is onednn
 
 
+def test_arq_cpu_isa_set_mid_session_takes_effect(float_model, mnist, monkeypatch):
+    """ARQ_CPU_ISA=avx2 changes the host-dependent routing of the convolutions: a model prepared
+    before it was set is prepared again, not reused."""
+    qmodel = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 4, 4), mnist[1][:64])
+    monkeypatch.delenv("ARQ_CPU_ISA", raising=False)
+    monkeypatch.delenv("ARQ_CONV_KERNEL", raising=False)
+    native, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    monkeypatch.setenv("ARQ_CPU_ISA", "avx2")
+    emulated, _ = engine.prepare_model(qmodel, "cpp", "cpu")
+    assert emulated is not native and engine.prepare_model(qmodel, "cpp", "cpu")[0] is emulated
+
+
 @pytest.mark.skipif(not compiled_ops_available(), reason="needs arq._C")
 def test_cache_reuse_and_invalidation(float_model, mnist):
     qmodel = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 8, 8), mnist[1][:64])
