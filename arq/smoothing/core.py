@@ -21,6 +21,11 @@ Noise is counter-based (``arq.smoothing.noise``): sample j of draw d for input
 i is fixed by ``(seed, i, d, j)``, so results do not depend on ``batch_size``
 and the selection (n0) and estimation (n) draws are independent streams.
 Memory is bounded by ``batch_size``: votes accumulate on the model's device.
+
+f's vote on a sample is the argmax of the model's logits for it, so the model must give one row
+of at least two logits per noisy sample: more rows (a test-time augmentation's), one logit, a
+non-tensor output or NaN logits (argmax would call NaN the maximum) are refused with an error,
+never counted.
 """
 from __future__ import annotations
 
