@@ -146,9 +146,10 @@ def test_triton_epilogue_and_votes_read_strided_vectors_as_their_values(device, 
     packed_linear(x, packed, 4, scales, bias, x_scale=0.5, out=out)
     assert torch.equal(out, expected)
 
-    features = torch.randn(40, 7, generator=generator).to(device)
-    weight = torch.randn(5, 7, generator=generator).to(device)
-    strided_bias = torch.randn(10, generator=generator).to(device)[::2]
+    # integer-valued floats: exact sums in any order, so a GPU's products compare exactly too
+    features = torch.randint(-4, 5, (40, 7), generator=generator).float().to(device)
+    weight = torch.randint(-4, 5, (5, 7), generator=generator).float().to(device)
+    strided_bias = (torch.randperm(10, generator=generator).float() * 3).to(device)[::2]
     assert torch.equal(vote_count(features, weight, strided_bias, 5),
                        vote_count_reference(features, weight, strided_bias.contiguous(), 5))
 
