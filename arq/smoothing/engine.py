@@ -398,9 +398,15 @@ def _values_unchanged(model: nn.Module) -> bool:
     current = _named_tensors(model)
     if snapshot is None or [name for name, _ in snapshot] != [name for name, _ in current]:
         return False
-    # torch.equal: exact, NaN unequal to itself (such a model is rebuilt every time, never stale)
-    return all(old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
-               and torch.equal(old, new.detach()) for (_, old), (_, new) in zip(snapshot, current))
+    if any(old.shape != new.shape or old.dtype != new.dtype or old.device != new.device
+           for (_, old), (_, new) in zip(snapshot, current)):
+        return False
+    # exact equality (NaN unequal to itself: such a model is rebuilt every time, never stale), per
+    # device one stacked flag and one host synchronization, not one per tensor
+    by_device: dict[torch.device, list] = {}
+    for (_, old), (_, new) in zip(snapshot, current):
+        by_device.setdefault(old.device, []).append(torch.eq(old, new.detach()).all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 
 _GPU_FAILURES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
