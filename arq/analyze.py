@@ -260,7 +260,8 @@ def certified_accuracy_table(
     envelope_label: str | None = "best over runs",
 ) -> tuple[list[str], list[tuple[str, list[float]]]]:
     """Header and rows ``(label, [acc(r) for r in radii] + [ACR])``, plus an envelope row when
-    ``envelope_label`` is given and there are at least two runs (its ACR is :func:`envelope_area`)."""
+    ``envelope_label`` is given, there are at least two runs and they cover the same test images
+    (else a warning; its ACR is :func:`envelope_area`). A run with repeated images raises ValueError."""
     if not results:
         raise ValueError("results is empty: give at least one run")
     for label, rows in results.items():
@@ -276,7 +277,12 @@ def certified_accuracy_table(
     ]
     if envelope_label is not None and len(results) > 1:
         runs = list(results.values())
-        table.append((envelope_label, envelope(runs, radii) + [envelope_area(runs)]))
+        try:
+            _check_same_images(runs)
+        except ValueError as error:  # each run's own row still stands
+            warnings.warn(f"no {envelope_label!r} row: {error}", stacklevel=2)
+        else:
+            table.append((envelope_label, envelope(runs, radii) + [envelope_area(runs)]))
     return header, table
 
 
@@ -359,7 +365,10 @@ def plot_certified_accuracy(
     for label, rows in results.items():
         axes.plot(grid, certified_accuracy(rows, grid), label=label)
     if envelope_label is not None and len(results) > 1:
-        axes.plot(grid, envelope(list(results.values()), grid), "k--", label=envelope_label)
+        try:
+            axes.plot(grid, envelope(list(results.values()), grid), "k--", label=envelope_label)
+        except ValueError as error:  # runs over other images: each run's curve still stands
+            warnings.warn(f"no {envelope_label!r} curve: {error}", stacklevel=2)
     axes.set_xlim(0.0, max_radius if max_radius > 0 else 1.0)
     axes.set_ylim(0.0, 1.0)
     if len(radii) <= MAX_RADIUS_TICKS:

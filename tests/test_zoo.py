@@ -131,3 +131,20 @@ def test_the_shipped_sha256_list_covers_every_shipped_model():
     assert sorted(name.removesuffix(".safetensors") for name in listed) == zoo.names()
     for name, digest in listed.items():
         assert hashlib.sha256((zoo.WEIGHTS_DIR / name).read_bytes()).hexdigest() == digest
+
+
+def test_the_cli_names_a_changed_zoo_file_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from arq.cli.main import main
+
+    for file_name in ("SHA256SUMS", "mnist-lenet-sigma0.25.safetensors"):
+        shutil.copy(zoo.WEIGHTS_DIR / file_name, tmp_path / file_name)
+    path = tmp_path / "mnist-lenet-sigma0.25.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    assert main(["certify", "mnist", "mnist-lenet-sigma0.25", str(tmp_path / "out.tsv"), "--N", "10", "--N0", "5",
+                 "--max", "1"]) == 2
+    assert "MODEL mnist-lenet-sigma0.25:" in capsys.readouterr().err and not (tmp_path / "out.tsv").exists()

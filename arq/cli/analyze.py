@@ -84,12 +84,21 @@ def run(args: argparse.Namespace) -> int:
         if rows[0].radius is None:
             raise CommandError(f"FILE {path} has no radius column: analyze reads certify files, not predict files")
         results[label] = rows
-    table = analyze.format_table(results, radii, args.table_format, envelope_label=ENVELOPE_LABEL)
+    # the envelope compares the files radius by radius: only over the same test images
+    same_images = len({frozenset(row.idx for row in rows) for rows in results.values()}) <= 1
+    if not same_images:
+        print(f"arq analyze: warning: the files cover different test images (another --skip/--max, or a run "
+              f"still in progress): no {ENVELOPE_LABEL!r} row", file=sys.stderr)
+    envelope_label = ENVELOPE_LABEL if same_images else None
+    try:
+        table = analyze.format_table(results, radii, args.table_format, envelope_label=envelope_label)
+    except ValueError as error:  # a file with repeated images
+        raise CommandError(str(error)) from None
     if args.output is None:
         sys.stdout.write(table)
     else:
         with open(args.output, "w", encoding="utf-8") as handle:
             handle.write(table)
     if args.plot is not None:
-        analyze.plot_certified_accuracy(results, args.plot, radii, envelope_label=ENVELOPE_LABEL, title=args.title)
+        analyze.plot_certified_accuracy(results, args.plot, radii, envelope_label=envelope_label, title=args.title)
     return 0

@@ -190,7 +190,10 @@ def load_model(spec: str):
         raise CommandError(
             f"MODEL {spec!r} is neither a checkpoint file nor a zoo model (zoo models: {', '.join(names) or 'none'})"
         )
-    return load_zoo_model(spec)
+    try:
+        return load_zoo_model(spec)
+    except ValueError as error:  # a changed zoo file (sha256) or one that does not load
+        raise CommandError(f"MODEL {spec}: {error}") from None
 
 
 def load_dataset(name: str, split: str, root: str | None):
@@ -442,7 +445,7 @@ def check_model_takes_inputs(model, dataset, index: int, device, dataset_name: s
 
 
 def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None,
-                samples_per_input: int = 0) -> PreparedRun:
+                samples_per_input: int = 0, check=None) -> PreparedRun:
     """Resolve SIGMA/OUTFILE, load the model and data, prepare the model's execution, and open the
     output for (re)writing.
 
@@ -452,7 +455,8 @@ def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = N
     the integer CPU model, the packed GPU kernels or its fake-quant form, and their votes may
     differ slightly; for the integer model also ``conv_kernels``, which differ by CPU and
     ``ARQ_CONV_KERNEL``), so one file never mixes two of them. ``samples_per_input``: the
-    engine's work estimate (:func:`prepare_engine`).
+    engine's work estimate (:func:`prepare_engine`). ``check(dataset, first_index)``: the command's
+    own checks, run before OUTFILE is written (raise CommandError).
     """
     positional_sigma, outfile = split_sigma_and_outfile(args.sigma_and_outfile)
     check_max(args.max)
@@ -476,6 +480,8 @@ def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = N
         raise CommandError(f"--backend {args.backend}: {error}") from None
     if len(indices):
         check_model_takes_inputs(model, dataset, indices[0], device, args.dataset)
+        if check is not None:  # the command's own checks, before OUTFILE is written
+            check(dataset, indices[0])
     record = {"command": getattr(args, "command", None), "dataset": args.dataset, "split": args.split,
               "model": fingerprint, "sigma": float(sigma), "alpha": float(args.alpha),
               "seed": int(args.seed), **(settings or {}), **execution}

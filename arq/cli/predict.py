@@ -37,10 +37,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_alpha(args: argparse.Namespace, dataset, index: int) -> None:
+    """PREDICT tests at alpha - N * delta (arq.smoothing.core): at or below 0 every row would be an
+    error; refused before OUTFILE is written."""
+    from arq.smoothing.noise import noise_tv_bound
+
+    elements = dataset[index][0].numel()
+    if args.alpha <= args.N * noise_tv_bound(elements):
+        raise common.CommandError(f"--alpha {args.alpha:g} is not above N * delta = {args.N * noise_tv_bound(elements):.3g} "
+                                  f"(the sampler's deviation bound for N={args.N} samples of {elements} values): "
+                                  "PREDICT could only abstain; raise --alpha or lower --N")
+
+
 def run(args: argparse.Namespace) -> int:
     from arq.smoothing.core import predict
 
-    prepared = common.prepare_run(args, HEADER, {"N": args.N}, samples_per_input=args.N)
+    prepared = common.prepare_run(args, HEADER, {"N": args.N}, samples_per_input=args.N,
+                                  check=lambda dataset, index: _check_alpha(args, dataset, index))
 
     def predict_one(x, label: int, index: int) -> list[str]:
         result = predict(

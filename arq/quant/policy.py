@@ -37,6 +37,8 @@ def _check_bits(value: int, parameter: str) -> None:
 
 def _haq_bits(value, parameter: str) -> int:
     """``value`` as an int: an int (not a bool), a numpy integer, or a float with an integer value."""
+    if hasattr(value, "dim") and hasattr(value, "item") and value.dim() == 0:  # a 0-d torch tensor
+        value = value.item()
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         raise TypeError(f"{parameter} must be an int, got a bool ({value!r})")
     if isinstance(value, numbers.Integral):

@@ -344,8 +344,10 @@ class ActivationQuantizer(nn.Module):
             kept = flat[index.to(flat.device)].cpu()
         self._samples.append(kept)
         self._sample_count += kept.numel()
-        if self._sample_count > 2 * cap:  # the draws are in random order, so every other one is uniform too
-            self._samples = [torch.cat(self._samples)[::2]]
+        if self._sample_count > 2 * cap:  # a random half: a batch kept whole is in NCHW order, where
+            kept_all = torch.cat(self._samples)  # every other value would be a fixed stride again
+            half = torch.randperm(kept_all.numel(), generator=self._generator)[: kept_all.numel() // 2]
+            self._samples = [kept_all[half]]
             self._sample_count = self._samples[0].numel()
 
     @property

@@ -384,9 +384,9 @@ def certify(
         With probability >= 1 - alpha each non-abstained certificate is correct.
     """
     sigma = _model_sigma(model, sigma)
-    _check_positive_int("n", n)
-    _check_positive_int("n0", n0)
-    _check_positive_int("batch_size", batch_size)
+    n = _check_positive_int("n", n)
+    n0 = _check_positive_int("n0", n0)
+    batch_size = _check_positive_int("batch_size", batch_size)
     alpha = _check_alpha(alpha)
     seed = _check_seed(seed)
     if n > MAX_COUNTER or n0 > MAX_COUNTER:
@@ -440,8 +440,8 @@ def predict(
     One int for ``[C, H, W]``, a list for ``[B, C, H, W]``.
     """
     sigma = _model_sigma(model, sigma)
-    _check_positive_int("n", n)
-    _check_positive_int("batch_size", batch_size)
+    n = _check_positive_int("n", n)
+    batch_size = _check_positive_int("batch_size", batch_size)
     alpha = _check_alpha(alpha)
     seed = _check_seed(seed)
     run_device = _model_device(model, device)

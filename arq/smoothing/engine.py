@@ -367,6 +367,7 @@ def _prepare_inner(model, backend: str, device: torch.device, compile, work, com
             compiled = _compile_wanted(compile, work, compile_threshold)
         key = (backend, str(device), compiled, conv_kernel, codes)
         if key not in entries:
+            _remember(model, entries)
             entries[key] = (fingerprint, _build_integer(model, compiled), "+int8-compiled" if compiled else "+int8")
         _, callable_model, tag = entries[key]
     return callable_model, tag
@@ -383,9 +384,16 @@ def _entries(model: nn.Module, fingerprint: tuple) -> dict:
         del entries[key]
     if entries and not _values_unchanged(model):
         entries.clear()
-    if not entries:  # the caller builds from the model as it is now
-        _SNAPSHOTS[model] = _snapshot(_named_tensors(model))
+    if not entries:  # held only while entries are: a model with nothing cached keeps no copy
+        _SNAPSHOTS.pop(model, None)
     return entries
+
+
+def _remember(model: nn.Module, entries: dict) -> None:
+    """Before an entry is added: the first one of a model takes the snapshot its values are checked
+    against (later ones were built from the same, checked, values)."""
+    if not entries:
+        _SNAPSHOTS[model] = _snapshot(_named_tensors(model))
 
 
 def _named_tensors(model: nn.Module) -> list:
@@ -452,6 +460,7 @@ def _prepare_packed_gpu(model: nn.Module, backend: str, device: torch.device):
                 packed, input_codes = _entered_at_codes(build, enter_at_input_codes if codes else None)
                 # read by arq.smoothing.core: make the noisy batches in this format (None: float images)
                 packed.input_codes = input_codes
+                _remember(model, entries)
                 entries[key] = (fingerprint, packed, "+packed")
             except Exception as error:  # a missing or failing optional path: run the reference model
                 import warnings
@@ -542,6 +551,7 @@ def _graphed(model: nn.Module, inner, tag: str, device: torch.device, cuda_graph
         if key not in entries:
             # the cache is keyed weakly by the model: an entry must not hold the model itself
             target = weakref.proxy(inner) if inner is model else inner
+            _remember(model, entries)
             entries[key] = (fingerprint, CudaGraphForward(target), tag + "+graphs")
         _, graphed, graphed_tag = entries[key]
     return graphed, graphed_tag

@@ -95,3 +95,21 @@ def test_analyze_missing_and_predict_files(tmp_path, capsys):
     predict_file.write_text("idx\tlabel\tpredict\tcorrect\ttime\n0\t1\t1\t1\t0.2\n")
     assert main(["analyze", str(predict_file)]) == 2
     assert "no radius column" in capsys.readouterr().err
+
+
+def test_analyze_files_over_different_images_print_their_rows_without_the_envelope(tmp_path, capsys):
+    """A run in progress beside a complete one: each file's row stands; the best-over-files row, which
+    would compare fractions of different image sets, is left out with a warning."""
+    complete, partial = tmp_path / "complete.tsv", tmp_path / "partial.tsv"
+    header = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+    complete.write_text(header + "".join(f"{i}\t0\t0\t0.5\t1\t0.1\n" for i in range(10)))
+    partial.write_text(header + "0\t0\t0\t2.5\t1\t0.1\n")
+    assert main(["analyze", str(complete), str(partial), "--radii", "0,1", "--plot", str(tmp_path / "p.png")]) == 0
+    captured = capsys.readouterr()
+    assert "cover different test images" in captured.err
+    assert "complete" in captured.out and "partial" in captured.out and "best over files" not in captured.out
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    doubled = tmp_path / "doubled.tsv"
+    doubled.write_text(header + "0\t0\t0\t0.5\t1\t0.1\n0\t0\t0\t0.5\t1\t0.1\n")
+    assert main(["analyze", str(doubled)]) == 2
+    assert "several rows for test image(s) [0]" in capsys.readouterr().err

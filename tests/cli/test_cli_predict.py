@@ -42,3 +42,11 @@ def test_predict_resume_with_other_n_is_refused(tiny, tmp_path, capsys):
     assert main(["predict", "mnist", "tiny", str(outfile), "--resume", *OPTIONS, "--N", "300"]) == 2
     assert "N was 200, now 300" in capsys.readouterr().err
     assert len(read_rows(outfile)) == 3
+
+
+def test_an_alpha_predict_could_only_abstain_at_is_refused_before_the_output(tiny, tmp_path, capsys):
+    outfile = tmp_path / "predict.tsv"
+    assert main(["predict", "mnist", "tiny", "0.25", str(outfile), "--N", "1000", "--alpha", "1e-14",
+                 "--device", "cpu"]) == 2
+    assert "--alpha 1e-14 is not above N * delta" in capsys.readouterr().err
+    assert not outfile.exists()

@@ -123,3 +123,12 @@ def test_from_haq_takes_whole_numbers_and_refuses_the_rest():
 def test_unsupported_format_version_is_quoted():
     with pytest.raises(ValueError, match=r"unsupported policy format_version '1' \(expected 1\)"):
         Policy.from_dict({"format_version": "1", "layers": {}})
+
+
+def test_from_haq_takes_a_tensor_strategy():
+    import torch
+
+    model = cifar_resnet(20)
+    count = len(quantizable_layers(model))
+    policy = Policy.from_haq(model, torch.full((count, 2), 8))
+    assert policy.to_haq(model) == [[8, 8]] * count

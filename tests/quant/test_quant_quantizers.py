@@ -210,3 +210,19 @@ def test_config_takes_numpy_integers_as_ints():
 def test_config_calibration_sigma_must_be_finite_and_non_negative(value):
     with pytest.raises(ValueError, match="calibration_sigma must be a finite number >= 0 or None"):
         QuantConfig(calibration_sigma=value)
+
+
+def test_calibration_keeps_a_position_unbiased_sample_when_batches_are_small():
+    """Small batches are kept whole, in NCHW order; halving them by every other value was a fixed
+    stride again (only even features of a [B, F] input). The half is drawn at random."""
+    from arq.quant.quantizers import ActivationQuantizer, QuantConfig
+
+    quantizer = ActivationQuantizer(8, QuantConfig(activation_range="percentile", percentile=99.0,
+                                                   calibration_samples=512))
+    quantizer.start_calibration()
+    for _ in range(40):
+        batch = torch.ones(4, 16)
+        batch[:, 1::2] = 10.0  # odd features are large: half of all values
+        quantizer._observe(batch)
+    kept = torch.cat(quantizer._samples)
+    assert 0.3 < float((kept == 10.0).float().mean()) < 0.7

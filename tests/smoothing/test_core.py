@@ -325,3 +325,14 @@ def test_input_index_takes_numpy_and_tensor_integers():
     expected = arq.certify(model, x, sigma=0.5, n=50, n0=10, input_index=[7, 8])
     for index in (np.int64(7), torch.tensor(7), np.array([7, 8]), torch.tensor([7, 8])):
         assert arq.certify(model, x, sigma=0.5, n=50, n0=10, input_index=index) == expected
+
+
+def test_certificates_hold_python_numbers_whatever_the_arguments_were():
+    import json
+
+    import numpy as np
+
+    certificate = arq.certify(_finite_model(), torch.rand(3, 4, 4), sigma=0.5, n=np.int64(50), n0=np.int32(10),
+                              batch_size=np.int64(25))
+    assert type(certificate.n) is int and type(certificate.n0) is int
+    json.dumps(certificate._asdict())

@@ -500,3 +500,13 @@ def test_a_float64_quantized_model_runs_as_given(float_model, mnist):
     assert certificate.backend == "cpp+fakequant"
     assert certificate == arq.certify(qmodel, mnist[0][0], n=200, n0=20, backend="torch")._replace(
         backend="cpp+fakequant")
+
+
+def test_a_model_with_nothing_cached_holds_no_snapshot(float_model, mnist):
+    qmodel = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 8, 8), mnist[1][:64])
+    engine.prepare_model(qmodel, "torch", "cpu")  # the reference: nothing converted, nothing kept
+    assert qmodel not in engine._SNAPSHOTS
+    engine.prepare_model(qmodel, "cpp", "cpu")
+    assert qmodel in engine._SNAPSHOTS
+    engine.clear_cache(qmodel)
+    assert qmodel not in engine._SNAPSHOTS
