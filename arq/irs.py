@@ -66,7 +66,6 @@ ResNet-110 at sigma 1 (``benchmarks/bench_irs.py`` measures ours).
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,7 +74,15 @@ from typing import NamedTuple
 import torch
 
 from arq.smoothing import statistics
-from arq.smoothing.core import ABSTAIN, _input_indices, _model_device, _model_dtype, certify, sample_predictions
+from arq.smoothing.core import (
+    ABSTAIN,
+    _check_positive_int,
+    _input_indices,
+    _model_device,
+    _model_dtype,
+    certify,
+    sample_predictions,
+)
 from arq.smoothing.engine import is_quantized, prepare_model
 from arq.smoothing.noise import DRAW_ESTIMATE, MAX_COUNTER, _choose_backend, noise_tv_bound
 
@@ -234,12 +241,6 @@ def _as_batch(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (x.unsqueeze(0), True) if x.dim() == 3 else (x, False)
 
 
-def _indices(input_index, count: int) -> list[int]:
-    """``input_index`` as the certification core reads it (an int, numpy or 0-d tensor integer, or one
-    per input; each in [0, 2^32))."""
-    return _input_indices(input_index, count)
-
-
 def _check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -332,9 +333,8 @@ def build_cache(
     sigma = float(sigma if sigma is not None else (getattr(model, "arq_metadata", None) or {}).get("sigma") or 0.0)
     if not sigma > 0:
         raise ValueError("sigma is required: pass sigma=... or give the model arq_metadata['sigma']")
-    for name, value, least in (("n", n, 1), ("n0", n0, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    _check_positive_int("n", n)
+    _check_positive_int("n0", n0)
     n_keep = resolve_n_p(n, n_p, n_p_share)
     if n_keep > n:
         raise ValueError(f"n_p={n_keep} must not exceed n={n}: IRS replays f's estimation samples")
@@ -345,7 +345,7 @@ def build_cache(
     run_device = _model_device(model, device)
     batch, _ = _as_batch(x)
     batch = batch.detach().to(device=run_device, dtype=_model_dtype(model))
-    indices = _indices(input_index, batch.shape[0])
+    indices = _input_indices(input_index, batch.shape[0])
     certify_backend = "torch" if is_quantized(model) else backend
     certificates = certify(model, batch, sigma=sigma, n=n, n0=n0, alpha=alpha, batch_size=batch_size, seed=seed,
                            device=run_device, backend=certify_backend, input_index=indices)
@@ -409,7 +409,7 @@ def certify_incremental(
     run_device = _model_device(model, device)
     batch, single = _as_batch(x)
     batch = batch.detach().to(device=run_device, dtype=_model_dtype(model))
-    indices = _indices(input_index, batch.shape[0])
+    indices = _input_indices(input_index, batch.shape[0])
     delta = noise_tv_bound(batch[0].numel())
     chosen_backend = _choose_backend(backend, run_device)
     results = []

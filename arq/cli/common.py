@@ -381,13 +381,6 @@ def write_rows(
 # ------------------------------------------------------------------------------ run record
 
 
-def model_fingerprint(model) -> str:
-    """sha256 over the model's state dict (:func:`arq.run_record.weights_sha256`)."""
-    from arq.run_record import weights_sha256
-
-    return weights_sha256(model)
-
-
 def check_run_record(outfile: str, record: dict, has_rows: bool) -> None:
     """Refuse to resume ``outfile`` under settings that change its rows (:mod:`arq.run_record`): the
     model weights, data set and split, sigma, sample counts, alpha, seed and the model's execution."""
@@ -432,6 +425,8 @@ def check_model_takes_inputs(model, dataset, index: int, device, dataset_name: s
     that does not take the data set's images fails here with its error named, not at the first row."""
     import torch
 
+    from arq.smoothing.core import check_logits
+
     image = dataset[index][0]
     try:
         with torch.inference_mode():
@@ -439,9 +434,10 @@ def check_model_takes_inputs(model, dataset, index: int, device, dataset_name: s
     except Exception as error:  # any failure of the user's model on this data
         raise CommandError(f"the model does not take {dataset_name}'s images (shape {tuple(image.shape)}): "
                            f"{type(error).__name__}: {error}") from None
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise CommandError(f"the model must return logits [batch, classes] for {dataset_name}'s images, got {shape}")
+    try:
+        check_logits(logits, 1)
+    except (TypeError, ValueError) as error:
+        raise CommandError(f"on {dataset_name}'s images: {error}") from None
 
 
 def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = None,
@@ -469,7 +465,9 @@ def prepare_run(args: argparse.Namespace, header: str, settings: dict | None = N
         warn_user(f"the model was trained on {metadata['dataset']}, DATASET is {args.dataset}")
     dataset = load_dataset(args.dataset, args.split, args.data_root)
     indices = selected_indices(len(dataset), args.skip, args.max)
-    fingerprint = model_fingerprint(model)
+    from arq.run_record import weights_sha256
+
+    fingerprint = weights_sha256(model)
     model = model.to(device).eval()
     try:
         from arq.smoothing.noise import resolve_backend

@@ -123,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
             out = os.path.join(args.out, f"search_{reward}.json")
             paths = default_paths(out)
             search_settings = search_config(args, reward)
+            from arq.run_record import weights_sha256
             from arq.search.run import search_fingerprint
 
-            fingerprint = search_fingerprint(args.model, dataset, search_settings, common.model_fingerprint(model))
+            fingerprint = search_fingerprint(args.model, dataset, search_settings, weights_sha256(model))
             resume = args.resume and os.path.isfile(paths["checkpoint"])
             print(f"arq compare: {reward.upper()} search, {args.episodes} episodes", file=sys.stderr)
             result = run_one_search(model, train_set, search_settings, episodes=args.episodes, out=out,

@@ -38,15 +38,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _check_alpha(args: argparse.Namespace, dataset, index: int) -> None:
-    """PREDICT tests at alpha - N * delta (arq.smoothing.core): at or below 0 every row would be an
-    error; refused before OUTFILE is written."""
+    """PREDICT tests at alpha - N * delta (:func:`arq.smoothing.core.predict_test_level`): at or below 0
+    every row would be an error; refused before OUTFILE is written."""
+    from arq.smoothing.core import predict_test_level
     from arq.smoothing.noise import noise_tv_bound
 
     elements = dataset[index][0].numel()
-    if args.alpha <= args.N * noise_tv_bound(elements):
-        raise common.CommandError(f"--alpha {args.alpha:g} is not above N * delta = {args.N * noise_tv_bound(elements):.3g} "
-                                  f"(the sampler's deviation bound for N={args.N} samples of {elements} values): "
-                                  "PREDICT could only abstain; raise --alpha or lower --N")
+    try:
+        predict_test_level(args.alpha, args.N, elements)
+    except ValueError:
+        raise common.CommandError(
+            f"--alpha {args.alpha:g} is not above N * delta = {args.N * noise_tv_bound(elements):.3g} (the sampler's "
+            f"deviation bound for N={args.N} samples of {elements} values): PREDICT could only abstain; raise "
+            "--alpha or lower --N") from None
 
 
 def run(args: argparse.Namespace) -> int:

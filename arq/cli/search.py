@@ -207,9 +207,10 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or paths["checkpoint"]
     config = search_config(args, args.reward)
     model, train_set, dataset = load_model_and_data(args)
+    from arq.run_record import weights_sha256
     from arq.search.run import search_fingerprint
 
-    fingerprint = search_fingerprint(args.model, dataset, config, common.model_fingerprint(model))
+    fingerprint = search_fingerprint(args.model, dataset, config, weights_sha256(model))
     result = run_one_search(model, train_set, config, episodes=args.episodes, out=args.out, log=log,
                             checkpoint=checkpoint, cache_path=paths["cache"], resume=args.resume,
                             fingerprint=fingerprint)

@@ -214,26 +214,35 @@ def _produced_classes(model: torch.nn.Module, x: torch.Tensor) -> int:
     return logits.shape[1]
 
 
-def model_logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """``model(batch)``, checked to be logits ``[len(batch), classes]``: one row per noisy sample, or
-    every extra row (a test-time augmentation's, say) would be counted as a vote."""
-    logits = model(batch)
+def check_logits(logits, rows: int) -> torch.Tensor:
+    """``logits`` as a model's output for ``rows`` inputs must be: a tensor ``[rows, classes]``, one row
+    per noisy sample, or every extra row (a test-time augmentation's, say) would be counted as a vote."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the model must return a logits tensor [batch, classes], got {type(logits).__name__} "
                         "(wrap a model with several outputs to return its logits only)")
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits [batch, classes], got shape {tuple(logits.shape)}")
-    if logits.shape[0] != batch.shape[0]:
-        raise ValueError(f"the model returned {logits.shape[0]} rows of logits for {batch.shape[0]} inputs: "
+    if logits.shape[0] != rows:
+        raise ValueError(f"the model returned {logits.shape[0]} rows of logits for {rows} inputs: "
                          "each noisy sample must give exactly one row (one vote)")
     return logits
 
 
-def _check_no_nan(seen_nan: torch.Tensor | None, where: str) -> None:
-    if seen_nan is not None and bool(seen_nan):
-        raise ValueError(f"the model returned NaN logits on {where}: argmax would count each such sample as "
-                         "a vote for the first NaN class, a meaningless certificate (check the model's "
-                         "numerics, e.g. float16 overflow)")
+def model_logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """``model(batch)``, checked by :func:`check_logits`."""
+    return check_logits(model(batch), batch.shape[0])
+
+
+def predict_test_level(alpha: float, n: int, elements: int) -> float:
+    """PREDICT's test level ``alpha - n * delta``: the n samples' joint law is within ``n * delta`` of
+    Gaussian in total variation (``delta = noise_tv_bound(elements)``). At or below 0 PREDICT could
+    only abstain: ValueError."""
+    level = alpha - n * noise_tv_bound(elements)
+    if level <= 0:
+        raise ValueError(f"alpha={alpha:g} is not above n * delta = {n * noise_tv_bound(elements):.3g}, the "
+                         f"sampler's deviation bound for n={n} samples of {elements} values: PREDICT "
+                         "could only abstain; raise alpha or lower n")
+    return level
 
 
 def _num_classes(model: torch.nn.Module, x: torch.Tensor, num_classes: int | None) -> int:
@@ -271,6 +280,24 @@ def _noisy_batches(x, *, sigma, num, draw, seed, input_index, batch_size, backen
                               count=count, backend=backend)
 
 
+def _sample_logits(model, x, *, sigma, num, draw, seed, input_index, batch_size, backend, start=0):
+    """Yields f's logits on samples ``start .. start + num - 1`` of ``draw``, in order, each chunk checked by
+    :func:`model_logits`; after the last, ValueError if any was NaN (one flag kept on the device, so
+    no host synchronization per chunk)."""
+    seen_nan = None
+    for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
+                                batch_size=batch_size, backend=backend, model=model, start=start):
+        for part in model_batches(batch):
+            logits = model_logits(model, part)
+            nan_here = torch.isnan(logits).any()
+            seen_nan = nan_here if seen_nan is None else seen_nan | nan_here
+            yield logits
+    if seen_nan is not None and bool(seen_nan):
+        raise ValueError(f"the model returned NaN logits on noisy samples of input {input_index}: argmax would "
+                         "count each such sample as a vote for the first NaN class, a meaningless certificate "
+                         "(check the model's numerics, e.g. float16 overflow)")
+
+
 def sample_counts(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -290,19 +317,13 @@ def sample_counts(
     The model must be in eval mode and x on its device; counts stay on that device.
     """
     counts = torch.zeros(num_classes, dtype=torch.int64, device=x.device)
-    seen_nan = None  # one flag on the device: no host synchronization per batch
     bar = tqdm(total=num, disable=not progress, unit="sample", leave=False)
     with torch.inference_mode():
-        for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
-                                    batch_size=batch_size, backend=backend, model=model):
-            for part in model_batches(batch):
-                logits = model_logits(model, part)
-                nan_here = torch.isnan(logits).any()
-                seen_nan = nan_here if seen_nan is None else seen_nan | nan_here
-                counts += count_votes(logits, num_classes, backend=backend)
-            bar.update(batch.shape[0])
+        for logits in _sample_logits(model, x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
+                                     batch_size=batch_size, backend=backend):
+            counts += count_votes(logits, num_classes, backend=backend)
+            bar.update(logits.shape[0])
     bar.close()
-    _check_no_nan(seen_nan, f"noisy samples of input {input_index}")
     return counts
 
 
@@ -326,16 +347,10 @@ def sample_predictions(
     a prepared integer model that reads its input codes (``arq.smoothing.engine``): it then gets the
     codes of the same samples.
     """
-    predictions, seen_nan = [], None
     with torch.inference_mode():
-        for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
-                                    batch_size=batch_size, backend=backend, model=model, start=start):
-            for part in model_batches(batch):
-                logits = model_logits(model, part)
-                nan_here = torch.isnan(logits).any()
-                seen_nan = nan_here if seen_nan is None else seen_nan | nan_here
-                predictions.append(logits.argmax(dim=1))
-    _check_no_nan(seen_nan, f"noisy samples of input {input_index}")
+        predictions = [logits.argmax(dim=1) for logits in _sample_logits(
+            model, x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index, batch_size=batch_size,
+            backend=backend, start=start)]
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 
@@ -448,12 +463,7 @@ def predict(
     batch, single = _prepare_inputs(x, model, run_device)
     indices = _input_indices(input_index, batch.shape[0])
     chosen_backend = _choose_backend(backend, run_device)
-    # The n samples' joint law is within n * delta of Gaussian in total variation.
-    test_level = alpha - n * noise_tv_bound(batch[0].numel())
-    if test_level <= 0:
-        raise ValueError(f"alpha={alpha:g} is not above n * delta = {n * noise_tv_bound(batch[0].numel()):.3g}, the "
-                         f"sampler's deviation bound for n={n} samples of {batch[0].numel()} values: PREDICT "
-                         "could only abstain; raise alpha or lower n")
+    test_level = predict_test_level(alpha, n, batch[0].numel())
     predictions = []
     with _EvalMode(model):
         classes = _num_classes(model, batch, num_classes)
