@@ -39,6 +39,7 @@ __all__ = [
     "parse_radii",
     "certified_accuracy",
     "average_certified_radius",
+    "check_same_images",
     "envelope",
     "envelope_area",
     "certified_accuracy_table",
@@ -215,7 +216,7 @@ def average_certified_radius(rows: Sequence[ResultRow]) -> float:
     return sum(max(value, 0.0) for value in certified) / len(certified)
 
 
-def _check_same_images(list_of_results: Sequence[Sequence[ResultRow]]) -> None:
+def check_same_images(list_of_results: Sequence[Sequence[ResultRow]]) -> None:
     """The envelope compares the runs' certified fractions radius by radius: only meaningful over
     the same test images (a run still in progress covers fewer)."""
     if not list_of_results:
@@ -229,7 +230,7 @@ def _check_same_images(list_of_results: Sequence[Sequence[ResultRow]]) -> None:
 
 def envelope(list_of_results: Sequence[Sequence[ResultRow]], radii: Sequence[float]) -> list[float]:
     """Best certified accuracy over the runs at each radius (max over sigma), runs over the same images."""
-    _check_same_images(list_of_results)
+    check_same_images(list_of_results)
     curves = [certified_accuracy(rows, radii) for rows in list_of_results]
     return [max(values) for values in zip(*curves)]
 
@@ -242,7 +243,7 @@ def envelope_area(list_of_results: Sequence[Sequence[ResultRow]]) -> float:
     several it is the ACR that a per-radius choice of sigma would reach (an
     upper bound, not the ACR of any single model).
     """
-    _check_same_images(list_of_results)
+    check_same_images(list_of_results)
     certified_per_run = [sorted(_certified_radii(rows)) for rows in list_of_results]
     breakpoints = sorted({value for run in certified_per_run for value in run if value > 0})
     area, previous = 0.0, 0.0
@@ -278,7 +279,7 @@ def certified_accuracy_table(
     if envelope_label is not None and len(results) > 1:
         runs = list(results.values())
         try:
-            _check_same_images(runs)
+            check_same_images(runs)
         except ValueError as error:  # each run's own row still stands
             warnings.warn(f"no {envelope_label!r} row: {error}", stacklevel=2)
         else:

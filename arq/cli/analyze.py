@@ -85,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"FILE {path} has no radius column: analyze reads certify files, not predict files")
         results[label] = rows
     # the envelope compares the files radius by radius: only over the same test images
-    same_images = len({frozenset(row.idx for row in rows) for rows in results.values()}) <= 1
+    try:
+        analyze.check_same_images(list(results.values()))
+        same_images = True
+    except ValueError:
+        same_images = False
     if not same_images:
         print(f"arq analyze: warning: the files cover different test images (another --skip/--max, or a run "
               f"still in progress): no {ENVELOPE_LABEL!r} row", file=sys.stderr)
