@@ -373,16 +373,17 @@ def _prepare_inner(model, backend: str, device: torch.device, compile, work, com
     return callable_model, tag
 
 
-def _entries(model: nn.Module, fingerprint: tuple) -> dict:
+def _entries(model: nn.Module, fingerprint: tuple, check_values: bool = True) -> dict:
     """The model's cache entries, without those built from an older version of it (lock held).
 
     The version fingerprint misses writes through ``.data`` or a numpy view (they leave the
     version counters alone), so the values are compared with the snapshot taken when the
-    entries were built: any difference drops every entry."""
+    entries were built: any difference drops every entry. ``check_values=False`` where the same
+    :func:`prepare_model` call has just compared them."""
     entries = _CACHE.setdefault(model, {})
     for key in [k for k, (stamp, _, _) in entries.items() if stamp != fingerprint]:
         del entries[key]
-    if entries and not _values_unchanged(model):
+    if entries and check_values and not _values_unchanged(model):
         entries.clear()
     if not entries:  # held only while entries are: a model with nothing cached keeps no copy
         _SNAPSHOTS.pop(model, None)
@@ -545,7 +546,8 @@ def _graphed(model: nn.Module, inner, tag: str, device: torch.device, cuda_graph
     fingerprint = _fingerprint(model)
     key = ("graphs", str(device), tag)
     with _LOCK:
-        entries = _entries(model, fingerprint)
+        # a converted inner model came from this model's entries, whose values were just compared
+        entries = _entries(model, fingerprint, check_values=inner is model)
         if not _cuda_graphs_wanted(cuda_graphs, key in entries):
             return inner, tag
         if key not in entries:
