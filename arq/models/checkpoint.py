@@ -232,6 +232,12 @@ def _canonical_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
 
 def _load_state_dict_strictly(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, arch: str) -> None:
     expected = model.state_dict()
+    # checkpoints saved before torch 0.4.1 have no BatchNorm step counter; it only matters for
+    # momentum=None training, so it starts at 0 as torch's own loader does for such files
+    state_dict = dict(state_dict)
+    for key in set(expected) - set(state_dict):
+        if key.endswith(".num_batches_tracked"):
+            state_dict[key] = torch.zeros_like(expected[key])
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = sorted(

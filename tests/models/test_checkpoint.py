@@ -85,6 +85,24 @@ def test_locuslab_data_parallel_prefix_and_sigma_override(tmp_path):
     assert no_sigma.arq_metadata["sigma"] is None
 
 
+def test_locuslab_checkpoint_without_batchnorm_step_counters_loads(tmp_path):
+    """Files saved before torch 0.4.1 have no ``num_batches_tracked``; torch's loader starts it at 0."""
+    net = _trained_looking(CifarResNet(20), seed=2)
+    state_dict = {"1." + key: value for key, value in net.state_dict().items() if not key.endswith("num_batches_tracked")}
+    path = tmp_path / "noise_0.50" / "checkpoint.pth.tar"
+    path.parent.mkdir()
+    torch.save({"arch": "cifar_resnet20", "state_dict": state_dict}, path)
+    model = load_checkpoint(path)
+    counters = {key: value for key, value in model.state_dict().items() if key.endswith("num_batches_tracked")}
+    assert counters and all(int(value) == 0 for value in counters.values())
+    assert torch.equal(model.state_dict()["1.layer1.0.bn1.running_var"], net.layer1[0].bn1.running_var)
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), net((x - mean) / std), atol=1e-5)
+
+
 def test_checkpoint_that_does_not_fit_lists_keys(tmp_path):
     net = CifarResNet(20)
     state_dict = {"1." + key: value for key, value in net.state_dict().items() if not key.startswith("fc.")}
