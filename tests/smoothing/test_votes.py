@@ -40,3 +40,19 @@ def test_num_classes_must_match_the_logits():
         count_votes(torch.zeros(3, 4), 5)
     with pytest.raises(ValueError, match="logits must have shape"):
         count_votes(torch.zeros(3), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
+def test_integer_logits_are_counted_as_torch_argmax_counts_them(dtype, backend):
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randint(0, 4, (257, 6), generator=generator).to(dtype)  # many ties: lowest index wins
+    counts = count_votes(logits, 6, backend=backend)
+    assert counts.dtype == torch.int64 and torch.equal(counts, _int64_reference(logits, 6))
+
+
+def test_complex_and_bool_logits_are_refused_by_name():
+    with pytest.raises(TypeError, match="logits must be a real-valued tensor.*complex64"):
+        count_votes(torch.zeros(3, 4, dtype=torch.complex64), 4)
+    with pytest.raises(TypeError, match="logits must be a real-valued tensor.*bool"):
+        count_votes(torch.zeros(3, 4, dtype=torch.bool), 4)
