@@ -431,7 +431,8 @@ def _values_unchanged(model: nn.Module) -> bool:
     return all(bool(torch.stack(device_flags).all()) for device_flags in flags.values())
 
 
-_GPU_FAILURES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# model -> the fingerprint of the version whose packed conversion failed: a changed model is tried again
+_GPU_FAILURES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _prepare_packed_gpu(model: nn.Module, backend: str, device: torch.device):
@@ -450,7 +451,7 @@ def _prepare_packed_gpu(model: nn.Module, backend: str, device: torch.device):
     with _LOCK:
         entries = _entries(model, fingerprint)
         if key not in entries:
-            if model in _GPU_FAILURES:
+            if _GPU_FAILURES.get(model) == fingerprint:
                 return model, "+fakequant"
             try:
                 from arq.quant.kernels import enter_at_input_codes, to_kernels
@@ -466,7 +467,7 @@ def _prepare_packed_gpu(model: nn.Module, backend: str, device: torch.device):
             except Exception as error:  # a missing or failing optional path: run the reference model
                 import warnings
 
-                _GPU_FAILURES.add(model)
+                _GPU_FAILURES[model] = fingerprint
                 warnings.warn(f"arq: packed GPU kernels unavailable for this model ({type(error).__name__}: "
                               f"{error}); certifying the fake-quant model", RuntimeWarning, stacklevel=3)
                 return model, "+fakequant"
@@ -544,13 +545,19 @@ def _cuda_graphs_wanted(cuda_graphs: bool | None, prepared: bool) -> bool:
 def _graphed(model: nn.Module, inner, tag: str, device: torch.device, cuda_graphs: bool | None):
     """``(inner, tag)``, or its :class:`CudaGraphForward` (tag + "+graphs") when graphs are wanted."""
     fingerprint = _fingerprint(model)
-    key = ("graphs", str(device), tag)
+    family = ("graphs", str(device), tag)
+    # the inner model's identity is part of the key: one tag can name several converted models
+    # (ARQ_INPUT_CODES toggled between calls), and a graph replays the one it captured
+    key = family + (None if inner is model else id(inner),)
     with _LOCK:
         # a converted inner model came from this model's entries, whose values were just compared
         entries = _entries(model, fingerprint, check_values=inner is model)
-        if not _cuda_graphs_wanted(cuda_graphs, key in entries):
+        stale = [other for other in entries if other[:3] == family and other != key]
+        if not _cuda_graphs_wanted(cuda_graphs, key in entries or bool(stale)):
             return inner, tag
         if key not in entries:
+            for other in stale:  # holds another inner model and its captured graphs
+                del entries[other]
             # the cache is keyed weakly by the model: an entry must not hold the model itself
             target = weakref.proxy(inner) if inner is model else inner
             _remember(model, entries)

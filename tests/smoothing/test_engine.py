@@ -203,6 +203,35 @@ def test_a_packed_kernel_model_is_not_converted_again():
 # ------------------------------------------------------------------------------------------- CUDA graphs
 
 
+def test_a_failed_packed_conversion_is_retried_once_the_model_changes(monkeypatch, float_model, mnist):
+    """A model whose packed GPU conversion failed runs as fake-quant (one warning), and is not
+    converted again while unchanged; once a parameter changes it is tried again (no GPU touched:
+    Triton's availability and the conversion are stood in for)."""
+    import arq.quant.kernels as kernels
+    import arq.smoothing.noise as noise
+
+    model = arq.quantize(float_model, arq.quant.Policy.uniform(float_model, 8, 8), mnist[1])
+    calls = []
+
+    def failing_to_kernels(m, backend):
+        calls.append(m)
+        raise RuntimeError("no kernel for this layer")
+
+    monkeypatch.setattr(noise, "triton_usable", lambda device: True)
+    monkeypatch.setattr(kernels, "to_kernels", failing_to_kernels)
+    monkeypatch.setenv("ARQ_INPUT_CODES", "0")
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="no kernel for this layer"):
+        assert engine._prepare_packed_gpu(model, "auto", cuda) == (model, "+fakequant")
+    assert engine._prepare_packed_gpu(model, "auto", cuda) == (model, "+fakequant")
+    assert len(calls) == 1
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    with pytest.warns(RuntimeWarning):
+        assert engine._prepare_packed_gpu(model, "auto", cuda) == (model, "+fakequant")
+    assert len(calls) == 2
+
+
 def test_cuda_graphs_are_opt_in(monkeypatch, qmodel):
     monkeypatch.delenv("ARQ_CUDA_GRAPHS", raising=False)
     assert not engine._cuda_graphs_wanted(None, prepared=False)
@@ -231,6 +260,23 @@ def test_a_graphed_float_model_is_still_freed():
     del model, graphed
     gc.collect()
     assert alive() is None
+
+
+def test_a_graphed_entry_follows_its_inner_model():
+    """One tag ("+packed") can name two converted models (ARQ_INPUT_CODES toggled between calls):
+    the graphs entry must replay the inner model asked for, not the one it was first built on,
+    and keep graphs on for it (building the entry touches no GPU; capture is lazy)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    float_inner, codes_inner = nn.Linear(4, 3), nn.Linear(4, 3)
+    cuda = torch.device("cuda")
+    first, tag = engine._graphed(model, float_inner, "+packed", cuda, cuda_graphs=True)
+    assert first.model is float_inner and tag == "+packed+graphs"
+    second, _ = engine._graphed(model, codes_inner, "+packed", cuda, cuda_graphs=None)
+    assert isinstance(second, engine.CudaGraphForward) and second.model is codes_inner
+    assert engine._graphed(model, codes_inner, "+packed", cuda, cuda_graphs=None)[0] is second
+    graph_entries = [key for key in engine._CACHE[model] if key[0] == "graphs"]
+    assert len(graph_entries) == 1  # the other inner model's graphs are dropped, not kept alive
+    engine.clear_cache(model)
 
 
 @pytest.mark.gpu
