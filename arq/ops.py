@@ -98,10 +98,52 @@ def _epilogue_reference(acc, scales, bias, x_scale, relu, residual, out_scale):
     return y
 
 
+def _check_packed_arguments(op, x, packed_weight, w_bits, k, scales, bias, residual, out_shape, x_scale,
+                            out_scale) -> None:
+    """The argument checks of the C++ ops (csrc/cpu/packed_common.h), for the reference path: without
+    them a bad shape surfaced as a raw indexing or broadcast error, or broadcast into a wrong result."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int8, torch.uint8):
+        raise TypeError(f"{op}: x must be int8 or uint8 activation codes, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not 2 <= int(w_bits) <= 8:
+        raise ValueError(f"{op}: w_bits must be in 2..8, got {w_bits}")
+    if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != torch.int32 or packed_weight.dim() != 2:
+        raise TypeError(f"{op}: packed_weight must be a 2-D int32 tensor, got "
+                        f"{getattr(packed_weight, 'dtype', type(packed_weight).__name__)} "
+                        f"{tuple(getattr(packed_weight, 'shape', ()))}")
+    per_word = 32 // int(w_bits)
+    words = -(-k // per_word)
+    if packed_weight.shape[1] != words:
+        raise ValueError(f"{op}: packed_weight has {packed_weight.shape[1]} words a row; K = {k} at {w_bits} bits "
+                         f"needs {words}")
+    n = packed_weight.shape[0]
+    for name, tensor in (("scales", scales), ("bias", bias)):
+        if tensor is None and name == "bias":
+            continue
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32 or tuple(tensor.shape) != (n,):
+            raise ValueError(f"{op}: {name} must be float32 [{n}], got {getattr(tensor, 'dtype', type(tensor).__name__)} "
+                             f"{tuple(getattr(tensor, 'shape', ()))}")
+    if residual is not None and (not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32
+                                 or tuple(residual.shape) != tuple(out_shape)):
+        raise ValueError(f"{op}: residual must be float32 {list(out_shape)}, got "
+                         f"{getattr(residual, 'dtype', type(residual).__name__)} {list(getattr(residual, 'shape', ()))}")
+    devices = {t.device for t in (x, packed_weight, scales, bias, residual) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: expected all tensors on one device, got {sorted(map(str, devices))}")
+    if not (np.isfinite(x_scale) and np.isfinite(np.float32(x_scale))):
+        raise ValueError(f"{op}: x_scale must be finite as a float32, got {x_scale}")
+    if not np.isfinite(out_scale) or (out_scale > 0 and not 0 < np.float32(out_scale) < np.inf):
+        raise ValueError(f"{op}: out_scale must be finite (and > 0 as a float32 when requantizing), got {out_scale}")
+
+
 def packed_linear_reference(x, packed_weight, w_bits, scales, bias=None, x_scale=1.0, relu=False, residual=None,
                             out_scale=0.0):
     """Plain-torch :func:`packed_linear`: unpack, exact integer matmul (float64 holds every partial sum), epilogue."""
-    k = x.shape[-1]
+    if isinstance(x, torch.Tensor) and x.dim() < 1:
+        raise ValueError("packed_linear: x must have at least one dimension [..., K]")
+    k = x.shape[-1] if isinstance(x, torch.Tensor) else 0
+    n = packed_weight.shape[0] if isinstance(packed_weight, torch.Tensor) and packed_weight.dim() == 2 else 0
+    _check_packed_arguments("packed_linear", x, packed_weight, w_bits, k, scales, bias, residual,
+                            (*x.shape[:-1], n) if isinstance(x, torch.Tensor) else (), x_scale, out_scale)
     q = unpack_weights(packed_weight, w_bits, k)
     acc = torch.matmul(x.to(torch.float64), q.to(torch.float64).T).round().to(torch.int64)
     return _epilogue_reference(acc, scales, bias, x_scale, relu, residual, out_scale)
@@ -110,8 +152,19 @@ def packed_linear_reference(x, packed_weight, w_bits, scales, bias=None, x_scale
 def packed_conv2d_reference(x_nhwc, packed_weight, w_bits, scales, bias=None, x_scale=1.0, kernel_h=3, kernel_w=3,
                             stride=1, padding=1, relu=False, residual=None, out_scale=0.0):
     """Plain-torch :func:`packed_conv2d`: unpack, exact float64 ``conv2d`` (zero padding), NHWC epilogue."""
-    c = x_nhwc.shape[-1]
-    n = packed_weight.shape[0]
+    if not isinstance(x_nhwc, torch.Tensor) or x_nhwc.dim() != 4:
+        raise ValueError(f"packed_conv2d: x must be NHWC [B, H, W, C], got {tuple(getattr(x_nhwc, 'shape', ()))}")
+    if min(kernel_h, kernel_w, stride) < 1 or padding < 0:
+        raise ValueError(f"packed_conv2d: need kernel sizes and stride >= 1, padding >= 0, got {kernel_h}x{kernel_w}, "
+                         f"stride {stride}, padding {padding}")
+    batch, h, w_in, c = x_nhwc.shape
+    if h + 2 * padding < kernel_h or w_in + 2 * padding < kernel_w:
+        raise ValueError(f"packed_conv2d: kernel {kernel_h}x{kernel_w} larger than the padded input {h}x{w_in} "
+                         f"(padding {padding})")
+    n = packed_weight.shape[0] if isinstance(packed_weight, torch.Tensor) and packed_weight.dim() == 2 else 0
+    out_shape = (batch, (h + 2 * padding - kernel_h) // stride + 1, (w_in + 2 * padding - kernel_w) // stride + 1, n)
+    _check_packed_arguments("packed_conv2d", x_nhwc, packed_weight, w_bits, kernel_h * kernel_w * c, scales, bias,
+                            residual, out_shape, x_scale, out_scale)
     q = unpack_weights(packed_weight, w_bits, kernel_h * kernel_w * c)
     w = matrix_to_conv_weight(q, (n, c, kernel_h, kernel_w)).to(torch.float64)
     acc = F.conv2d(x_nhwc.permute(0, 3, 1, 2).to(torch.float64), w, stride=stride, padding=padding)
@@ -121,6 +174,15 @@ def packed_conv2d_reference(x_nhwc, packed_weight, w_bits, scales, bias=None, x_
 
 def vote_count_reference(features, weight, bias, num_classes):
     """Plain-torch :func:`vote_count`: ``bincount(argmax(features @ weight.T + bias), minlength=num_classes)``."""
+    if not (isinstance(features, torch.Tensor) and features.dim() == 2):
+        raise ValueError(f"vote_count: features must be [B, F], got {tuple(getattr(features, 'shape', ()))}")
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == features.shape[1]):
+        raise ValueError(f"vote_count: weight must be [num_classes, {features.shape[1]}], got "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if weight.shape[0] != num_classes or num_classes < 1:
+        raise ValueError(f"vote_count: num_classes={num_classes} must be >= 1 and equal weight's {weight.shape[0]} rows")
+    if bias is not None and tuple(bias.shape) != (num_classes,):
+        raise ValueError(f"vote_count: bias must be [{num_classes}], got {tuple(bias.shape)}")
     logits = F.linear(features.to(torch.float32), weight.to(torch.float32),
                       None if bias is None else bias.to(torch.float32))
     predictions = logits.argmax(dim=1)

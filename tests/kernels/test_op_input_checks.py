@@ -160,3 +160,60 @@ def test_triton_quantize_refuses_a_scale_that_is_not_a_positive_float32(device, 
 
     with pytest.raises(ValueError, match="scale must be a positive float32"):
         quantize_nhwc(torch.zeros(1, 2, 2, 2, device=device), scale, -7, 7)
+
+
+def _packed_case():
+    x = torch.randint(-8, 8, (5, 3, 4, 6), dtype=torch.int8)  # NHWC, C = 6
+    weight = torch.randint(-7, 8, (7, 3 * 3 * 6), dtype=torch.int8)
+    return x, ops.pack_weights(weight, 4), torch.rand(7), torch.rand(7)
+
+
+_BAD_PACKED = [
+    # (what is wrong, the keyword arguments changed, the message expected)
+    ("scales of the wrong length", {"scales": torch.rand(6)}, r"scales must be float32 \[7\]"),
+    ("float64 bias", {"bias": torch.rand(7, dtype=torch.float64)}, r"bias must be float32 \[7\]"),
+    ("residual of the wrong shape", {"residual": torch.rand(5, 3, 4, 6)}, r"residual must be float32 \[5, 3, 4, 7\]"),
+    ("weights packed for another K", {"packed_weight": ops.pack_weights(torch.zeros(7, 60, dtype=torch.int8), 4)},
+     "packed_weight has 8 words a row; K = 54 at 4 bits needs 7"),
+    ("w_bits out of range", {"w_bits": 9}, "w_bits must be in 2..8"),
+    ("x_scale overflowing float32", {"x_scale": 1e300}, "x_scale must be finite as a float32"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_ops)])
+@pytest.mark.parametrize("case, changes, message", _BAD_PACKED, ids=[case[0] for case in _BAD_PACKED])
+def test_packed_conv2d_refuses_bad_arguments_on_every_cpu_backend(backend, case, changes, message):
+    """The reference path (backend="torch", and "auto" without arq._C) checked nothing: a residual of
+    the wrong shape broadcast into a result, scales of the wrong length raised a raw broadcast error."""
+    x, packed, scales, bias = _packed_case()
+    arguments = dict(x_nhwc=x, packed_weight=packed, w_bits=4, scales=scales, bias=bias, x_scale=0.5)
+    arguments.update(changes)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
+        ops.packed_conv2d(**arguments, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_ops)])
+def test_packed_linear_and_vote_count_refuse_bad_arguments_on_every_cpu_backend(backend):
+    x = torch.randint(-8, 8, (4, 10), dtype=torch.int8)
+    packed = ops.pack_weights(torch.randint(-7, 8, (3, 10), dtype=torch.int8), 4)
+    with pytest.raises((ValueError, RuntimeError), match=r"scales must be float32 \[3\]"):
+        ops.packed_linear(x, packed, 4, torch.rand(4), backend=backend)
+    with pytest.raises((TypeError, RuntimeError), match="x must be int8 or uint8"):
+        ops.packed_linear(x.float(), packed, 4, torch.rand(3), backend=backend)
+    with pytest.raises((ValueError, RuntimeError), match=r"residual must be float32 \[4, 3\]"):
+        ops.packed_linear(x, packed, 4, torch.rand(3), residual=torch.rand(1, 3), backend=backend)
+    features, weight = torch.rand(6, 5), torch.rand(3, 5)
+    with pytest.raises((ValueError, RuntimeError), match=r"vote_count: (.*num_classes|weight must be \[4, 5\])"):
+        ops.vote_count(features, weight, None, 4, backend=backend)
+    with pytest.raises((ValueError, RuntimeError), match="vote_count: .*bias"):
+        ops.vote_count(features, weight, torch.rand(2), 3, backend=backend)
+
+
+def test_the_packed_references_still_equal_the_good_calls():
+    x = torch.randint(-8, 8, (2, 5, 5, 3), dtype=torch.int8)
+    weight = torch.randint(-1, 2, (4, 27), dtype=torch.int8)
+    packed = ops.pack_weights(weight, 2)
+    out = ops.packed_conv2d(x, packed, 2, torch.ones(4), backend="torch")
+    expected = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).double(),
+                                          ops.matrix_to_conv_weight(weight, (4, 3, 3, 3)).double(), padding=1)
+    assert torch.equal(out, expected.permute(0, 2, 3, 1).float())
