@@ -9,7 +9,8 @@ variant of DDPG, read top to bottom in :class:`DDPGAgent`:
 2. observe: the episode's final reward R goes to every one of its transitions
    ``(s_t, a_t, R, s_{t+1}, done_t)`` (the reward is only known at the end).
 3. update (once per transition, after the warm-up): a minibatch of 64 from the replay of
-   ``128 x steps per episode``; the rewards minus a moving-average baseline
+   ``128 x L`` transitions (L quantizable layers, HAQ's ``rmsize``: with two steps per layer,
+   the last 64 episodes); the rewards minus a moving-average baseline
    ``b <- b + 0.5 (mean(r) - b)``; critic on ``y = r - b + gamma (1 - done) Q'(s', mu'(s'))``
    (gamma = 1) by MSE, actor on ``-Q(s, mu(s))``; soft targets ``theta' <- tau theta + (1 - tau) theta'``.
 
@@ -49,8 +50,9 @@ class DDPGConfig:
     """gamma of the critic's target (HAQ: 1, every transition carries the final reward)"""
     batch_size: int = 64
     """transitions per gradient step"""
-    replay_episodes: int = 128
-    """replay capacity in episodes: 128 x steps per episode transitions (HAQ: rmsize 128 x layers)"""
+    replay_per_layer: int = 128
+    """replay capacity per quantizable layer: ``replay_per_layer x L`` transitions (HAQ's ``rmsize``,
+    128 x layers; with two steps per layer that is the last 64 episodes)"""
     warmup_episodes: int = 20
     """episodes of uniform random actions before the actor acts and learns"""
     exploration_sigma: float = 0.5
@@ -65,7 +67,7 @@ class DDPGConfig:
     """seeds the network initialization, the exploration noise and the minibatch sampling"""
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "batch_size", "replay_episodes"):
+        for name in ("hidden", "batch_size", "replay_per_layer"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -154,15 +156,18 @@ class ReplayBuffer:
 
 
 class DDPGAgent:
-    """HAQ's DDPG (module docstring) for an environment with ``steps_per_episode`` steps.
+    """HAQ's DDPG (module docstring) for an environment over ``layers`` quantizable layers.
 
     Args:
         obs_dim: observation size (10 for :class:`~arq.search.QuantizationEnv`).
-        steps_per_episode: steps of one episode (2 per quantizable layer), sizes the replay.
+        layers: the environment's quantizable layers L (an episode has 2L steps); the replay
+            holds ``config.replay_per_layer x L`` transitions, as HAQ's ``rmsize``.
         config: :class:`DDPGConfig`.
     """
 
-    def __init__(self, obs_dim: int, steps_per_episode: int, config: DDPGConfig | None = None):
+    def __init__(self, obs_dim: int, layers: int, config: DDPGConfig | None = None):
+        if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers < 1:
+            raise ValueError(f"layers must be an integer >= 1 (the environment's quantizable layers), got {layers!r}")
         self.config = config = config or DDPGConfig()
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(config.seed)  # not torch.manual_seed: it reseeds CUDA too
@@ -175,7 +180,7 @@ class DDPGAgent:
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
-        self.replay = ReplayBuffer(config.replay_episodes * steps_per_episode, obs_dim)
+        self.replay = ReplayBuffer(config.replay_per_layer * int(layers), obs_dim)
         self.rng = np.random.default_rng(config.seed)
         self.baseline: float | None = None
 

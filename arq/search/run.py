@@ -398,5 +398,5 @@ def make_search(model: torch.nn.Module, train_set, config: SearchConfig, *, inpu
     )
     env = QuantizationEnv(model, evaluator, input_shape=input_shape or tuple(search_images.shape[1:]),
                           budget=config.budget, min_bits=config.min_bits, max_bits=config.max_bits)
-    agent = DDPGAgent(len(env.observation_space.low), env.num_steps, config.ddpg)
+    agent = DDPGAgent(len(env.observation_space.low), len(env.layer_names), config.ddpg)
     return env, agent

@@ -28,7 +28,7 @@ def make_evaluator(model, tiny, reward="arq", **kwargs):
 def make_search(model, tiny, reward="arq", seed=0):
     evaluator = make_evaluator(model, tiny, reward)
     env = QuantizationEnv(model, evaluator, input_shape=tiny.INPUT_SHAPE, budget=BUDGET)
-    agent = DDPGAgent(10, env.num_steps, DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16, seed=seed))
+    agent = DDPGAgent(10, len(env.layer_names), DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16, seed=seed))
     return env, agent
 
 
@@ -209,6 +209,6 @@ def test_evaluator_accuracy_weight_must_be_finite(tiny_model, tiny, weight):
 
 
 def test_dqn_config_widths_must_be_integers():
-    for name, value in (("hidden", 2.5), ("batch_size", 0), ("replay_episodes", True)):
+    for name, value in (("hidden", 2.5), ("batch_size", 0), ("replay_per_layer", True)):
         with pytest.raises(ValueError, match=name):
             DDPGConfig(**{name: value})
