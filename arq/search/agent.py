@@ -8,8 +8,8 @@ variant of DDPG, read top to bottom in :class:`DDPGAgent`:
    ``sigma_e = 0.5 * 0.99^(episode - warmup_episodes)``.
 2. observe: the episode's final reward R goes to every one of its transitions
    ``(s_t, a_t, R, s_{t+1}, done_t)`` (the reward is only known at the end).
-3. update (once per transition, after the warm-up): a minibatch of 64 from the replay of
-   ``128 x L`` transitions (L quantizable layers, HAQ's ``rmsize``: with two steps per layer,
+3. update (once per transition, after the warm-up): a minibatch of 64 distinct transitions
+   from the replay of ``128 x L`` transitions (L quantizable layers, HAQ's ``rmsize``: with two steps per layer,
    the last 64 episodes); the rewards minus a moving-average baseline
    ``b <- b + 0.5 (mean(r) - b)``; critic on ``y = r - b + gamma (1 - done) Q'(s', mu'(s'))``
    (gamma = 1) by MSE, actor on ``-Q(s, mu(s))``; soft targets ``theta' <- tau theta + (1 - tau) theta'``.
@@ -140,7 +140,13 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, rng: np.random.Generator, batch_size: int):
-        index = torch.as_tensor(rng.integers(0, self.size, size=batch_size), dtype=torch.long)
+        """``batch_size`` transitions: distinct ones once the buffer holds that many, as HAQ's memory
+        (keras-rl's ``SequentialMemory``) draws them; with replacement before."""
+        if self.size >= batch_size:
+            chosen = rng.choice(self.size, size=batch_size, replace=False)
+        else:
+            chosen = rng.integers(0, self.size, size=batch_size)
+        index = torch.as_tensor(chosen, dtype=torch.long)
         return (self.states[index], self.actions[index], self.rewards[index],
                 self.next_states[index], self.dones[index])
 

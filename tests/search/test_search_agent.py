@@ -42,6 +42,22 @@ def test_search_replay_holds_the_last_64_episodes_as_haqs_rmsize(tiny_model, tin
         DDPGAgent(10, 0)
 
 
+def test_minibatches_draw_distinct_transitions_once_the_replay_holds_a_batch():
+    """HAQ's memory (keras-rl's SequentialMemory) draws a minibatch without replacement when it can:
+    with replacement, 64 of 200 transitions repeat about 10 of them per batch."""
+    agent = DDPGAgent(10, 100, DDPGConfig(batch_size=64, hidden=8))
+    observation = np.zeros(10, dtype=np.float32)
+    for i in range(200):
+        agent.replay.add(observation, i / 1000, 0.0, observation, False)
+    for _ in range(50):
+        actions = agent.replay.sample(agent.rng, 64)[1][:, 0].tolist()
+        assert len(set(actions)) == 64
+    small = DDPGAgent(10, 1, DDPGConfig(batch_size=64, hidden=8))
+    for i in range(5):  # fewer than a batch: drawn with replacement, as HAQ's memory then does
+        small.replay.add(observation, i / 1000, 0.0, observation, False)
+    assert len(small.replay.sample(small.rng, 64)[1]) == 64
+
+
 def test_exploration_schedule_and_bounds():
     agent = DDPGAgent(10, 4, DDPGConfig(warmup_episodes=3, hidden=8))
     assert [agent.exploration_sigma(e) for e in range(3)] == [None] * 3
