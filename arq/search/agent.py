@@ -8,7 +8,8 @@ variant of DDPG, read top to bottom in :class:`DDPGAgent`:
    ``sigma_e = 0.5 * 0.99^(episode - warmup_episodes)``.
 2. observe: the episode's final reward R goes to every one of its transitions
    ``(s_t, a_t, R, s_{t+1}, done_t)`` (the reward is only known at the end).
-3. update (once per transition, after the warm-up): a minibatch of 64 distinct transitions
+3. update (after the warm-up, one after each transition is stored, :meth:`DDPGAgent.learn_episode`,
+   as HAQ's loop interleaves them): a minibatch of 64 distinct transitions
    from the replay of ``128 x L`` transitions (L quantizable layers, HAQ's ``rmsize``: with two steps per layer,
    the last 64 episodes); the rewards minus a moving-average baseline
    ``b <- b + 0.5 (mean(r) - b)``; critic on ``y = r - b + gamma (1 - done) Q'(s', mu'(s'))``
@@ -213,9 +214,24 @@ class DDPGAgent:
 
     # ---------------------------------------------------------------- 2. observe
     def observe_episode(self, transitions, final_reward: float) -> None:
-        """Store ``(s, a, s', done)`` of one episode, each with the episode's final reward."""
+        """Store ``(s, a, s', done)`` of one episode, each with the episode's final reward, without
+        updating (the search uses :meth:`learn_episode`, which interleaves the updates)."""
         for state, action, next_state, done in transitions:
             self.replay.add(state, action, final_reward, next_state, done)
+
+    def learn_episode(self, transitions, final_reward: float, episode: int) -> int:
+        """HAQ's end of episode ``episode`` (``rl_quantize.py``): each transition ``(s, a, s', done)`` is
+        stored with the final reward and, once the warm-up is over, followed by one :meth:`update`, so
+        the k-th update of an episode samples a replay holding its first k transitions. Returns the
+        number of updates."""
+        learning = self.exploration_sigma(episode) is not None
+        updates = 0
+        for state, action, next_state, done in transitions:
+            self.replay.add(state, action, final_reward, next_state, done)
+            if learning:
+                self.update()
+                updates += 1
+        return updates
 
     # ---------------------------------------------------------------- 3. update
     def update(self) -> tuple[float, float]:

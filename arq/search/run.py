@@ -4,8 +4,8 @@ For each episode e = 0, 1, ...:
 
 1. reset the environment; for each of its 2L steps ``a_t = agent.act(s_t, e)`` and step;
 2. the last step quantizes, fine-tunes and scores the policy: reward R_e;
-3. the agent stores the episode's transitions with R_e and, after the warm-up, makes one
-   DDPG update per transition;
+3. the agent stores the episode's transitions with R_e, after the warm-up each followed by
+   one DDPG update (HAQ's order: the k-th update sees the episode's first k transitions);
 4. one JSON line is appended to the log (``episode``, ``policy`` as HAQ's ``[[w, a], ...]``,
    ``layers`` names, ``bitops_share``, ``reward``, ``accuracy``, ``acr``, the float
    reference, ``time`` of the episode and ``elapsed`` since the start), flushed and
@@ -164,11 +164,8 @@ def search(
                 next_observation, reward, terminated, _, info = env.step([action])
                 transitions.append((observation, action, next_observation, terminated))
                 observation = next_observation
-            # 2.-3. the final reward for every transition, then one update per transition
-            agent.observe_episode(transitions, reward)
-            if agent.exploration_sigma(episode) is not None:
-                for _ in transitions:
-                    agent.update()
+            # 2.-3. the final reward for every transition, each followed by one update after the warm-up
+            agent.learn_episode(transitions, reward, episode)
             # 4. log, best policy, checkpoint
             policy: Policy = info["policy"]
             record = {

@@ -102,6 +102,20 @@ def test_short_search_is_reproducible_and_resumable(tiny_model, tiny, tmp_path):
         search(env, agent, episodes=4, log_path=tmp_path / "b.jsonl", checkpoint_path=tmp_path / "b.pt")
 
 
+def test_each_update_follows_the_transition_it_stores_as_in_haqs_loop(tiny_model, tiny):
+    """HAQ's rl_quantize.py stores a transition, then updates, transition by transition: the k-th
+    update of a learning episode samples a replay that holds that episode's first k transitions."""
+    env = QuantizationEnv(tiny_model, lambda policy: {"reward": -bitops_share(env.costs, policy.to_haq(tiny_model))},
+                          input_shape=tiny.INPUT_SHAPE, budget=BUDGET)
+    agent = DDPGAgent(10, len(env.layer_names), DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16))
+    sizes = []
+    update = agent.update
+    agent.update = lambda: sizes.append(agent.replay.size) or update()
+    search(env, agent, episodes=4)
+    steps = env.num_steps
+    assert sizes == [episode * steps + k for episode in (2, 3) for k in range(1, steps + 1)]
+
+
 def test_another_seed_explores_differently(tiny_model, tiny, tmp_path):
     env, agent = make_search(tiny_model, tiny, reward="haq", seed=1)
     result = search(env, agent, episodes=2)
