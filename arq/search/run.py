@@ -37,7 +37,10 @@ from arq.search.reward import REWARDS, IRSSettings
 
 __all__ = ["SearchConfig", "SearchResult", "make_search", "load_checkpoint", "search", "search_fingerprint", "take"]
 
-CHECKPOINT_FORMAT_VERSION = 1
+#: 2 since the agent follows HAQ's replay size (128 x layers), minibatches (distinct transitions) and
+#: update order (after each stored transition); a version-1 agent continued under them would not
+#: give the episodes of its own search, so such a checkpoint is refused.
+CHECKPOINT_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -242,6 +245,10 @@ def load_checkpoint(checkpoint_path: str | os.PathLike | None, fingerprint: Mapp
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: torch raises RuntimeError, pickle errors, ...
         raise ValueError(f"resume: {checkpoint_path} is not a readable search checkpoint ({error})") from None
+    if isinstance(state, dict) and state.get("format_version") == 1:
+        raise ValueError(f"resume: {checkpoint_path} comes from an earlier version of the search agent (replay of 128 "
+                         "x steps per episode, minibatches drawn with replacement, updates after the whole episode), "
+                         "which this version cannot continue exactly: start a new search")
     if not isinstance(state, dict) or state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{checkpoint_path}: unsupported checkpoint format {found!r}")

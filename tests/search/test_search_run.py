@@ -116,6 +116,21 @@ def test_each_update_follows_the_transition_it_stores_as_in_haqs_loop(tiny_model
     assert sizes == [episode * steps + k for episode in (2, 3) for k in range(1, steps + 1)]
 
 
+def test_a_checkpoint_of_the_earlier_agent_is_refused_by_name(tiny_model, tiny, tmp_path):
+    """Version-1 checkpoints hold an agent with twice HAQ's replay, minibatches with replacement and
+    updates after the whole episode: continued by this agent they would not repeat their search."""
+    import torch
+
+    env = QuantizationEnv(tiny_model, lambda policy: {"reward": 0.0}, input_shape=tiny.INPUT_SHAPE, budget=BUDGET)
+    config = DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16)
+    search(env, DDPGAgent(10, 3, config), episodes=1, checkpoint_path=tmp_path / "c.pt")
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state["format_version"] = 1
+    torch.save(state, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="earlier version of the search agent.*start a new search"):
+        search(env, DDPGAgent(10, 3, config), episodes=2, checkpoint_path=tmp_path / "c.pt", resume=True)
+
+
 def test_another_seed_explores_differently(tiny_model, tiny, tmp_path):
     env, agent = make_search(tiny_model, tiny, reward="haq", seed=1)
     result = search(env, agent, episodes=2)
