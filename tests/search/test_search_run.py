@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from scipy import stats
 
 from arq.quant import FinetuneConfig, Policy
@@ -75,7 +76,8 @@ def without_time(records):
 
 
 def test_short_search_is_reproducible_and_resumable(tiny_model, tiny, tmp_path):
-    env, agent = make_search(tiny_model, tiny)
+    env, straight_agent = make_search(tiny_model, tiny)
+    agent = straight_agent
     first = search(env, agent, episodes=4, log_path=tmp_path / "a.jsonl", best_path=tmp_path / "a.json",
                    checkpoint_path=tmp_path / "a.pt")
     records = read_log(tmp_path / "a.jsonl")
@@ -89,15 +91,22 @@ def test_short_search_is_reproducible_and_resumable(tiny_model, tiny, tmp_path):
     assert saved.to_haq(tiny_model) == best["policy"]
     assert bitops_share(env.costs, saved.to_haq(tiny_model)) <= BUDGET
 
-    # same seed, interrupted after 2 episodes and resumed: the same four episodes
+    # same seed, interrupted after 3 episodes (the first learning one: Adam moments, baseline and
+    # targets in the checkpoint) and resumed: the same four episodes
     env, agent = make_search(tiny_model, tiny)
-    search(env, agent, episodes=2, log_path=tmp_path / "b.jsonl", best_path=tmp_path / "b.json",
+    search(env, agent, episodes=3, log_path=tmp_path / "b.jsonl", best_path=tmp_path / "b.json",
            checkpoint_path=tmp_path / "b.pt")
     env, agent = make_search(tiny_model, tiny)
     resumed = search(env, agent, episodes=4, log_path=tmp_path / "b.jsonl", best_path=tmp_path / "b.json",
                      checkpoint_path=tmp_path / "b.pt", resume=True)
     assert without_time(read_log(tmp_path / "b.jsonl")) == without_time(records)
     assert resumed.best_reward == first.best_reward
+    # the policies hide small differences of the actions (bits, then the budget): the agent must
+    # also end where the uninterrupted one did
+    assert agent.baseline == straight_agent.baseline
+    for name in ("actor", "critic", "actor_target", "critic_target"):
+        for a, b in zip(getattr(agent, name).parameters(), getattr(straight_agent, name).parameters()):
+            assert torch.equal(a, b), name
     with pytest.raises(FileExistsError, match="resume"):
         search(env, agent, episodes=4, log_path=tmp_path / "b.jsonl", checkpoint_path=tmp_path / "b.pt")
 
@@ -119,8 +128,6 @@ def test_each_update_follows_the_transition_it_stores_as_in_haqs_loop(tiny_model
 def test_a_checkpoint_of_the_earlier_agent_is_refused_by_name(tiny_model, tiny, tmp_path):
     """Version-1 checkpoints hold an agent with twice HAQ's replay, minibatches with replacement and
     updates after the whole episode: continued by this agent they would not repeat their search."""
-    import torch
-
     env = QuantizationEnv(tiny_model, lambda policy: {"reward": 0.0}, input_shape=tiny.INPUT_SHAPE, budget=BUDGET)
     config = DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16)
     search(env, DDPGAgent(10, 3, config), episodes=1, checkpoint_path=tmp_path / "c.pt")
