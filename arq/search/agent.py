@@ -16,9 +16,22 @@ variant of DDPG, read top to bottom in :class:`DDPGAgent`:
    (gamma = 1) by MSE, actor on ``-Q(s, mu(s))``; soft targets ``theta' <- tau theta + (1 - tau) theta'``.
 
 Actor ``s -> 300 -> 300 -> 1`` (ReLU, sigmoid out), critic ``(s, a) -> 300 (s and a projected
-and summed) -> 300 -> 1`` (ReLU), last layers initialized in ``U(-3e-3, 3e-3)`` as HAQ's.
-Seeded (network init, exploration, minibatches) and resumable bit for bit from
-:meth:`DDPGAgent.state_dict`.
+and summed) -> 300 -> 1`` (ReLU) as HAQ's. Seeded (network init, exploration, minibatches) and
+resumable bit for bit from :meth:`DDPGAgent.state_dict`.
+
+Where this differs from HAQ's code (``haq/rl_quantize.py``, ``lib/rl/ddpg.py``), on purpose:
+
+* Warm-up. HAQ's loop acts randomly while ``episode <= warmup`` (21 episodes for ``--warmup 20``)
+  and its first actor episode has ``sigma = 0.5 * 0.99``. Here the first ``warmup_episodes``
+  episodes (0 .. 19) are random and episode 20 has ``sigma = 0.5``: the paper's 20 warm-up
+  episodes and ``sigma = 0.5 * 0.99^(episode - warmup)`` read with 0-based episodes.
+* Initialization. The last layers start in ``U(-init_w, init_w)``, ``init_w = 3e-3``, as in DDPG
+  (Lillicrap et al., Sec. 7; the hidden layers keep PyTorch's fan-in uniform init, also theirs).
+  HAQ's code takes ``init_w = 3e-3`` but never applies it, so its last layers keep PyTorch's
+  default ``U(-1/sqrt(300), 1/sqrt(300))``; with DDPG's, ``mu(s)`` starts near 0.5 in every state.
+* Memory layout. HAQ's keras-rl memory stores observations in sequence and appends one extra
+  entry per episode (the last observation, so the terminal transition has an ``s'``); that entry
+  is never sampled as a transition. Here each transition carries its ``s'``: the same transitions.
 """
 from __future__ import annotations
 
