@@ -8,15 +8,30 @@ variant of DDPG, read top to bottom in :class:`DDPGAgent`:
    ``sigma_e = 0.5 * 0.99^(episode - warmup_episodes)``.
 2. observe: the episode's final reward R goes to every one of its transitions
    ``(s_t, a_t, R, s_{t+1}, done_t)`` (the reward is only known at the end).
-3. update (once per transition, after the warm-up): a minibatch of 64 from the replay of
-   ``128 x steps per episode``; the rewards minus a moving-average baseline
+3. update (after the warm-up, one after each transition is stored, :meth:`DDPGAgent.learn_episode`,
+   as HAQ's loop interleaves them): a minibatch of 64 distinct transitions
+   from the replay of ``128 x L`` transitions (L quantizable layers, HAQ's ``rmsize``: with two steps per layer,
+   the last 64 episodes); the rewards minus a moving-average baseline
    ``b <- b + 0.5 (mean(r) - b)``; critic on ``y = r - b + gamma (1 - done) Q'(s', mu'(s'))``
    (gamma = 1) by MSE, actor on ``-Q(s, mu(s))``; soft targets ``theta' <- tau theta + (1 - tau) theta'``.
 
 Actor ``s -> 300 -> 300 -> 1`` (ReLU, sigmoid out), critic ``(s, a) -> 300 (s and a projected
-and summed) -> 300 -> 1`` (ReLU), last layers initialized in ``U(-3e-3, 3e-3)`` as HAQ's.
-Seeded (network init, exploration, minibatches) and resumable bit for bit from
-:meth:`DDPGAgent.state_dict`.
+and summed) -> 300 -> 1`` (ReLU) as HAQ's. Seeded (network init, exploration, minibatches) and
+resumable bit for bit from :meth:`DDPGAgent.state_dict`.
+
+Where this differs from HAQ's code (``haq/rl_quantize.py``, ``lib/rl/ddpg.py``), on purpose:
+
+* Warm-up. HAQ's loop acts randomly while ``episode <= warmup`` (21 episodes for ``--warmup 20``)
+  and its first actor episode has ``sigma = 0.5 * 0.99``. Here the first ``warmup_episodes``
+  episodes (0 .. 19) are random and episode 20 has ``sigma = 0.5``: the paper's 20 warm-up
+  episodes and ``sigma = 0.5 * 0.99^(episode - warmup)`` read with 0-based episodes.
+* Initialization. The last layers start in ``U(-init_w, init_w)``, ``init_w = 3e-3``, as in DDPG
+  (Lillicrap et al., Sec. 7; the hidden layers keep PyTorch's fan-in uniform init, also theirs).
+  HAQ's code takes ``init_w = 3e-3`` but never applies it, so its last layers keep PyTorch's
+  default ``U(-1/sqrt(300), 1/sqrt(300))``; with DDPG's, ``mu(s)`` starts near 0.5 in every state.
+* Memory layout. HAQ's keras-rl memory stores observations in sequence and appends one extra
+  entry per episode (the last observation, so the terminal transition has an ``s'``); that entry
+  is never sampled as a transition. Here each transition carries its ``s'``: the same transitions.
 """
 from __future__ import annotations
 
@@ -49,8 +64,9 @@ class DDPGConfig:
     """gamma of the critic's target (HAQ: 1, every transition carries the final reward)"""
     batch_size: int = 64
     """transitions per gradient step"""
-    replay_episodes: int = 128
-    """replay capacity in episodes: 128 x steps per episode transitions (HAQ: rmsize 128 x layers)"""
+    replay_per_layer: int = 128
+    """replay capacity per quantizable layer: ``replay_per_layer x L`` transitions (HAQ's ``rmsize``,
+    128 x layers; with two steps per layer that is the last 64 episodes)"""
     warmup_episodes: int = 20
     """episodes of uniform random actions before the actor acts and learns"""
     exploration_sigma: float = 0.5
@@ -65,7 +81,7 @@ class DDPGConfig:
     """seeds the network initialization, the exploration noise and the minibatch sampling"""
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "batch_size", "replay_episodes"):
+        for name in ("hidden", "batch_size", "replay_per_layer"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -138,7 +154,13 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, rng: np.random.Generator, batch_size: int):
-        index = torch.as_tensor(rng.integers(0, self.size, size=batch_size), dtype=torch.long)
+        """``batch_size`` transitions: distinct ones once the buffer holds that many, as HAQ's memory
+        (keras-rl's ``SequentialMemory``) draws them; with replacement before."""
+        if self.size >= batch_size:
+            chosen = rng.choice(self.size, size=batch_size, replace=False)
+        else:
+            chosen = rng.integers(0, self.size, size=batch_size)
+        index = torch.as_tensor(chosen, dtype=torch.long)
         return (self.states[index], self.actions[index], self.rewards[index],
                 self.next_states[index], self.dones[index])
 
@@ -154,15 +176,18 @@ class ReplayBuffer:
 
 
 class DDPGAgent:
-    """HAQ's DDPG (module docstring) for an environment with ``steps_per_episode`` steps.
+    """HAQ's DDPG (module docstring) for an environment over ``layers`` quantizable layers.
 
     Args:
         obs_dim: observation size (10 for :class:`~arq.search.QuantizationEnv`).
-        steps_per_episode: steps of one episode (2 per quantizable layer), sizes the replay.
+        layers: the environment's quantizable layers L (an episode has 2L steps); the replay
+            holds ``config.replay_per_layer x L`` transitions, as HAQ's ``rmsize``.
         config: :class:`DDPGConfig`.
     """
 
-    def __init__(self, obs_dim: int, steps_per_episode: int, config: DDPGConfig | None = None):
+    def __init__(self, obs_dim: int, layers: int, config: DDPGConfig | None = None):
+        if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers < 1:
+            raise ValueError(f"layers must be an integer >= 1 (the environment's quantizable layers), got {layers!r}")
         self.config = config = config or DDPGConfig()
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(config.seed)  # not torch.manual_seed: it reseeds CUDA too
@@ -175,7 +200,7 @@ class DDPGAgent:
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
-        self.replay = ReplayBuffer(config.replay_episodes * steps_per_episode, obs_dim)
+        self.replay = ReplayBuffer(config.replay_per_layer * int(layers), obs_dim)
         self.rng = np.random.default_rng(config.seed)
         self.baseline: float | None = None
 
@@ -202,9 +227,24 @@ class DDPGAgent:
 
     # ---------------------------------------------------------------- 2. observe
     def observe_episode(self, transitions, final_reward: float) -> None:
-        """Store ``(s, a, s', done)`` of one episode, each with the episode's final reward."""
+        """Store ``(s, a, s', done)`` of one episode, each with the episode's final reward, without
+        updating (the search uses :meth:`learn_episode`, which interleaves the updates)."""
         for state, action, next_state, done in transitions:
             self.replay.add(state, action, final_reward, next_state, done)
+
+    def learn_episode(self, transitions, final_reward: float, episode: int) -> int:
+        """HAQ's end of episode ``episode`` (``rl_quantize.py``): each transition ``(s, a, s', done)`` is
+        stored with the final reward and, once the warm-up is over, followed by one :meth:`update`, so
+        the k-th update of an episode samples a replay holding its first k transitions. Returns the
+        number of updates."""
+        learning = self.exploration_sigma(episode) is not None
+        updates = 0
+        for state, action, next_state, done in transitions:
+            self.replay.add(state, action, final_reward, next_state, done)
+            if learning:
+                self.update()
+                updates += 1
+        return updates
 
     # ---------------------------------------------------------------- 3. update
     def update(self) -> tuple[float, float]:

@@ -19,6 +19,24 @@ After the last step the strategy is pushed under the BitOPs budget (HAQ's proced
 :class:`arq.search.reward.CandidateEvaluator`: quantize, fine-tune under noise, measure)
 gives the episode's reward. Intermediate steps have reward 0; the episode terminates after
 step 2L, with ``info`` holding the policy, its BitOPs share and the evaluation.
+
+Where this differs from HAQ's code (``haq/lib/env/linear_quantize_env.py``), on purpose:
+
+* Previous action. The paper's observation ends with ``a_{k-1}``, the previous step's action;
+  here that is the action in [0, 1] the agent took (0 at an episode's first step). HAQ's code
+  stores ``bits / max_bits`` instead, starts at 1 and, since it edits its feature table in
+  place, carries the last values of one episode into the first observation of the next.
+* Constant features (every layer with stride 1, no depthwise layer) are 0; HAQ's code leaves
+  such a column unnormalized (a kernel size of 3 stays 3). They carry no information either way.
+* Depthwise flag: ``groups == in_channels > 1``; HAQ's code tests ``in_channels == groups``,
+  which also flags an ordinary convolution of a one-channel image (MNIST's first layer).
+* First and last layers. Every layer is searched, the first and last included, the first
+  layer's input (the noisy image, after the model's normalization) quantized at its
+  activation bits. HAQ's code pins the first layer to 8-bit weights with a float input and the
+  last to 8/8 inside its budget walk (only when the walk runs). ARQ's budget is a BitOPs share of
+  every layer, with 1.5 % = uniform W4A4 (:mod:`arq.search.budget`): a float first-layer input
+  would cost ``MACs_1 x 8 x 32`` alone, for the MNIST LeNet (conv1 31 % of the MACs) 7.75 % of
+  FP32, five times the W4A4 budget.
 """
 from __future__ import annotations
 

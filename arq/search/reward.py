@@ -17,6 +17,11 @@ the measurements into a reward:
       R_arq = 0.1 * 100 * (ACR_q / ACR_f - 1) + w_acc * 0.1 * (acc_q - acc_f)   (acc in percent),
 
   ``ACR = (1/N) sum_i R_i [g(x_i) = y_i]`` (Zhai et al. 2020) over the N search images.
+  ARQ rewards the candidate's ACR; the form relative to f and its scale are arq's choice. With
+  f fixed for a search, R_arq (at ``w_acc = 0``) is an increasing affine function of ``ACR_q``, so
+  it ranks candidates and picks the best policy as ACR itself would; the scale puts it on HAQ's
+  (one percent of f's ACR weighs as one accuracy point), which sets the size of the critic's
+  targets and of the baseline the agent subtracts.
   ``ACR_q`` comes from IRS (:mod:`arq.irs`, n_p samples per image; on CPU the candidate
   runs as its integer model, as ``arq.certify`` runs it, :class:`IRSSettings`) on f's certificates
   (CERTIFY once, n samples); ``ACR_f`` is the same IRS measurement of f itself, so that

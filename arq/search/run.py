@@ -4,8 +4,8 @@ For each episode e = 0, 1, ...:
 
 1. reset the environment; for each of its 2L steps ``a_t = agent.act(s_t, e)`` and step;
 2. the last step quantizes, fine-tunes and scores the policy: reward R_e;
-3. the agent stores the episode's transitions with R_e and, after the warm-up, makes one
-   DDPG update per transition;
+3. the agent stores the episode's transitions with R_e, after the warm-up each followed by
+   one DDPG update (HAQ's order: the k-th update sees the episode's first k transitions);
 4. one JSON line is appended to the log (``episode``, ``policy`` as HAQ's ``[[w, a], ...]``,
    ``layers`` names, ``bitops_share``, ``reward``, ``accuracy``, ``acr``, the float
    reference, ``time`` of the episode and ``elapsed`` since the start), flushed and
@@ -37,7 +37,10 @@ from arq.search.reward import REWARDS, IRSSettings
 
 __all__ = ["SearchConfig", "SearchResult", "make_search", "load_checkpoint", "search", "search_fingerprint", "take"]
 
-CHECKPOINT_FORMAT_VERSION = 1
+#: 2 since the agent follows HAQ's replay size (128 x layers), minibatches (distinct transitions) and
+#: update order (after each stored transition); a version-1 agent continued under them would not
+#: give the episodes of its own search, so such a checkpoint is refused.
+CHECKPOINT_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -164,11 +167,8 @@ def search(
                 next_observation, reward, terminated, _, info = env.step([action])
                 transitions.append((observation, action, next_observation, terminated))
                 observation = next_observation
-            # 2.-3. the final reward for every transition, then one update per transition
-            agent.observe_episode(transitions, reward)
-            if agent.exploration_sigma(episode) is not None:
-                for _ in transitions:
-                    agent.update()
+            # 2.-3. the final reward for every transition, each followed by one update after the warm-up
+            agent.learn_episode(transitions, reward, episode)
             # 4. log, best policy, checkpoint
             policy: Policy = info["policy"]
             record = {
@@ -245,6 +245,10 @@ def load_checkpoint(checkpoint_path: str | os.PathLike | None, fingerprint: Mapp
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: torch raises RuntimeError, pickle errors, ...
         raise ValueError(f"resume: {checkpoint_path} is not a readable search checkpoint ({error})") from None
+    if isinstance(state, dict) and state.get("format_version") == 1:
+        raise ValueError(f"resume: {checkpoint_path} comes from an earlier version of the search agent (replay of 128 "
+                         "x steps per episode, minibatches drawn with replacement, updates after the whole episode), "
+                         "which this version cannot continue exactly: start a new search")
     if not isinstance(state, dict) or state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{checkpoint_path}: unsupported checkpoint format {found!r}")
@@ -398,5 +402,5 @@ def make_search(model: torch.nn.Module, train_set, config: SearchConfig, *, inpu
     )
     env = QuantizationEnv(model, evaluator, input_shape=input_shape or tuple(search_images.shape[1:]),
                           budget=config.budget, min_bits=config.min_bits, max_bits=config.max_bits)
-    agent = DDPGAgent(len(env.observation_space.low), env.num_steps, config.ddpg)
+    agent = DDPGAgent(len(env.observation_space.low), len(env.layer_names), config.ddpg)
     return env, agent

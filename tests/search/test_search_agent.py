@@ -11,13 +11,51 @@ from arq.search.agent import DDPGAgent, DDPGConfig
 def test_defaults_are_haqs():
     config = DDPGConfig()
     assert (config.hidden, config.actor_lr, config.critic_lr, config.tau, config.batch_size) == (300, 1e-4, 1e-3, 0.01, 64)
-    assert (config.replay_episodes, config.warmup_episodes, config.exploration_sigma, config.exploration_decay) == \
+    assert (config.replay_per_layer, config.warmup_episodes, config.exploration_sigma, config.exploration_decay) == \
         (128, 20, 0.5, 0.99)
     agent = DDPGAgent(10, 6, config)
     assert agent.replay.capacity == 128 * 6
     assert [agent.actor.fc1.out_features, agent.actor.fc2.out_features] == [300, 300]
     with pytest.raises(ValueError, match="tau"):
         DDPGConfig(tau=0.0)
+
+
+def test_search_replay_holds_the_last_64_episodes_as_haqs_rmsize(tiny_model, tiny):
+    """HAQ sizes the replay 128 x layers (rl_quantize.py: rmsize * len(quantizable_idx)), not 128 x steps:
+    with two steps per layer it keeps the last 64 episodes."""
+    from arq.search.run import SearchConfig, make_search
+
+    images, labels = tiny.tiny_data(40, 7)
+    train_set = list(zip(images, labels.tolist()))
+    env, agent = make_search(tiny_model, train_set, SearchConfig(
+        reward="haq", search_images=4, train_images=32, calibration_images=8, finetune_steps=0))
+    layers = len(env.layer_names)
+    assert (layers, env.num_steps) == (3, 6)
+    observation = np.zeros(10, dtype=np.float32)
+    for episode in range(65):
+        steps = [(observation, 0.5, observation, t == env.num_steps - 1) for t in range(env.num_steps)]
+        agent.observe_episode(steps, float(episode))
+    kept = agent.replay.rewards[:agent.replay.size, 0]
+    assert agent.replay.size == 128 * layers
+    assert sorted(set(kept.tolist())) == [float(e) for e in range(1, 65)]  # episode 0 evicted, 64 kept
+    with pytest.raises(ValueError, match="layers"):
+        DDPGAgent(10, 0)
+
+
+def test_minibatches_draw_distinct_transitions_once_the_replay_holds_a_batch():
+    """HAQ's memory (keras-rl's SequentialMemory) draws a minibatch without replacement when it can:
+    with replacement, 64 of 200 transitions repeat about 10 of them per batch."""
+    agent = DDPGAgent(10, 100, DDPGConfig(batch_size=64, hidden=8))
+    observation = np.zeros(10, dtype=np.float32)
+    for i in range(200):
+        agent.replay.add(observation, i / 1000, 0.0, observation, False)
+    for _ in range(50):
+        actions = agent.replay.sample(agent.rng, 64)[1][:, 0].tolist()
+        assert len(set(actions)) == 64
+    small = DDPGAgent(10, 1, DDPGConfig(batch_size=64, hidden=8))
+    for i in range(5):  # fewer than a batch: drawn with replacement, as HAQ's memory then does
+        small.replay.add(observation, i / 1000, 0.0, observation, False)
+    assert len(small.replay.sample(small.rng, 64)[1]) == 64
 
 
 def test_exploration_schedule_and_bounds():

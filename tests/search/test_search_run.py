@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from scipy import stats
 
 from arq.quant import FinetuneConfig, Policy
@@ -28,7 +29,7 @@ def make_evaluator(model, tiny, reward="arq", **kwargs):
 def make_search(model, tiny, reward="arq", seed=0):
     evaluator = make_evaluator(model, tiny, reward)
     env = QuantizationEnv(model, evaluator, input_shape=tiny.INPUT_SHAPE, budget=BUDGET)
-    agent = DDPGAgent(10, env.num_steps, DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16, seed=seed))
+    agent = DDPGAgent(10, len(env.layer_names), DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16, seed=seed))
     return env, agent
 
 
@@ -75,7 +76,8 @@ def without_time(records):
 
 
 def test_short_search_is_reproducible_and_resumable(tiny_model, tiny, tmp_path):
-    env, agent = make_search(tiny_model, tiny)
+    env, straight_agent = make_search(tiny_model, tiny)
+    agent = straight_agent
     first = search(env, agent, episodes=4, log_path=tmp_path / "a.jsonl", best_path=tmp_path / "a.json",
                    checkpoint_path=tmp_path / "a.pt")
     records = read_log(tmp_path / "a.jsonl")
@@ -89,17 +91,51 @@ def test_short_search_is_reproducible_and_resumable(tiny_model, tiny, tmp_path):
     assert saved.to_haq(tiny_model) == best["policy"]
     assert bitops_share(env.costs, saved.to_haq(tiny_model)) <= BUDGET
 
-    # same seed, interrupted after 2 episodes and resumed: the same four episodes
+    # same seed, interrupted after 3 episodes (the first learning one: Adam moments, baseline and
+    # targets in the checkpoint) and resumed: the same four episodes
     env, agent = make_search(tiny_model, tiny)
-    search(env, agent, episodes=2, log_path=tmp_path / "b.jsonl", best_path=tmp_path / "b.json",
+    search(env, agent, episodes=3, log_path=tmp_path / "b.jsonl", best_path=tmp_path / "b.json",
            checkpoint_path=tmp_path / "b.pt")
     env, agent = make_search(tiny_model, tiny)
     resumed = search(env, agent, episodes=4, log_path=tmp_path / "b.jsonl", best_path=tmp_path / "b.json",
                      checkpoint_path=tmp_path / "b.pt", resume=True)
     assert without_time(read_log(tmp_path / "b.jsonl")) == without_time(records)
     assert resumed.best_reward == first.best_reward
+    # the policies hide small differences of the actions (bits, then the budget): the agent must
+    # also end where the uninterrupted one did
+    assert agent.baseline == straight_agent.baseline
+    for name in ("actor", "critic", "actor_target", "critic_target"):
+        for a, b in zip(getattr(agent, name).parameters(), getattr(straight_agent, name).parameters()):
+            assert torch.equal(a, b), name
     with pytest.raises(FileExistsError, match="resume"):
         search(env, agent, episodes=4, log_path=tmp_path / "b.jsonl", checkpoint_path=tmp_path / "b.pt")
+
+
+def test_each_update_follows_the_transition_it_stores_as_in_haqs_loop(tiny_model, tiny):
+    """HAQ's rl_quantize.py stores a transition, then updates, transition by transition: the k-th
+    update of a learning episode samples a replay that holds that episode's first k transitions."""
+    env = QuantizationEnv(tiny_model, lambda policy: {"reward": -bitops_share(env.costs, policy.to_haq(tiny_model))},
+                          input_shape=tiny.INPUT_SHAPE, budget=BUDGET)
+    agent = DDPGAgent(10, len(env.layer_names), DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16))
+    sizes = []
+    update = agent.update
+    agent.update = lambda: sizes.append(agent.replay.size) or update()
+    search(env, agent, episodes=4)
+    steps = env.num_steps
+    assert sizes == [episode * steps + k for episode in (2, 3) for k in range(1, steps + 1)]
+
+
+def test_a_checkpoint_of_the_earlier_agent_is_refused_by_name(tiny_model, tiny, tmp_path):
+    """Version-1 checkpoints hold an agent with twice HAQ's replay, minibatches with replacement and
+    updates after the whole episode: continued by this agent they would not repeat their search."""
+    env = QuantizationEnv(tiny_model, lambda policy: {"reward": 0.0}, input_shape=tiny.INPUT_SHAPE, budget=BUDGET)
+    config = DDPGConfig(warmup_episodes=2, batch_size=8, hidden=16)
+    search(env, DDPGAgent(10, 3, config), episodes=1, checkpoint_path=tmp_path / "c.pt")
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state["format_version"] = 1
+    torch.save(state, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="earlier version of the search agent.*start a new search"):
+        search(env, DDPGAgent(10, 3, config), episodes=2, checkpoint_path=tmp_path / "c.pt", resume=True)
 
 
 def test_another_seed_explores_differently(tiny_model, tiny, tmp_path):
@@ -209,6 +245,6 @@ def test_evaluator_accuracy_weight_must_be_finite(tiny_model, tiny, weight):
 
 
 def test_dqn_config_widths_must_be_integers():
-    for name, value in (("hidden", 2.5), ("batch_size", 0), ("replay_episodes", True)):
+    for name, value in (("hidden", 2.5), ("batch_size", 0), ("replay_per_layer", True)):
         with pytest.raises(ValueError, match=name):
             DDPGConfig(**{name: value})
