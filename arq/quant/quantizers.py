@@ -54,7 +54,9 @@ class QuantConfig:
             channel), or "auto": "mse" for ``w_bits <= mse_weight_bits``, else "max".
         mse_weight_bits: the largest weight bit width "auto" searches a clip for.
         activation_range: "minmax", "percentile" or "mse" calibration of activation ranges.
-        percentile: the percentile of |x| used by "percentile", in (0, 100].
+        percentile: the percentile of |x| used by "percentile", in (0, 100] (estimated on the
+            subsample; 100 is the exactly observed maximum, as "minmax"; where the percentile is 0,
+            more than that share of the values being 0, the range is "minmax"'s).
         clip_search_steps: grid size of the MSE clip searches (ratios k / steps of the max, k = 1..steps).
         calibration_samples: activation values kept per layer for "percentile" and "mse"
             (a uniform random subsample from a generator with a fixed seed, so deterministic;
@@ -374,8 +376,14 @@ class ActivationQuantizer(nn.Module):
             values = torch.cat(self._samples)
             if not signed:
                 values = values.clamp_min(0.0)
-            if method == "percentile":
+            if method == "percentile" and self.config.percentile == 100.0:
+                clip = magnitude  # observed exactly; the subsample may have missed the largest value
+            elif method == "percentile":
                 clip = float(torch.quantile(values.abs().double(), self.config.percentile / 100.0))
+                if clip == 0.0:
+                    # more than `percentile` % zeros (a nearly dead ReLU layer): a zero clip has no
+                    # scale and would zero every value, so the range falls back to "minmax"
+                    clip = magnitude
             else:
                 # the grid's top is the observed magnitude, which the subsample may not contain
                 clip = _mse_clip(values, self.bits, signed, self.config.clip_search_steps, amax=magnitude)
