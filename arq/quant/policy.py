@@ -6,6 +6,12 @@ and ``nn.Linear``, first and last included) to ``LayerBits(w_bits, a_bits)``:
 layer (its input), as in HAQ (Wang et al., CVPR 2019). For the first layer that
 input is the noisy image ``x + e``, ``e ~ N(0, sigma^2 I)``, after the model's
 normalization. 32 bits means "left in floating point".
+
+Unlike HAQ's code (``LinearQuantizeEnv._keep_first_last_layer``, which pins the first layer to
+8-bit weights with a float input and the last to 8/8 while fitting the budget), a policy and
+the search (:mod:`arq.search`) give the first and last layers any width, as every other layer;
+HAQ's choice is the policy ``first: LayerBits(8, 32), last: LayerBits(8, 8)``, and its BitOPs
+then count 8 x 32 per MAC of the first layer (:mod:`arq.quant.cost`).
 """
 from __future__ import annotations
 

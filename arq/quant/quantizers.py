@@ -19,7 +19,26 @@ The zero point is always 0, so an integer kernel sees ``x = scale * q`` exactly.
 Rounding is ``torch.round`` (half to even) everywhere, the integer path included.
 Training uses the straight-through estimator (Bengio et al. 2013): the forward pass
 quantizes, the backward pass treats ``round`` as the identity inside the clip
-range and passes no gradient outside it.
+range and passes no gradient outside it. Scales are not learned: a weight scale
+follows ``max |w_n|`` at the fixed ratio ``r_n`` (:mod:`arq.quant.modules`), an
+activation scale stays as calibrated.
+
+Deliberate deviations from HAQ's code (mit-han-lab/haq, ``lib/utils/quantize_utils.py``),
+which are the same linear scheme in other respects (symmetric ``2^(b-1) - 1`` weight levels,
+``2^b - 1`` unsigned activation levels, half-to-even rounding, weights clipped below 5 bits):
+  * weight scales per output channel, not per tensor (what int8 kernels such as oneDNN's and
+    torchao's use; a per-tensor clip lets one channel's range set every channel's step);
+  * clips chosen by MSE on a grid, not by HAQ's KL divergence on a sqrt(n)-bin histogram of
+    |x|: below 5 bits for weights (``weight_clip="auto"``, ``mse_weight_bits=4``, as HAQ's
+    threshold), at every width for activations (``activation_range="mse"``; HAQ takes
+    ``min(6, max |x|)`` at 5 bits and above, the KL threshold below, from one batch);
+  * activations that the calibration data shows negative get a signed range; HAQ clamps every
+    activation to ``[0, range]`` unless a layer is built "full wave";
+  * the weight gradient is zero outside the clip (HAQ passes it unchanged everywhere), and the
+    activation range is fixed during fine-tuning (HAQ learns it, PACT-style);
+  * BatchNorm is folded into the layer before quantizing (:mod:`arq.quant.quantize`); HAQ keeps
+    it as a float module after the quantized layer.
+The first and last layers are not pinned to 8 bits: see :mod:`arq.quant.policy`.
 """
 from __future__ import annotations
 
@@ -54,7 +73,9 @@ class QuantConfig:
             channel), or "auto": "mse" for ``w_bits <= mse_weight_bits``, else "max".
         mse_weight_bits: the largest weight bit width "auto" searches a clip for.
         activation_range: "minmax", "percentile" or "mse" calibration of activation ranges.
-        percentile: the percentile of |x| used by "percentile", in (0, 100].
+        percentile: the percentile of |x| used by "percentile", in (0, 100] (estimated on the
+            subsample; 100 is the exactly observed maximum, as "minmax"; where the percentile is 0,
+            more than that share of the values being 0, the range is "minmax"'s).
         clip_search_steps: grid size of the MSE clip searches (ratios k / steps of the max, k = 1..steps).
         calibration_samples: activation values kept per layer for "percentile" and "mse"
             (a uniform random subsample from a generator with a fixed seed, so deterministic;
@@ -230,7 +251,10 @@ def _mse_clip(values: torch.Tensor, bits: int, signed: bool, steps: int, amax: f
 
     Coarse to fine: every ``stride``-th ratio first (stride ~ sqrt(steps)), then every ratio
     within one stride of the best coarse one; the error curve is unimodal in practice, so
-    this finds the grid minimum in about ``2 sqrt(steps)`` evaluations instead of ``steps``.
+    this finds the grid minimum in about ``2 sqrt(steps)`` evaluations instead of ``steps``
+    (it did in all 170 calibrations of a ResNet-20 at 2, 3, 4, 6 and 8 bits and on 840
+    synthetic sets of 5,000 values; on a few dozen values the curve can have a second dip,
+    and the clip found was then up to 1.7 % worse in squared error than the grid's best).
     """
     if amax is None:
         amax = float(values.abs().max())
@@ -374,8 +398,14 @@ class ActivationQuantizer(nn.Module):
             values = torch.cat(self._samples)
             if not signed:
                 values = values.clamp_min(0.0)
-            if method == "percentile":
+            if method == "percentile" and self.config.percentile == 100.0:
+                clip = magnitude  # observed exactly; the subsample may have missed the largest value
+            elif method == "percentile":
                 clip = float(torch.quantile(values.abs().double(), self.config.percentile / 100.0))
+                if clip == 0.0:
+                    # more than `percentile` % zeros (a nearly dead ReLU layer): a zero clip has no
+                    # scale and would zero every value, so the range falls back to "minmax"
+                    clip = magnitude
             else:
                 # the grid's top is the observed magnitude, which the subsample may not contain
                 clip = _mse_clip(values, self.bits, signed, self.config.clip_search_steps, amax=magnitude)

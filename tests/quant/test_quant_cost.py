@@ -80,3 +80,22 @@ def test_a_linear_models_sample_shape_may_omit_the_batch():
     policy = Policy.uniform(model, 4, 4)
     assert bitops(model, policy, (784,)).total_bitops == bitops(model, policy, (1, 784)).total_bitops
     assert bitops(model, policy, (784,)).fraction_of_fp32 == 16 / 1024
+
+
+def test_grouped_dilated_strided_convs_and_haq_first_last_bits_match_the_hand_count():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),                          # 17x17 -> 9x9
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),              # depthwise, 9x9 -> 9x9
+        nn.Conv2d(8, 12, (1, 3), stride=(1, 2), padding=(0, 1), groups=4),  # 9x9 -> 9x5, 2 inputs a group
+        nn.Flatten(), nn.Linear(12 * 9 * 5, 10),
+    )
+    # MACs = H_out W_out C_out (C_in / groups) KH KW; a Linear out x in
+    hand = {"0": 9 * 9 * 8 * 3 * 9, "2": 9 * 9 * 8 * 1 * 9, "3": 9 * 5 * 12 * 2 * 3, "5": 10 * 540}
+    assert bitops(model, None, (3, 17, 17)).macs_per_layer == hand
+    # HAQ's pinned layers: first 8-bit weights with a float input (8 x 32), last 8/8
+    policy = Policy({"0": LayerBits(8, 32), "2": LayerBits(4, 4), "3": LayerBits(4, 4), "5": LayerBits(8, 8)})
+    report = bitops(model, policy, (3, 17, 17))
+    expected = hand["0"] * 8 * 32 + (hand["2"] + hand["3"]) * 16 + hand["5"] * 64
+    assert report.total_bitops == expected
+    assert report.fraction_of_fp32 == expected / (sum(hand.values()) * 32 * 32)

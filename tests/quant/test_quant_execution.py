@@ -654,3 +654,33 @@ def test_cpu_has_vnni_reads_the_onednn_cap(monkeypatch):
     monkeypatch.setattr(execution, "_cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.delenv("DNNL_MAX_CPU_ISA")
     assert not execution.cpu_has_vnni()
+
+
+def test_integer_layers_compute_the_reference_codes_at_every_width():
+    """Every (w_bits, a_bits) in 2..8, signed and unsigned inputs, a grouped, dilated, strided
+    conv (oneDNN) and a linear: the integer layer's input codes are the fake-quant codes exactly
+    (zero point 2^(a-1) for a signed input, padding included) and its output agrees to float
+    rounding."""
+    generator = torch.Generator().manual_seed(11)
+    for w_bits in range(2, 9):
+        for a_bits in range(2, 9):
+            for signed in (False, True):
+                conv = nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2, groups=2)
+                linear = nn.Linear(13, 5)
+                for float_layer, quant_type, integer_type, shape in (
+                        (conv, QuantConv2d, IntegerConv2d, (3, 6, 9, 9)), (linear, QuantLinear, IntegerLinear, (9, 13))):
+                    with torch.no_grad():
+                        float_layer.weight.copy_(torch.randn(float_layer.weight.shape, generator=generator))
+                    calibration, x = (2 * torch.randn(shape, generator=generator) for _ in range(2))
+                    if not signed:
+                        calibration, x = calibration.relu(), x.relu()
+                    layer = _calibrated_layer(quant_type.from_float(float_layer, LayerBits(w_bits, a_bits)), None,
+                                              calibration, signed)
+                    integer = integer_type(layer)
+                    with torch.no_grad():
+                        reference, result = layer(x), integer(x)
+                    expected = torch.round(layer.input_quantizer(x) / layer.input_quantizer.scale).to(torch.int32)
+                    case = (w_bits, a_bits, signed, quant_type.__name__)
+                    assert torch.equal(integer.codes(x).to(torch.int32) - integer.zero_point, expected), case
+                    assert integer.zero_point == (1 << (a_bits - 1) if signed else 0), case
+                    torch.testing.assert_close(result, reference, rtol=0, atol=2e-5 * float(reference.abs().max()))

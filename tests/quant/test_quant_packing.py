@@ -156,3 +156,33 @@ def test_loaded_model_trains_from_the_saved_scales(tmp_path):
         if key.endswith((".weight_packed", ".weight_scale")):
             assert torch.equal(first[key], second[key]), key
     assert sum(key.endswith(".weight_packed") for key in first) == 22
+
+
+def test_loaded_model_certifies_as_the_saved_one_on_both_cpu_paths(tmp_path):
+    # mixed 2..8-bit layers and an 8-bit residual stream (its quantizers are in the file too): the
+    # loaded fake-quant model and the integer model built from it give the saved model's logits
+    # bit for bit, so every certificate is the same
+    from arq import certify
+    from arq._ext import compiled_ops_available
+    from quant_nets import mixed_resnet_policy
+
+    model = cifar_resnet(20)
+    calibration = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    qmodel = quant.quantize(model, mixed_resnet_policy(model), calibration,
+                            config=quant.QuantConfig(residual_bits=8))
+    quant.save(qmodel, tmp_path / "q.safetensors")
+    loaded = quant.load(tmp_path / "q.safetensors", model=cifar_resnet(20, seed=5))
+    noisy = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)) + 0.25 * torch.randn(
+        8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(noisy), qmodel(noisy))
+    backends = ["torch"]
+    if compiled_ops_available() and "onednn" in torch.backends.quantized.supported_engines:
+        backends.append("cpp")
+        with torch.no_grad():
+            assert torch.equal(quant.to_integer(loaded)(noisy), quant.to_integer(qmodel)(noisy))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for backend in backends:
+        saved = certify(qmodel, x, n=64, n0=16, batch_size=64, backend=backend)
+        again = certify(loaded, x, n=64, n0=16, batch_size=64, backend=backend)
+        assert [c._replace(backend=None) for c in again] == [c._replace(backend=None) for c in saved], backend

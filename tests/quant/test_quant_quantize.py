@@ -177,6 +177,32 @@ def test_signed_input_and_unsigned_after_relu():
     assert len(torch.unique(seen["x"])) <= 15
 
 
+def test_finetuning_moves_weights_and_biases_keeps_activation_ranges_and_refreshes_weight_scales():
+    # what noise fine-tuning changes: the weights (straight-through, zero gradient where clipped)
+    # and biases; the weight scales follow them (r_n max|w_n| / q_max); activation scales do not
+    model = cifar_resnet(20)
+    policy = Policy.uniform(model, 3, 4)  # 3-bit weights: "auto" clips at MSE ratios r_n < 1
+    generator = torch.Generator().manual_seed(4)
+    images, labels = torch.rand(64, 3, 32, 32, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+    before = quant.quantize(model, policy, CALIBRATION)
+    after = quant.quantize(model, policy, CALIBRATION, train_data=(images, labels),
+                           finetune=FinetuneConfig(epochs=1, batch_size=32, lr=0.05, seed=0))
+    moved_codes = clipped_count = 0
+    for (name, old), (_, new) in zip(quant.quantizable_layers(before), quant.quantizable_layers(after)):
+        assert not torch.equal(old.weight, new.weight) and not torch.equal(old.bias, new.bias), name
+        assert torch.equal(old.input_quantizer.scale, new.input_quantizer.scale), name
+        assert torch.equal(old.weight_clip_ratio, new.weight_clip_ratio), name
+        expected_scale = quant.quantizers.weight_scale(new.weight, 3, new.weight_clip_ratio)
+        assert torch.equal(new.weight_scale, expected_scale), name
+        # a weight the clip cut off got no gradient: with no weight decay it did not move
+        clip = 3 * old.weight_scale.view(-1, *([1] * (old.weight.dim() - 1)))  # q_max = 3 at 3 bits
+        clipped = old.weight.abs() > clip
+        assert torch.equal(old.weight[clipped], new.weight[clipped]), name
+        clipped_count += int(clipped.sum())
+        moved_codes += int((old.integer_weight() != new.integer_weight()).sum())
+    assert moved_codes > 0 and clipped_count > 0
+
+
 def test_calibration_is_deterministic_uses_model_sigma_and_accepts_batches():
     model = cifar_resnet(20, sigma=0.5)
     first = quant.quantize(model, Policy.uniform(model, 4, 4), CALIBRATION, config=QuantConfig(calibration_batch_size=16))

@@ -226,3 +226,39 @@ def test_calibration_keeps_a_position_unbiased_sample_when_batches_are_small():
         quantizer._observe(batch)
     kept = torch.cat(quantizer._samples)
     assert 0.3 < float((kept == 10.0).float().mean()) < 0.7
+
+
+@pytest.mark.parametrize("bits,signed", [(2, False), (4, True), (8, False)])
+def test_percentile_clip_of_a_sparse_activation_falls_back_to_the_observed_magnitude(bits, signed):
+    # 99.995 % zeros (a nearly dead ReLU layer): the 99.99th percentile of |x| is 0. The range
+    # used to become the unit scale 1.0, unrelated to the data (values clipped at q_hi, whatever
+    # their size); a percentile clip of 0 would zero every value, so the observed magnitude is kept.
+    x = torch.zeros(200_000)
+    x[:10] = torch.linspace(0.5, 40.0, 10) * (-1 if signed else 1)
+    x[10] = 40.0
+    quantizer = ActivationQuantizer(bits, QuantConfig(activation_range="percentile", percentile=99.99))
+    quantizer.start_calibration()
+    quantizer(x)
+    quantizer.finish_calibration()
+    q_lo, q_hi = activation_levels(bits, signed)
+    assert bool(quantizer.signed) == signed
+    assert float(quantizer.scale) == pytest.approx(40.0 / q_hi, rel=1e-6)
+    assert float(quantizer(torch.tensor([40.0]))) == pytest.approx(40.0, rel=1e-6)
+
+
+def test_percentile_100_clips_at_the_exact_observed_maximum():
+    # the subsample (8 values a batch here) misses the single largest value; the 100th percentile
+    # of the activation is that value, which calibration observes exactly, as "minmax" does
+    x = torch.rand(64, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    x.view(-1)[12_345] = 9.0
+    results = {}
+    for method in ("percentile", "minmax"):
+        quantizer = ActivationQuantizer(6, QuantConfig(activation_range=method, percentile=100.0,
+                                                       calibration_samples=64))
+        quantizer.start_calibration()
+        quantizer(x)
+        if method == "percentile":
+            assert float(torch.cat(quantizer._samples).max()) < 1.0
+        quantizer.finish_calibration()
+        results[method] = float(quantizer.scale)
+    assert results["percentile"] == results["minmax"] == pytest.approx(9.0 / 63, rel=1e-6)
