@@ -144,3 +144,31 @@ def test_agent_construction_leaves_the_callers_cpu_generator_alone():
     for online, target in ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target)):
         for a, b in zip(online.state_dict().values(), target.state_dict().values()):
             assert torch.equal(a, b)
+
+
+def _trained_agent(threads: int, seen: list) -> DDPGAgent:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        agent = DDPGAgent(10, 5, DDPGConfig(seed=3, warmup_episodes=0))
+        agent.critic.register_forward_hook(lambda module, inputs, output: seen.append(torch.get_num_threads()))
+        rng = np.random.default_rng(0)
+        for episode in range(4):
+            transitions = [(rng.random(10, dtype=np.float32), agent.act(rng.random(10, dtype=np.float32), episode),
+                            rng.random(10, dtype=np.float32), step == 9) for step in range(10)]
+            agent.learn_episode(transitions, float(rng.normal()), episode)
+        assert torch.get_num_threads() == threads  # restored after every update
+        return agent
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_agent_learns_on_one_thread_whatever_the_search_runs_with():
+    """Its networks are tiny: on 2 threads under load every op waited for a descheduled thread
+    (40x slower). On one thread the trajectory is also the same for any thread count."""
+    seen_one, seen_two = [], []
+    one, two = _trained_agent(1, seen_one), _trained_agent(2, seen_two)
+    assert seen_two and set(seen_two) == {1}
+    for a, b in zip(one.state_dict()["actor"].values(), two.state_dict()["actor"].values()):
+        assert torch.equal(a, b)
+    assert one.baseline == two.baseline
