@@ -300,6 +300,7 @@ class ActivationQuantizer(nn.Module):
         self._observing = False
         self._samples: list[torch.Tensor] = []
         self._sample_count = 0
+        self._halvings = 0  # of the subsample since start_calibration (each halves later batches' share)
         self._min = float("inf")
         self._max = float("-inf")
         self._generator: torch.Generator | None = None
@@ -337,7 +338,7 @@ class ActivationQuantizer(nn.Module):
 
     def start_calibration(self) -> None:
         self._observing = True
-        self._samples, self._sample_count = [], 0
+        self._samples, self._sample_count, self._halvings = [], 0, 0
         self._min, self._max = float("inf"), float("-inf")
         self._generator = torch.Generator(device="cpu").manual_seed(SUBSAMPLE_SEED)
 
@@ -354,11 +355,13 @@ class ActivationQuantizer(nn.Module):
             return
         # Keep a bounded, deterministic subsample: at most samples/8 per batch, drawn uniformly
         # (with replacement) by a generator seeded at start_calibration that advances across
-        # batches, and halve what is kept whenever it passes 2 x samples. Not a fixed stride: a
-        # stride over a flattened NCHW tensor is often a multiple of W or H*W, and then keeps
-        # only a few spatial positions (one image column, say), whose values are not typical.
+        # batches, and halve what is kept whenever it passes 2 x samples, and with it the share of
+        # each later batch, so that every batch weighs the same in the subsample (halving alone
+        # left an early batch 1/2^k of a late one's weight). Not a fixed stride: a stride over a
+        # flattened NCHW tensor is often a multiple of W or H*W, and then keeps only a few
+        # spatial positions (one image column, say), whose values are not typical.
         cap = self.config.calibration_samples
-        per_batch = max(1, cap // 8)
+        per_batch = max(1, (cap // 8) >> self._halvings)
         if flat.numel() <= per_batch:
             kept = flat.cpu()
         else:
@@ -373,6 +376,7 @@ class ActivationQuantizer(nn.Module):
             half = torch.randperm(kept_all.numel(), generator=self._generator)[: kept_all.numel() // 2]
             self._samples = [kept_all[half]]
             self._sample_count = self._samples[0].numel()
+            self._halvings += 1
 
     @property
     def saw_no_data(self) -> bool:

@@ -262,3 +262,17 @@ def test_percentile_100_clips_at_the_exact_observed_maximum():
         quantizer.finish_calibration()
         results[method] = float(quantizer.scale)
     assert results["percentile"] == results["minmax"] == pytest.approx(9.0 / 63, rel=1e-6)
+
+
+def test_calibration_subsample_weighs_every_batch_alike():
+    """Halving the kept values whenever they pass 2 x calibration_samples left an early batch with
+    1/2^k of a late batch's weight (k halvings since); later batches now keep a halved share too."""
+    quantizer = ActivationQuantizer(8, QuantConfig(activation_range="mse", calibration_samples=512))
+    quantizer.start_calibration()
+    for index in range(64):
+        quantizer._observe(torch.full((1000,), float(index)))
+    kept = torch.cat(quantizer._samples).long()
+    per_batch = torch.bincount(kept, minlength=64).double()
+    assert kept.numel() < 64 * 64 / 2  # the kept values were halved at least twice
+    first, last = float(per_batch[:16].sum()), float(per_batch[-16:].sum())
+    assert 0.7 < first / last < 1.4, (first, last)
