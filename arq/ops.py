@@ -129,9 +129,10 @@ def _check_packed_arguments(op, x, packed_weight, w_bits, k, scales, bias, resid
     devices = {t.device for t in (x, packed_weight, scales, bias, residual) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: expected all tensors on one device, got {sorted(map(str, devices))}")
-    if not (np.isfinite(x_scale) and np.isfinite(np.float32(x_scale))):
+    float32_max = float(np.finfo(np.float32).max)
+    if not (np.isfinite(x_scale) and abs(x_scale) <= float32_max):
         raise ValueError(f"{op}: x_scale must be finite as a float32, got {x_scale}")
-    if not np.isfinite(out_scale) or (out_scale > 0 and not 0 < np.float32(out_scale) < np.inf):
+    if not np.isfinite(out_scale) or (out_scale > 0 and not (out_scale <= float32_max and np.float32(out_scale) > 0)):
         raise ValueError(f"{op}: out_scale must be finite (and > 0 as a float32 when requantizing), got {out_scale}")
 
 
