@@ -432,7 +432,7 @@ def certify_incremental(
                 # fresh samples n .. n + n_p - 1: independent of f's certificate and of the branch choice
                 votes = replay_predictions(candidate, one, start=cache.n, count=num, **common)
                 k = int((votes == c_a).sum().item())
-                p_lower = statistics.clopper_pearson_lower(k, num, alpha) - delta
+                p_lower = statistics.subtract_rounding_down(statistics.clopper_pearson_lower(k, num, alpha), delta)
                 mode, zeta, disagreements = MODE_DIRECT, math.nan, -1
             else:
                 reference = entry.predictions
@@ -448,7 +448,8 @@ def certify_incremental(
                 replayed = replay_predictions(candidate, one, start=0, count=num, **common)
                 disagreements = int((replayed.cpu() != reference[:num].cpu()).sum().item())
                 zeta = statistics.clopper_pearson_upper(disagreements, num, alpha_zeta)
-                p_lower = entry.p_lower - zeta - delta
+                # rounded down: p_A_lower - zeta - delta in round-to-nearest could land half an ulp above
+                p_lower = statistics.subtract_rounding_down(entry.p_lower, zeta, delta)
                 mode = MODE_IRS
             if p_lower >= 0.5:
                 results.append(IRSCertificate(c_a, statistics.radius(sigma, p_lower), p_lower, zeta, disagreements,
