@@ -178,6 +178,31 @@ def test_soundness_failure_rate_on_known_classifiers():
     assert naive_failures >= 150  # the test can tell a bound that ignores zeta
 
 
+def test_direct_branch_failure_rate_on_known_classifiers(monkeypatch):
+    """The branch above gamma: the bound on ``P(f'(x + e) = c_A)`` from n_p fresh samples may exceed the
+    true value in at most alpha of the trials (given the branch: the fresh samples are independent of
+    f's certificate, which chose it); the point estimate k / n_p exceeds it in about half."""
+    alpha = 0.1
+    p_g = true_p(0.9)  # f' = Threshold(0.9): P(f'(x + e) = 0) = Phi(1.8) = 0.964; f has Phi(2) = 0.977
+    trials = 300
+    inputs = torch.zeros(trials, 1, 2, 2)
+    indices = list(range(trials))
+    cache = build_cache(Threshold(1.0), inputs, sigma=SIGMA, n=200, n0=20, alpha=alpha, n_p=10, seed=8,
+                        input_index=indices, batch_size=500)
+
+    def failures():
+        results = certify_incremental(Threshold(0.9), inputs, cache, n_p=100, gamma=0.9, input_index=indices,
+                                      batch_size=500)
+        direct = [r for r in results if r.mode == "direct"]
+        assert len(direct) > trials // 2
+        return sum(1 for r in direct if r.prediction != 0 or r.p_lower > p_g)
+
+    # binomial(300, 0.1) exceeds 30 + 3 sd = 46 with probability ~1e-3
+    assert failures() <= 46
+    monkeypatch.setattr(statistics, "clopper_pearson_lower", lambda k, n, alpha: k / n)
+    assert failures() > 2 * alpha * trials  # the test can tell an unsound bound
+
+
 def _train_tiny_mnist(seed: int = 0):
     from arq.data import get_dataset
 
