@@ -13,6 +13,7 @@ from arq.irs import (
     IRSCache,
     build_cache,
     certify_incremental,
+    input_digest,
     resolve_n_p,
 )
 from arq.smoothing import statistics
@@ -152,6 +153,41 @@ def test_cache_round_trip(tmp_path):
     for index in (5, 6, 9):
         assert loaded[index].p_lower == cache[index].p_lower
         assert torch.equal(loaded[index].predictions, cache[index].predictions)
+        assert loaded[index].input_digest == cache[index].input_digest is not None
+
+
+def test_an_input_other_than_the_cached_one_is_refused():
+    """The cache entry's p_A_lower and c_A are about one image: with another image under its index, the
+    path that recomputes f's predictions (original=f) bounded the disagreement on the new image and
+    subtracted it from the old image's p_A_lower. Here that certified radius 0.76 at a point whose smoothed
+    classifier has radius 0.1 (P(f(x' + e) = 0) = Phi(0.2)); now such a call is refused."""
+    f = Threshold(0.0)
+    certified = torch.zeros(1, 2, 2)
+    certified[0, 0, 0] = -1.0  # P(f = 0) = Phi(2)
+    other = torch.zeros(1, 2, 2)
+    other[0, 0, 0] = -0.1  # P(f = 0) = Phi(0.2): the true radius is 0.5 * 0.2 = 0.1
+    cache = build_cache(f, certified, sigma=SIGMA, n=2000, n0=50, n_p=10, input_index=0)
+    with pytest.raises(ValueError, match="x for input_index 0 is not the input the cache certified"):
+        certify_incremental(f, other, cache, n_p=200, input_index=0, original=f)
+    # a batch given without its indices is caught the same way (it took entries 0.. for other images)
+    pair = torch.stack([certified, other])
+    cache = build_cache(f, pair, sigma=SIGMA, n=500, n0=20, n_p=50)
+    with pytest.raises(ValueError, match="input_index 0"):
+        certify_incremental(f, pair[1:], cache)
+    # the same image, on another device or dtype, is accepted
+    result = certify_incremental(f, pair[1:].double(), cache, input_index=[1])
+    assert result[0].disagreements == 0
+
+
+def test_caches_saved_without_input_digests_still_load(tmp_path):
+    cache = build_cache(Threshold(0.3), torch.zeros(2, 1, 2, 2), sigma=SIGMA, n=300, n0=20, n_p=30, seed=4)
+    data = cache.to_dict()
+    assert data["input_digest"] == [input_digest(torch.zeros(1, 2, 2))] * 2
+    del data["input_digest"]
+    data["format_version"] = 1
+    legacy = IRSCache.from_dict(data)
+    assert legacy[0].input_digest is None and legacy[0].p_lower == cache[0].p_lower
+    certify_incremental(Threshold(0.3), torch.ones(1, 2, 2), legacy, input_index=[0])  # nothing to check against
 
 
 def test_soundness_failure_rate_on_known_classifiers():
