@@ -32,13 +32,14 @@ Then, for f' (:func:`certify_incremental`), per input:
   selection on ``DRAW_SELECT``), ``p' = CP_lower(k, n_p, alpha) - delta``.
 * f abstained (``p_A_lower < 1/2``): abstain; no sample is drawn.
 
-Guarantee. A certificate of the first branch is correct with probability at
-least ``1 - (alpha + alpha_zeta)``: f's bound fails with probability at most
-alpha, zeta's at most alpha_zeta (union bound; the same noise samples may serve
-both, as the theorem only needs each bound to hold). One of the second branch is
-correct with probability at least ``1 - alpha`` given the branch. A statement
-that holds before the branch is known is their union, ``1 - (2 alpha + alpha_zeta)``
-(with the defaults 0.997).
+Guarantee. The first branch gives a wrong certificate only when f's bound or zeta's
+fails: ``P(first branch and wrong) <= alpha + alpha_zeta`` (union bound; the same noise
+samples may serve both, as the theorem only needs each bound to hold). This is not a
+statement given the branch: the branch is chosen from the same samples as p_A_lower.
+One of the second branch is correct with probability at least ``1 - alpha`` given
+the branch (its samples are fresh, independent of the choice). Before the branch is
+known: ``P(wrong) <= alpha + alpha_zeta + alpha P(second branch) <= 2 alpha + alpha_zeta``
+(with the defaults, confidence 0.997).
 
 Which models run. f runs as given: its certificate and its replayed predictions through
 ``model(x)``. For a quantized f, ``arq.certify`` would otherwise run its integer model (the
