@@ -103,7 +103,9 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
     killed while writing, or a file written without a final newline: it is read
     when it has all of the header's fields (each field but the last ends at a tab,
     so only the last one could have been cut short) and ignored, with a warning,
-    otherwise. Raises ``ValueError`` naming the file and line on a malformed row.
+    otherwise. Raises ``ValueError`` naming the file and line on a malformed row, and on a row that
+    would miscount: a radius that is NaN, infinite or negative, or ``correct`` other than
+    ``int(predict == label)``.
     """
     path = os.fspath(path)
     with open(path, "r", encoding="utf-8", newline="") as handle:
@@ -151,7 +153,24 @@ def read_results(path: str | os.PathLike) -> list[ResultRow]:
             )
         except ValueError as error:
             raise ValueError(f"{path}:{line_number}: {error}") from None
+        problem = _row_problem(rows[-1])
+        if problem:
+            raise ValueError(f"{path}:{line_number}: {problem}")
     return rows
+
+
+def _row_problem(row: ResultRow) -> str | None:
+    """What makes ``row`` unusable for certified accuracy, or None. A NaN radius would make the sorted
+    radii meaningless (and ACR NaN), an infinite or negative one is no certificate, and a row whose
+    ``correct`` disagrees with ``predict == label`` would count a wrong class as certified."""
+    if row.radius is not None and not (math.isfinite(row.radius) and row.radius >= 0):
+        return f"radius must be a finite number >= 0, got {row.radius!r} (idx {row.idx})"
+    if row.correct not in (0, 1):
+        return f"correct must be 0 or 1, got {row.correct!r} (idx {row.idx})"
+    if row.correct != int(row.predict == row.label):
+        return (f"correct={row.correct} disagrees with predict={row.predict} and label={row.label} "
+                f"(idx {row.idx}): correct must be 1 exactly when predict == label")
+    return None
 
 
 #: More radii than a table or plot can show is a typo (0:1e12:1), not a request.
@@ -195,6 +214,9 @@ def _certified_radii(rows: Sequence[ResultRow]) -> list[float]:
     for row in rows:
         if row.radius is None:
             raise ValueError(f"row idx={row.idx} has no radius: is this a predict file rather than a certify file?")
+        problem = _row_problem(row)
+        if problem:
+            raise ValueError(f"rows: {problem}")
         is_certified_correct = row.correct == 1 and row.predict != ABSTAIN
         radii.append(row.radius if is_certified_correct else -math.inf)
     return radii

@@ -7,7 +7,8 @@ Once, for f (:func:`build_cache`): CERTIFY (Cohen et al. 2019) gives per input
 ``c_A`` and ``p_A_lower`` (at confidence ``1 - alpha``, from the n samples of
 draw ``DRAW_ESTIMATE``); the cache keeps them with the noise seed and input
 index (the counter-based noise of :mod:`arq.smoothing.noise` makes every
-sample replayable) and f's predictions on samples ``0 .. n_p - 1`` of that draw.
+sample replayable), a digest of the input (:func:`input_digest`, checked when f' is certified)
+and f's predictions on samples ``0 .. n_p - 1`` of that draw.
 
 Then, for f' (:func:`certify_incremental`), per input:
 
@@ -31,13 +32,14 @@ Then, for f' (:func:`certify_incremental`), per input:
   selection on ``DRAW_SELECT``), ``p' = CP_lower(k, n_p, alpha) - delta``.
 * f abstained (``p_A_lower < 1/2``): abstain; no sample is drawn.
 
-Guarantee. A certificate of the first branch is correct with probability at
-least ``1 - (alpha + alpha_zeta)``: f's bound fails with probability at most
-alpha, zeta's at most alpha_zeta (union bound; the same noise samples may serve
-both, as the theorem only needs each bound to hold). One of the second branch is
-correct with probability at least ``1 - alpha`` given the branch. A statement
-that holds before the branch is known is their union, ``1 - (2 alpha + alpha_zeta)``
-(with the defaults 0.997).
+Guarantee. The first branch gives a wrong certificate only when f's bound or zeta's
+fails: ``P(first branch and wrong) <= alpha + alpha_zeta`` (union bound; the same noise
+samples may serve both, as the theorem only needs each bound to hold). This is not a
+statement given the branch: the branch is chosen from the same samples as p_A_lower.
+One of the second branch is correct with probability at least ``1 - alpha`` given
+the branch (its samples are fresh, independent of the choice). Before the branch is
+known: ``P(wrong) <= alpha + alpha_zeta + alpha P(second branch) <= 2 alpha + alpha_zeta``
+(with the defaults, confidence 0.997).
 
 Which models run. f runs as given: its certificate and its replayed predictions through
 ``model(x)``. For a quantized f, ``arq.certify`` would otherwise run its integer model (the
@@ -65,6 +67,7 @@ ResNet-110 at sigma 1 (``benchmarks/bench_irs.py`` measures ours).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -96,6 +99,7 @@ __all__ = [
     "IRSEntry",
     "build_cache",
     "certify_incremental",
+    "input_digest",
     "replay_predictions",
 ]
 
@@ -104,7 +108,9 @@ DEFAULT_ALPHA_ZETA = 0.001
 DEFAULT_NP_SHARE = 0.1
 #: how f' runs (certify_incremental's ``execution``)
 EXECUTIONS = ("auto", "as given")
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+#: format versions :meth:`IRSCache.load` reads (1: without input digests)
+READABLE_CACHE_FORMATS = (1, 2)
 
 MODE_IRS = "irs"
 MODE_DIRECT = "direct"
@@ -122,6 +128,8 @@ class IRSEntry:
         radius: f's certified radius ``sigma * Phi^-1(p_lower)`` (0 when abstaining).
         count: f's votes for c_A among the n estimation samples.
         predictions: ``int64[m]``: f's class on samples ``0 .. m - 1`` of ``DRAW_ESTIMATE``.
+        input_digest: SHA-256 of the input f was certified on (:func:`input_digest`); None in caches
+            saved before it was kept (format version 1), which are then not checked.
     """
 
     input_index: int
@@ -130,6 +138,7 @@ class IRSEntry:
     radius: float
     count: int
     predictions: torch.Tensor
+    input_digest: str | None = None
 
 
 @dataclass
@@ -175,18 +184,21 @@ class IRSCache:
             "radius": torch.tensor([e.radius for e in self.entries.values()], dtype=torch.float64),
             "count": torch.tensor([e.count for e in self.entries.values()], dtype=torch.int64),
             "predictions": [e.predictions.cpu() for e in self.entries.values()],
+            "input_digest": [e.input_digest for e in self.entries.values()],
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "IRSCache":
         version = data.get("format_version")
-        if version != CACHE_FORMAT_VERSION:
-            raise ValueError(f"unsupported IRS cache format_version {version!r} (expected {CACHE_FORMAT_VERSION})")
+        if version not in READABLE_CACHE_FORMATS:
+            raise ValueError(f"unsupported IRS cache format_version {version!r} (expected one of "
+                             f"{READABLE_CACHE_FORMATS})")
         cache = cls(float(data["sigma"]), int(data["n"]), int(data["n0"]), float(data["alpha"]), int(data["seed"]))
+        digests = data.get("input_digest") or [None] * len(data["input_index"])
         for i, index in enumerate(data["input_index"].tolist()):
             cache.entries[index] = IRSEntry(
                 index, int(data["prediction"][i]), float(data["p_lower"][i]), float(data["radius"][i]),
-                int(data["count"][i]), data["predictions"][i],
+                int(data["count"][i]), data["predictions"][i], digests[i],
             )
         return cache
 
@@ -239,6 +251,15 @@ def _as_batch(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if x.dim() not in (3, 4):
         raise ValueError(f"x must have shape [C, H, W] or [B, C, H, W], got {tuple(x.shape)}")
     return (x.unsqueeze(0), True) if x.dim() == 3 else (x, False)
+
+
+def input_digest(x: torch.Tensor) -> str:
+    """SHA-256 of one input ``[C, H, W]`` as float32 values (with its shape), wherever it lives: what ties
+    a cache entry to the image it certified (:func:`certify_incremental` checks it)."""
+    values = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    digest = hashlib.sha256(repr(tuple(values.shape)).encode())
+    digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -354,7 +375,8 @@ def build_cache(
             predictions = replay_predictions(model, one, sigma=sigma, seed=seed, input_index=index, start=0,
                                              count=n_keep, batch_size=batch_size, backend=backend)
             cache.entries[index] = IRSEntry(index, int(certificate.prediction), float(certificate.p_lower),
-                                            float(certificate.radius), int(certificate.count), predictions.cpu())
+                                            float(certificate.radius), int(certificate.count), predictions.cpu(),
+                                            input_digest(one))
     return cache
 
 
@@ -378,14 +400,19 @@ def certify_incremental(
 
     Args:
         model: f', mapping ``[B, C, H, W]`` pixels to logits (e.g. a quantized copy of f).
-        x: the same input(s) f was certified on, ``[C, H, W]`` or ``[B, C, H, W]``.
+        x: the same input(s) f was certified on, ``[C, H, W]`` or ``[B, C, H, W]``, with the same
+            ``input_index``: each is checked against the digest its cache entry keeps (ValueError
+            otherwise). With another image under an entry's index, the ``original`` path below would
+            bound ``P(f(x' + e) != f'(x' + e))`` and subtract it from the other image's p_A_lower,
+            certifying radii the smoothed f' does not have.
         cache: f's certificates (:func:`build_cache`); gives sigma, seed, n and alpha.
         n_p: f' samples per input; default ``n_p_share * cache.n`` (``n_p_share`` default 0.1).
         gamma: above this cached ``p_A_lower`` certify f' directly with n_p fresh samples.
         alpha_zeta: failure probability of the disagreement bound zeta.
         input_index: the inputs' counters (as for ``build_cache``); default 0..B-1.
         original: f, only needed when n_p exceeds the predictions the cache holds (they are
-            then recomputed from the seed).
+            then recomputed from the seed); it must be the model the cache was built from, or
+            zeta bounds the disagreement with another model than the one p_A_lower is about.
         batch_size, backend, device: as for :func:`arq.certify`.
         execution: "auto": f' runs as ``arq.certify`` runs it under ``backend`` (a quantized f' on
             CPU with "cpp", what "auto" picks there: its integer model; with "torch": as given);
@@ -421,6 +448,10 @@ def certify_incremental(
         used = chosen_backend + tag
         for one, index in zip(batch, indices):
             entry = cache[index]
+            if entry.input_digest is not None and entry.input_digest != input_digest(one):
+                raise ValueError(
+                    f"x for input_index {index} is not the input the cache certified under that index: pass "
+                    "the inputs build_cache got with their input_index (p_A_lower and c_A belong to that image)")
             common = dict(sigma=sigma, seed=cache.seed, input_index=index, batch_size=batch_size,
                           backend=chosen_backend)
             if entry.prediction == ABSTAIN or entry.p_lower < 0.5:
@@ -432,7 +463,7 @@ def certify_incremental(
                 # fresh samples n .. n + n_p - 1: independent of f's certificate and of the branch choice
                 votes = replay_predictions(candidate, one, start=cache.n, count=num, **common)
                 k = int((votes == c_a).sum().item())
-                p_lower = statistics.clopper_pearson_lower(k, num, alpha) - delta
+                p_lower = statistics.subtract_rounding_down(statistics.clopper_pearson_lower(k, num, alpha), delta)
                 mode, zeta, disagreements = MODE_DIRECT, math.nan, -1
             else:
                 reference = entry.predictions
@@ -448,7 +479,8 @@ def certify_incremental(
                 replayed = replay_predictions(candidate, one, start=0, count=num, **common)
                 disagreements = int((replayed.cpu() != reference[:num].cpu()).sum().item())
                 zeta = statistics.clopper_pearson_upper(disagreements, num, alpha_zeta)
-                p_lower = entry.p_lower - zeta - delta
+                # rounded down: p_A_lower - zeta - delta in round-to-nearest could land half an ulp above
+                p_lower = statistics.subtract_rounding_down(entry.p_lower, zeta, delta)
                 mode = MODE_IRS
             if p_lower >= 0.5:
                 results.append(IRSCertificate(c_a, statistics.radius(sigma, p_lower), p_lower, zeta, disagreements,

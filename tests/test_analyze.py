@@ -230,3 +230,25 @@ def test_labels_with_table_syntax_stay_in_their_cell():
     rows = [analyze.ResultRow(0, 0, 0, 0.5, 1, 0.1)]
     markdown = analyze.format_table({"a|b": rows}, [0.0], envelope_label=None)
     assert markdown.splitlines()[2] == "| a\\|b | 1.000 | 0.500 |"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("0\t1\t1\tnan\t1\t0.1", "radius must be a finite number >= 0, got nan"),
+    ("0\t1\t1\tinf\t1\t0.1", "radius must be a finite number >= 0, got inf"),
+    ("0\t1\t1\t-0.5\t1\t0.1", "radius must be a finite number >= 0"),
+    ("0\t3\t4\t0.9\t1\t0.1", "correct=1 disagrees with predict=4 and label=3"),
+    ("0\t3\t3\t0.9\t0\t0.1", "correct=0 disagrees with predict=3 and label=3"),
+    ("0\t3\t3\t0.9\t2\t0.1", "correct must be 0 or 1, got 2"),
+])
+def test_rows_that_would_miscount_certified_accuracy_are_refused(tmp_path, line, message):
+    """A NaN radius made ACR NaN and the bisection over sorted radii meaningless; a row marked correct
+    with another class than its label counted as certified at its radius (both were read silently)."""
+    path = tmp_path / "corrupt.tsv"
+    path.write_text(f"idx\tlabel\tpredict\tradius\tcorrect\ttime\n1\t2\t2\t0.5\t1\t0.1\n{line}\n")
+    with pytest.raises(ValueError, match=rf"corrupt.tsv:3: {message}"):
+        analyze.read_results(path)
+    row = analyze.ResultRow(*[float(v) if i == 3 else int(v) for i, v in enumerate(line.split("\t")[:5])], 0.1)
+    with pytest.raises(ValueError, match=message):
+        analyze.certified_accuracy([row], [0.0])
+    with pytest.raises(ValueError, match=message):
+        analyze.average_certified_radius([row])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from arq.irs import (
     IRSCache,
     build_cache,
     certify_incremental,
+    input_digest,
     resolve_n_p,
 )
+from arq.smoothing import statistics
 from arq.smoothing.core import ABSTAIN, certify
 from arq.smoothing.noise import DRAW_ESTIMATE, gaussian_reference, noise_tv_bound
 
@@ -73,8 +76,8 @@ def test_identical_model_gives_zeta_of_zero_disagreements():
     result = certify_incremental(Threshold(0.4), X, cache, n_p=300, input_index=11)
     zeta = 1.0 - 0.001 ** (1.0 / 300)  # Clopper-Pearson upper bound of 0 out of 300
     assert result.mode == "irs" and result.disagreements == 0
-    assert result.zeta == pytest.approx(zeta, rel=1e-9)
-    assert result.p_lower == pytest.approx(entry.p_lower - zeta - noise_tv_bound(4), abs=1e-15)
+    assert zeta <= result.zeta <= zeta * (1 + 1e-8)  # an upper bound, rounded up (arq.smoothing.statistics)
+    assert result.p_lower == statistics.subtract_rounding_down(entry.p_lower, result.zeta, noise_tv_bound(4))
     assert result.radius == pytest.approx(SIGMA * stats.norm.ppf(result.p_lower), rel=1e-12)
     assert result.prediction == 0
 
@@ -90,6 +93,19 @@ def test_disagreements_are_counted_on_the_replayed_samples():
     assert result.disagreements == expected
     assert 0 < expected < 400
     assert result.zeta == pytest.approx(stats.beta.ppf(1 - 0.001, expected + 1, 400 - expected), rel=1e-9)
+
+
+def test_irs_bound_is_rounded_down_not_to_nearest():
+    """``p_A_lower - zeta - delta`` is a lower bound only if its float is never above the real difference;
+    round-to-nearest lands half an ulp above it about half the time."""
+    inputs = torch.zeros(12, 1, 2, 2)
+    indices = list(range(12))
+    cache = build_cache(Threshold(0.4), inputs, sigma=SIGMA, n=1000, n0=20, n_p=200, seed=9, input_index=indices)
+    results = certify_incremental(Threshold(0.3), inputs, cache, n_p=200, input_index=indices)
+    for index, result in zip(indices, results):
+        assert result.mode == "irs"
+        exact = Fraction(cache[index].p_lower) - Fraction(result.zeta) - Fraction(noise_tv_bound(4))
+        assert Fraction(result.p_lower) <= exact < Fraction(math.nextafter(result.p_lower, 1.0))
 
 
 def test_direct_branch_above_gamma_uses_fresh_samples():
@@ -137,6 +153,41 @@ def test_cache_round_trip(tmp_path):
     for index in (5, 6, 9):
         assert loaded[index].p_lower == cache[index].p_lower
         assert torch.equal(loaded[index].predictions, cache[index].predictions)
+        assert loaded[index].input_digest == cache[index].input_digest is not None
+
+
+def test_an_input_other_than_the_cached_one_is_refused():
+    """The cache entry's p_A_lower and c_A are about one image: with another image under its index, the
+    path that recomputes f's predictions (original=f) bounded the disagreement on the new image and
+    subtracted it from the old image's p_A_lower. Here that certified radius 0.76 at a point whose smoothed
+    classifier has radius 0.1 (P(f(x' + e) = 0) = Phi(0.2)); now such a call is refused."""
+    f = Threshold(0.0)
+    certified = torch.zeros(1, 2, 2)
+    certified[0, 0, 0] = -1.0  # P(f = 0) = Phi(2)
+    other = torch.zeros(1, 2, 2)
+    other[0, 0, 0] = -0.1  # P(f = 0) = Phi(0.2): the true radius is 0.5 * 0.2 = 0.1
+    cache = build_cache(f, certified, sigma=SIGMA, n=2000, n0=50, n_p=10, input_index=0)
+    with pytest.raises(ValueError, match="x for input_index 0 is not the input the cache certified"):
+        certify_incremental(f, other, cache, n_p=200, input_index=0, original=f)
+    # a batch given without its indices is caught the same way (it took entries 0.. for other images)
+    pair = torch.stack([certified, other])
+    cache = build_cache(f, pair, sigma=SIGMA, n=500, n0=20, n_p=50)
+    with pytest.raises(ValueError, match="input_index 0"):
+        certify_incremental(f, pair[1:], cache)
+    # the same image, on another device or dtype, is accepted
+    result = certify_incremental(f, pair[1:].double(), cache, input_index=[1])
+    assert result[0].disagreements == 0
+
+
+def test_caches_saved_without_input_digests_still_load(tmp_path):
+    cache = build_cache(Threshold(0.3), torch.zeros(2, 1, 2, 2), sigma=SIGMA, n=300, n0=20, n_p=30, seed=4)
+    data = cache.to_dict()
+    assert data["input_digest"] == [input_digest(torch.zeros(1, 2, 2))] * 2
+    del data["input_digest"]
+    data["format_version"] = 1
+    legacy = IRSCache.from_dict(data)
+    assert legacy[0].input_digest is None and legacy[0].p_lower == cache[0].p_lower
+    certify_incremental(Threshold(0.3), torch.ones(1, 2, 2), legacy, input_index=[0])  # nothing to check against
 
 
 def test_soundness_failure_rate_on_known_classifiers():
@@ -161,6 +212,31 @@ def test_soundness_failure_rate_on_known_classifiers():
     assert failures <= 81
     assert certified >= 100  # not sound by abstaining everywhere
     assert naive_failures >= 150  # the test can tell a bound that ignores zeta
+
+
+def test_direct_branch_failure_rate_on_known_classifiers(monkeypatch):
+    """The branch above gamma: the bound on ``P(f'(x + e) = c_A)`` from n_p fresh samples may exceed the
+    true value in at most alpha of the trials (given the branch: the fresh samples are independent of
+    f's certificate, which chose it); the point estimate k / n_p exceeds it in about half."""
+    alpha = 0.1
+    p_g = true_p(0.9)  # f' = Threshold(0.9): P(f'(x + e) = 0) = Phi(1.8) = 0.964; f has Phi(2) = 0.977
+    trials = 300
+    inputs = torch.zeros(trials, 1, 2, 2)
+    indices = list(range(trials))
+    cache = build_cache(Threshold(1.0), inputs, sigma=SIGMA, n=200, n0=20, alpha=alpha, n_p=10, seed=8,
+                        input_index=indices, batch_size=500)
+
+    def failures():
+        results = certify_incremental(Threshold(0.9), inputs, cache, n_p=100, gamma=0.9, input_index=indices,
+                                      batch_size=500)
+        direct = [r for r in results if r.mode == "direct"]
+        assert len(direct) > trials // 2
+        return sum(1 for r in direct if r.prediction != 0 or r.p_lower > p_g)
+
+    # binomial(300, 0.1) exceeds 30 + 3 sd = 46 with probability ~1e-3
+    assert failures() <= 46
+    monkeypatch.setattr(statistics, "clopper_pearson_lower", lambda k, n, alpha: k / n)
+    assert failures() > 2 * alpha * trials  # the test can tell an unsound bound
 
 
 def _train_tiny_mnist(seed: int = 0):

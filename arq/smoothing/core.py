@@ -6,7 +6,9 @@ CERTIFY(f, sigma, x, n0, n, alpha): pick ``c_A`` as the most frequent class of
 f on ``n0`` noisy copies of x; count ``k = #{f(x + e_j) = c_A}`` on ``n`` fresh
 copies (an independent noise stream); ``p_A_lower`` is the one-sided
 ``1 - alpha`` Clopper-Pearson lower bound of ``k / n`` minus the sampler's
-noise deviation bound ``delta`` (``arq.smoothing.noise.noise_tv_bound``). If
+noise deviation bound ``delta`` (``arq.smoothing.noise.noise_tv_bound``), every step
+rounded towards the safe side (``arq.smoothing.statistics``: the float is never above the
+exact real bound, the radius never above ``sigma * Phi^-1`` of it). If
 ``p_A_lower < 1/2`` abstain (``ABSTAIN``, radius 0), else return ``c_A`` with
 radius ``R = sigma * Phi^-1(p_A_lower)``. With probability at least
 ``1 - alpha`` over the noise, a non-abstained answer is correct: g(x + d) = c_A
@@ -14,7 +16,7 @@ for every ``||d||_2 < R``.
 
 PREDICT(f, sigma, x, n, alpha): top two counts ``n_A, n_B`` on n noisy copies;
 return ``c_A`` if the two-sided binomial test of ``n_A`` out of ``n_A + n_B`` at
-1/2 has p-value ``<= alpha - n delta``, else ABSTAIN. The probability of
+1/2 has p-value ``<= alpha - n delta`` (the p-value rounded up), else ABSTAIN. The probability of
 returning a class other than g(x) is at most alpha.
 
 Noise is counter-based (``arq.smoothing.noise``): sample j of draw d for input
@@ -424,7 +426,8 @@ def certify(
             candidate = int(selection.argmax().item())
             estimation = sample_counts(run_model, one, num=n, draw=DRAW_ESTIMATE, **common)
             count = int(estimation[candidate].item())
-            p_lower = statistics.clopper_pearson_lower(count, n, alpha) - delta
+            # rounded down: the float stays a lower bound (exact in practice: delta is a multiple of 2^-52)
+            p_lower = statistics.subtract_rounding_down(statistics.clopper_pearson_lower(count, n, alpha), delta)
             if p_lower < 0.5:
                 certificates.append(Certificate(ABSTAIN, 0.0, max(p_lower, 0.0), count, n, n0, sigma, alpha,
                                                 chosen_backend + model_tag))

@@ -74,11 +74,33 @@ def test_certify_is_sound_on_a_classifier_with_known_p_a(backend):
     assert optimistic_failures / trials > 2 * alpha  # the test has the power to see an unsound bound
 
 
+def test_predict_errs_at_most_alpha_of_the_time_near_a_tie(monkeypatch):
+    """PREDICT's guarantee (Cohen et al., Theorem 1): P(returns a class other than g(x)) <= alpha. Worst
+    near a tie: here P(f(x + e) = 1) = 0.51, so g(x) = 1, and many trials count how often PREDICT says 0.
+    An unsound PREDICT that skips the binomial test (returns the argmax) says 0 in about 40 % of them."""
+    alpha, sigma, trials = 0.1, 0.5, 400
+    model = LinearThreshold(32).eval()
+    x = _input_with_margin(model, sigma * stats.norm.ppf(0.51), (2, 4, 4), torch.Generator().manual_seed(3))
+    assert stats.norm.cdf(model.margin(x) / sigma) == pytest.approx(0.51, abs=1e-6)
+    batch = x.expand(trials, *x.shape).contiguous()
+
+    def wrong_answers():
+        predictions = arq.predict(model, batch, sigma=sigma, n=200, alpha=alpha, batch_size=200,
+                                  input_index=list(range(trials)))
+        return sum(1 for prediction in predictions if prediction == 0)
+
+    # binomial(400, 0.1) exceeds 40 + 3 sd = 58 with probability ~1e-3; the expected count is about 11
+    assert wrong_answers() <= 58
+    monkeypatch.setattr(statistics, "binomial_test_pvalue", lambda k, n: 0.0)
+    assert wrong_answers() > 2 * alpha * trials  # the test can tell an unsound PREDICT
+
+
 def test_certificate_fields_follow_the_statistics():
     model = LinearThreshold(32).eval()
     x = _input_with_margin(model, 0.4, (2, 4, 4), torch.Generator().manual_seed(1))
     cert = arq.certify(model, x, sigma=0.5, n=2000, n0=50, alpha=0.01, batch_size=512)
-    expected_p = statistics.clopper_pearson_lower(cert.count, 2000, 0.01) - noise_tv_bound(32)
+    expected_p = statistics.subtract_rounding_down(statistics.clopper_pearson_lower(cert.count, 2000, 0.01),
+                                                   noise_tv_bound(32))
     assert cert.prediction == 1 and cert.p_lower == expected_p
     assert cert.radius == pytest.approx(0.5 * stats.norm.ppf(expected_p), rel=1e-12)
     # true p_A = Phi(0.8) = 0.788: the estimate is close
