@@ -98,20 +98,27 @@ def _epilogue_reference(acc, scales, bias, x_scale, relu, residual, out_scale):
     return y
 
 
-def _check_packed_arguments(op, x, packed_weight, w_bits, k, scales, bias, residual, out_shape, x_scale,
-                            out_scale) -> None:
-    """The argument checks of the C++ ops (csrc/cpu/packed_common.h), for the reference path: without
-    them a bad shape surfaced as a raw indexing or broadcast error, or broadcast into a wrong result."""
+def _check_codes(op: str, x, rank_ok, shape: str) -> None:
+    """``x`` must be int8/uint8 activation codes whose rank ``rank_ok`` accepts (``shape`` names it)."""
+    if isinstance(x, torch.Tensor) and not rank_ok(x.dim()):
+        raise ValueError(f"{op}: x must be {shape}, got {tuple(x.shape)}")
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int8, torch.uint8):
         raise TypeError(f"{op}: x must be int8 or uint8 activation codes, got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def _check_packed_arguments(op, x, packed_weight, w_bits, k, leading_shape, scales, bias, residual, x_scale,
+                            out_scale) -> int:
+    """The argument checks of the C++ ops (csrc/cpu/packed_common.h), for the reference path, once ``x``
+    passed :func:`_check_codes`: without them a bad shape surfaced as a raw indexing or broadcast
+    error, or broadcast into a wrong result. Returns N, the output channels; the output is
+    ``[*leading_shape, N]``."""
     if not 2 <= int(w_bits) <= 8:
         raise ValueError(f"{op}: w_bits must be in 2..8, got {w_bits}")
     if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != torch.int32 or packed_weight.dim() != 2:
         raise TypeError(f"{op}: packed_weight must be a 2-D int32 tensor, got "
                         f"{getattr(packed_weight, 'dtype', type(packed_weight).__name__)} "
                         f"{tuple(getattr(packed_weight, 'shape', ()))}")
-    per_word = 32 // int(w_bits)
-    words = -(-k // per_word)
+    words = -(-k // (32 // int(w_bits)))
     if packed_weight.shape[1] != words:
         raise ValueError(f"{op}: packed_weight has {packed_weight.shape[1]} words a row; K = {k} at {w_bits} bits "
                          f"needs {words}")
@@ -122,9 +129,10 @@ def _check_packed_arguments(op, x, packed_weight, w_bits, k, scales, bias, resid
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32 or tuple(tensor.shape) != (n,):
             raise ValueError(f"{op}: {name} must be float32 [{n}], got {getattr(tensor, 'dtype', type(tensor).__name__)} "
                              f"{tuple(getattr(tensor, 'shape', ()))}")
+    out_shape = [*leading_shape, n]
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32
-                                 or tuple(residual.shape) != tuple(out_shape)):
-        raise ValueError(f"{op}: residual must be float32 {list(out_shape)}, got "
+                                 or list(residual.shape) != out_shape):
+        raise ValueError(f"{op}: residual must be float32 {out_shape}, got "
                          f"{getattr(residual, 'dtype', type(residual).__name__)} {list(getattr(residual, 'shape', ()))}")
     devices = {t.device for t in (x, packed_weight, scales, bias, residual) if t is not None}
     if len(devices) > 1:
@@ -134,17 +142,16 @@ def _check_packed_arguments(op, x, packed_weight, w_bits, k, scales, bias, resid
         raise ValueError(f"{op}: x_scale must be finite as a float32, got {x_scale}")
     if not np.isfinite(out_scale) or (out_scale > 0 and not (out_scale <= float32_max and np.float32(out_scale) > 0)):
         raise ValueError(f"{op}: out_scale must be finite (and > 0 as a float32 when requantizing), got {out_scale}")
+    return n
 
 
 def packed_linear_reference(x, packed_weight, w_bits, scales, bias=None, x_scale=1.0, relu=False, residual=None,
                             out_scale=0.0):
     """Plain-torch :func:`packed_linear`: unpack, exact integer matmul (float64 holds every partial sum), epilogue."""
-    if isinstance(x, torch.Tensor) and x.dim() < 1:
-        raise ValueError("packed_linear: x must have at least one dimension [..., K]")
-    k = x.shape[-1] if isinstance(x, torch.Tensor) else 0
-    n = packed_weight.shape[0] if isinstance(packed_weight, torch.Tensor) and packed_weight.dim() == 2 else 0
-    _check_packed_arguments("packed_linear", x, packed_weight, w_bits, k, scales, bias, residual,
-                            (*x.shape[:-1], n) if isinstance(x, torch.Tensor) else (), x_scale, out_scale)
+    _check_codes("packed_linear", x, lambda rank: rank >= 1, "[..., K] (at least one dimension)")
+    k = x.shape[-1]
+    _check_packed_arguments("packed_linear", x, packed_weight, w_bits, k, x.shape[:-1], scales, bias, residual,
+                            x_scale, out_scale)
     q = unpack_weights(packed_weight, w_bits, k)
     acc = torch.matmul(x.to(torch.float64), q.to(torch.float64).T).round().to(torch.int64)
     return _epilogue_reference(acc, scales, bias, x_scale, relu, residual, out_scale)
@@ -153,8 +160,7 @@ def packed_linear_reference(x, packed_weight, w_bits, scales, bias=None, x_scale
 def packed_conv2d_reference(x_nhwc, packed_weight, w_bits, scales, bias=None, x_scale=1.0, kernel_h=3, kernel_w=3,
                             stride=1, padding=1, relu=False, residual=None, out_scale=0.0):
     """Plain-torch :func:`packed_conv2d`: unpack, exact float64 ``conv2d`` (zero padding), NHWC epilogue."""
-    if not isinstance(x_nhwc, torch.Tensor) or x_nhwc.dim() != 4:
-        raise ValueError(f"packed_conv2d: x must be NHWC [B, H, W, C], got {tuple(getattr(x_nhwc, 'shape', ()))}")
+    _check_codes("packed_conv2d", x_nhwc, lambda rank: rank == 4, "NHWC [B, H, W, C]")
     if min(kernel_h, kernel_w, stride) < 1 or padding < 0:
         raise ValueError(f"packed_conv2d: need kernel sizes and stride >= 1, padding >= 0, got {kernel_h}x{kernel_w}, "
                          f"stride {stride}, padding {padding}")
@@ -162,11 +168,11 @@ def packed_conv2d_reference(x_nhwc, packed_weight, w_bits, scales, bias=None, x_
     if h + 2 * padding < kernel_h or w_in + 2 * padding < kernel_w:
         raise ValueError(f"packed_conv2d: kernel {kernel_h}x{kernel_w} larger than the padded input {h}x{w_in} "
                          f"(padding {padding})")
-    n = packed_weight.shape[0] if isinstance(packed_weight, torch.Tensor) and packed_weight.dim() == 2 else 0
-    out_shape = (batch, (h + 2 * padding - kernel_h) // stride + 1, (w_in + 2 * padding - kernel_w) // stride + 1, n)
-    _check_packed_arguments("packed_conv2d", x_nhwc, packed_weight, w_bits, kernel_h * kernel_w * c, scales, bias,
-                            residual, out_shape, x_scale, out_scale)
-    q = unpack_weights(packed_weight, w_bits, kernel_h * kernel_w * c)
+    k = kernel_h * kernel_w * c
+    leading = (batch, (h + 2 * padding - kernel_h) // stride + 1, (w_in + 2 * padding - kernel_w) // stride + 1)
+    n = _check_packed_arguments("packed_conv2d", x_nhwc, packed_weight, w_bits, k, leading, scales, bias, residual,
+                                x_scale, out_scale)
+    q = unpack_weights(packed_weight, w_bits, k)
     w = matrix_to_conv_weight(q, (n, c, kernel_h, kernel_w)).to(torch.float64)
     acc = F.conv2d(x_nhwc.permute(0, 3, 1, 2).to(torch.float64), w, stride=stride, padding=padding)
     acc = acc.permute(0, 2, 3, 1).round().to(torch.int64)
