@@ -252,19 +252,15 @@ class DDPGAgent:
         for state, action, next_state, done in transitions:
             self.replay.add(state, action, final_reward, next_state, done)
 
-    def learn_episode(self, transitions, final_reward: float, episode: int) -> int:
+    def learn_episode(self, transitions, final_reward: float, episode: int) -> None:
         """HAQ's end of episode ``episode`` (``rl_quantize.py``): each transition ``(s, a, s', done)`` is
         stored with the final reward and, once the warm-up is over, followed by one :meth:`update`, so
-        the k-th update of an episode samples a replay holding its first k transitions. Returns the
-        number of updates."""
+        the k-th update of an episode samples a replay holding its first k transitions."""
         learning = self.exploration_sigma(episode) is not None
-        updates = 0
-        for state, action, next_state, done in transitions:
-            self.replay.add(state, action, final_reward, next_state, done)
+        for transition in transitions:
+            self.observe_episode([transition], final_reward)
             if learning:
                 self.update()
-                updates += 1
-        return updates
 
     # ---------------------------------------------------------------- 3. update
     def update(self) -> tuple[float, float]:

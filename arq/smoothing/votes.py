@@ -27,11 +27,10 @@ def count_votes(logits: torch.Tensor, num_classes: int, backend: str = "auto") -
         raise ValueError(
             f"num_classes={num_classes} disagrees with the model's output, which has {logits.shape[1]} classes"
         )
-    if not (logits.is_floating_point() or logits.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32,
-                                                          torch.int64)):
-        raise TypeError(f"logits must be a real-valued tensor (float or integer), got dtype {logits.dtype}")
-    if not logits.is_floating_point():  # integer logits (a model that outputs codes): the kernels read floats
-        return count_votes_reference(logits, num_classes)
+    if not logits.is_floating_point():
+        if logits.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+            raise TypeError(f"logits must be a real-valued tensor (float or integer), got dtype {logits.dtype}")
+        return count_votes_reference(logits, num_classes)  # integer logits (codes): the kernels read floats
     device_type = logits.device.type
     if backend == "triton":
         from arq_kernels.votes import argmax_count
