@@ -311,6 +311,25 @@ def replay_predictions(
                               input_index=input_index, batch_size=batch_size, backend=backend, start=start)
 
 
+def _check_replays_cache(reference: torch.Tensor, cached: torch.Tensor, index: int) -> None:
+    """Refuse an ``original`` whose predictions on the cached samples differ from the cache's.
+
+    zeta bounds ``P(original(x + e) != f'(x + e))``, and p_A_lower is about the model the cache was
+    built from: subtracting the one from the other is sound only when the two are the same model.
+    The cached prefix (samples ``0 .. m - 1``) is recomputed anyway, so comparing it costs nothing;
+    a deterministic f reproduces it exactly, so any difference means another model (or weights
+    changed since, or an execution that is not repeatable).
+    """
+    cached = cached.cpu()
+    differing = int((reference[: cached.numel()] != cached).sum().item())
+    if differing:
+        raise ValueError(
+            f"original disagrees with the cache on {differing} of the {cached.numel()} cached samples of input "
+            f"{index}: it is not the model the cache was built from (or its weights changed, or its execution is "
+            "not repeatable), and zeta would bound the disagreement with another model than the one p_A_lower "
+            "is about; pass the cache's model, or rebuild the cache with a larger n_p")
+
+
 class _Eval:
     def __init__(self, model: torch.nn.Module):
         self.model, self.was_training = model, model.training
@@ -412,7 +431,8 @@ def certify_incremental(
         input_index: the inputs' counters (as for ``build_cache``); default 0..B-1.
         original: f, only needed when n_p exceeds the predictions the cache holds (they are
             then recomputed from the seed); it must be the model the cache was built from, or
-            zeta bounds the disagreement with another model than the one p_A_lower is about.
+            zeta bounds the disagreement with another model than the one p_A_lower is about:
+            its predictions on the cached samples must equal the cache's (ValueError otherwise).
         batch_size, backend, device: as for :func:`arq.certify`.
         execution: "auto": f' runs as ``arq.certify`` runs it under ``backend`` (a quantized f' on
             CPU with "cpp", what "auto" picks there: its integer model; with "torch": as given);
@@ -475,7 +495,8 @@ def certify_incremental(
                         )
                     with _Eval(original):
                         reference = replay_predictions(original, one.to(_model_device(original, None)), start=0,
-                                                       count=num, **common)
+                                                       count=num, **common).cpu()
+                    _check_replays_cache(reference, entry.predictions, index)
                 replayed = replay_predictions(candidate, one, start=0, count=num, **common)
                 disagreements = int((replayed.cpu() != reference[:num].cpu()).sum().item())
                 zeta = statistics.clopper_pearson_upper(disagreements, num, alpha_zeta)

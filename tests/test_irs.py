@@ -143,6 +143,23 @@ def test_too_large_n_p_needs_the_original_model():
         certify_incremental(f, X, cache, input_index=9)
 
 
+def test_an_original_other_than_the_cached_model_is_refused():
+    """zeta bounds the disagreement between f' and ``original``; p_A_lower is about the cache's f. With
+    another model as ``original`` the two bounds are about different models: here f' = g agrees with
+    itself on every sample (zeta small), so IRS would certify g at f's p_A_lower (P(f = 0) = Phi(2),
+    radius ~0.9 after the bounds) while the smoothed g has P(g = 0) = Phi(0.2) (radius 0.1). The
+    recomputed predictions on the cached samples expose it, so the call is refused."""
+    certified = torch.zeros(1, 2, 2)
+    certified[0, 0, 0] = -1.0
+    f, g = Threshold(0.0), Threshold(-0.9)
+    cache = build_cache(f, certified, sigma=SIGMA, n=2000, n0=50, n_p=100, input_index=0)
+    with pytest.raises(ValueError, match="not the model the cache was built from"):
+        certify_incremental(g, certified, cache, n_p=400, gamma=0.999, input_index=0, original=g)
+    result = certify_incremental(g, certified, cache, n_p=400, gamma=0.999, input_index=0, original=f)
+    assert result.mode == "irs" and result.disagreements > 0  # g differs from f: zeta accounts for it
+    assert result.radius < 0.5 * stats.norm.ppf(cache[0].p_lower)
+
+
 def test_cache_round_trip(tmp_path):
     f = Threshold(0.3)
     cache = build_cache(f, torch.zeros(3, 1, 2, 2), sigma=SIGMA, n=300, n0=20, n_p=30, seed=4, input_index=[5, 6, 9])

@@ -242,6 +242,23 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, q_lo: int, q_
     return _straight_through(x, x_hat, q_lo * scale, q_hi * scale)
 
 
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """``torch.quantile(values, q)`` (linear interpolation) of a 1-D tensor of any length.
+
+    torch.quantile refuses inputs of more than 2^24 elements on some torch releases
+    (pytorch/pytorch#64947; 2.14.1 accepts them), and the calibration subsample reaches that with
+    ``calibration_samples`` above 2^23 (it keeps up to twice that); kthvalue has no such limit and
+    needs no full sort. The same rule: rank ``q (n - 1)``, the order statistics just below and
+    above it, ``torch.lerp`` between them (equal to torch.quantile's result bit for bit, tested).
+    """
+    rank = q * (values.numel() - 1)
+    below = math.floor(rank)
+    above = min(below + 1, values.numel() - 1)
+    low = torch.kthvalue(values, below + 1).values
+    high = low if above == below else torch.kthvalue(values, above + 1).values
+    return float(torch.lerp(low, high, torch.tensor(rank - below, dtype=values.dtype)))
+
+
 def _mse_clip(values: torch.Tensor, bits: int, signed: bool, steps: int, amax: float | None = None) -> float:
     """The clip ``c = r * amax`` minimizing ``||Q(v; c) - v||^2`` over ``r = k / steps``, k = 1..steps.
 
@@ -405,7 +422,7 @@ class ActivationQuantizer(nn.Module):
             if method == "percentile" and self.config.percentile == 100.0:
                 clip = magnitude  # observed exactly; the subsample may have missed the largest value
             elif method == "percentile":
-                clip = float(torch.quantile(values.abs().double(), self.config.percentile / 100.0))
+                clip = _quantile(values.abs().double(), self.config.percentile / 100.0)
                 if clip == 0.0:
                     # more than `percentile` % zeros (a nearly dead ReLU layer): a zero clip has no
                     # scale and would zero every value, so the range falls back to "minmax"

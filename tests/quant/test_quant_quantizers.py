@@ -4,6 +4,7 @@ import torch
 from arq.quant.quantizers import (
     ActivationQuantizer,
     QuantConfig,
+    _quantile,
     activation_levels,
     fake_quantize_activation,
     fake_quantize_weight,
@@ -276,3 +277,31 @@ def test_calibration_subsample_weighs_every_batch_alike():
     assert kept.numel() < 64 * 64 / 2  # the kept values were halved at least twice
     first, last = float(per_batch[:16].sum()), float(per_batch[-16:].sum())
     assert 0.7 < first / last < 1.4, (first, last)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 100, 1001, 4096])
+def test_quantile_is_torch_quantile_bit_for_bit(size):
+    generator = torch.Generator().manual_seed(size)
+    values = torch.randn(size, dtype=torch.float64, generator=generator).abs()
+    values[: size // 3] = values[size // 2]  # repeated values, as a ReLU's zeros
+    for q in (0.0, 0.001, 0.25, 0.5, 0.9, 0.99, 0.999, 0.9999, 1.0):
+        assert _quantile(values, q) == float(torch.quantile(values, q)), (size, q)
+
+
+def test_percentile_calibration_past_torch_quantiles_size_limit():
+    # calibration_samples above 2^23: the subsample grows to 2 x that before it is halved, past
+    # the 2^24 elements some torch releases' torch.quantile refuses; the clip is the subsample's
+    # percentile
+    cap = (1 << 23) + 8
+    quantizer = ActivationQuantizer(8, QuantConfig(activation_range="percentile", percentile=99.0,
+                                                   calibration_samples=cap))
+    quantizer.start_calibration()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(16):  # batches of cap // 8 values are kept whole: 2 x cap values, not halved
+        quantizer(torch.rand(cap // 8, generator=generator))
+    kept = torch.cat(quantizer._samples).double()
+    assert kept.numel() > 1 << 24
+    expected = _quantile(kept, 0.99)
+    quantizer.finish_calibration()
+    assert float(quantizer.scale) == pytest.approx(expected / 255, rel=1e-6)
+    assert 0.98 < expected < 1.0
