@@ -25,9 +25,11 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
                            the first block and the downsampling blocks add in float32, on request
 * ``<peer>_b100``          a peer's loop at batch 100 (``locuslab_fp32_b100``, ``locuslab_pt2e_int8_b100``,
                            ...), on request: on hosts without AVX-512 arq's engine splits CPU batches into
-                           chunks of at most 128 samples (``arq.smoothing.engine.model_batches``; 400 -> 4 x
-                           100), so a peer can also be timed at that batch size
+                           chunks of at most 128 samples for most models (``arq.smoothing.engine.model_batches``;
+                           400 -> 4 x 100), so a peer can also be timed at that batch size
 * ``<arq variant>_nochunk`` the arq variant with ``ARQ_CPU_CHUNK=0`` (whole batches of 400), on request
+                           (without AVX-512: ``<arq variant>_chunk`` sets ``ARQ_CPU_CHUNK=128``, the other way round
+                           for the models that default to whole batches there)
 * ``<arq variant>_floatnoise`` the arq variant with ``ARQ_INPUT_CODES=0``: the noise as float32 images that
                            the model normalizes and quantizes itself, rather than written directly as its
                            first layer's codes (``arq.smoothing.noise.noisy_codes_batch``), on request
@@ -252,6 +254,7 @@ def int8_peak_ops() -> float | None:
 # against the variant without the suffix, paired per round)
 ENV_VARIANTS = {
     "_nochunk": ("ARQ_CPU_CHUNK", "0"),
+    "_chunk": ("ARQ_CPU_CHUNK", "128"),
     "_floatnoise": ("ARQ_INPUT_CODES", "0"),
     "_lowbit": ("ARQ_CONV_KERNEL", "arq"),
     "_onednn": ("ARQ_CONV_KERNEL", "onednn"),

@@ -125,6 +125,14 @@ def cpu_isa_forced_to_avx2() -> bool:
     return os.environ.get("ARQ_CPU_ISA", "").strip().lower() == "avx2"
 
 
+def writes_codes_throughout(model: nn.Module) -> bool:
+    """True for an integer model whose every convolution writes uint8 codes (the next layer's or a
+    residual stream's) rather than float32: its activations are bytes from layer to layer (W4A4
+    with the 8-bit stream on AVX2, say; not a split 8x8-bit layer, nor a float stream's block)."""
+    convs = [m for m in model.modules() if isinstance(m, IntegerConv2d)]
+    return bool(convs) and all(m.output_codes is not None or m.stream_output is not None for m in convs)
+
+
 #: oneDNN's ISA levels (``ONEDNN_MAX_CPU_ISA``) below the first with VNNI: capped there, oneDNN's
 #: u8 x s8 kernels add byte-pair products in saturating int16 (``vpmaddubsw``) whatever the CPU has
 _ONEDNN_ISAS_WITHOUT_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE", "AVX512_MIC", "AVX512_MIC_4OPS"})

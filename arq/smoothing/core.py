@@ -53,7 +53,7 @@ from arq.smoothing.noise import (
     noisy_batch,
     noisy_codes_batch,
 )
-from arq.smoothing.engine import model_batches, prepare_model, tensors_version
+from arq.smoothing.engine import cpu_chunk, model_batches, prepare_model, tensors_version
 from arq.smoothing.votes import count_votes
 
 from arq import ABSTAIN  # noqa: E402  (one definition, re-exported by arq)
@@ -287,9 +287,10 @@ def _sample_logits(model, x, *, sigma, num, draw, seed, input_index, batch_size,
     :func:`model_logits`; after the last, ValueError if any was NaN (one flag kept on the device, so
     no host synchronization per chunk)."""
     seen_nan = None
+    chunk = cpu_chunk(model)
     for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
                                 batch_size=batch_size, backend=backend, model=model, start=start):
-        for part in model_batches(batch):
+        for part in model_batches(batch, chunk):
             logits = model_logits(model, part)
             nan_here = torch.isnan(logits).any()
             seen_nan = nan_here if seen_nan is None else seen_nan | nan_here
@@ -380,7 +381,8 @@ def certify(
         sigma: the noise level; defaults to ``model.arq_metadata['sigma']``.
         n, n0: estimation and selection sample counts. alpha: failure probability.
         batch_size: noisy samples made at a time (bounds memory; does not change results). On
-            CPU the model sees them in chunks of at most 128 (``arq.smoothing.engine.model_batches``).
+            CPU hosts without AVX-512 most models see them in chunks of at most 128
+            (``arq.smoothing.engine.model_batches``).
         seed: the noise seed. input_index: the Philox input counter(s), default 0..B-1
             (the CLI uses the data set index so that certificates do not depend on ``--skip``).
         num_classes: checked against the model's output. device: where to run (default: the model's).

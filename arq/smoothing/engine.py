@@ -66,8 +66,9 @@ the second 2-7 s) and made the forward pass 0-5 % faster, so it pays from roughl
 (ResNet-110) to 3 million (ResNet-20) samples a call; float-stream models gain more from it.
 
 CPU model chunks: on CPU hosts without AVX-512 the model sees at most ``CPU_CHUNK`` (128)
-samples per call (:func:`model_batches`; ``ARQ_CPU_CHUNK`` overrides it on any host, 0 gives
-the model whole batches). A noisy batch of ``batch_size`` samples is made in one piece and
+samples per call, unless it is an integer model whose activations are uint8 codes from layer
+to layer (:func:`model_batches`, :func:`default_cpu_chunk`; ``ARQ_CPU_CHUNK`` overrides it on any
+host, 0 gives the model whole batches). A noisy batch of ``batch_size`` samples is made in one piece and
 then split into near-equal chunks, so the noise, the votes and the guarantee are those of the
 whole batch: splitting only changes which samples share one call of the model, and every
 sample's logits are computed from that sample alone (eval mode). Why: a batch of 400 CIFAR
@@ -80,7 +81,13 @@ oneDNN's AVX-512 kernels gain from large batches (torchao's pt2e int8 ResNet-20 
 faster in batches of 400 than of 100), and arq's compiled ResNet-20 certified 1.04x (W4A4) and
 1.11x (W4A4, 8-bit residual stream) faster without chunks, paired per round
 (``benchmarks/results/cpu-e2e-resnet20-avx512-chunks-2026-11-28.json``); so there the default is
-whole batches. One certify call then compiles one or two chunk shapes.
+whole batches. On a 2-core AVX2 host (AMD EPYC, Zen 3; 2026-11-29, paired per round) it depends on
+the model: whole batches made the compiled W4A4 model with the 8-bit stream, whose activations are
+uint8 throughout, 1.12x (ResNet-20) and 1.06x (ResNet-110) faster, but the float-stream W4A4 model
+0.86x, the W8A8 one with split 8x8-bit layers (float32 outputs) 0.80x and an FP32 ResNet-20 0.75x
+(``cpu-e2e-resnet{20,110}-avx2-zen3-*-2026-11-29.json``; the FP32 one ad hoc). So there only
+integer models that write codes from every convolution (``writes_codes_throughout``) get whole
+batches. One certify call then compiles one or two chunk shapes.
 
 CUDA graphs (opt-in until measured on a GPU: ``prepare_model(..., cuda_graphs=True)`` or
 ``ARQ_CUDA_GRAPHS=1``): on CUDA any of the above, float models included, can be replayed from
@@ -105,20 +112,24 @@ COMPILE_THRESHOLD = 1_000_000
 CPU_CHUNK = 128
 
 
-def default_cpu_chunk() -> int:
-    """``CPU_CHUNK`` on hosts without AVX-512 (and under ``ARQ_CPU_ISA=avx2``, which chooses as on
-    one), 0 (whole batches) on AVX-512 ones (module docstring)."""
-    from arq.quant.execution import _cpu_flags, cpu_isa_forced_to_avx2  # here: arq.quant imports this package
+def default_cpu_chunk(model: nn.Module | None = None) -> int:
+    """0 (whole batches) on AVX-512 hosts, and for an integer ``model`` whose every convolution
+    writes uint8 codes (:func:`arq.quant.execution.writes_codes_throughout`); else ``CPU_CHUNK``
+    (also under ``ARQ_CPU_ISA=avx2``, which chooses as on an AVX2 host) (module docstring)."""
+    # imported here: arq.quant imports this package
+    from arq.quant.execution import _cpu_flags, cpu_isa_forced_to_avx2, writes_codes_throughout
 
-    return 0 if "avx512f" in _cpu_flags() and not cpu_isa_forced_to_avx2() else CPU_CHUNK
+    if "avx512f" in _cpu_flags() and not cpu_isa_forced_to_avx2():
+        return 0
+    return 0 if model is not None and writes_codes_throughout(model) else CPU_CHUNK
 
 
-def cpu_chunk() -> int:
-    """The CPU chunk size in force: ``ARQ_CPU_CHUNK`` when set (0 = whole batches), else
-    :func:`default_cpu_chunk`."""
+def cpu_chunk(model: nn.Module | None = None) -> int:
+    """The CPU chunk size in force for ``model``: ``ARQ_CPU_CHUNK`` when set (0 = whole batches),
+    else :func:`default_cpu_chunk`."""
     env = os.environ.get("ARQ_CPU_CHUNK", "").strip()
     if not env:
-        return default_cpu_chunk()
+        return default_cpu_chunk(model)
     try:
         value = int(env)
     except ValueError:
@@ -128,14 +139,17 @@ def cpu_chunk() -> int:
     return value
 
 
-def model_batches(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def model_batches(batch: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
     """``batch`` as the model is to see it: on CPU, near-equal chunks (views along dim 0) of at
-    most :func:`cpu_chunk` samples, in order; elsewhere, or when it is small enough, ``(batch,)``.
+    most ``chunk`` samples (default :func:`cpu_chunk`; 0: whole batches), in order; elsewhere, or
+    when it is small enough, ``(batch,)``.
 
     ``400`` samples give four chunks of 100 and ``1000`` give eight of 125, so a compiled model
     meets one or two shapes per batch size.
     """
-    chunk = cpu_chunk() if batch.device.type == "cpu" else 0
+    if batch.device.type != "cpu":
+        return (batch,)
+    chunk = cpu_chunk() if chunk is None else chunk
     if chunk <= 0 or batch.shape[0] <= chunk:
         return (batch,)
     return batch.tensor_split(-(-batch.shape[0] // chunk))

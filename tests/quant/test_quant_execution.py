@@ -696,3 +696,31 @@ def test_integer_layers_compute_the_reference_codes_at_every_width():
                     assert torch.equal(integer.codes(x).to(torch.int32) - integer.zero_point, expected), case
                     assert integer.zero_point == (1 << (a_bits - 1) if signed else 0), case
                     torch.testing.assert_close(result, reference, rtol=0, atol=2e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("bits, residual_bits", [((4, 4), 8), ((4, 4), 32), ((8, 8), 8)])
+def test_cpu_chunks_follow_the_models_activations_without_avx512(monkeypatch, bits, residual_bits):
+    """Without AVX-512 an integer model whose every convolution writes uint8 codes gets whole batches
+    (measured faster there); float32 activations anywhere (a float stream, split 8x8-bit layers) and
+    float models keep the 128-sample chunks. With AVX-512 every model gets whole batches."""
+    from arq.quant import execution
+    from arq.smoothing import engine
+
+    model = cifar_resnet(20)
+    qmodel = quant.quantize(model, Policy.uniform(model, *bits), torch.rand(16, 3, 32, 32),
+                            config=quant.QuantConfig(residual_bits=residual_bits))
+    integer = to_integer(qmodel)
+    convs = [m for m in integer.modules() if isinstance(m, IntegerConv2d)]
+    throughout = execution.writes_codes_throughout(integer)
+    expected = residual_bits == 8 and not any(m.split for m in convs)
+    assert throughout == expected and (bits != (4, 4) or throughout == (residual_bits == 8))
+    monkeypatch.delenv("ARQ_CPU_CHUNK", raising=False)
+    monkeypatch.setattr(execution, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert engine.cpu_chunk(integer) == (0 if expected else 128)
+    assert engine.cpu_chunk(model) == engine.cpu_chunk(qmodel) == engine.cpu_chunk() == 128
+    assert engine.cpu_chunk(torch.compile(integer)) == engine.cpu_chunk(integer)  # sees through the wrapper
+    monkeypatch.setenv("ARQ_CPU_CHUNK", "64")
+    assert engine.cpu_chunk(integer) == 64
+    monkeypatch.delenv("ARQ_CPU_CHUNK")
+    monkeypatch.setattr(execution, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
+    assert engine.cpu_chunk(integer) == engine.cpu_chunk(model) == 0
