@@ -74,6 +74,7 @@ on ResNet-110 (20,000 and 10,000 before 2026-11-28, so the session-5 figures wei
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import platform
 import statistics
@@ -362,6 +363,11 @@ def prepared(arch: str, image: torch.Tensor) -> dict:
     """
     if arch in _prepared:
         return _prepared[arch]
+    if any("pt2e" in variant for variant in VARIANTS) and importlib.util.find_spec("torchao") is None:
+        # before building anything: each test would otherwise rebuild every variant up to this one
+        pytest.fail("the pt2e peer (locuslab_pt2e_int8) needs torchao, which the test stack does not install: "
+                    ".venv/bin/pip install torchao==0.18.0 (the version measured), or leave it out of "
+                    "ARQ_E2E_VARIANTS", pytrace=False)
     if DEVICE == "cpu":
         import torch._inductor.config as inductor_config
 
