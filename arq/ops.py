@@ -223,8 +223,9 @@ def quantize_codes_reference(x, scale, zero_point, code_min, code_max, dtype=tor
 
 def lowbit_conv_max_chunk(max_code: int, w_bits: int) -> int:
     """How many ``vpmaddubsw`` pair sums ``arq::lowbit_conv2d`` may add in int16 and stay exact for
-    codes in ``[0, max_code]`` and ``w_bits``-bit weights: ``floor(32767 / (2 max_code 2^(w_bits-1)))``;
-    0 where even one pair sum can overflow (the op refuses such layers; oneDNN runs them)."""
+    codes in ``[0, max_code]`` and any ``w_bits``-bit weights: ``floor(32767 / (2 max_code 2^(w_bits-1)))``;
+    0 where even one pair sum can overflow (the op refuses such layers; oneDNN runs them). The op
+    runs longer chunks where a layer's own weights bound its sums (csrc/cpu/lowbit_conv.cpp)."""
     return 32767 // (2 * int(max_code) * (1 << (int(w_bits) - 1)))
 
 
@@ -509,9 +510,12 @@ def lowbit_conv2d(x, weight_tiles, weight_sums, scale, bias, out_channels, kerne
                   out_scale=0.0, out_zero_point=0, out_min=0, out_max=255, *, backend="auto"):
     """:func:`lowbit_conv2d_reference` through ``arq::lowbit_conv2d`` on CPU: the convolution of uint8
     activation codes ``x [B, C, H, W]`` (codes in ``[0, max_code]``) with ``w_bits``-bit weight codes
-    (:func:`lowbit_conv_weight_tiles`), with the epilogue fused: on AVX2 adding in int16 where
-    :func:`lowbit_conv_max_chunk` makes it exact, with AVX-512 VNNI (``vpdpbusd``) and on the portable
-    path in int32 (any widths, :func:`lowbit_conv_supported`). Same bits as the reference on every path.
+    (:func:`lowbit_conv_weight_tiles`), with the epilogue fused: on AVX2 adding in int16 in chunks of
+    at least :func:`lowbit_conv_max_chunk` steps (all of them where the layer's own weights bound the
+    int16 sums), 3x3 stride-1 layers through Winograd F(2, 3) along the width where the codes fit it
+    (``2 max_code <= 255``; ``ARQ_LOWBIT_WINOGRAD=0`` turns it off), with AVX-512 VNNI (``vpdpbusd``) and on the
+    portable path in int32 (any widths, :func:`lowbit_conv_supported`). Same bits as the reference on
+    every path (all of them compute the exact integer convolution, then the same float32 epilogue).
 
     Args:
         scale: float32 ``[O]``, ``s_x s_w[o]``. bias: float32 ``[O]`` or None. zero_point: the codes'

@@ -38,6 +38,8 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
 * ``<arq variant>_onednn`` the arq variant with ``ARQ_CONV_KERNEL=onednn``: every integer convolution
                            through oneDNN (the default "auto" takes ``arq::lowbit_conv2d`` for the
                            3x3 ones on AVX2 hosts without VNNI or AVX-512), on request
+* ``<arq variant>_direct`` the arq variant with ``ARQ_LOWBIT_WINOGRAD=0``: ``arq::lowbit_conv2d``'s direct
+                           AVX2 loop for the 3x3 stride-1 layers instead of its Winograd F(2, 3) one, on request
 
 ``ARQ_E2E_VARIANTS`` (a comma-separated list) picks variants; ``locuslab_fp32`` is always included.
 
@@ -260,6 +262,7 @@ ENV_VARIANTS = {
     "_lowbit": ("ARQ_CONV_KERNEL", "arq"),
     "_onednn": ("ARQ_CONV_KERNEL", "onednn"),
     "_rows": ("ARQ_TRITON_CONV_LOOP", "rows"),
+    "_direct": ("ARQ_LOWBIT_WINOGRAD", "0"),
 }
 
 

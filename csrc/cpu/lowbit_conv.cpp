@@ -5,11 +5,17 @@
 // products summed into int16) and widens every pair sum with vpmaddwd before adding in int32
 // (oneDNN's AVX2 kernels). With low-bit codes the pair sums are small: a 4-bit activation code
 // (<= 15) times a 4-bit weight (|q| <= 8) gives |pair| <= 240, so 136 of them add up exactly in
-// int16. Adding in int16 and widening once per chunk halves the multiplies per MAC. Measured on
-// a 2-core AVX2 host, the epilogue and loop overheads eat most of that: 3x3 ResNet layers
-// 0.85-1.08x oneDNN (median), 1x1 ones 0.64-0.71x; end to end 0.98-1.03x on ResNet-20 and
-// 0.98-1.11x on ResNet-110 (README). IntegerExecutionConfig.conv_kernel="auto" (the default) runs the k x k
-// layers (k > 1) here on such CPUs (arq.quant.execution.lowbit_conv_preferred).
+// int16. Adding in int16 and widening once per chunk halves the multiplies per MAC. On Zen 3 that
+// buys less than it suggests: vpmaddubsw issues on fewer pipes than vpmaddwd, so oneDNN's
+// widening runs beside it, and the vpmaddubsw + vpaddw loop peaks near 1.35 vpmaddubsw a cycle
+// (ad hoc, asm loops). So 3x3 stride-1 layers take Winograd F(2, 3) along the width where the codes
+// allow (two thirds of the multiplies; below), the others the direct loop. Epilogue: the sums of
+// one chunk reach it in registers, and without a zero point it skips the correction. Measured on a 2-core Zen 3
+// AVX2 host, paired in one process (2026-11-29): these changes together made 16/32/64-channel
+// 3x3 layers (4-bit, 400 samples, one thread) take 0.87/0.80/0.78 of their time before (their
+// direct loop alone 0.92-0.95/0.95/0.97-0.99); end to end docs/performance-log.md.
+// IntegerExecutionConfig.conv_kernel="auto" (the default) runs the k x k layers (k > 1) here on
+// such CPUs (arq.quant.execution.lowbit_conv_preferred).
 //
 // With AVX-512 VNNI (and ARQ_CPU_ISA not below it) the op multiplies with vpdpbusd instead: four
 // u8 x s8 products added into each int32 lane, 64 MACs an instruction, for any bit widths up to
@@ -22,8 +28,12 @@
 // Exactness: with codes c in [0, max_code] and weights |q| <= 2^(w_bits-1) =: W, every int16
 // lane of one vpmaddubsw is |c0 q0 + c1 q1| <= 2 max_code W (no saturation when this is <= 32767)
 // and a chunk of L of them sums to at most L * 2 max_code W; L = floor(32767 / (2 max_code W)) >= 1
-// keeps every partial sum exact. The op checks every input code against max_code while it pads
-// the input, so a larger code raises instead of overflowing.
+// keeps every partial sum exact. Tighter, from the layer's weights: lane (o, h) adds
+// c_{4g+2h} q[o, 4g+2h] + c_{4g+2h+1} q[o, 4g+2h+1] over the steps (tap, group g), so every partial sum
+// is at most max_code * S(o, h) with S the sum of those |q| over all steps; where max_code * max S
+// <= 32767 all steps run as one chunk (4-bit ResNet layers of K = 576: 144 steps where L = 136).
+// The op checks every input code against max_code while it pads the input, so a larger code
+// raises instead of overflowing.
 //
 //   acc[o]  = sum_{taps, c} code[c] * q[o, c]               exact (int16 chunks widened to int32)
 //   y[o]    = float(acc[o] - zero_point * sum q[o, :]) * scale[o] + bias[o]     float32, this order
@@ -47,7 +57,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <utility>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
@@ -127,36 +139,53 @@ enum class Out { kFloat, kFloatResidual, kCodes, kCodesResidual };
 
 // P x Q int32 sums (total[p][q]: pixel pixel + p, channels o0 + 8q ..) through the epilogue.
 // Channel constants are loaded once per block into registers: the uint8 stores may alias any
-// memory, so loads left in the loop would be redone after every store. With ReLU, codes clamp
-// below at max(out_min, out_zero) instead: inv_out_scale > 0, so round(max(y, 0) / s) + z and
-// round(y / s) + z clamped at z agree exactly.
-template <int P, int Q, Out kOut>
-__attribute__((target("avx2")))
-void finish_tile(const int32_t (*total)[Q][8], int64_t pixel, int64_t o0, int64_t out_channels,
-                 const Epilogue& e) {
-  const bool codes = kOut == Out::kCodes || kOut == Out::kCodesResidual;
-  const int32_t low = e.relu && codes ? std::max(e.out_min, e.out_zero) : e.out_min;
-  const __m256i lo = _mm256_set1_epi32(low), hi = _mm256_set1_epi32(e.out_max), zero = _mm256_set1_epi32(e.out_zero);
-  const __m256 inv = _mm256_set1_ps(e.inv_out_scale), t_lo = _mm256_set1_ps(-1.0e9f), t_hi = _mm256_set1_ps(1.0e9f);
+// memory, so loads left in the loop would be redone after every store. Codes: the quotient is
+// clamped to the integers [lo - zero, hi - zero] before rounding, which is clamping the rounded
+// codes to [lo, hi] after it (rounding is monotone and keeps integers; NaN gives lo either way,
+// vmaxps returning its second operand); with ReLU lo = max(out_min, out_zero): inv_out_scale > 0,
+// so round(max(y, 0) / s) + z and round(y / s) + z clamped at z agree exactly. Codes of whole
+// blocks are packed four vectors at a time (two packs, one dword permute) before the stores.
+template <int P, int Q, Out kOut, bool kCorrect>
+__attribute__((target("avx2"), always_inline))
+inline void finish_tile(const __m256i (&total)[P][Q], int64_t pixel, int64_t o0, int64_t out_channels,
+                        const Epilogue& e) {
+  constexpr bool codes = kOut == Out::kCodes || kOut == Out::kCodesResidual;
+  const int32_t lo = e.relu && codes ? std::max(e.out_min, e.out_zero) : e.out_min;
+  const __m256i zero = _mm256_set1_epi32(e.out_zero);
+  const __m256 inv = _mm256_set1_ps(e.inv_out_scale);
+  const __m256 t_lo = _mm256_set1_ps(static_cast<float>(lo - e.out_zero));
+  const __m256 t_hi = _mm256_set1_ps(static_cast<float>(e.out_max - e.out_zero));
   const __m256 r_zero = _mm256_set1_ps(e.residual_zero), r_scale = _mm256_set1_ps(e.residual_scale);
   const bool relu = e.relu;
   float* const out_f = e.out_f;
   uint8_t* const out_u8 = e.out_u8;
   const float* const residual_f = e.residual_f;
   const uint8_t* const residual_u8 = e.residual_u8;
+  if (out_channels - o0 < 8 * Q) {  // a last partial block: one channel at a time there
+    alignas(32) int32_t sums[8];
+    for (int q = 0; q < Q; ++q)
+      for (int p = 0; p < P; ++p) {
+        const int64_t oq = o0 + 8 * q;
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums), total[p][q]);
+        for (int64_t j = 0; j < std::min<int64_t>(8, out_channels - oq); ++j)
+          finish_scalar(sums[j], pixel + p, oq + j, out_channels, e);
+      }
+    return;
+  }
+  __m256i correction[Q];
+  __m256 scale[Q], bias[Q];
   for (int q = 0; q < Q; ++q) {
-    const int64_t oq = o0 + 8 * q;
-    if (out_channels - oq < 8) {  // a last partial block: one channel at a time
-      for (int p = 0; p < P; ++p)
-        for (int64_t j = 0; j < out_channels - oq; ++j) finish_scalar(total[p][q][j], pixel + p, oq + j, out_channels, e);
-      continue;
-    }
-    const __m256i correction = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.correction + oq));
-    const __m256 scale = _mm256_loadu_ps(e.scale + oq), bias = _mm256_loadu_ps(e.bias + oq);
-    for (int p = 0; p < P; ++p) {
-      const int64_t at = (pixel + p) * out_channels + oq;
-      const __m256i acc = _mm256_load_si256(reinterpret_cast<const __m256i*>(total[p][q]));
-      __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, correction)), scale), bias);
+    correction[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.correction + o0 + 8 * q));
+    scale[q] = _mm256_loadu_ps(e.scale + o0 + 8 * q);
+    bias[q] = _mm256_loadu_ps(e.bias + o0 + 8 * q);
+  }
+  __m256i code[P][Q];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) {
+      const int64_t at = (pixel + p) * out_channels + o0 + 8 * q;
+      // without a zero point the correction is 0 and subtracting it changes nothing
+      const __m256i acc = kCorrect ? _mm256_sub_epi32(total[p][q], correction[q]) : total[p][q];
+      __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale[q]), bias[q]);
       if (kOut == Out::kFloatResidual) y = _mm256_add_ps(y, _mm256_loadu_ps(residual_f + at));
       if (kOut == Out::kCodesResidual) {
         const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(residual_u8 + at));
@@ -169,59 +198,105 @@ void finish_tile(const int32_t (*total)[Q][8], int64_t pixel, int64_t o0, int64_
         continue;
       }
       const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(y, inv), t_lo), t_hi);
-      __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(t), zero);  // half to even
-      c = _mm256_min_epi32(_mm256_max_epi32(c, lo), hi);
+      code[p][q] = _mm256_add_epi32(_mm256_cvtps_epi32(t), zero);  // half to even; in lo..hi
+    }
+  if constexpr (codes) {
+    // vector v = (p, q) = code[v / Q][v % Q] holds the 8 codes for ARQ_ADDRESS(v)
+    constexpr int kVectors = P * Q;
+    const __m256i* vectors = &code[0][0];
+    uint8_t* const first = out_u8 + pixel * out_channels + o0;
+#define ARQ_ADDRESS(v) (first + ((v) / Q) * out_channels + 8 * ((v) % Q))
+    int v = 0;
+    if constexpr (kVectors >= 4) {
+      // packs interleave the 128-bit lanes: dword i of the packed bytes holds codes 4 (i % 4 / 2 ..)
+      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      for (; v + 4 <= kVectors; v += 4) {
+        const __m256i words01 = _mm256_packus_epi32(vectors[v], vectors[v + 1]);
+        const __m256i words23 = _mm256_packus_epi32(vectors[v + 2], vectors[v + 3]);
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words01, words23), order);
+        // bytes: vector v's 8 codes, then v + 1's, v + 2's, v + 3's
+        if (Q % 2 == 0) {  // v and v + 1 are one pixel's 16 contiguous channels, as v + 2 and v + 3
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ARQ_ADDRESS(v)), _mm256_castsi256_si128(bytes));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ARQ_ADDRESS(v + 2)), _mm256_extracti128_si256(bytes, 1));
+        } else {
+          const __m128i low = _mm256_castsi256_si128(bytes), high = _mm256_extracti128_si256(bytes, 1);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(ARQ_ADDRESS(v)), low);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(ARQ_ADDRESS(v + 1)), _mm_unpackhi_epi64(low, low));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(ARQ_ADDRESS(v + 2)), high);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(ARQ_ADDRESS(v + 3)), _mm_unpackhi_epi64(high, high));
+        }
+      }
+    }
+    for (; v < kVectors; ++v) {
+      const __m256i c = vectors[v];
       const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out_u8 + at), _mm_packus_epi16(words, words));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(ARQ_ADDRESS(v)), _mm_packus_epi16(words, words));
+    }
+#undef ARQ_ADDRESS
+  }
+}
+
+// The int16 sums of steps i0 .. i1 - 1 into `acc` (zeroed first): P x Q vpmaddubsw + vpaddw a step.
+template <int P, int Q>
+__attribute__((target("avx2"), always_inline))
+inline void accumulate16(__m256i (&acc)[P][Q], const uint8_t* origin, int64_t pixel_stride, const int64_t* offsets,
+                         int64_t i0, int64_t i1, const int8_t* w, int64_t block_stride) {
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) acc[p][q] = _mm256_setzero_si256();
+  const int8_t* wi = w + i0 * 32;
+  // unrolled: GCC then copies the loop-carried accumulators between registers once per four
+  // steps instead of every step (measured 1.2-1.3x on the loop alone)
+#pragma GCC unroll 4
+  for (int64_t i = i0; i < i1; ++i, wi += 32) {
+    __m256i wv[Q];
+    for (int q = 0; q < Q; ++q) wv[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wi + q * block_stride));
+    const uint8_t* x = origin + offsets[i];
+    for (int p = 0; p < P; ++p) {
+      int32_t four;
+      std::memcpy(&four, x + p * pixel_stride, sizeof(four));
+      const __m256i xv = _mm256_set1_epi32(four);
+      for (int q = 0; q < Q; ++q) acc[p][q] = _mm256_add_epi16(acc[p][q], _mm256_maddubs_epi16(xv, wv[q]));
     }
   }
 }
 
 // P consecutive output pixels x Q blocks of 8 output channels. `offsets[i]` is step i's input
 // offset from the tile's first tap (tap (kh, kw), group g: (kh * padded_w + kw) * C + 4 g); the
-// weights of block q, step i, are the 32 bytes at w + q * block_stride + 32 i.
-template <int P, int Q, Out kOut>
+// weights of block q, step i, are the 32 bytes at w + q * block_stride + 32 i. Steps run in chunks
+// of at most `chunk` (the int16 bound), each widened to int32 once (vpmaddwd with ones adds lanes
+// 2j and 2j + 1, channel j's two pair sums). One chunk (the usual case): its sums go to the
+// epilogue in registers. More: the running int32 sums wait in memory, since P x Q of them in
+// registers beside the P x Q accumulators would spill in the step loop.
+template <int P, int Q, Out kOut, bool kCorrect>
 __attribute__((target("avx2")))
 void tile(const uint8_t* origin, int64_t pixel_stride, const int64_t* offsets, int64_t steps, int64_t chunk,
           const int8_t* w, int64_t block_stride, int64_t pixel, int64_t o0, int64_t out_channels,
           const Epilogue& e) {
   const __m256i ones = _mm256_set1_epi16(1);
-  // int32 sums of the chunks so far, in memory: the registers hold the P x Q int16 accumulators
-  alignas(32) int32_t total[P][Q][8];
-  for (int64_t i0 = 0; i0 < steps; i0 += chunk) {
-    const int64_t i1 = std::min(steps, i0 + chunk);
-    __m256i acc[P][Q];
+  __m256i acc[P][Q], total[P][Q];
+  accumulate16<P, Q>(acc, origin, pixel_stride, offsets, 0, std::min(steps, chunk), w, block_stride);
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) total[p][q] = _mm256_madd_epi16(acc[p][q], ones);
+  if (steps > chunk) {
+    alignas(32) int32_t sums[P][Q][8];
     for (int p = 0; p < P; ++p)
-      for (int q = 0; q < Q; ++q) acc[p][q] = _mm256_setzero_si256();
-    const int8_t* wi = w + i0 * 32;
-    // unrolled: GCC then copies the loop-carried accumulators between registers once per four
-    // steps instead of every step (measured 1.2-1.3x on the loop alone)
-#pragma GCC unroll 4
-    for (int64_t i = i0; i < i1; ++i, wi += 32) {
-      __m256i wv[Q];
-      for (int q = 0; q < Q; ++q) wv[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wi + q * block_stride));
-      const uint8_t* x = origin + offsets[i];
-      for (int p = 0; p < P; ++p) {
-        int32_t four;
-        std::memcpy(&four, x + p * pixel_stride, sizeof(four));
-        const __m256i xv = _mm256_set1_epi32(four);
-        for (int q = 0; q < Q; ++q) acc[p][q] = _mm256_add_epi16(acc[p][q], _mm256_maddubs_epi16(xv, wv[q]));
-      }
+      for (int q = 0; q < Q; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(sums[p][q]), total[p][q]);
+    for (int64_t i0 = chunk; i0 < steps; i0 += chunk) {
+      accumulate16<P, Q>(acc, origin, pixel_stride, offsets, i0, std::min(steps, i0 + chunk), w, block_stride);
+      for (int p = 0; p < P; ++p)
+        for (int q = 0; q < Q; ++q) {
+          __m256i* dst = reinterpret_cast<__m256i*>(sums[p][q]);
+          _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), _mm256_madd_epi16(acc[p][q], ones)));
+        }
     }
-    // lanes 2j and 2j+1 hold channel j's two int16 partial sums: madd with ones adds them in int32
     for (int p = 0; p < P; ++p)
-      for (int q = 0; q < Q; ++q) {
-        __m256i sum = _mm256_madd_epi16(acc[p][q], ones);
-        __m256i* dst = reinterpret_cast<__m256i*>(total[p][q]);
-        if (i0 > 0) sum = _mm256_add_epi32(sum, _mm256_load_si256(dst));
-        _mm256_store_si256(dst, sum);
-      }
+      for (int q = 0; q < Q; ++q) total[p][q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums[p][q]));
   }
-  finish_tile<P, Q, kOut>(total, pixel, o0, out_channels, e);
+  finish_tile<P, Q, kOut, kCorrect>(total, pixel, o0, out_channels, e);
 }
 
 // Register tiles: P pixels x Q channel blocks, P * Q <= 8 accumulators.
-template <int Q, int P, Out kOut>
+template <int Q, int P, Out kOut, bool kCorrect>
 __attribute__((target("avx2")))
 void row_blocks(const uint8_t* padded_row, const int8_t* tiles, const Geometry& g, const int64_t* offsets,
                 int64_t chunk, int64_t block, int64_t first_pixel, const Epilogue& e) {
@@ -229,29 +304,245 @@ void row_blocks(const uint8_t* padded_row, const int8_t* tiles, const Geometry& 
   const int8_t* w = tiles + block * block_stride;
   int64_t ow = 0;
   for (; ow + P <= g.out_w; ow += P)
-    tile<P, Q, kOut>(padded_row + ow * pixel_stride, pixel_stride, offsets, g.steps(), chunk, w, block_stride,
-                     first_pixel + ow, block * 8, g.out_channels, e);
+    tile<P, Q, kOut, kCorrect>(padded_row + ow * pixel_stride, pixel_stride, offsets, g.steps(), chunk, w,
+                               block_stride, first_pixel + ow, block * 8, g.out_channels, e);
   for (; ow < g.out_w; ++ow)
-    tile<1, Q, kOut>(padded_row + ow * pixel_stride, pixel_stride, offsets, g.steps(), chunk, w, block_stride,
-                     first_pixel + ow, block * 8, g.out_channels, e);
+    tile<1, Q, kOut, kCorrect>(padded_row + ow * pixel_stride, pixel_stride, offsets, g.steps(), chunk, w,
+                               block_stride, first_pixel + ow, block * 8, g.out_channels, e);
 }
 
-template <Out kOut>
+template <Out kOut, bool kCorrect>
 __attribute__((target("avx2")))
 void row_avx2(const uint8_t* padded_row, const int8_t* tiles, const Geometry& g, const int64_t* offsets,
               int64_t chunk, int64_t first_pixel, const Epilogue& e) {
   int64_t block = 0;
   for (; block + 2 <= g.blocks; block += 2)
-    row_blocks<2, 4, kOut>(padded_row, tiles, g, offsets, chunk, block, first_pixel, e);
-  for (; block < g.blocks; ++block) row_blocks<1, 8, kOut>(padded_row, tiles, g, offsets, chunk, block, first_pixel, e);
+    row_blocks<2, 4, kOut, kCorrect>(padded_row, tiles, g, offsets, chunk, block, first_pixel, e);
+  for (; block < g.blocks; ++block)
+    row_blocks<1, 8, kOut, kCorrect>(padded_row, tiles, g, offsets, chunk, block, first_pixel, e);
 }
 
 using RowKernel = void (*)(const uint8_t*, const int8_t*, const Geometry&, const int64_t*, int64_t, int64_t,
                            const Epilogue&);
 
-RowKernel row_kernel(const Epilogue& e) {
-  if (e.codes) return e.residual_u8 ? &row_avx2<Out::kCodesResidual> : &row_avx2<Out::kCodes>;
-  return e.residual_f ? &row_avx2<Out::kFloatResidual> : &row_avx2<Out::kFloat>;
+template <bool kCorrect>
+RowKernel row_kernel_avx2(const Epilogue& e) {
+  if (e.codes) return e.residual_u8 ? &row_avx2<Out::kCodesResidual, kCorrect> : &row_avx2<Out::kCodes, kCorrect>;
+  return e.residual_f ? &row_avx2<Out::kFloatResidual, kCorrect> : &row_avx2<Out::kFloat, kCorrect>;
+}
+
+RowKernel row_kernel(const Epilogue& e, bool corrected) {
+  return corrected ? row_kernel_avx2<true>(e) : row_kernel_avx2<false>(e);
+}
+
+// ---- AVX2, 3x3 stride 1: Winograd F(2, 3) along the width --------------------------------------
+// Two adjacent outputs of one kernel row, y0 = d0 g0 + d1 g1 + d2 g2 and y1 = d1 g0 + d2 g1 + d3 g2,
+// from four products instead of six (Lavin and Gray, 2016), here in integers:
+//   V = (d0 - d2 + M, d1 + d2, d2 - d1 + M, d1 - d3 + M)      input codes d in [0, M]: V in [0, 2M]
+//   U = (2 g0, g0 + g1 + g2, g0 - g1 + g2, 2 g2)                 |U| <= 3 2^(w_bits-1)
+//   A_j = sum over the 3 kernel rows and the channels of V_j U_j                   (exact, int32)
+//   2 y0 = A_0 + A_1 + A_2 - M (S_0 + S_2),   2 y1 = A_1 - A_2 - A_3 + M (S_2 + S_3)
+// with S_j[o] = sum of U_j[o, :]: the offsets M keep V unsigned for vpmaddubsw and come out exactly;
+// both right-hand sides are even (twice the exact convolution), so the shift by one is exact. Each
+// A_j is the direct path's GEMM with 3 C instead of 9 C terms (3 x 4 of them for 2 outputs where
+// the direct path has 2 x 9): two thirds of the multiplies. The sums then take the direct path's
+// epilogue unchanged, so the outputs are the same bits. Applies where V and U fit the bytes of
+// vpmaddubsw (2M <= 255, |U| <= 127) and its int16 pair sums cannot saturate (2 2M max|U| <= 32767);
+// int16 chunks are bounded as the direct path's, from the transformed weights.
+struct Winograd {
+  const int8_t* weights = nullptr;  // [blocks, 4, 3, G, 8, 4]: U_j of (kernel row, group), 32 bytes a step
+  const int32_t* offset0 = nullptr;  // M (S_0 + S_2), padded to blocks * 8
+  const int32_t* offset1 = nullptr;  // -M (S_2 + S_3)
+  int64_t tiles = 0;                 // out_w / 2 output pairs a row
+  int64_t row_stride = 0;            // bytes of one transformed row: tiles * 4 * C
+  int64_t steps = 0;                 // 3 G
+  int64_t chunk = 0;
+  std::vector<int64_t> offsets;      // step (kernel row r, group g): r * row_stride + 4 g
+};
+
+// The padded image's rows as V: row y, output pair t, position j at ((y * tiles + t) * 4 + j) * C.
+// Byte arithmetic wraps, but every V ends in [0, 2M] with M <= 127, so the wrapped steps cancel.
+__attribute__((target("avx2")))
+void winograd_input(const uint8_t* padded, const Geometry& g, const Winograd& wg, int64_t max_code, uint8_t* out) {
+  const int64_t C = g.channels;
+  const __m256i m32 = _mm256_set1_epi8(static_cast<char>(max_code));
+  const __m128i m16 = _mm_set1_epi8(static_cast<char>(max_code));
+  for (int64_t y = 0; y < g.padded_h; ++y) {
+    const uint8_t* row = padded + y * g.padded_w * C;
+    uint8_t* dst = out + y * wg.row_stride;
+    for (int64_t t = 0; t < wg.tiles; ++t) {
+      const uint8_t* d = row + 2 * t * C;
+      uint8_t* v = dst + t * 4 * C;
+      int64_t c = 0;
+      for (; c + 32 <= C; c += 32) {
+        const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + c));
+        const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + C + c));
+        const __m256i d2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 2 * C + c));
+        const __m256i d3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 3 * C + c));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + c), _mm256_sub_epi8(_mm256_add_epi8(d0, m32), d2));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + C + c), _mm256_add_epi8(d1, d2));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + 2 * C + c), _mm256_sub_epi8(_mm256_add_epi8(d2, m32), d1));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + 3 * C + c), _mm256_sub_epi8(_mm256_add_epi8(d1, m32), d3));
+      }
+      for (; c + 16 <= C; c += 16) {
+        const __m128i d0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + c));
+        const __m128i d1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + C + c));
+        const __m128i d2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 2 * C + c));
+        const __m128i d3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 3 * C + c));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + c), _mm_sub_epi8(_mm_add_epi8(d0, m16), d2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + C + c), _mm_add_epi8(d1, d2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + 2 * C + c), _mm_sub_epi8(_mm_add_epi8(d2, m16), d1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + 3 * C + c), _mm_sub_epi8(_mm_add_epi8(d1, m16), d3));
+      }
+      for (; c < C; ++c) {
+        const int d0 = d[c], d1 = d[C + c], d2 = d[2 * C + c], d3 = d[3 * C + c], m = static_cast<int>(max_code);
+        v[c] = static_cast<uint8_t>(d0 - d2 + m);
+        v[C + c] = static_cast<uint8_t>(d1 + d2);
+        v[2 * C + c] = static_cast<uint8_t>(d2 - d1 + m);
+        v[3 * C + c] = static_cast<uint8_t>(d1 - d3 + m);
+      }
+    }
+  }
+}
+
+// P output pairs (t0 .. t0 + P - 1) x Q blocks of 8 output channels of one output row: A_j for each
+// position j through the direct path's GEMM loop (the P pairs' V_j are 4 C apart), then the
+// output transform and the direct path's epilogue, two pixels a pair.
+template <int P, int Q, Out kOut, bool kCorrect>
+__attribute__((target("avx2")))
+void winograd_tile(const uint8_t* vrow, const Winograd& wg, int64_t channels, const int8_t* w, int64_t block_stride,
+                   int64_t pixel, int64_t o0, int64_t out_channels, const Epilogue& e) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t position_stride = wg.steps * 32;
+  alignas(32) int32_t sums[4][P][Q][8];
+  for (int j = 0; j < 4; ++j) {
+    __m256i acc[P][Q];
+    const uint8_t* origin = vrow + j * channels;
+    const int8_t* wj = w + j * position_stride;
+    for (int64_t i0 = 0; i0 < wg.steps; i0 += wg.chunk) {
+      accumulate16<P, Q>(acc, origin, 4 * channels, wg.offsets.data(), i0, std::min(wg.steps, i0 + wg.chunk), wj,
+                         block_stride);
+      for (int p = 0; p < P; ++p)
+        for (int q = 0; q < Q; ++q) {
+          __m256i* dst = reinterpret_cast<__m256i*>(sums[j][p][q]);
+          const __m256i sum = _mm256_madd_epi16(acc[p][q], ones);
+          _mm256_store_si256(dst, i0 == 0 ? sum : _mm256_add_epi32(_mm256_load_si256(dst), sum));
+        }
+    }
+  }
+  // a partial last block reads offsets past out_channels: they are padded to blocks * 8 (zeros)
+  for (int p = 0; p < P; ++p) {
+    __m256i total[2][Q];
+    for (int q = 0; q < Q; ++q) {
+      __m256i a[4];
+      for (int j = 0; j < 4; ++j) a[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums[j][p][q]));
+      const __m256i off0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg.offset0 + o0 + 8 * q));
+      const __m256i off1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg.offset1 + o0 + 8 * q));
+      total[0][q] = _mm256_srai_epi32(_mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), a[2]), off0), 1);
+      total[1][q] = _mm256_srai_epi32(_mm256_sub_epi32(_mm256_sub_epi32(_mm256_sub_epi32(a[1], a[2]), a[3]), off1), 1);
+    }
+    finish_tile<2, Q, kOut, kCorrect>(total, pixel + 2 * p, o0, out_channels, e);
+  }
+}
+
+// One output row: Q = 2 blocks at a time, P = 2 pairs (4 pixels), then the odd pixel directly.
+template <int Q, int P, Out kOut, bool kCorrect>
+__attribute__((target("avx2")))
+void winograd_blocks(const uint8_t* vrow, const uint8_t* padded_row, const int8_t* tiles, const Geometry& g,
+                     const Winograd& wg, const int64_t* offsets, int64_t chunk, int64_t block, int64_t first_pixel,
+                     const Epilogue& e) {
+  const int64_t block_stride = 4 * wg.steps * 32;
+  const int8_t* w = wg.weights + block * block_stride;
+  int64_t t = 0;
+  for (; t + P <= wg.tiles; t += P)
+    winograd_tile<P, Q, kOut, kCorrect>(vrow + t * 4 * g.channels, wg, g.channels, w, block_stride, first_pixel + 2 * t,
+                                        block * 8, g.out_channels, e);
+  for (; t < wg.tiles; ++t)
+    winograd_tile<1, Q, kOut, kCorrect>(vrow + t * 4 * g.channels, wg, g.channels, w, block_stride, first_pixel + 2 * t,
+                                        block * 8, g.out_channels, e);
+  if (g.out_w % 2 == 1) {  // the last pixel of an odd row
+    const int64_t ow = g.out_w - 1, direct_stride = g.steps() * 32;
+    tile<1, Q, kOut, kCorrect>(padded_row + ow * g.channels, g.channels, offsets, g.steps(), chunk,
+                               tiles + block * direct_stride, direct_stride, first_pixel + ow, block * 8,
+                               g.out_channels, e);
+  }
+}
+
+template <Out kOut, bool kCorrect>
+__attribute__((target("avx2")))
+void row_winograd(const uint8_t* vrow, const uint8_t* padded_row, const int8_t* tiles, const Geometry& g,
+                  const Winograd& wg, const int64_t* offsets, int64_t chunk, int64_t first_pixel, const Epilogue& e) {
+  int64_t block = 0;
+  for (; block + 2 <= g.blocks; block += 2)
+    winograd_blocks<2, 4, kOut, kCorrect>(vrow, padded_row, tiles, g, wg, offsets, chunk, block, first_pixel, e);
+  for (; block < g.blocks; ++block)
+    winograd_blocks<1, 8, kOut, kCorrect>(vrow, padded_row, tiles, g, wg, offsets, chunk, block, first_pixel, e);
+}
+
+using WinogradRow = void (*)(const uint8_t*, const uint8_t*, const int8_t*, const Geometry&, const Winograd&,
+                             const int64_t*, int64_t, int64_t, const Epilogue&);
+
+template <bool kCorrect>
+WinogradRow winograd_row_kernel_for(const Epilogue& e) {
+  if (e.codes)
+    return e.residual_u8 ? &row_winograd<Out::kCodesResidual, kCorrect> : &row_winograd<Out::kCodes, kCorrect>;
+  return e.residual_f ? &row_winograd<Out::kFloatResidual, kCorrect> : &row_winograd<Out::kFloat, kCorrect>;
+}
+
+WinogradRow winograd_row_kernel(const Epilogue& e, bool corrected) {
+  return corrected ? winograd_row_kernel_for<true>(e) : winograd_row_kernel_for<false>(e);
+}
+
+// The transformed weights [blocks, 4, 3, G, 8, 4] and offsets of a 3x3 layer, or false where the
+// layer is outside the Winograd path's bounds (see above).
+bool winograd_weights(const int8_t* tiles, const Geometry& g, int64_t max_code, int64_t w_bits,
+                      std::vector<int8_t>& weights, std::vector<int32_t>& offset0, std::vector<int32_t>& offset1,
+                      Winograd& wg) {
+  if (g.kernel != 3 || g.stride != 1 || g.out_w < 2 || 2 * max_code > 255) return false;
+  // the A_j and offsets may wrap in int32 (two's complement: their sum is still right modulo 2^32),
+  // but 2 y itself must fit: |2 y| <= 2 K max_code 2^(w_bits-1) < 2^31, twice the op's bound on K
+  if (2 * g.steps() * 4 * max_code * (int64_t{1} << (w_bits - 1)) >= (int64_t{1} << 31)) return false;
+  const int64_t G = g.groups(), steps = 3 * G;
+  weights.assign(static_cast<size_t>(g.blocks * 4 * steps * 32), 0);
+  offset0.assign(static_cast<size_t>(g.blocks * 8), 0);
+  offset1.assign(static_cast<size_t>(g.blocks * 8), 0);
+  int64_t largest = 0, largest_lane = 0;
+  for (int64_t b = 0; b < g.blocks; ++b) {
+    int64_t position_sums[4][8] = {};
+    for (int j = 0; j < 4; ++j) {
+      int64_t lane[16] = {};
+      for (int64_t r = 0; r < 3; ++r)
+        for (int64_t gi = 0; gi < G; ++gi)
+          for (int64_t i = 0; i < 32; ++i) {  // i = o * 4 + c
+            auto q = [&](int64_t kw) { return int64_t{tiles[((b * 9 + r * 3 + kw) * G + gi) * 32 + i]}; };
+            const int64_t u = j == 0 ? 2 * q(0) : j == 1 ? q(0) + q(1) + q(2) : j == 2 ? q(0) - q(1) + q(2) : 2 * q(2);
+            const int64_t magnitude = u < 0 ? -u : u;
+            if (magnitude > 127) return false;
+            largest = std::max(largest, magnitude);
+            lane[i / 2] += magnitude;
+            position_sums[j][i / 4] += u;
+            weights[static_cast<size_t>((((b * 4 + j) * 3 + r) * G + gi) * 32 + i)] = static_cast<int8_t>(u);
+          }
+      for (int64_t l : lane) largest_lane = std::max(largest_lane, l);
+    }
+    for (int64_t o = 0; o < 8; ++o) {
+      offset0[b * 8 + o] = static_cast<int32_t>(max_code * (position_sums[0][o] + position_sums[2][o]));
+      offset1[b * 8 + o] = static_cast<int32_t>(-max_code * (position_sums[2][o] + position_sums[3][o]));
+    }
+  }
+  const int64_t pair_bound = 2 * (2 * max_code) * largest;
+  if (pair_bound > 32767) return false;
+  wg.weights = weights.data();
+  wg.offset0 = offset0.data();
+  wg.offset1 = offset1.data();
+  wg.tiles = g.out_w / 2;
+  wg.row_stride = wg.tiles * 4 * g.channels;
+  wg.steps = steps;
+  wg.chunk = largest_lane * 2 * max_code <= 32767 ? steps : std::max<int64_t>(1, 32767 / std::max<int64_t>(1, pair_bound));
+  wg.offsets.resize(static_cast<size_t>(steps));
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t gi = 0; gi < G; ++gi) wg.offsets[r * G + gi] = r * wg.row_stride + 4 * gi;
+  return true;
 }
 
 // ---- AVX-512 VNNI: int32 accumulation, no bound on the codes ---------------------------------
@@ -510,12 +801,23 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
               kOp, ": weight_tiles must be contiguous int8 [", g.blocks, ", ", kernel_size * kernel_size, ", ",
               g.groups(), ", 8, 4] (arq.ops.lowbit_conv_weight_tiles), got ", weight_tiles.scalar_type(), " ",
               weight_tiles.sizes());
-  {  // the int16 chunking (AVX2) and the int32 bound above assume |q| <= 2^(w_bits-1): checked, not trusted
+  // the int16 chunking (AVX2) and the int32 bound above assume |q| <= 2^(w_bits-1): checked, not
+  // trusted. largest_lane: the largest sum of |q| over all steps that one int16 lane of the AVX2
+  // accumulators collects (block b, output channel o, input channels 2h and 2h + 1 of every group).
+  int64_t largest_lane = 0;
+  {
     const int8_t* q = weight_tiles.data_ptr<int8_t>();
-    const int64_t limit = int64_t{1} << (w_bits - 1);
+    const int64_t limit = int64_t{1} << (w_bits - 1), steps = g.steps();
     int64_t largest = 0;
-    for (int64_t i = 0, count = weight_tiles.numel(); i < count; ++i)
-      largest = std::max<int64_t>(largest, q[i] < 0 ? -int64_t{q[i]} : int64_t{q[i]});
+    for (int64_t b = 0; b < g.blocks; ++b) {
+      int64_t lane[16] = {};
+      for (int64_t i = 0; i < steps * 32; ++i) {
+        const int64_t v = q[b * steps * 32 + i] < 0 ? -int64_t{q[b * steps * 32 + i]} : int64_t{q[b * steps * 32 + i]};
+        largest = std::max(largest, v);
+        lane[(i % 32) / 2] += v;  // byte o * 4 + c of a step's 32: lane 2 o + c / 2
+      }
+      for (int64_t l : lane) largest_lane = std::max(largest_lane, l);
+    }
     TORCH_CHECK(largest <= limit, kOp, ": weight_tiles hold a code of magnitude ", largest, ", outside ", w_bits,
                 "-bit weights' range (|q| <= ", limit, ")");
   }
@@ -594,7 +896,10 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   for (int64_t t = 0; t < kernel_size * kernel_size; ++t)
     for (int64_t gi = 0; gi < g.groups(); ++gi)
       offsets[t * g.groups() + gi] = ((t / kernel_size) * g.padded_w + t % kernel_size) * g.channels + 4 * gi;
-  const int64_t chunk = std::max<int64_t>(1, 32767 / pair_bound);
+  // int16 lane sums stay exact while max_code * (sum of the lane's |q| over the chunk) <= 32767: the
+  // layer's own weights often allow all steps in one chunk where the worst case (|q| = 2^(w_bits-1)
+  // everywhere, 32767 / pair_bound steps) does not
+  const int64_t chunk = largest_lane * max_code <= 32767 ? g.steps() : std::max<int64_t>(1, 32767 / pair_bound);
 #if defined(__x86_64__) || defined(_M_X64)
   // select_isa() is above kScalar only where the CPU has AVX2 (and not asked for scalar)
   std::vector<int8_t> tiles16;
@@ -604,23 +909,44 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
     tiles = tiles16.data();
     vector_kernel = row_kernel_vnni(e);
   } else if (isa == packed::Isa::kAvx2) {
-    vector_kernel = row_kernel(e);
+    vector_kernel = row_kernel(e, zero_point != 0);
   }
+  // 3x3 stride 1 on AVX2: Winograd F(2, 3) where the layer is within its bounds (ARQ_LOWBIT_WINOGRAD=0:
+  // the direct path, for comparisons)
+  std::vector<int8_t> winograd_u;
+  std::vector<int32_t> winograd_offset0, winograd_offset1;
+  Winograd wg;
+  WinogradRow winograd_kernel = nullptr;
+  const char* winograd_env = std::getenv("ARQ_LOWBIT_WINOGRAD");
+  if (isa == packed::Isa::kAvx2 && !(winograd_env != nullptr && std::string(winograd_env) == "0") &&
+      winograd_weights(tiles, g, max_code, w_bits, winograd_u, winograd_offset0, winograd_offset1, wg))
+    winograd_kernel = winograd_row_kernel(e, zero_point != 0);
 #endif
   std::atomic<int> too_large{0};
   // one image at a time per thread, padded into a buffer that stays in L1/L2 while its rows run
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> padded(static_cast<size_t>(g.padded_h * g.padded_w * g.channels));
+#if defined(__x86_64__) || defined(_M_X64)
+    std::vector<uint8_t> transformed(winograd_kernel != nullptr ? static_cast<size_t>(g.padded_h * wg.row_stride) : 0);
+#endif
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t largest = pad_image(xd, g, b, static_cast<uint8_t>(zero_point), padded.data());
       if (largest > max_code) {
         too_large.store(largest);
         return;
       }
+#if defined(__x86_64__) || defined(_M_X64)
+      if (winograd_kernel != nullptr) winograd_input(padded.data(), g, wg, max_code, transformed.data());
+#endif
       for (int64_t oh = 0; oh < g.out_h; ++oh) {
         const uint8_t* row = padded.data() + oh * g.stride * g.padded_w * g.channels;
         const int64_t first_pixel = (b * g.out_h + oh) * g.out_w;
 #if defined(__x86_64__) || defined(_M_X64)
+        if (winograd_kernel != nullptr) {
+          winograd_kernel(transformed.data() + oh * wg.row_stride, row, tiles, g, wg, offsets.data(), chunk,
+                          first_pixel, e);
+          continue;
+        }
         if (vector_kernel != nullptr) {
           vector_kernel(row, tiles, g, offsets.data(), chunk, first_pixel, e);
           continue;

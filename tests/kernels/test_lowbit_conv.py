@@ -32,14 +32,21 @@ WIDE_BITS = [(a, w) for a in range(2, 9) for w in range(2, 9) if (a, w) not in B
 
 
 def _use_isa(monkeypatch, name):
-    monkeypatch.setenv("ARQ_CPU_ISA", name)
+    """"avx2" runs 3x3 stride-1 layers through the Winograd F(2, 3) loop where they are within its
+    bounds, "avx2-direct" through the direct loop (ARQ_LOWBIT_WINOGRAD=0), as 8-bit codes always."""
+    isa = name.removesuffix("-direct")
+    monkeypatch.setenv("ARQ_CPU_ISA", isa)
     monkeypatch.delenv("ARQ_DISABLE_VNNI", raising=False)
-    if ops.cpu_isa() != name:  # ARQ_CPU_ISA never raises the CPU's best
-        pytest.skip(f"this CPU has no {name} path")
+    if name.endswith("-direct"):
+        monkeypatch.setenv("ARQ_LOWBIT_WINOGRAD", "0")
+    else:
+        monkeypatch.delenv("ARQ_LOWBIT_WINOGRAD", raising=False)
+    if ops.cpu_isa() != isa:  # ARQ_CPU_ISA never raises the CPU's best
+        pytest.skip(f"this CPU has no {isa} path")
     return name
 
 
-@pytest.fixture(params=["vnni", "avx2", "scalar"])
+@pytest.fixture(params=["vnni", "avx2", "avx2-direct", "scalar"])
 def isa(request, monkeypatch):
     return _use_isa(monkeypatch, request.param)
 
@@ -149,6 +156,47 @@ def test_int16_chunks_exact_at_the_bound(isa, a_bits, w_bits, sign):
     exact = torch.nn.functional.conv2d(x.to(torch.float64), weight.to(torch.float64)).round().to(torch.int64)
     assert int(exact.abs().max()) < 2**24  # float32 holds it exactly
     assert torch.equal(result.to(torch.int64), exact)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_int16_chunk_from_the_weights_exact_at_its_bound(isa, extra):
+    """The AVX2 path runs all steps as one int16 chunk where max_code times the largest sum of |q|
+    one accumulator lane collects is <= 32767 (csrc/cpu/lowbit_conv.cpp). Every code 15 and 4-bit
+    weights whose lane sums are exactly 2184 (15 x 2184 = 32760, one chunk where the worst-case
+    bound would take two) or one term more (32775: the worst-case chunks); the sums must be exact."""
+    weight = torch.full((16, 64, 3, 3), -7, dtype=torch.int8)
+    # lane (o, h) collects input channels c with c % 4 in (2h, 2h + 1) over (group c // 4, tap):
+    # 144 (group, tap) pairs x 2 channels; -8 on 84 of the pairs: 168 x 8 + 120 x 7 = 2184
+    order = (torch.arange(64).view(64, 1, 1) // 4) * 9 + torch.arange(9).view(1, 3, 3)
+    weight[:, order < 84] = -8
+    if extra:
+        weight[:, 62, 2, 2] = -8  # group 15, tap 8 (pair 143, a -7): lane (o, 1) collects 2185
+    x = torch.full((2, 64, 6, 7), 15, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+    lane = weight.abs().to(torch.int64).view(16, 16, 4, 9)[:, :, 2:, :].sum(dim=(1, 2, 3))
+    assert int(lane.max()) == 2184 + extra
+    result = ops.lowbit_conv2d(x, tiles, sums, torch.ones(16), None, 16, 3, 1, 0, 0, 15, 4, backend="cpp")
+    exact = torch.nn.functional.conv2d(x.to(torch.float64), weight.to(torch.float64)).round().to(torch.int64)
+    assert torch.equal(result.to(torch.int64), exact)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 5, 9, 12])
+@pytest.mark.parametrize("signed", [False, True])
+def test_winograd_and_direct_loops_agree(monkeypatch, width, signed):
+    """The AVX2 path's Winograd F(2, 3) loop (3x3, stride 1) and its direct loop give the same bits as
+    the reference on fresh random inputs: output rows of every width parity (the odd last pixel
+    runs directly), pairs left after the 4-pair tiles, partial channel blocks, the zero point in the
+    padding (signed codes) or not, with and without padding."""
+    _use_isa(monkeypatch, "avx2")
+    gen = torch.Generator().manual_seed(width * 2 + signed)
+    for shape in [(2, 13, 5, width, 21, 3, 1, 1), (1, 36, 3, width + 2, 16, 3, 1, 0)]:
+        for epilogue in ("codes+stream+relu", "float+bias+residual+relu"):
+            args, kwargs, _ = _case(shape, 4, 4, epilogue, gen, signed)
+            expected = ops.lowbit_conv2d(*args, **kwargs, backend="torch")
+            _assert_same(_run_poisoned(args, kwargs, "cpp"), expected)
+            monkeypatch.setenv("ARQ_LOWBIT_WINOGRAD", "0")
+            _assert_same(_run_poisoned(args, kwargs, "cpp"), expected)
+            monkeypatch.delenv("ARQ_LOWBIT_WINOGRAD")
 
 
 def test_weight_tiles_round_trip_and_sums():
