@@ -350,9 +350,9 @@ RowKernel row_kernel(const Epilogue& e, bool corrected) {
 // vpmaddubsw (2M <= 255, |U| <= 127) and its int16 pair sums cannot saturate (2 2M max|U| <= 32767);
 // int16 chunks are bounded as the direct path's, from the transformed weights.
 struct Winograd {
-  const int8_t* weights = nullptr;  // [blocks, 4, 3, G, 8, 4]: U_j of (kernel row, group), 32 bytes a step
-  const int32_t* offset0 = nullptr;  // M (S_0 + S_2), padded to blocks * 8
-  const int32_t* offset1 = nullptr;  // -M (S_2 + S_3)
+  std::vector<int8_t> weights;   // [blocks, 4, 3, G, 8, 4]: U_j of (kernel row, group), 32 bytes a step
+  std::vector<int32_t> offset0;  // M (S_0 + S_2), padded to blocks * 8
+  std::vector<int32_t> offset1;  // -M (S_2 + S_3)
   int64_t tiles = 0;                 // out_w / 2 output pairs a row
   int64_t row_stride = 0;            // bytes of one transformed row: tiles * 4 * C
   int64_t steps = 0;                 // 3 G
@@ -360,13 +360,30 @@ struct Winograd {
   std::vector<int64_t> offsets;      // step (kernel row r, group g): r * row_stride + 4 g
 };
 
-// The padded image's rows as V: row y, output pair t, position j at ((y * tiles + t) * 4 + j) * C.
+// V of kBytes channels of one output pair: d points at its first input pixel, C bytes apart.
 // Byte arithmetic wraps, but every V ends in [0, 2M] with M <= 127, so the wrapped steps cancel.
+template <int kBytes>
+__attribute__((target("avx2"), always_inline))
+inline void winograd_channels(const uint8_t* d, int64_t C, uint8_t m, uint8_t* v) {
+  typedef uint8_t Bytes __attribute__((vector_size(kBytes)));
+  Bytes d0, d1, d2, d3;
+  std::memcpy(&d0, d, kBytes);
+  std::memcpy(&d1, d + C, kBytes);
+  std::memcpy(&d2, d + 2 * C, kBytes);
+  std::memcpy(&d3, d + 3 * C, kBytes);
+  const Bytes v0 = d0 + m - d2, v1 = d1 + d2, v2 = d2 + m - d1, v3 = d1 + m - d3;
+  std::memcpy(v, &v0, kBytes);
+  std::memcpy(v + C, &v1, kBytes);
+  std::memcpy(v + 2 * C, &v2, kBytes);
+  std::memcpy(v + 3 * C, &v3, kBytes);
+}
+
+// The padded image's rows as V: row y, output pair t, position j at ((y * tiles + t) * 4 + j) * C
+// (C a multiple of 4: 32, 16 and 4 channels at a time).
 __attribute__((target("avx2")))
 void winograd_input(const uint8_t* padded, const Geometry& g, const Winograd& wg, int64_t max_code, uint8_t* out) {
   const int64_t C = g.channels;
-  const __m256i m32 = _mm256_set1_epi8(static_cast<char>(max_code));
-  const __m128i m16 = _mm_set1_epi8(static_cast<char>(max_code));
+  const uint8_t m = static_cast<uint8_t>(max_code);
   for (int64_t y = 0; y < g.padded_h; ++y) {
     const uint8_t* row = padded + y * g.padded_w * C;
     uint8_t* dst = out + y * wg.row_stride;
@@ -374,33 +391,9 @@ void winograd_input(const uint8_t* padded, const Geometry& g, const Winograd& wg
       const uint8_t* d = row + 2 * t * C;
       uint8_t* v = dst + t * 4 * C;
       int64_t c = 0;
-      for (; c + 32 <= C; c += 32) {
-        const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + c));
-        const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + C + c));
-        const __m256i d2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 2 * C + c));
-        const __m256i d3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 3 * C + c));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + c), _mm256_sub_epi8(_mm256_add_epi8(d0, m32), d2));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + C + c), _mm256_add_epi8(d1, d2));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + 2 * C + c), _mm256_sub_epi8(_mm256_add_epi8(d2, m32), d1));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + 3 * C + c), _mm256_sub_epi8(_mm256_add_epi8(d1, m32), d3));
-      }
-      for (; c + 16 <= C; c += 16) {
-        const __m128i d0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + c));
-        const __m128i d1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + C + c));
-        const __m128i d2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 2 * C + c));
-        const __m128i d3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 3 * C + c));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + c), _mm_sub_epi8(_mm_add_epi8(d0, m16), d2));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + C + c), _mm_add_epi8(d1, d2));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + 2 * C + c), _mm_sub_epi8(_mm_add_epi8(d2, m16), d1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + 3 * C + c), _mm_sub_epi8(_mm_add_epi8(d1, m16), d3));
-      }
-      for (; c < C; ++c) {
-        const int d0 = d[c], d1 = d[C + c], d2 = d[2 * C + c], d3 = d[3 * C + c], m = static_cast<int>(max_code);
-        v[c] = static_cast<uint8_t>(d0 - d2 + m);
-        v[C + c] = static_cast<uint8_t>(d1 + d2);
-        v[2 * C + c] = static_cast<uint8_t>(d2 - d1 + m);
-        v[3 * C + c] = static_cast<uint8_t>(d1 - d3 + m);
-      }
+      for (; c + 32 <= C; c += 32) winograd_channels<32>(d + c, C, m, v + c);
+      for (; c + 16 <= C; c += 16) winograd_channels<16>(d + c, C, m, v + c);
+      for (; c < C; c += 4) winograd_channels<4>(d + c, C, m, v + c);
     }
   }
 }
@@ -436,8 +429,8 @@ void winograd_tile(const uint8_t* vrow, const Winograd& wg, int64_t channels, co
     for (int q = 0; q < Q; ++q) {
       __m256i a[4];
       for (int j = 0; j < 4; ++j) a[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums[j][p][q]));
-      const __m256i off0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg.offset0 + o0 + 8 * q));
-      const __m256i off1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg.offset1 + o0 + 8 * q));
+      const __m256i off0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg.offset0.data() + o0 + 8 * q));
+      const __m256i off1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg.offset1.data() + o0 + 8 * q));
       total[0][q] = _mm256_srai_epi32(_mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), a[2]), off0), 1);
       total[1][q] = _mm256_srai_epi32(_mm256_sub_epi32(_mm256_sub_epi32(_mm256_sub_epi32(a[1], a[2]), a[3]), off1), 1);
     }
@@ -452,7 +445,7 @@ void winograd_blocks(const uint8_t* vrow, const uint8_t* padded_row, const int8_
                      const Winograd& wg, const int64_t* offsets, int64_t chunk, int64_t block, int64_t first_pixel,
                      const Epilogue& e) {
   const int64_t block_stride = 4 * wg.steps * 32;
-  const int8_t* w = wg.weights + block * block_stride;
+  const int8_t* w = wg.weights.data() + block * block_stride;
   int64_t t = 0;
   for (; t + P <= wg.tiles; t += P)
     winograd_tile<P, Q, kOut, kCorrect>(vrow + t * 4 * g.channels, wg, g.channels, w, block_stride, first_pixel + 2 * t,
@@ -495,14 +488,15 @@ WinogradRow winograd_row_kernel(const Epilogue& e, bool corrected) {
 
 // The transformed weights [blocks, 4, 3, G, 8, 4] and offsets of a 3x3 layer, or false where the
 // layer is outside the Winograd path's bounds (see above).
-bool winograd_weights(const int8_t* tiles, const Geometry& g, int64_t max_code, int64_t w_bits,
-                      std::vector<int8_t>& weights, std::vector<int32_t>& offset0, std::vector<int32_t>& offset1,
-                      Winograd& wg) {
+bool winograd_weights(const int8_t* tiles, const Geometry& g, int64_t max_code, int64_t w_bits, Winograd& wg) {
   if (g.kernel != 3 || g.stride != 1 || g.out_w < 2 || 2 * max_code > 255) return false;
   // the A_j and offsets may wrap in int32 (two's complement: their sum is still right modulo 2^32),
   // but 2 y itself must fit: |2 y| <= 2 K max_code 2^(w_bits-1) < 2^31, twice the op's bound on K
   if (2 * g.steps() * 4 * max_code * (int64_t{1} << (w_bits - 1)) >= (int64_t{1} << 31)) return false;
   const int64_t G = g.groups(), steps = 3 * G;
+  std::vector<int8_t>& weights = wg.weights;
+  std::vector<int32_t>& offset0 = wg.offset0;
+  std::vector<int32_t>& offset1 = wg.offset1;
   weights.assign(static_cast<size_t>(g.blocks * 4 * steps * 32), 0);
   offset0.assign(static_cast<size_t>(g.blocks * 8), 0);
   offset1.assign(static_cast<size_t>(g.blocks * 8), 0);
@@ -532,9 +526,6 @@ bool winograd_weights(const int8_t* tiles, const Geometry& g, int64_t max_code, 
   }
   const int64_t pair_bound = 2 * (2 * max_code) * largest;
   if (pair_bound > 32767) return false;
-  wg.weights = weights.data();
-  wg.offset0 = offset0.data();
-  wg.offset1 = offset1.data();
   wg.tiles = g.out_w / 2;
   wg.row_stride = wg.tiles * 4 * g.channels;
   wg.steps = steps;
@@ -810,9 +801,10 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
     const int64_t limit = int64_t{1} << (w_bits - 1), steps = g.steps();
     int64_t largest = 0;
     for (int64_t b = 0; b < g.blocks; ++b) {
+      const int8_t* block = q + b * steps * 32;
       int64_t lane[16] = {};
       for (int64_t i = 0; i < steps * 32; ++i) {
-        const int64_t v = q[b * steps * 32 + i] < 0 ? -int64_t{q[b * steps * 32 + i]} : int64_t{q[b * steps * 32 + i]};
+        const int64_t v = block[i] < 0 ? -int64_t{block[i]} : int64_t{block[i]};
         largest = std::max(largest, v);
         lane[(i % 32) / 2] += v;  // byte o * 4 + c of a step's 32: lane 2 o + c / 2
       }
@@ -913,13 +905,11 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   }
   // 3x3 stride 1 on AVX2: Winograd F(2, 3) where the layer is within its bounds (ARQ_LOWBIT_WINOGRAD=0:
   // the direct path, for comparisons)
-  std::vector<int8_t> winograd_u;
-  std::vector<int32_t> winograd_offset0, winograd_offset1;
   Winograd wg;
   WinogradRow winograd_kernel = nullptr;
   const char* winograd_env = std::getenv("ARQ_LOWBIT_WINOGRAD");
   if (isa == packed::Isa::kAvx2 && !(winograd_env != nullptr && std::string(winograd_env) == "0") &&
-      winograd_weights(tiles, g, max_code, w_bits, winograd_u, winograd_offset0, winograd_offset1, wg))
+      winograd_weights(tiles, g, max_code, w_bits, wg))
     winograd_kernel = winograd_row_kernel(e, zero_point != 0);
 #endif
   std::atomic<int> too_large{0};
