@@ -512,8 +512,9 @@ def lowbit_conv2d(x, weight_tiles, weight_sums, scale, bias, out_channels, kerne
     activation codes ``x [B, C, H, W]`` (codes in ``[0, max_code]``) with ``w_bits``-bit weight codes
     (:func:`lowbit_conv_weight_tiles`), with the epilogue fused: on AVX2 adding in int16 in chunks of
     at least :func:`lowbit_conv_max_chunk` steps (all of them where the layer's own weights bound the
-    int16 sums), 3x3 stride-1 layers through Winograd F(2, 3) along the width where the codes fit it
-    (``2 max_code <= 255``; ``ARQ_LOWBIT_WINOGRAD=0`` turns it off), with AVX-512 VNNI (``vpdpbusd``) and on the
+    int16 sums), 3x3 stride-1 layers through integer Winograd: F(2 x 2, 3 x 3) for 32 input channels or
+    more where the codes fit it (``4 max_code <= 255``), else F(2, 3) along the width (``2 max_code <= 255``;
+    ``ARQ_LOWBIT_WINOGRAD=2d``/``row``/``0`` forces one or the direct loop), with AVX-512 VNNI (``vpdpbusd``) and on the
     portable path in int32 (any widths, :func:`lowbit_conv_supported`). Same bits as the reference on
     every path (all of them compute the exact integer convolution, then the same float32 epilogue).
 

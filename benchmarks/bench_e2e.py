@@ -39,7 +39,11 @@ CPU variants (``ARQ_E2E_DEVICE=cpu``, the default), CIFAR ResNet-20 and ResNet-1
                            through oneDNN (the default "auto" takes ``arq::lowbit_conv2d`` for the
                            3x3 ones on AVX2 hosts without VNNI or AVX-512), on request
 * ``<arq variant>_direct`` the arq variant with ``ARQ_LOWBIT_WINOGRAD=0``: ``arq::lowbit_conv2d``'s direct
-                           AVX2 loop for the 3x3 stride-1 layers instead of its Winograd F(2, 3) one, on request
+                           AVX2 loop for the 3x3 stride-1 layers instead of its Winograd ones, on request
+* ``<arq variant>_winorow`` the arq variant with ``ARQ_LOWBIT_WINOGRAD=row``: Winograd F(2, 3) for every
+                           3x3 stride-1 layer that fits it (no F(2 x 2, 3 x 3)), on request
+* ``<arq variant>_wino2d`` the arq variant with ``ARQ_LOWBIT_WINOGRAD=2d``: F(2 x 2, 3 x 3) wherever it
+                           fits, below 32 input channels too, on request
 
 ``ARQ_E2E_VARIANTS`` (a comma-separated list) picks variants; ``locuslab_fp32`` is always included.
 
@@ -263,6 +267,8 @@ ENV_VARIANTS = {
     "_onednn": ("ARQ_CONV_KERNEL", "onednn"),
     "_rows": ("ARQ_TRITON_CONV_LOOP", "rows"),
     "_direct": ("ARQ_LOWBIT_WINOGRAD", "0"),
+    "_winorow": ("ARQ_LOWBIT_WINOGRAD", "row"),
+    "_wino2d": ("ARQ_LOWBIT_WINOGRAD", "2d"),
 }
 
 

@@ -8,12 +8,13 @@
 // int16. Adding in int16 and widening once per chunk halves the multiplies per MAC. On Zen 3 that
 // buys less than it suggests: vpmaddubsw issues on fewer pipes than vpmaddwd, so oneDNN's
 // widening runs beside it, and the vpmaddubsw + vpaddw loop peaks near 1.35 vpmaddubsw a cycle
-// (ad hoc, asm loops). So 3x3 stride-1 layers take Winograd F(2, 3) along the width where the codes
-// allow (two thirds of the multiplies; below), the others the direct loop. Epilogue: the sums of
-// one chunk reach it in registers, and without a zero point it skips the correction. Measured on a 2-core Zen 3
-// AVX2 host, paired in one process (2026-11-29): these changes together made 16/32/64-channel
-// 3x3 layers (4-bit, 400 samples, one thread) take 0.87/0.80/0.78 of their time before (their
-// direct loop alone 0.92-0.95/0.95/0.97-0.99); end to end docs/performance-log.md.
+// (ad hoc, asm loops). So 3x3 stride-1 layers take integer Winograd where the codes allow (below):
+// F(2 x 2, 3 x 3) (4/9 of the multiplies) from 32 input channels, F(2, 3) along the width (2/3)
+// below that; the others the direct loop. Epilogue: the sums of one chunk reach it in registers, and
+// without a zero point it skips the correction. Measured on a 2-core Zen 3 AVX2 host, paired in one
+// process (2026-11-29): F(2, 3) and the epilogue made 16/32/64-channel 3x3 layers (4-bit, 400
+// samples, one thread) take 0.87/0.80/0.78 of their time before; F(2 x 2, 3 x 3) then 0.90-0.97 (32)
+// and 0.79-0.84 (64) of F(2, 3)'s; end to end docs/performance-log.md.
 // IntegerExecutionConfig.conv_kernel="auto" (the default) runs the k x k layers (k > 1) here on
 // such CPUs (arq.quant.execution.lowbit_conv_preferred).
 //
@@ -536,6 +537,266 @@ bool winograd_weights(const int8_t* tiles, const Geometry& g, int64_t max_code, 
   return true;
 }
 
+// ---- AVX2, 3x3 stride 1: Winograd F(2 x 2, 3 x 3) -----------------------------------------------
+// A 2 x 2 block of outputs from a 4 x 4 block of inputs d with 16 products a channel instead of 36
+// (Lavin and Gray, 2016): Y = A^T [(G g G^T) . (B^T d B)] A, here in integers as F(2, 3) above, applied
+// along the width and then down the columns:
+//   V = B^T d B + K          the width transform (offset M: [0, 2M]), then the column one (offset 2M):
+//                            V in [0, 4M], K = V of an all-zero input (the offsets, a constant)
+//   U = (2G) g (2G)^T        2G = [[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]]: |U| <= 9 2^(w_bits-1)
+//   M_ij = sum over the channels of U_ij V_ij                                     (exact, int32)
+//   4 Y = A^T M A - A^T (K . S) A,   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]],   S_ij[o] = sum of U_ij[o, :]
+// Both the transform and its inverse are exact over the integers and 4 Y is four times the exact
+// convolution, so the shift by two is exact and the direct path's epilogue gives the same bits. Each
+// M_ij is a GEMM of C terms: 16 C multiplies for 4 outputs where F(2, 3) has 24 C and the direct
+// loop 36 C. Applies where V and U fit the bytes of vpmaddubsw (4M <= 255, |U| <= 127), its pair sums
+// cannot saturate (2 (4M) max|U| <= 32767) and 4 Y fits int32; int16 chunks from the transformed
+// weights as the direct path's. The M_ij and the offsets may wrap in int32: the result is right
+// modulo 2^32 and fits, so it is exact.
+constexpr int kAT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+constexpr int kG2[4][3] = {{2, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 2}};
+
+struct Winograd2D {
+  std::vector<int8_t> weights;  // [blocks, 16, G, 8, 4]: U_ij (position 4 i + j) of group g, 32 bytes a step
+  std::vector<int32_t> offset;  // [4, blocks * 8]: output (a, b) at 2 a + b: (A^T (K . S) A)_ab
+  int64_t tiles = 0;            // out_w / 2 blocks a row pair
+  int64_t steps = 0;            // G
+  int64_t chunk = 0;
+};
+
+// V of kBytes channels of one 2 x 2 output block: d points at its 4 x 4 input pixels' first (rows
+// row_stride apart, pixels C apart), V_ij goes to v + (4 i + j) C. Along the width first (offset M,
+// [0, 2M]), then down the columns (offset 2M, [0, 4M]); byte arithmetic wraps, but every result ends
+// in [0, 4M] <= 255, so the wrapped steps cancel. Column j at a time, from two loads a row, so that
+// few values live at once. Not inlined: inlined into the block loop, GCC strength-reduced its 32
+// addresses into induction variables that spilled (the transform took twice as long).
+template <int kBytes>
+__attribute__((target("avx2"), noinline))
+void winograd2d_channels(const uint8_t* d, int64_t row_stride, int64_t C, uint8_t m, uint8_t* v) {
+  typedef uint8_t Bytes __attribute__((vector_size(kBytes)));
+  const uint8_t m2 = static_cast<uint8_t>(2 * m);
+  // width transform j of row k: (d0 - d2 + M, d1 + d2, d2 - d1 + M, d1 - d3 + M)[j] = d_a + offset -/+ d_b
+  constexpr int kA[4] = {0, 1, 2, 1}, kB[4] = {2, 2, 1, 3};
+  for (int j = 0; j < 4; ++j) {
+    Bytes r[4];
+    for (int k = 0; k < 4; ++k) {
+      Bytes a, b;
+      std::memcpy(&a, d + k * row_stride + kA[j] * C, kBytes);
+      std::memcpy(&b, d + k * row_stride + kB[j] * C, kBytes);
+      r[k] = j == 1 ? a + b : a + m - b;
+    }
+    const Bytes v0 = r[0] + m2 - r[2], v1 = r[1] + r[2], v2 = r[2] + m2 - r[1], v3 = r[1] + m2 - r[3];
+    std::memcpy(v + j * C, &v0, kBytes);
+    std::memcpy(v + (4 + j) * C, &v1, kBytes);
+    std::memcpy(v + (8 + j) * C, &v2, kBytes);
+    std::memcpy(v + (12 + j) * C, &v3, kBytes);
+  }
+}
+
+// The 4 x 4 transforms of the 2 x 2 output blocks of output rows 2 s and 2 s + 1 from the padded
+// image: block t, position 4 i + j at (t * 16 + 4 i + j) * C. One block row at a time, just before
+// its GEMMs, so it stays in L1 (4 KB for the CIFAR ResNets' layers).
+__attribute__((target("avx2")))
+void winograd2d_input(const uint8_t* padded, const Geometry& g, const Winograd2D& wg, int64_t max_code, int64_t s,
+                      uint8_t* out) {
+  const int64_t C = g.channels, row_stride = g.padded_w * C;
+  const uint8_t m = static_cast<uint8_t>(max_code);
+  for (int64_t t = 0; t < wg.tiles; ++t) {
+    const uint8_t* d = padded + 2 * s * row_stride + 2 * t * C;
+    uint8_t* v = out + t * 16 * C;
+    int64_t c = 0;
+    for (; c + 32 <= C; c += 32) winograd2d_channels<32>(d + c, row_stride, C, m, v + c);
+    for (; c + 16 <= C; c += 16) winograd2d_channels<16>(d + c, row_stride, C, m, v + c);
+    for (; c < C; c += 4) winograd2d_channels<4>(d + c, row_stride, C, m, v + c);
+  }
+}
+
+// P horizontally adjacent 2 x 2 output blocks x Q blocks of 8 output channels: the 16 M_ij through the
+// direct path's GEMM loop (the P blocks' V 16 C apart), then 4 Y = A^T M A less the offsets, halved
+// twice, and the direct path's epilogue on the two output rows.
+template <int P, int Q, Out kOut, bool kCorrect>
+__attribute__((target("avx2")))
+void winograd2d_tile(const uint8_t* vtile, const Winograd2D& wg, int64_t channels, const int8_t* w,
+                     int64_t block_stride, int64_t pixel, int64_t out_w, int64_t o0, int64_t out_channels,
+                     const Epilogue& e) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) int32_t sums[16][P][Q][8];
+  // position p, group g: input bytes at vtile + p C + 4 g = vtile + 4 (p G + g), weights at w + 32 (p G + g):
+  // one run of 16 G steps with a plain stride, widened at every position's end (and chunk's)
+  const int64_t G = wg.steps, pixel_stride = 16 * channels;
+  for (int position = 0; position < 16; ++position) {
+    for (int64_t g0 = 0; g0 < G; g0 += wg.chunk) {
+      const int64_t first = position * G + g0, last = position * G + std::min(G, g0 + wg.chunk);
+      __m256i acc[P][Q];
+      for (int p = 0; p < P; ++p)
+        for (int q = 0; q < Q; ++q) acc[p][q] = _mm256_setzero_si256();
+      const uint8_t* x = vtile + 4 * first;
+      const int8_t* wi = w + 32 * first;
+#pragma GCC unroll 4
+      for (int64_t i = first; i < last; ++i, x += 4, wi += 32) {
+        __m256i wv[Q];
+        for (int q = 0; q < Q; ++q) wv[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wi + q * block_stride));
+        for (int p = 0; p < P; ++p) {
+          int32_t four;
+          std::memcpy(&four, x + p * pixel_stride, sizeof(four));
+          const __m256i xv = _mm256_set1_epi32(four);
+          for (int q = 0; q < Q; ++q) acc[p][q] = _mm256_add_epi16(acc[p][q], _mm256_maddubs_epi16(xv, wv[q]));
+        }
+      }
+      for (int p = 0; p < P; ++p)
+        for (int q = 0; q < Q; ++q) {
+          __m256i* dst = reinterpret_cast<__m256i*>(sums[position][p][q]);
+          const __m256i sum = _mm256_madd_epi16(acc[p][q], ones);
+          _mm256_store_si256(dst, g0 == 0 ? sum : _mm256_add_epi32(_mm256_load_si256(dst), sum));
+        }
+    }
+  }
+  // a partial last block reads offsets past out_channels: they are padded to blocks * 8 (zeros)
+  const int64_t padded = static_cast<int64_t>(wg.offset.size()) / 4;
+  for (int p = 0; p < P; ++p) {
+    __m256i rows[2][2][Q];  // [a][b][q]: output row a, column b of the block
+    for (int q = 0; q < Q; ++q) {
+      __m256i columns[4][2];  // (M A)_ib
+      for (int i = 0; i < 4; ++i) {
+        __m256i m[4];
+        for (int j = 0; j < 4; ++j) m[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums[4 * i + j][p][q]));
+        columns[i][0] = _mm256_add_epi32(_mm256_add_epi32(m[0], m[1]), m[2]);
+        columns[i][1] = _mm256_sub_epi32(_mm256_sub_epi32(m[1], m[2]), m[3]);
+      }
+      for (int b = 0; b < 2; ++b) {
+        const __m256i y0 = _mm256_add_epi32(_mm256_add_epi32(columns[0][b], columns[1][b]), columns[2][b]);
+        const __m256i y1 = _mm256_sub_epi32(_mm256_sub_epi32(columns[1][b], columns[2][b]), columns[3][b]);
+        const __m256i off0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg.offset.data() + b * padded + o0 + 8 * q));
+        const __m256i off1 =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg.offset.data() + (2 + b) * padded + o0 + 8 * q));
+        rows[0][b][q] = _mm256_srai_epi32(_mm256_sub_epi32(y0, off0), 2);
+        rows[1][b][q] = _mm256_srai_epi32(_mm256_sub_epi32(y1, off1), 2);
+      }
+    }
+    finish_tile<2, Q, kOut, kCorrect>(rows[0], pixel + 2 * p, o0, out_channels, e);
+    finish_tile<2, Q, kOut, kCorrect>(rows[1], pixel + out_w + 2 * p, o0, out_channels, e);
+  }
+}
+
+// One output row pair (tile row): Q blocks of 8 output channels at a time, P output blocks at a time,
+// then fewer; an odd last column through the direct loop.
+template <int Q, int P, Out kOut, bool kCorrect>
+__attribute__((target("avx2")))
+void winograd2d_blocks(const uint8_t* vrow, const uint8_t* padded_row, const int8_t* tiles, const Geometry& g,
+                       const Winograd2D& wg, const int64_t* offsets, int64_t chunk, int64_t block,
+                       int64_t first_pixel, const Epilogue& e) {
+  const int64_t block_stride = 16 * wg.steps * 32, tile_stride = 16 * g.channels;
+  const int8_t* w = wg.weights.data() + block * block_stride;
+  int64_t t = 0;
+  for (; t + P <= wg.tiles; t += P)
+    winograd2d_tile<P, Q, kOut, kCorrect>(vrow + t * tile_stride, wg, g.channels, w, block_stride, first_pixel + 2 * t,
+                                          g.out_w, block * 8, g.out_channels, e);
+  if constexpr (P > 2) {
+    for (; t + 2 <= wg.tiles; t += 2)
+      winograd2d_tile<2, Q, kOut, kCorrect>(vrow + t * tile_stride, wg, g.channels, w, block_stride,
+                                            first_pixel + 2 * t, g.out_w, block * 8, g.out_channels, e);
+  }
+  for (; t < wg.tiles; ++t)
+    winograd2d_tile<1, Q, kOut, kCorrect>(vrow + t * tile_stride, wg, g.channels, w, block_stride, first_pixel + 2 * t,
+                                          g.out_w, block * 8, g.out_channels, e);
+  if (g.out_w % 2 == 1) {  // the last pixel of both rows of an odd width
+    const int64_t ow = g.out_w - 1, direct_stride = g.steps() * 32;
+    for (int64_t r = 0; r < 2; ++r)
+      tile<1, Q, kOut, kCorrect>(padded_row + (r * g.padded_w + ow) * g.channels, g.channels, offsets, g.steps(),
+                                 chunk, tiles + block * direct_stride, direct_stride, first_pixel + r * g.out_w + ow,
+                                 block * 8, g.out_channels, e);
+  }
+}
+
+template <Out kOut, bool kCorrect>
+__attribute__((target("avx2")))
+void row_pair_winograd2d(const uint8_t* vrow, const uint8_t* padded_row, const int8_t* tiles, const Geometry& g,
+                         const Winograd2D& wg, const int64_t* offsets, int64_t chunk, int64_t first_pixel,
+                         const Epilogue& e) {
+  int64_t block = 0;
+  for (; block + 2 <= g.blocks; block += 2)
+    winograd2d_blocks<2, 4, kOut, kCorrect>(vrow, padded_row, tiles, g, wg, offsets, chunk, block, first_pixel, e);
+  for (; block < g.blocks; ++block)
+    winograd2d_blocks<1, 8, kOut, kCorrect>(vrow, padded_row, tiles, g, wg, offsets, chunk, block, first_pixel, e);
+}
+
+using Winograd2DRowPair = void (*)(const uint8_t*, const uint8_t*, const int8_t*, const Geometry&, const Winograd2D&,
+                                   const int64_t*, int64_t, int64_t, const Epilogue&);
+
+template <bool kCorrect>
+Winograd2DRowPair winograd2d_kernel_for(const Epilogue& e) {
+  if (e.codes)
+    return e.residual_u8 ? &row_pair_winograd2d<Out::kCodesResidual, kCorrect>
+                         : &row_pair_winograd2d<Out::kCodes, kCorrect>;
+  return e.residual_f ? &row_pair_winograd2d<Out::kFloatResidual, kCorrect> : &row_pair_winograd2d<Out::kFloat, kCorrect>;
+}
+
+Winograd2DRowPair winograd2d_kernel(const Epilogue& e, bool corrected) {
+  return corrected ? winograd2d_kernel_for<true>(e) : winograd2d_kernel_for<false>(e);
+}
+
+// The transformed weights [blocks, 16, G, 8, 4] and offsets of a 3x3 layer, or false where the layer
+// is outside the F(2 x 2, 3 x 3) path's bounds (see above).
+bool winograd2d_weights(const int8_t* tiles, const Geometry& g, int64_t max_code, int64_t w_bits, Winograd2D& wg) {
+  if (g.kernel != 3 || g.stride != 1 || g.out_w < 2 || g.out_h < 2 || 4 * max_code > 255) return false;
+  // |4 Y| <= 4 K max_code 2^(w_bits-1) < 2^31 (four times the op's bound on K)
+  if (4 * g.steps() * 4 * max_code * (int64_t{1} << (w_bits - 1)) >= (int64_t{1} << 31)) return false;
+  // K: the transform of an all-zero block through both offset transforms
+  auto transform = [](const int64_t (&d)[4], int64_t r, int64_t (&v)[4]) {
+    v[0] = d[0] - d[2] + r, v[1] = d[1] + d[2], v[2] = d[2] - d[1] + r, v[3] = d[1] - d[3] + r;
+  };
+  int64_t zero_rows[4];
+  transform({0, 0, 0, 0}, max_code, zero_rows);
+  int64_t constant[4][4];  // [i][j]
+  for (int j = 0; j < 4; ++j) {
+    int64_t column[4];
+    transform({zero_rows[j], zero_rows[j], zero_rows[j], zero_rows[j]}, 2 * max_code, column);
+    for (int i = 0; i < 4; ++i) constant[i][j] = column[i];
+  }
+  const int64_t G = g.groups(), padded = g.blocks * 8;
+  wg.weights.assign(static_cast<size_t>(g.blocks * 16 * G * 32), 0);
+  wg.offset.assign(static_cast<size_t>(4 * padded), 0);
+  int64_t largest = 0, largest_lane = 0;
+  for (int64_t b = 0; b < g.blocks; ++b) {
+    int64_t position_sums[16][8] = {}, lane[16][16] = {};
+    for (int64_t gi = 0; gi < G; ++gi)
+      for (int64_t x = 0; x < 32; ++x) {  // x = o * 4 + c
+        int64_t across[3][4] = {};  // (g (2G)^T)[kh][j]
+        for (int kh = 0; kh < 3; ++kh)
+          for (int kw = 0; kw < 3; ++kw) {
+            const int64_t q = tiles[((b * 9 + kh * 3 + kw) * G + gi) * 32 + x];
+            for (int j = 0; j < 4; ++j) across[kh][j] += kG2[j][kw] * q;
+          }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) {
+            const int64_t u = kG2[i][0] * across[0][j] + kG2[i][1] * across[1][j] + kG2[i][2] * across[2][j];
+            const int64_t magnitude = u < 0 ? -u : u;
+            if (magnitude > 127) return false;
+            largest = std::max(largest, magnitude);
+            lane[4 * i + j][x / 2] += magnitude;
+            position_sums[4 * i + j][x / 4] += u;
+            wg.weights[static_cast<size_t>(((b * 16 + 4 * i + j) * G + gi) * 32 + x)] = static_cast<int8_t>(u);
+          }
+      }
+    for (const auto& position : lane)
+      for (int64_t l : position) largest_lane = std::max(largest_lane, l);
+    for (int a = 0; a < 2; ++a)
+      for (int bb = 0; bb < 2; ++bb)
+        for (int64_t o = 0; o < 8; ++o) {
+          int64_t total = 0;
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) total += kAT[a][i] * kAT[bb][j] * constant[i][j] * position_sums[4 * i + j][o];
+          wg.offset[static_cast<size_t>((2 * a + bb) * padded + b * 8 + o)] = static_cast<int32_t>(total);
+        }
+  }
+  const int64_t pair_bound = 2 * (4 * max_code) * largest;
+  if (pair_bound > 32767) return false;
+  wg.tiles = g.out_w / 2;
+  wg.steps = G;
+  wg.chunk = largest_lane * 4 * max_code <= 32767 ? G : std::max<int64_t>(1, 32767 / std::max<int64_t>(1, pair_bound));
+  return true;
+}
+
 // ---- AVX-512 VNNI: int32 accumulation, no bound on the codes ---------------------------------
 // vpdpbusd adds four u8 x s8 products into each int32 lane without saturation: exact for every
 // bit width up to 8 x 8 while K * 255 * 128 < 2^31 (checked). Weights are re-tiled per call into
@@ -903,21 +1164,35 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   } else if (isa == packed::Isa::kAvx2) {
     vector_kernel = row_kernel(e, zero_point != 0);
   }
-  // 3x3 stride 1 on AVX2: Winograd F(2, 3) where the layer is within its bounds (ARQ_LOWBIT_WINOGRAD=0:
-  // the direct path, for comparisons)
+  // 3x3 stride 1 on AVX2: Winograd F(2 x 2, 3 x 3) for 32 input channels or more, else F(2, 3), where
+  // the layer is within their bounds. Below 32 channels F(2 x 2, 3 x 3)'s per-output work (16 widenings
+  // and the inverse transform per block, the input transform) outweighs its saved multiplies: paired
+  // per layer (4-bit, 400 samples, one thread, Zen 3) it took 1.05-1.15x F(2, 3)'s time at 16 channels,
+  // 0.90-0.97x at 32 and 0.79-0.84x at 64. ARQ_LOWBIT_WINOGRAD=2d: F(2 x 2, 3 x 3) wherever it fits;
+  // =row: F(2, 3) only; =0: the direct loop (for tests and comparisons).
   Winograd wg;
+  Winograd2D wg2;
   WinogradRow winograd_kernel = nullptr;
+  Winograd2DRowPair winograd2d = nullptr;
   const char* winograd_env = std::getenv("ARQ_LOWBIT_WINOGRAD");
-  if (isa == packed::Isa::kAvx2 && !(winograd_env != nullptr && std::string(winograd_env) == "0") &&
-      winograd_weights(tiles, g, max_code, w_bits, wg))
-    winograd_kernel = winograd_row_kernel(e, zero_point != 0);
+  const std::string winograd_mode = winograd_env != nullptr ? winograd_env : "";
+  if (isa == packed::Isa::kAvx2 && winograd_mode != "0") {
+    const bool wide_enough = g.channels >= 32 || winograd_mode == "2d";
+    if (winograd_mode != "row" && wide_enough && winograd2d_weights(tiles, g, max_code, w_bits, wg2)) {
+      winograd2d = winograd2d_kernel(e, zero_point != 0);
+    } else if (winograd_weights(tiles, g, max_code, w_bits, wg)) {
+      winograd_kernel = winograd_row_kernel(e, zero_point != 0);
+    }
+  }
 #endif
   std::atomic<int> too_large{0};
   // one image at a time per thread, padded into a buffer that stays in L1/L2 while its rows run
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> padded(static_cast<size_t>(g.padded_h * g.padded_w * g.channels));
 #if defined(__x86_64__) || defined(_M_X64)
+    // F(2, 3): the image's width-transformed rows; F(2 x 2, 3 x 3): one block row's transforms
     std::vector<uint8_t> transformed(winograd_kernel != nullptr ? static_cast<size_t>(g.padded_h * wg.row_stride) : 0);
+    std::vector<uint8_t> block_transforms(winograd2d != nullptr ? static_cast<size_t>(wg2.tiles * 16 * g.channels) : 0);
 #endif
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t largest = pad_image(xd, g, b, static_cast<uint8_t>(zero_point), padded.data());
@@ -925,10 +1200,18 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
         too_large.store(largest);
         return;
       }
+      int64_t oh = 0;
 #if defined(__x86_64__) || defined(_M_X64)
       if (winograd_kernel != nullptr) winograd_input(padded.data(), g, wg, max_code, transformed.data());
+      if (winograd2d != nullptr) {
+        for (; oh + 2 <= g.out_h; oh += 2) {
+          winograd2d_input(padded.data(), g, wg2, max_code, oh / 2, block_transforms.data());
+          winograd2d(block_transforms.data(), padded.data() + oh * g.padded_w * g.channels, tiles, g, wg2,
+                     offsets.data(), chunk, (b * g.out_h + oh) * g.out_w, e);
+        }
+      }
 #endif
-      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+      for (; oh < g.out_h; ++oh) {  // every row, or the last of an odd height after F(2 x 2, 3 x 3)
         const uint8_t* row = padded.data() + oh * g.stride * g.padded_w * g.channels;
         const int64_t first_pixel = (b * g.out_h + oh) * g.out_w;
 #if defined(__x86_64__) || defined(_M_X64)

@@ -31,14 +31,20 @@ BITS = [(a, w) for a in range(2, 9) for w in range(2, 9) if ops.lowbit_conv_max_
 WIDE_BITS = [(a, w) for a in range(2, 9) for w in range(2, 9) if (a, w) not in BITS]
 
 
+# the AVX2 path's loops for 3x3 stride-1 layers (ARQ_LOWBIT_WINOGRAD): "avx2" chooses as it does by
+# default (Winograd F(2 x 2, 3 x 3) from 32 input channels, else F(2, 3), where the codes fit), the
+# others force one loop wherever it fits
+AVX2_LOOPS = {"2d": "2d", "row": "row", "direct": "0"}
+
+
 def _use_isa(monkeypatch, name):
-    """"avx2" runs 3x3 stride-1 layers through the Winograd F(2, 3) loop where they are within its
-    bounds, "avx2-direct" through the direct loop (ARQ_LOWBIT_WINOGRAD=0), as 8-bit codes always."""
-    isa = name.removesuffix("-direct")
+    """Run the op on ISA path `name` ("vnni", "avx2", "scalar"), "avx2-2d" / "avx2-row" /
+    "avx2-direct" through one AVX2 loop (AVX2_LOOPS), as 8-bit codes always."""
+    isa, _, loop = name.partition("-")
     monkeypatch.setenv("ARQ_CPU_ISA", isa)
     monkeypatch.delenv("ARQ_DISABLE_VNNI", raising=False)
-    if name.endswith("-direct"):
-        monkeypatch.setenv("ARQ_LOWBIT_WINOGRAD", "0")
+    if loop:
+        monkeypatch.setenv("ARQ_LOWBIT_WINOGRAD", AVX2_LOOPS[loop])
     else:
         monkeypatch.delenv("ARQ_LOWBIT_WINOGRAD", raising=False)
     if ops.cpu_isa() != isa:  # ARQ_CPU_ISA never raises the CPU's best
@@ -46,7 +52,7 @@ def _use_isa(monkeypatch, name):
     return name
 
 
-@pytest.fixture(params=["vnni", "avx2", "avx2-direct", "scalar"])
+@pytest.fixture(params=["vnni", "avx2", "avx2-2d", "avx2-row", "avx2-direct", "scalar"])
 def isa(request, monkeypatch):
     return _use_isa(monkeypatch, request.param)
 
@@ -183,20 +189,25 @@ def test_int16_chunk_from_the_weights_exact_at_its_bound(isa, extra):
 @pytest.mark.parametrize("width", [2, 3, 4, 5, 9, 12])
 @pytest.mark.parametrize("signed", [False, True])
 def test_winograd_and_direct_loops_agree(monkeypatch, width, signed):
-    """The AVX2 path's Winograd F(2, 3) loop (3x3, stride 1) and its direct loop give the same bits as
-    the reference on fresh random inputs: output rows of every width parity (the odd last pixel
-    runs directly), pairs left after the 4-pair tiles, partial channel blocks, the zero point in the
-    padding (signed codes) or not, with and without padding."""
+    """The AVX2 path's loops for 3x3 stride-1 layers, Winograd F(2 x 2, 3 x 3), F(2, 3) and direct, and
+    its default choice among them give the same bits as the reference on fresh random inputs: output
+    rows of every width parity (an odd last column runs directly), odd and even heights (F(2 x 2, 3 x 3)
+    takes row pairs, an odd last row runs directly), a single output row (too short for it), blocks
+    left after the register tiles, partial channel blocks, the zero point in the padding (signed codes)
+    or not, with and without padding."""
     _use_isa(monkeypatch, "avx2")
     gen = torch.Generator().manual_seed(width * 2 + signed)
-    for shape in [(2, 13, 5, width, 21, 3, 1, 1), (1, 36, 3, width + 2, 16, 3, 1, 0)]:
+    for shape in [(2, 13, 5, width, 21, 3, 1, 1), (1, 36, 3, width + 2, 16, 3, 1, 0), (2, 36, 6, width, 19, 3, 1, 1),
+                  (1, 8, 4, width + 1, 8, 3, 1, 0)]:
         for epilogue in ("codes+stream+relu", "float+bias+residual+relu"):
             args, kwargs, _ = _case(shape, 4, 4, epilogue, gen, signed)
             expected = ops.lowbit_conv2d(*args, **kwargs, backend="torch")
-            _assert_same(_run_poisoned(args, kwargs, "cpp"), expected)
-            monkeypatch.setenv("ARQ_LOWBIT_WINOGRAD", "0")
-            _assert_same(_run_poisoned(args, kwargs, "cpp"), expected)
-            monkeypatch.delenv("ARQ_LOWBIT_WINOGRAD")
+            for loop in [None, *AVX2_LOOPS.values()]:
+                if loop is None:
+                    monkeypatch.delenv("ARQ_LOWBIT_WINOGRAD", raising=False)
+                else:
+                    monkeypatch.setenv("ARQ_LOWBIT_WINOGRAD", loop)
+                _assert_same(_run_poisoned(args, kwargs, "cpp"), expected)
 
 
 def test_weight_tiles_round_trip_and_sums():
