@@ -162,9 +162,10 @@ def run_one_search(model, train_set, config, *, episodes: int, out: str, log: st
         for path in (log, checkpoint):
             if os.path.exists(path) and os.path.getsize(path) > 0:
                 raise common.CommandError(f"{path} exists: pass --resume to continue that search, or delete it")
-    else:  # before the float model's certificates: a resume that cannot go on says so at once
+    checkpoint_state = None
+    if resume:  # before the float model's certificates: a resume that cannot go on says so at once
         try:
-            load_checkpoint(checkpoint, fingerprint)
+            checkpoint_state = load_checkpoint(checkpoint, fingerprint)
         except (ValueError, FileNotFoundError) as error:
             raise common.CommandError(str(error)) from None
     for path in (out, log, checkpoint, cache_path):
@@ -196,7 +197,8 @@ def run_one_search(model, train_set, config, *, episodes: int, out: str, log: st
 
     try:
         return search(env, agent, episodes=episodes, log_path=log, best_path=out, checkpoint_path=checkpoint,
-                      resume=resume, fingerprint=fingerprint, progress=False, on_episode=report if progress else None)
+                      resume=resume, fingerprint=fingerprint, progress=False, on_episode=report if progress else None,
+                      checkpoint_state=checkpoint_state)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         raise common.CommandError(str(error)) from None
 

@@ -103,6 +103,7 @@ def search(
     fingerprint: Mapping[str, Any] | None = None,
     progress: bool = False,
     on_episode: Callable[[dict], None] | None = None,
+    checkpoint_state: dict | None = None,
 ) -> SearchResult:
     """Run the search for ``episodes`` episodes in total (module docstring).
 
@@ -117,6 +118,9 @@ def search(
         fingerprint: settings that must match for a resume (model, budget, reward, ...).
         progress: a tqdm bar on stderr.
         on_episode: called with each episode's record.
+        checkpoint_state: with ``resume``, what :func:`load_checkpoint` returned for ``checkpoint_path``
+            and this ``fingerprint`` (callers that check a resume early pass it on instead of the file
+            being read twice); None reads and checks the checkpoint here.
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
@@ -128,7 +132,7 @@ def search(
     best = SearchResult(None, float("-inf"), -1)
 
     if resume:
-        state = load_checkpoint(checkpoint_path, fingerprint)
+        state = checkpoint_state if checkpoint_state is not None else load_checkpoint(checkpoint_path, fingerprint)
         agent.load_state_dict(state["agent"])
         start_episode = int(state["episode"])
         elapsed_before = float(state["elapsed"])

@@ -36,8 +36,20 @@ SMALL = ["--budget", "0.03", "--warmup", "1", "--search-images", "6", "--train-i
          "--search-n0", "10", "--n-p", "40", "--batch", "200"]
 
 
-def test_search_cli_writes_log_best_policy_and_resumes(installed, tmp_path, capsys):
+def test_search_cli_writes_log_best_policy_and_resumes(installed, tmp_path, capsys, monkeypatch):
+    import torch
+
     from arq.cli.main import main
+
+    checkpoint_reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if str(f).endswith(".ckpt.pt"):
+            checkpoint_reads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
 
     out = tmp_path / "policy.json"
     assert main(["search", "--model", "tiny", "--episodes", "2", "--out", str(out), *SMALL]) == 0
@@ -51,9 +63,12 @@ def test_search_cli_writes_log_best_policy_and_resumes(installed, tmp_path, caps
     # without --resume an existing search is refused; with it the search continues to 3 episodes
     assert main(["search", "--model", "tiny", "--episodes", "3", "--out", str(out), *SMALL]) == 2
     assert "--resume" in capsys.readouterr().err
+    assert checkpoint_reads == []
     assert main(["search", "--model", "tiny", "--episodes", "3", "--out", str(out), "--resume", *SMALL]) == 0
     lines = [json.loads(line) for line in (tmp_path / "policy.jsonl").read_text().splitlines()]
     assert [line["episode"] for line in lines] == [0, 1, 2]
+    # the resume read its checkpoint once: checked before the float model's certificates, then used
+    assert checkpoint_reads == [str(tmp_path / "policy.ckpt.pt")]
     # resuming with other settings is refused, naming them
     assert main(["search", "--model", "tiny", "--episodes", "4", "--out", str(out), "--resume",
                  *SMALL[:-2], "--batch", "100"]) == 2
