@@ -13,7 +13,7 @@
 // below that; the others the direct loop. Epilogue: the sums of one chunk reach it in registers, and
 // without a zero point it skips the correction. Measured on a 2-core Zen 3 AVX2 host, paired in one
 // process (2026-11-29): F(2, 3) and the epilogue made 16/32/64-channel 3x3 layers (4-bit, 400
-// samples, one thread) take 0.87/0.80/0.78 of their time before; F(2 x 2, 3 x 3) then 0.90-0.97 (32)
+// samples, one thread) take 0.87/0.80/0.78 of their time before; F(2 x 2, 3 x 3) then 0.90-0.98 (32)
 // and 0.79-0.84 (64) of F(2, 3)'s; end to end docs/performance-log.md.
 // IntegerExecutionConfig.conv_kernel="auto" (the default) runs the k x k layers (k > 1) here on
 // such CPUs (arq.quant.execution.lowbit_conv_preferred).
@@ -1167,8 +1167,8 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   // 3x3 stride 1 on AVX2: Winograd F(2 x 2, 3 x 3) for 32 input channels or more, else F(2, 3), where
   // the layer is within their bounds. Below 32 channels F(2 x 2, 3 x 3)'s per-output work (16 widenings
   // and the inverse transform per block, the input transform) outweighs its saved multiplies: paired
-  // per layer (4-bit, 400 samples, one thread, Zen 3) it took 1.05-1.15x F(2, 3)'s time at 16 channels,
-  // 0.90-0.97x at 32 and 0.79-0.84x at 64. ARQ_LOWBIT_WINOGRAD=2d: F(2 x 2, 3 x 3) wherever it fits;
+  // per layer (4-bit, 400 samples, one thread, Zen 3) it took 1.05-1.17x F(2, 3)'s time at 16 channels,
+  // 0.90-0.98x at 32 and 0.79-0.84x at 64. ARQ_LOWBIT_WINOGRAD=2d: F(2 x 2, 3 x 3) wherever it fits;
   // =row: F(2, 3) only; =0: the direct loop (for tests and comparisons).
   Winograd wg;
   Winograd2D wg2;
