@@ -22,20 +22,19 @@
 # (default 470: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
 # test and benchmark steps to run, space-separated; default all of: tests_gpu bench_e2e_gpu_resnet110
 # bench_kernels profile ncu tests_kernels bench_e2e_gpu_resnet20 memcheck, run in that order; the
-# end-to-end steps include the row loop's A/B, arq_w8a8_rows / arq_w4a4_rows, paired with their
-# base). Run only when named: the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against
+# end-to-end steps time the packed paths with and without the engine's CUDA graphs and the graphed ones
+# with the row loop, each paired with its base). Run only when named: the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against
 # the default div.rn) and bench_e2e_gpu_resnet110_generic_configs (generic launch configs against the
 # H200-tuned ones), and "tune", which measures the Triton launch configs on the card).
-# Step times on an H200 (2026-11-28, benchmarks/results/gpu-h200-2026-11-28-session16): environment
-# 14 s, build 40, tests_gpu 105 (one test 59 s, not in xdist workers then), tests_kernels > 140 (cut
-# at its limit with the 316 CPU-only lowbit conv tests still in; they are left out now), ResNet-110
-# 78, ResNet-20 40 (both before the row-loop variants were added), bench_kernels 40, profile 19,
-# memcheck 36, each A/B 53-57; ncu not run yet (estimated 40-60 s: six Triton compiles, nine
-# profiled launches of at most a millisecond each). That sums to more than the 470 s (about 520-580
-# s with ncu), so the order is what matters most for the issue first: the GPU tests, the ResNet-110
-# target, then what says where its time goes (per layer, per kernel, the counters); the broad
-# kernel tests, ResNet-20 and memcheck come last, and a step that finds no time left is recorded
-# "no_time": rerun those on the warm machine with ARQ_CHECK_STEPS and ARQ_CHECK_SKIP_BUILD=1.
+# Step times on an H200 (2026-11-29, benchmarks/results/gpu-h200-2026-11-29-session25): environment
+# 17 s, build 56, tests_gpu 115 (38 tests), bench_kernels 46, profile 65 (both conv loops), ncu 26,
+# ResNet-110 96 with seven variants (ten now: ~130 estimated), tests_kernels > 82 (cut at its limit),
+# memcheck ~60 (session 16: 36), ResNet-20 40 (session 16, fewer variants). That sums to more than the
+# 470 s, so the order is what matters most for the issue first: the GPU tests, the ResNet-110 target,
+# then what says where its time goes (per layer, per kernel, the counters); the broad kernel tests,
+# ResNet-20 and memcheck come last, and a step that finds no time left is recorded "no_time": rerun
+# those on the warm machine at once (it is given back after 30 s idle) with ARQ_CHECK_STEPS and
+# ARQ_CHECK_SKIP_BUILD=1.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -181,7 +180,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     # not both; for ResNet-110 also its fallback and the opt-in A/Bs
     e2e() {
         local arch=$1
-        wanted "bench_e2e_gpu_$arch" && step "bench_e2e_gpu_$arch" 130 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch \
+        wanted "bench_e2e_gpu_$arch" && step "bench_e2e_gpu_$arch" 160 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch \
             ARQ_E2E_ROUNDS=5 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
             --benchmark-json="$OUT/bench_e2e_gpu_$arch.json"
         if [ "$arch" = resnet110 ] && wanted "bench_e2e_gpu_$arch" \
@@ -189,7 +188,7 @@ if [ "$HAS_CUDA" = 1 ]; then
             # it failed: the same without the CUDA-graph baseline, for arq's own numbers at least
             # (JSON in logs.tgz: $OUT's eight files are taken)
             step bench_e2e_gpu_resnet110_nograph 90 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=5 \
-                ARQ_E2E_VARIANTS=arq_fp32,arq_fp16_cl,arq_w8a8,arq_w4a4 \
+                ARQ_E2E_VARIANTS=arq_fp32,arq_w8a8,arq_w8a8_graphs,arq_w4a4,arq_w4a4_graphs \
                 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
                 --benchmark-json="$WORK/bench_e2e_gpu_${arch}_nograph.json"
         fi
