@@ -29,9 +29,14 @@ Two K loops, the same sums (``ARQ_TRITON_CONV_LOOP`` or a config's ``"LOOP"`` pi
   when BLOCK_K does not divide ``KW * C``) meet zeroed weights. With a zero point z the
   padding is read as 0 and ``z * (weight sum of the taps inside the image)`` is subtracted
   once per tile (four entries of :func:`tap_prefix_sums`), instead of a per-byte select every
-  step. Specialized per C (a few values in a network). Compared with ``im2col`` in SASS for
-  sm_90 (``compile_check --sass``), not yet timed on a GPU: bench_e2e's ``*_rows`` variants
-  A/B it end to end in ``gpu_check.sh``.
+  step. Specialized per C (a few values in a network). On an H200 (2026-11-29) its kernels took
+  0.87x (W4A4) / 0.79x (W8A8) ``im2col``'s time on ResNet-110 (0.66x on 64 channels, level on
+  16, at a quarter occupancy: shared memory), but the end to end was host-bound and read
+  0.95x / 0.97x; bench_e2e's ``*_graphs_rows`` variants A/B it without the host launches.
+
+Launches: :func:`packed_conv2d` checks its arguments and derives the launch every call; with
+``plans`` (a dict the caller keeps, as each ``arq.quant.kernels.PackedConv2d`` does) it does so
+once per distinct key and then only allocates the outputs and launches.
 
 Blocked algorithm, ``im2col`` (one program = BLOCK_M output pixels x BLOCK_N output channels)::
 
@@ -308,6 +313,7 @@ def packed_conv2d(
     config: dict | None = None,
     int8_weight: torch.Tensor | None = None,
     tap_sums: torch.Tensor | None = None,
+    plans: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """2-D convolution of int8 NHWC codes with packed 2-8 bit weights, fused epilogue.
 
@@ -329,11 +335,67 @@ def packed_conv2d(
             every program. Must hold the same codes (not checked); ignored by the im2col loop.
         tap_sums: optional int32 ``[(KH+1)*(KW+1), N]`` (:func:`tap_prefix_sums`), read by the row
             loop with a zero point (computed per call when not given; a layer keeps it).
+        plans: optional dict kept by the caller across calls (a layer keeps one): the checked launch
+            that these arguments give is stored there and reused by calls that differ only in the
+            contents of ``x``, ``residual`` and ``out``. The key holds everything else the launch
+            depends on (shapes, strides, dtypes, devices and storage of every tensor argument, every
+            scalar, the config and the ``ARQ_TRITON_*`` settings read here), so a reused launch is the
+            one a fresh call would build. On a GPU the Python checks and arithmetic otherwise cost
+            about as much host time per layer as the kernel takes on the device at certification
+            batch sizes (benchmarks/results/gpu-h200-2026-11-29-session25).
 
     Returns:
         ``[B, OH, OW, N]`` (NHWC, contiguous) in ``out_dtype``: the next layer's input as is; with
         ``codes_also``, ``(out, codes)``, codes int8 ``[B, OH, OW, N]`` (a packed layer's input).
     """
+    arguments = (x_nhwc_int8, packed_weight, w_bits, scales, bias, kernel_size, stride, padding, relu, residual,
+                 out_scale, x_scale, residual_scale, out_dtype, out_zero_point, qmin, qmax, x_zero_point, weight_sums,
+                 codes_also, out, config, int8_weight, tap_sums)
+    if plans is None:
+        return _conv_launch(*arguments)(x_nhwc_int8, residual, out)
+    # everything the launch is derived from except the contents of x, residual and out, spelled out (a
+    # loop over the arguments cost as much host time as the checks it saves)
+    key = (
+        x_nhwc_int8.shape, x_nhwc_int8.stride(), x_nhwc_int8.dtype, x_nhwc_int8.device,
+        None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+        out is None, _stored(packed_weight), _stored(scales), _stored(bias), _stored(weight_sums),
+        _stored(int8_weight), _stored(tap_sums),
+        w_bits, _hashable(kernel_size), _hashable(stride), _hashable(padding), relu, _value(out_scale),
+        _value(x_scale), _value(residual_scale), out_dtype, out_zero_point, qmin, qmax, x_zero_point, codes_also,
+        None if config is None else tuple(sorted(config.items())),
+        os.environ.get("ARQ_TRITON_CONV_LOOP"), os.environ.get("ARQ_TRITON_TUNED"), os.environ.get("TRITON_INTERPRET"),
+    )
+    launch = plans.get(key)
+    if launch is None:
+        if len(plans) >= _MAX_PLANS:  # a caller that keeps changing shapes or tensors: start over
+            plans.clear()
+        launch = plans[key] = _conv_launch(*arguments)
+    return launch(x_nhwc_int8, residual, out)
+
+
+_MAX_PLANS = 16
+
+
+def _stored(t: torch.Tensor | None):
+    """A tensor the launch holds: where it is stored and how it is laid out."""
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _value(scalar):
+    """A scale as its value (a tensor given as a scale is read, as the launch reads it)."""
+    return float(scalar) if isinstance(scalar, torch.Tensor) else scalar
+
+
+def _conv_launch(x_nhwc_int8, packed_weight, w_bits, scales, bias, kernel_size, stride, padding, relu, residual,
+                 out_scale, x_scale, residual_scale, out_dtype, out_zero_point, qmin, qmax, x_zero_point, weight_sums,
+                 codes_also, out, config, int8_weight, tap_sums):
+    """:func:`packed_conv2d`'s checks and launch arithmetic for these arguments; returns
+    ``launch(x, residual, out)``, which allocates the outputs and launches the kernel for inputs with the
+    same metadata as the ones given here."""
     values, (kh, kw), (sh, sw), (ph, pw), (batch, h, w, c), (oh, ow), k = _geometry(
         x_nhwc_int8, packed_weight, w_bits, kernel_size, stride, padding
     )
@@ -351,11 +413,16 @@ def packed_conv2d(
     epi = EpilogueArgs(m, n, device, scales, bias, relu,
                        residual.reshape(m, n) if residual is not None else None, residual_scale, x_scale,
                        out_scale, out_dtype, out_zero_point, qmin, qmax, codes_also)
-    out = epi.output((batch, oh, ow, n), device, out)
-    codes = epi.codes_output((batch, oh, ow, n), device)
-    result = out if codes is None else (out, codes)
+    out_shape = (batch, oh, ow, n)
+    epi.output(out_shape, device, out)  # checks a given one now; allocated (or checked) in every launch
+
     if m == 0 or n == 0:
-        return result
+        def launch_nothing(x, residual, out):
+            out = epi.output(out_shape, device, out)
+            codes = epi.codes_output(out_shape, device)
+            return out if codes is None else (out, codes)
+
+        return launch_nothing
     cfg = dict(config) if config is not None else pick_config("packed_conv", device, width_buckets(n))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     x = x_nhwc_int8
@@ -375,15 +442,15 @@ def packed_conv2d(
                                      or not tap_sums.is_contiguous() or tap_sums.device != device):
             raise ValueError(f"tap_sums must be a contiguous int32 {list(prefix_shape)} tensor on {device} "
                              f"(tap_prefix_sums), got {tap_sums.dtype} {tuple(tap_sums.shape)}")
-        _packed_conv2d_rows_kernel[grid](
-            x, packed_weight, int8_weight if int8_weight is not None else packed_weight,
-            epi.scales, epi.bias if epi.bias is not None else epi.scales,
-            residual if residual is not None else out, out, codes if codes is not None else out,
-            wsum if wsum is not None else packed_weight, tap_sums if wsum is not None else packed_weight,
-            h, w, oh, ow, m, n, k,
-            sh, sw, ph, pw,
-            x.stride(0), x.stride(1), packed_weight.stride(0),
-            int(x_zero_point), *epi.scalars,
+        kernel = _packed_conv2d_rows_kernel
+        before = (packed_weight, int8_weight if int8_weight is not None else packed_weight,
+                  epi.scales, epi.bias if epi.bias is not None else epi.scales)
+        after = (wsum if wsum is not None else packed_weight, tap_sums if wsum is not None else packed_weight,
+                 h, w, oh, ow, m, n, k,
+                 sh, sw, ph, pw,
+                 x.stride(0), x.stride(1), packed_weight.stride(0),
+                 int(x_zero_point), *epi.scalars)
+        constants = dict(
             X_ZP=wsum is not None, C=c, KH=kh, KW=kw, BITS=w_bits, VALUES=values,
             WORD_TILES=word_tiles(values, cfg) and (kw * c) % values == 0, W_INT8=int8_weight is not None,
             HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
@@ -391,22 +458,31 @@ def packed_conv2d(
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
             **launch_options(cfg),
         )
-        return result
-    _packed_conv2d_kernel[grid](
-        x, packed_weight, epi.scales, epi.bias if epi.bias is not None else epi.scales,
-        residual if residual is not None else out, out, codes if codes is not None else out,
-        wsum if wsum is not None else packed_weight,
-        h, w, c, oh, ow, m, n, k,
-        sh, sw, ph, pw,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3), packed_weight.stride(0),
-        int(x_zero_point), *epi.scalars,
-        X_ZP=wsum is not None, KH=kh, KW=kw, BITS=w_bits, VALUES=values, WORD_TILES=word_tiles(values, cfg),
-        HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
-        OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
-        **launch_options(cfg),
-    )
-    return result
+    else:
+        kernel = _packed_conv2d_kernel
+        before = (packed_weight, epi.scales, epi.bias if epi.bias is not None else epi.scales)
+        after = (wsum if wsum is not None else packed_weight,
+                 h, w, c, oh, ow, m, n, k,
+                 sh, sw, ph, pw,
+                 x.stride(0), x.stride(1), x.stride(2), x.stride(3), packed_weight.stride(0),
+                 int(x_zero_point), *epi.scalars)
+        constants = dict(
+            X_ZP=wsum is not None, KH=kh, KW=kw, BITS=w_bits, VALUES=values, WORD_TILES=word_tiles(values, cfg),
+            HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
+            OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
+            **launch_options(cfg),
+        )
+    launcher = kernel[grid]
+
+    def launch(x, residual, out):
+        out = epi.output(out_shape, device, out)
+        codes = epi.codes_output(out_shape, device)
+        launcher(x, *before, residual.contiguous() if residual is not None else out, out,
+                 codes if codes is not None else out, *after, **constants)
+        return out if codes is None else (out, codes)
+
+    return launch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -236,6 +236,10 @@ def _graphed_fp16_loop(model, x, batch_size, num_classes, sigma):
         counts.scatter_add_(0, model(noisy).argmax(1), ones)  # bincount syncs; scatter_add_ is capturable
 
     with torch.inference_mode():
+        # a peer timed on inf/NaN logits would be timing a meaningless loop (session 16's ResNet-110 was)
+        logits = model(base + sigma * torch.randn_like(base))
+        if not torch.isfinite(logits).all():
+            raise ValueError("the FP16 peer's logits are not finite on noisy samples: the network overflows float16")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: cuDNN autotuning, workspaces

@@ -241,6 +241,15 @@ class PackedConv2d(_PackedLayer):
         self.epilogue_relu = False
         # set by enter_at_input_codes: the codes come as the model's input, [B, C, H, W] channels_last
         self.reads_input_codes = False
+        # the Triton launches checked and derived once per input shape (arq_kernels.packed_conv2d's
+        # ``plans``): on a GPU the per-call checks cost as much host time as the kernel's device time
+        self._launch_plans: dict = {}
+
+    def __getstate__(self):
+        # launches hold closures (not picklable) over this layer's tensors (stale in a copy)
+        state = dict(self.__dict__)
+        state["_launch_plans"] = {}
+        return state
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         backend = self._backend_for(x.device)
@@ -276,7 +285,7 @@ class PackedConv2d(_PackedLayer):
             codes = x
         common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                       relu=self.epilogue_relu, int8_weight=self.int8_weight, tap_sums=self.tap_sums,
-                      **self._triton_args())
+                      plans=self.__dict__.setdefault("_launch_plans", {}), **self._triton_args())
         if residual is not None:
             if residual.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 raise TypeError(f"the fused residual must be a float32/16 or bfloat16 tensor, got {residual.dtype}")

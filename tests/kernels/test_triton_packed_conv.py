@@ -358,3 +358,45 @@ def test_ncu_script_launches_one_layer_three_ways(device, layer):
     from_fp16 = torch.clamp(torch.round(y16 / 0.05), -7, 7).to(torch.int8)
     assert (im2col.int() - from_fp16.int()).abs().max() <= 1
     assert im2col.float().std() > 0.5  # not all clamped to one code
+
+
+@pytest.mark.parametrize("loop", ["im2col", "rows"])
+def test_launch_plans_are_reused_only_for_the_same_launch(loop, device, generator, monkeypatch):
+    """``plans``: a later call with new contents in the same shapes reuses the checked launch and gives
+    the reference result; a new batch size, another weight tensor or another K loop builds a new one;
+    a scale changed in place is read (the launch holds the layer's tensors, not copies)."""
+    monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", loop)
+    geometry = GEOMETRIES[0]
+    _, _, _, _, _, ks, stride, pad, bits = geometry
+    x, packed, scales, bias, out_shape = _epilogue_case(geometry, generator)
+    kwargs = dict(kernel_size=ks, stride=stride, padding=pad, x_scale=0.02, out_scale=0.05, relu=True,
+                  residual_scale=0.04)
+    packed, scales, bias = packed.to(device), scales.to(device), bias.to(device)
+    plans = {}
+
+    def check(x, residual, weight=packed, plans_expected=None):
+        settings = dict(kwargs) if residual is not None else dict(kwargs, residual_scale=None)
+        got = packed_conv2d(x.to(device), weight, bits, scales, bias,
+                            residual=None if residual is None else residual.to(device), plans=plans, **settings)
+        expected = packed_conv2d_reference(x, weight.cpu(), bits, scales.cpu(), bias.cpu(), residual=residual,
+                                           **settings)
+        assert torch.equal(got.cpu(), expected)
+        assert len(plans) == plans_expected
+
+    def fresh(shape):
+        return (torch.randint(-128, 128, shape, generator=generator, dtype=torch.int8),
+                torch.randint(-127, 128, (shape[0],) + tuple(out_shape[1:]), generator=generator,
+                              dtype=torch.int8))
+
+    check(*fresh(x.shape), plans_expected=1)
+    check(*fresh(x.shape), plans_expected=1)  # new contents, same launch
+    check(*fresh((x.shape[0] + 1,) + x.shape[1:]), plans_expected=2)  # another batch size
+    _, _, other = _case(geometry, generator)
+    check(*fresh(x.shape), weight=other.to(device), plans_expected=3)  # another weight tensor
+    scales.mul_(1.5)  # in place: the launch reads the tensor it holds
+    check(*fresh(x.shape), plans_expected=3)
+    monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", "im2col" if loop == "rows" else "rows")
+    check(*fresh(x.shape), plans_expected=4)  # the other K loop
+    plans.clear()
+    check(fresh(x.shape)[0], None, plans_expected=1)
+    check(fresh((x.shape[0] + 2,) + x.shape[1:])[0], None, plans_expected=2)  # the input's shape alone differs

@@ -9,7 +9,9 @@ LeNet / the small MNIST net (uniform 8, uniform 4, mixed): no differing code, lo
 the largest, 100 % top-1; ResNet-20 mixed: 0.05 % of codes differ, logits within 1.8 % of the largest,
 100 % top-1 (uniform 8: 0.22 %, 0.24 %); certificates of the kernel and fake-quant LeNet identical.
 """
+import copy
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -282,6 +284,14 @@ def _compare_triton_with_cpp(device: str) -> None:
         # the row loop, the 8-bit unsigned layer through its zero point's prefix-sum correction
         rows_result, launches = _with_row_loop(lambda: triton_model(x.to(device)).cpu())
     assert torch.equal(rows_result, result) and any(x_zp for _, x_zp in launches), launches
+    # the layers keep their checked launches (one per K loop here) and drop them when copied or pickled
+    convs = [m for m in triton_model.modules() if isinstance(m, PackedConv2d)]
+    assert all(len(m._launch_plans) == 2 for m in convs)
+    copied = copy.deepcopy(triton_model)
+    assert all(not m._launch_plans for m in copied.modules() if isinstance(m, PackedConv2d))
+    assert not pickle.loads(pickle.dumps(convs[0]))._launch_plans
+    with torch.no_grad():
+        assert torch.equal(copied(x.to(device)).cpu(), result)
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     # "auto": "triton" for CUDA tensors, "cpp" on the CPU
     assert to_kernels(qmodel, backend="auto").arq_kernels["backend"] == ("triton" if device == "cuda" else "cpp")
