@@ -230,7 +230,19 @@ def _packed_conv2d_rows_kernel(
 # launcher
 # ---------------------------------------------------------------------------------------------
 
-CONV_LOOPS = ("im2col", "rows")
+CONV_LOOPS = ("im2col", "rows", "auto")
+
+
+def loop_for_layer(loop: str, kernel_hw: tuple[int, int], channels: int) -> str:
+    """The K loop that ``loop`` means for a layer: "auto" picks ``im2col`` for 3x3 layers of at most 16
+    input channels and ``rows`` for the rest. Why, per layer on an H200 (2026-11-29,
+    benchmarks/results/gpu-h200-2026-11-29-session25, ResNet-110's W4A4 layers at 4,096 samples):
+    16-channel 3x3, rows 447 us against im2col's 433 by Nsight Compute and 478 against 411 wall clock;
+    32 channels 233 / 247; 64 channels 144 / 219; the 1x1 downsampling from 16 channels 131 / 151 wall
+    clock. Not yet measured end to end (bench_e2e's ``*_autoloop`` variants)."""
+    if loop != "auto":
+        return loop
+    return "im2col" if tuple(kernel_hw) == (3, 3) and channels <= 16 else "rows"
 
 
 def tap_prefix_sums(weight: torch.Tensor, w_bits: int, kernel_hw: tuple[int, int], channels: int) -> torch.Tensor:
@@ -248,7 +260,7 @@ def tap_prefix_sums(weight: torch.Tensor, w_bits: int, kernel_hw: tuple[int, int
 
 def default_conv_loop() -> str:
     """The K loop ``packed_conv2d`` uses where a config names none: ``ARQ_TRITON_CONV_LOOP``
-    (``"im2col"``, the default, or ``"rows"``; module docstring)."""
+    (``"im2col"``, the default, ``"rows"``, or ``"auto"``: :func:`loop_for_layer`; module docstring)."""
     loop = os.environ.get("ARQ_TRITON_CONV_LOOP", "im2col").strip().lower() or "im2col"
     if loop not in CONV_LOOPS:
         raise ValueError(f"ARQ_TRITON_CONV_LOOP must be one of {CONV_LOOPS}, got {loop!r}")
@@ -430,6 +442,7 @@ def _conv_launch(x_nhwc_int8, packed_weight, w_bits, scales, bias, kernel_size, 
     loop = cfg.get("LOOP") or default_conv_loop()
     if loop not in CONV_LOOPS:
         raise ValueError(f"config LOOP must be one of {CONV_LOOPS}, got {loop!r}")
+    loop = loop_for_layer(loop, (kh, kw), c)
     if int8_weight is not None and (int8_weight.dtype != torch.int8 or tuple(int8_weight.shape) != (n, k)
                                     or not int8_weight.is_contiguous() or int8_weight.device != device):
         raise ValueError(f"int8_weight must be a contiguous int8 [{n}, {k}] tensor on {device} (the unpacked "

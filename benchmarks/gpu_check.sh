@@ -28,7 +28,7 @@
 # H200-tuned ones), and "tune", which measures the Triton launch configs on the card).
 # Step times on an H200 (2026-11-29, benchmarks/results/gpu-h200-2026-11-29-session25): environment
 # 17 s, build 56, tests_gpu 115 (38 tests), bench_kernels 46, profile 65 (both conv loops), ncu 26,
-# ResNet-110 96 with seven variants (ten now: ~130 estimated), tests_kernels > 82 (cut at its limit),
+# ResNet-110 96 with seven variants (eleven now: ~140 estimated), tests_kernels > 82 (cut at its limit),
 # memcheck ~60 (session 16: 36), ResNet-20 40 (session 16, fewer variants). That sums to more than the
 # 470 s, so the order is what matters most for the issue first: the GPU tests, the ResNet-110 target,
 # then what says where its time goes (per layer, per kernel, the counters); the broad kernel tests,

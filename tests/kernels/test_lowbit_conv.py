@@ -186,6 +186,33 @@ def test_int16_chunk_from_the_weights_exact_at_its_bound(isa, extra):
     assert torch.equal(result.to(torch.int64), exact)
 
 
+@pytest.mark.parametrize("extra", [0, 1])
+def test_winograd2d_one_chunk_exact_at_its_bound(monkeypatch, extra):
+    """F(2 x 2, 3 x 3) runs all channel groups as one int16 chunk where 4 max_code times the largest sum
+    of |U| one accumulator lane collects is <= 32767 (csrc/cpu/lowbit_conv.cpp, winograd2d_weights).
+    Every code 15 (so the transformed input at position (1, 1) is 4 * 15 = 60 in every interior block)
+    and 4-bit weights whose transform U = (2G) g (2G)^T has lane sums of exactly 546 at that position
+    (60 x 546 = 32760: one chunk, the int16 sums at their largest) or 547 (two chunks); exact either way."""
+    _use_isa(monkeypatch, "avx2-2d")
+    channels, groups = 128, 32
+    weight = torch.ones((16, channels, 3, 3), dtype=torch.int8)
+    # lane (o, h) collects channels 4 g + c with c in (2h, 2h + 1): 64 terms; U[1][1] is the sum of the 9
+    # taps: 34 terms of 9 and 30 of 8 (one tap 0) give 546
+    term = (torch.arange(channels) // 4) * 2 + torch.arange(channels) % 2
+    weight[:, term >= 34, 2, 2] = 0
+    if extra:
+        weight[:, 126, 2, 2] = 1  # group 31, c = 2 (term 62): lane (o, 1) collects 547
+    g2 = torch.tensor([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], dtype=torch.int64)
+    u = torch.einsum("ia,ocab,jb->ocij", g2, weight.to(torch.int64), g2)  # [o, c, 4, 4]
+    lanes = u.abs().view(16, groups, 2, 2, 4, 4).sum(dim=(1, 3))  # [o, h, i, j]
+    assert int(lanes.max()) == 546 + extra and int(u.abs().max()) <= 127
+    x = torch.full((1, channels, 6, 6), 15, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    tiles, sums = ops.lowbit_conv_weight_tiles(weight)
+    result = ops.lowbit_conv2d(x, tiles, sums, torch.ones(16), None, 16, 3, 1, 0, 0, 15, 4, backend="cpp")
+    exact = torch.nn.functional.conv2d(x.to(torch.float64), weight.to(torch.float64)).round().to(torch.int64)
+    assert torch.equal(result.to(torch.int64), exact)
+
+
 @pytest.mark.parametrize("width", [2, 3, 4, 5, 9, 12])
 @pytest.mark.parametrize("signed", [False, True])
 def test_winograd_and_direct_loops_agree(monkeypatch, width, signed):

@@ -400,3 +400,22 @@ def test_launch_plans_are_reused_only_for_the_same_launch(loop, device, generato
     plans.clear()
     check(fresh(x.shape)[0], None, plans_expected=1)
     check(fresh((x.shape[0] + 2,) + x.shape[1:])[0], None, plans_expected=2)  # the input's shape alone differs
+
+
+@pytest.mark.parametrize("channels, ks, expected_loop", [(16, 3, "im2col"), (17, 3, "rows"), (7, 1, "rows")])
+def test_auto_loop_picks_per_layer(channels, ks, expected_loop, device, generator, monkeypatch):
+    """``ARQ_TRITON_CONV_LOOP=auto``: im2col for 3x3 layers of at most 16 input channels, rows otherwise;
+    the same result either way."""
+    monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", "auto")
+    counters = {"im2col": _LaunchCounter(packed_conv_module._packed_conv2d_kernel),
+                "rows": _LaunchCounter(packed_conv_module._packed_conv2d_rows_kernel)}
+    monkeypatch.setattr(packed_conv_module, "_packed_conv2d_kernel", counters["im2col"])
+    monkeypatch.setattr(packed_conv_module, "_packed_conv2d_rows_kernel", counters["rows"])
+    geometry = (2, 5, 6, channels, 9, ks, 1, ks // 2, 4)
+    x, weight, packed = _case(geometry, generator)
+    got = packed_conv2d(x.to(device), packed.to(device), 4, torch.ones(9, device=device), kernel_size=ks,
+                        padding=ks // 2, out_dtype=torch.int32)
+    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), padding=ks // 2).permute(0, 2, 3, 1)
+    assert torch.equal(got.cpu().double(), expected)
+    other = "rows" if expected_loop == "im2col" else "im2col"
+    assert counters[expected_loop].launches == 1 and counters[other].launches == 0
