@@ -240,6 +240,21 @@ def _variants():
                  "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
                 {"num_warps": warps, "num_stages": 3, **fused}, _conv_specimen(1000, size, channels, bits),
             ))
+    # -- the row loop's tuning candidates (packed_conv.ROWS_CANDIDATES), each on the layer of its width,
+    #    W4A4 with int8 weights and chained codes: what bench_kernels' "rows" tuning launches on a card
+    for candidate in packed_conv.ROWS_CANDIDATES:
+        channels, size = {16: (16, 32), 32: (32, 16), 64: (64, 8)}[candidate["BLOCK_N"]]
+        label, ptrs, epi = epilogues[1]
+        tile = {key: candidate[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        variants.append((
+            f"packed_conv2d_rows[tune candidate, {channels} ch, {label}, "
+            f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} w{candidate['num_warps']} s{candidate['num_stages']}]",
+            packed_conv._packed_conv2d_rows_kernel, {**gemm_types, **ptrs, "w8_ptr": "*i8", "psum_ptr": "*i32"},
+            {"X_ZP": False, "C": channels, "KH": 3, "KW": 3, "BITS": 4, "VALUES": 8,
+             "WORD_TILES": tile["BLOCK_K"] % 8 == 0 and (3 * channels) % 8 == 0, "W_INT8": True, **epi, **tile},
+            {"num_warps": candidate["num_warps"], "num_stages": candidate["num_stages"], **fused},
+            _conv_specimen(1000, size, channels, 4),
+        ))
     variants.append((
         "packed_linear[b4, fp16+res, n16]", packed_matmul._packed_linear_kernel, {**gemm_types, **epilogues[2][1]},
         {"X_ZP": False, "BITS": 4, "VALUES": 8, "WORD_TILES": True, **epilogues[2][2],

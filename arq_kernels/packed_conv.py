@@ -80,6 +80,20 @@ from arq_kernels.packed_matmul import (
 
 CANDIDATES = CANDIDATES_GEMM
 
+# The row loop's own candidates (benchmarks/bench_kernels.py tune, "rows"; merged into the tables as
+# "rows_<bucket>" entries, which the row loop reads before the shared ones): on an H200 (2026-11-29) it ran
+# at 18-25 % occupancy with the im2col loop's configs, held back by the shared memory of three pipeline
+# stages of its int8 weight tiles (52-111 KB a block), so fewer stages and narrower K steps (32 at least:
+# a K step of 16 does not compile for the int8 dot on sm_90, Triton 3.8)
+ROWS_CANDIDATES = [
+    {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s, "LOOP": "rows"}
+    for m, n, k, w, s in [
+        (64, 16, 32, 4, 2), (128, 16, 32, 4, 1), (128, 16, 32, 4, 2), (256, 16, 32, 4, 2), (256, 16, 32, 8, 1),
+        (64, 32, 32, 4, 2), (128, 32, 32, 4, 2), (128, 32, 64, 4, 2), (256, 32, 32, 8, 2),
+        (64, 64, 32, 4, 2), (64, 64, 64, 4, 1), (64, 64, 64, 4, 2), (128, 64, 32, 4, 2), (128, 64, 64, 8, 2),
+    ]
+]
+
 # ---------------------------------------------------------------------------------------------
 # kernel
 # ---------------------------------------------------------------------------------------------
@@ -435,14 +449,22 @@ def _conv_launch(x_nhwc_int8, packed_weight, w_bits, scales, bias, kernel_size, 
             return out if codes is None else (out, codes)
 
         return launch_nothing
-    cfg = dict(config) if config is not None else pick_config("packed_conv", device, width_buckets(n))
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     x = x_nhwc_int8
+    if config is not None:
+        cfg = dict(config)
+        loop = cfg.get("LOOP") or default_conv_loop()
+        if loop not in CONV_LOOPS:
+            raise ValueError(f"config LOOP must be one of {CONV_LOOPS}, got {loop!r}")
+        loop = loop_for_layer(loop, (kh, kw), c)
+    else:
+        loop = loop_for_layer(default_conv_loop(), (kh, kw), c)
+        buckets = width_buckets(n)
+        # the row loop's own entry of a width where the table has one (ROWS_CANDIDATES), else the shared one,
+        # narrowest width first
+        cfg = pick_config("packed_conv", device,
+                          tuple(name for b in buckets for name in (f"rows_{b}", b)) if loop == "rows" else buckets)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     wsum = zero_point_weight_sums(x_zero_point, weight_sums, packed_weight, w_bits, k)
-    loop = cfg.get("LOOP") or default_conv_loop()
-    if loop not in CONV_LOOPS:
-        raise ValueError(f"config LOOP must be one of {CONV_LOOPS}, got {loop!r}")
-    loop = loop_for_layer(loop, (kh, kw), c)
     if int8_weight is not None and (int8_weight.dtype != torch.int8 or tuple(int8_weight.shape) != (n, k)
                                     or not int8_weight.is_contiguous() or int8_weight.device != device):
         raise ValueError(f"int8_weight must be a contiguous int8 [{n}, {k}] tensor on {device} (the unpacked "

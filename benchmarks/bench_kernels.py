@@ -259,13 +259,15 @@ def test_votes(benchmark, variant, classes, features, batch):
 # ------------------------------------------------------------------------------------------------
 
 
-def tune(batch: int = 4096) -> dict:
+def tune(batch: int = 4096, which: str = "all") -> dict:
     """``{family: {device_name: {bucket: best_config}}}`` measured with triton.testing.do_bench.
 
     The packed convolution is tuned per width bucket on the CIFAR ResNet layer of that width
     (``arq_kernels._common.width_buckets``: n16 = stage 1, n32 = stage 2, small_n = stage 3, each
     3x3 over ``batch // 4`` images, 4-bit weights, chained int8 output). Merge the entries into
     ``arq_kernels/configs/<family>.json`` (the kernels read them by ``torch.cuda.get_device_name()``).
+    ``which="rows"`` tunes only the row loop (``packed_conv.ROWS_CANDIDATES`` with the layers' int8
+    weights, as ``PackedConv2d`` runs it), as ``rows_<bucket>`` entries.
     """
     from triton.testing import do_bench
 
@@ -281,12 +283,13 @@ def tune(batch: int = 4096) -> dict:
     w_last = torch.randint(-127, 128, (10, 64), generator=generator, dtype=torch.int8).cuda()
     activations = torch.rand(batch // 4, 16, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
 
-    def conv_case(size, channels):
+    def conv_case(size, channels, rows=False):
         xc = torch.randint(-127, 128, (batch // 4, size, size, channels), generator=generator, dtype=torch.int8).cuda()
         qc = torch.randint(-7, 8, (channels, 9 * channels), generator=generator, dtype=torch.int8)
         packed_c = packed_matmul.pack_weights(qc, 4).cuda()
+        int8_weight = qc.cuda() if rows else None
         return lambda cfg: packed_conv.packed_conv2d(xc, packed_c, 4, scales[:channels], kernel_size=3, padding=1,
-                                                     relu=True, out_scale=0.05, config=cfg)
+                                                     relu=True, out_scale=0.05, config=cfg, int8_weight=int8_weight)
 
     cases = {
         ("noise", "default"): (noise.CANDIDATES, lambda cfg: noise.noisy_input(
@@ -302,6 +305,9 @@ def tune(batch: int = 4096) -> dict:
         ("votes", "default"): (votes.CANDIDATES, lambda cfg: votes.vote_count(
             feats, w_last, None, 10, feature_scale=0.02, weight_scale=scales[:10], config=cfg)),
     }
+    rows_cases = {("packed_conv", f"rows_{bucket}"): (packed_conv.ROWS_CANDIDATES, conv_case(size, channels, rows=True))
+                  for bucket, size, channels in (("n16", 32, 16), ("n32", 16, 32), ("small_n", 8, 64))}
+    cases = rows_cases if which == "rows" else {**cases, **rows_cases} if which == "all" else cases
     name = torch.cuda.get_device_name()
     best: dict = {}
     for (family, bucket), (candidates, run) in cases.items():
@@ -319,11 +325,11 @@ def tune(batch: int = 4096) -> dict:
     return best
 
 
-if __name__ == "__main__":  # python -m benchmarks.bench_kernels OUT.json  (progress on stderr)
+if __name__ == "__main__":  # python -m benchmarks.bench_kernels OUT.json [all|rows|shared]  (progress on stderr)
     import json
 
     if not torch.cuda.is_available():
         sys.exit("tuning needs a CUDA device")
-    result = tune()
+    result = tune(which=sys.argv[2] if len(sys.argv) > 2 else "all")  # "all", "rows" or "shared"
     with open(sys.argv[1], "w", encoding="utf-8") if len(sys.argv) > 1 else sys.stdout as handle:
         json.dump(result, handle, indent=1)

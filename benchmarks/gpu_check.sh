@@ -25,7 +25,8 @@
 # end-to-end steps time the packed paths with and without the engine's CUDA graphs and the graphed ones
 # with the row loop, each paired with its base). Run only when named: the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against
 # the default div.rn) and bench_e2e_gpu_resnet110_generic_configs (generic launch configs against the
-# H200-tuned ones), and "tune", which measures the Triton launch configs on the card).
+# H200-tuned ones), "tune", which measures the Triton launch configs on the card, and "tune_rows", the
+# row loop's own).
 # Step times on an H200 (2026-11-29, benchmarks/results/gpu-h200-2026-11-29-session25): environment
 # 17 s, build 56, tests_gpu 115 (38 tests), bench_kernels 46, profile 65 (both conv loops), ncu 26,
 # ResNet-110 96 with seven variants (eleven now: ~140 estimated), tests_kernels > 82 (cut at its limit),
@@ -214,7 +215,12 @@ if [ "$HAS_CUDA" = 1 ]; then
     # launch configs measured on this card (opt-in: ARQ_CHECK_STEPS="tune"; JSON in logs.tgz, to
     # merge into arq_kernels/configs/*.json)
     if named tune; then
-        step tune 240 "$PYTHON" -m benchmarks.bench_kernels "$WORK/tuned_configs.json"
+        step tune 240 "$PYTHON" -m benchmarks.bench_kernels "$WORK/tuned_configs.json" shared
+    fi
+    # the row loop's own launch configs (opt-in: "tune_rows"; its occupancy was 18-25 % with the shared
+    # ones on the H200, session 25), to merge as rows_<bucket> entries
+    if named tune_rows; then
+        step tune_rows 200 "$PYTHON" -m benchmarks.bench_kernels "$WORK/tuned_rows_configs.json" rows
     fi
     # where the quantized path's GPU time goes, kernel by kernel (JSON in logs.tgz)
     wanted profile && step profile 90 "$PYTHON" -m benchmarks.gpu_profile "$WORK/profile_resnet110.json" resnet110

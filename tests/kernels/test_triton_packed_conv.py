@@ -419,3 +419,23 @@ def test_auto_loop_picks_per_layer(channels, ks, expected_loop, device, generato
     assert torch.equal(got.cpu().double(), expected)
     other = "rows" if expected_loop == "im2col" else "im2col"
     assert counters[expected_loop].launches == 1 and counters[other].launches == 0
+
+
+@pytest.mark.parametrize("loop", ["im2col", "rows"])
+def test_row_loop_reads_its_own_config_entries_first(loop, device, generator, monkeypatch):
+    """The row loop asks the config table for the ``rows_<bucket>`` entry of each width before the shared
+    one (what bench_kernels' "rows" tuning writes); the im2col loop for the shared ones only."""
+    monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", loop)
+    asked = []
+    real = packed_conv_module.pick_config
+
+    def recording(family, device, bucket="default"):
+        asked.append(bucket)
+        return real(family, device, bucket)
+
+    monkeypatch.setattr(packed_conv_module, "pick_config", recording)
+    x, weight, packed = _case((1, 5, 5, 16, 9, 3, 1, 1, 4), generator)
+    packed_conv2d(x.to(device), packed.to(device), 4, torch.ones(9, device=device), kernel_size=3, padding=1)
+    shared = ("n16", "n32", "small_n", "default")
+    rows_first = ("rows_n16", "n16", "rows_n32", "n32", "rows_small_n", "small_n", "rows_default", "default")
+    assert asked == [rows_first if loop == "rows" else shared]
