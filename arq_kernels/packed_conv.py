@@ -366,7 +366,10 @@ def packed_conv2d(
             contents of ``x``, ``residual`` and ``out``. The key holds everything else the launch
             depends on (shapes, strides, dtypes, devices and storage of every tensor argument, every
             scalar, the config and the ``ARQ_TRITON_*`` settings read here), so a reused launch is the
-            one a fresh call would build. On a GPU the Python checks and arithmetic otherwise cost
+            one a fresh call would build. It reads the tensors it holds at every launch (a scale changed
+            in place is seen), but what it derives from them once, the weight sums and tap prefix sums
+            when they are not given and a contiguous copy of a strided weight, is not: after changing
+            weights in place, pass those or a fresh dict. On a GPU the Python checks and arithmetic otherwise cost
             about as much host time per layer as the kernel takes on the device at certification
             batch sizes (benchmarks/results/gpu-h200-2026-11-29-session25).
 
