@@ -60,8 +60,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
@@ -800,6 +803,74 @@ bool winograd2d_weights(const int8_t* tiles, const Geometry& g, int64_t max_code
   return true;
 }
 
+// ---- transformed weights, kept across calls ----------------------------------------------------
+// A certification calls each layer hundreds of times with the same weights; deriving their Winograd
+// transform took up to 5 % of a 400-sample call (64 channels, Zen 3). Each entry keeps a copy of the
+// weight tiles it was derived from and the parameters it depends on, and a lookup compares both in
+// full (the hash only picks candidates), so an entry found is the transform of exactly these weights,
+// whatever the tensor, its address or its version. The oldest entries go past kMaxEntries.
+template <typename Transform>
+class TransformCache {
+ public:
+  struct Entry {
+    std::vector<int64_t> params;
+    std::vector<int8_t> tiles;
+    bool applies = false;  // false: the layer is outside the path's bounds (cached too)
+    Transform value;
+  };
+
+  // The transform of `tiles` (`bytes` long) under `params`, made by make(Transform&) -> bool on a miss;
+  // null where make returned false.
+  template <typename Make>
+  std::shared_ptr<const Entry> get(const int8_t* tiles, size_t bytes, std::vector<int64_t> params, Make make) {
+    const size_t key = hash(tiles, bytes, params);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto range = entries_.equal_range(key);
+      for (auto it = range.first; it != range.second; ++it) {
+        const Entry& entry = *it->second;
+        if (entry.params == params && entry.tiles.size() == bytes &&
+            std::memcmp(entry.tiles.data(), tiles, bytes) == 0)
+          return entry.applies ? it->second : nullptr;
+      }
+    }
+    auto entry = std::make_shared<Entry>();
+    entry->params = std::move(params);
+    entry->tiles.assign(tiles, tiles + bytes);
+    entry->applies = make(entry->value);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (order_.size() >= kMaxEntries) {
+      const auto [oldest_key, oldest] = order_.front();
+      order_.erase(order_.begin());
+      auto range = entries_.equal_range(oldest_key);
+      for (auto it = range.first; it != range.second; ++it)
+        if (it->second.get() == oldest) {
+          entries_.erase(it);
+          break;
+        }
+    }
+    entries_.emplace(key, entry);
+    order_.emplace_back(key, entry.get());
+    return entry->applies ? entry : nullptr;
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 512;  // ResNet-110 has 106 such layers
+
+  static size_t hash(const int8_t* tiles, size_t bytes, const std::vector<int64_t>& params) {
+    uint64_t h = 1469598103934665603ull ^ bytes;  // FNV-1a over the parameters and a sample of the bytes
+    auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+    for (int64_t p : params) mix(static_cast<uint64_t>(p));
+    const size_t step = std::max<size_t>(1, bytes / 256);
+    for (size_t i = 0; i < bytes; i += step) mix(static_cast<uint8_t>(tiles[i]));
+    return static_cast<size_t>(h);
+  }
+
+  std::mutex mutex_;
+  std::unordered_multimap<size_t, std::shared_ptr<Entry>> entries_;
+  std::vector<std::pair<size_t, const Entry*>> order_;  // oldest first
+};
+
 // ---- AVX-512 VNNI: int32 accumulation, no bound on the codes ---------------------------------
 // vpdpbusd adds four u8 x s8 products into each int32 lane without saturation: exact for every
 // bit width up to 8 x 8 while K * 255 * 128 < 2^31 (checked). Weights are re-tiled per call into
@@ -1172,20 +1243,37 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   // per layer (4-bit, 400 samples, one thread, Zen 3) it took 1.05-1.17x F(2, 3)'s time at 16 channels,
   // 0.90-0.98x at 32 and 0.79-0.84x at 64. ARQ_LOWBIT_WINOGRAD=2d: F(2 x 2, 3 x 3) wherever it fits;
   // =row: F(2, 3) only; =0: the direct loop (for tests and comparisons).
-  Winograd wg;
-  Winograd2D wg2;
+  static TransformCache<Winograd> row_transforms;
+  static TransformCache<Winograd2D> block_transforms_cache;
+  std::shared_ptr<const TransformCache<Winograd>::Entry> row_entry;
+  std::shared_ptr<const TransformCache<Winograd2D>::Entry> block_entry;
   WinogradRow winograd_kernel = nullptr;
   Winograd2DRowPair winograd2d = nullptr;
   const char* winograd_env = std::getenv("ARQ_LOWBIT_WINOGRAD");
   const std::string winograd_mode = winograd_env != nullptr ? winograd_env : "";
   if (isa == packed::Isa::kAvx2 && winograd_mode != "0") {
     const bool wide_enough = g.channels >= 32 || winograd_mode == "2d";
-    if (winograd_mode != "row" && wide_enough && winograd2d_weights(tiles, g, max_code, w_bits, wg2)) {
+    // what the transforms read besides the tiles: the geometry's fields and the code and weight bounds
+    const std::vector<int64_t> params{g.kernel, g.stride, g.channels, g.blocks, g.out_h, g.out_w, max_code, w_bits};
+    const size_t tile_bytes = static_cast<size_t>(g.blocks * g.steps() * 32);
+    if (winograd_mode != "row" && wide_enough) {
+      block_entry = block_transforms_cache.get(tiles, tile_bytes, params, [&](Winograd2D& wg) {
+        return winograd2d_weights(tiles, g, max_code, w_bits, wg);
+      });
+    }
+    if (block_entry != nullptr) {
       winograd2d = winograd2d_kernel(e, zero_point != 0);
-    } else if (winograd_weights(tiles, g, max_code, w_bits, wg)) {
-      winograd_kernel = winograd_row_kernel(e, zero_point != 0);
+    } else {
+      row_entry = row_transforms.get(tiles, tile_bytes, params, [&](Winograd& wg) {
+        return winograd_weights(tiles, g, max_code, w_bits, wg);
+      });
+      if (row_entry != nullptr) winograd_kernel = winograd_row_kernel(e, zero_point != 0);
     }
   }
+  static const Winograd no_row_transform;
+  static const Winograd2D no_block_transform;
+  const Winograd& wg = row_entry != nullptr ? row_entry->value : no_row_transform;
+  const Winograd2D& wg2 = block_entry != nullptr ? block_entry->value : no_block_transform;
 #endif
   std::atomic<int> too_large{0};
   // one image at a time per thread, padded into a buffer that stays in L1/L2 while its rows run

@@ -213,6 +213,37 @@ def test_winograd2d_one_chunk_exact_at_its_bound(monkeypatch, extra):
     assert torch.equal(result.to(torch.int64), exact)
 
 
+@pytest.mark.parametrize("loop", ["2d", "row"])
+def test_kept_winograd_transforms_follow_the_weights(monkeypatch, loop):
+    """The Winograd paths keep each layer's transformed weights across calls (keyed by the tiles' bytes):
+    other weights of the same shape, the same tensor changed in place, and weights outside the path's
+    bounds (8-bit, run directly) each give the reference's result, in any order and repeated."""
+    _use_isa(monkeypatch, "avx2")
+    monkeypatch.setenv("ARQ_LOWBIT_WINOGRAD", loop)
+    gen = torch.Generator().manual_seed(11 + len(loop))
+    x = torch.randint(0, 16, (2, 40, 6, 7), generator=gen, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+
+    def run(tiles, sums, backend):
+        return ops.lowbit_conv2d(x, tiles, sums, torch.ones(24), None, 24, 3, 1, 1, 0, 15, 8 if backend == "w8" else 4,
+                                 backend="cpp" if backend == "w8" else backend)
+
+    def weights(limit):
+        return torch.randint(-limit, limit + 1, (24, 40, 3, 3), generator=gen, dtype=torch.int8)
+
+    first, second = ops.lowbit_conv_weight_tiles(weights(7)), ops.lowbit_conv_weight_tiles(weights(7))
+    wide = ops.lowbit_conv_weight_tiles(weights(127))  # |U| > 127: outside both Winograd paths
+    expected = {name: run(*pair, "torch") for name, pair in (("first", first), ("second", second))}
+    expected["wide"] = ops.lowbit_conv2d(x, *wide, torch.ones(24), None, 24, 3, 1, 1, 0, 15, 8, backend="torch")
+    for name, pair in (("first", first), ("second", second), ("wide", wide), ("first", first), ("wide", wide)):
+        assert torch.equal(run(*pair, "w8" if name == "wide" else "cpp"), expected[name]), name
+    changed = weights(7)
+    tiles, sums = ops.lowbit_conv_weight_tiles(changed)
+    first[0].copy_(tiles)  # the same tensor, other contents
+    first[1].copy_(sums)
+    assert torch.equal(run(*first, "cpp"), run(*first, "torch"))
+    assert torch.equal(run(*second, "cpp"), expected["second"])
+
+
 @pytest.mark.parametrize("width", [2, 3, 4, 5, 9, 12])
 @pytest.mark.parametrize("signed", [False, True])
 def test_winograd_and_direct_loops_agree(monkeypatch, width, signed):
