@@ -808,7 +808,14 @@ bool winograd2d_weights(const int8_t* tiles, const Geometry& g, int64_t max_code
 // transform took up to 5 % of a 400-sample call (64 channels, Zen 3). Each entry keeps a copy of the
 // weight tiles it was derived from and the parameters it depends on, and a lookup compares both in
 // full (the hash only picks candidates), so an entry found is the transform of exactly these weights,
-// whatever the tensor, its address or its version. The oldest entries go past kMaxEntries.
+// whatever the tensor, its address or its version. The oldest entries go past kMaxEntries entries or
+// kMaxBytes (a search through many fine-tuned candidates, or ImageNet-sized layers, would otherwise
+// keep growing).
+inline size_t footprint(const Winograd& w) {
+  return w.weights.size() + 4 * (w.offset0.size() + w.offset1.size()) + 8 * w.offsets.size();
+}
+inline size_t footprint(const Winograd2D& w) { return w.weights.size() + 4 * w.offset.size(); }
+
 template <typename Transform>
 class TransformCache {
  public:
@@ -817,6 +824,7 @@ class TransformCache {
     std::vector<int8_t> tiles;
     bool applies = false;  // false: the layer is outside the path's bounds (cached too)
     Transform value;
+    size_t bytes = 0;  // this entry's memory: the tiles' copy and the transform
   };
 
   // The transform of `tiles` (`bytes` long) under `params`, made by make(Transform&) -> bool on a miss;
@@ -838,24 +846,28 @@ class TransformCache {
     entry->params = std::move(params);
     entry->tiles.assign(tiles, tiles + bytes);
     entry->applies = make(entry->value);
+    entry->bytes = bytes + footprint(entry->value);
     std::lock_guard<std::mutex> lock(mutex_);
-    if (order_.size() >= kMaxEntries) {
+    while (!order_.empty() && (order_.size() >= kMaxEntries || total_bytes_ + entry->bytes > kMaxBytes)) {
       const auto [oldest_key, oldest] = order_.front();
       order_.erase(order_.begin());
       auto range = entries_.equal_range(oldest_key);
       for (auto it = range.first; it != range.second; ++it)
         if (it->second.get() == oldest) {
+          total_bytes_ -= oldest->bytes;
           entries_.erase(it);
           break;
         }
     }
     entries_.emplace(key, entry);
     order_.emplace_back(key, entry.get());
+    total_bytes_ += entry->bytes;
     return entry->applies ? entry : nullptr;
   }
 
  private:
-  static constexpr size_t kMaxEntries = 512;  // ResNet-110 has 106 such layers
+  static constexpr size_t kMaxEntries = 512;                // ResNet-110 has 106 such layers
+  static constexpr size_t kMaxBytes = size_t{256} << 20;    // ResNet-110's take ~5 MB
 
   static size_t hash(const int8_t* tiles, size_t bytes, const std::vector<int64_t>& params) {
     uint64_t h = 1469598103934665603ull ^ bytes;  // FNV-1a over the parameters and a sample of the bytes
@@ -869,6 +881,7 @@ class TransformCache {
   std::mutex mutex_;
   std::unordered_multimap<size_t, std::shared_ptr<Entry>> entries_;
   std::vector<std::pair<size_t, const Entry*>> order_;  // oldest first
+  size_t total_bytes_ = 0;
 };
 
 // ---- AVX-512 VNNI: int32 accumulation, no bound on the codes ---------------------------------
