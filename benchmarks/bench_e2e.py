@@ -111,8 +111,8 @@ if DEVICE == "cuda":
     # 2026-11-27): longer calls, closer to certification at n = 100,000, within gpu_check's budget
     SAMPLES = {"resnet20": 100_000, "resnet110": 30_000}
     # the CUDA graph is captured last, after every other variant's first call has allocated what it
-    # needs. The engine-graph and float-noise variants are on request: level with their base on
-    # ResNet-110 on an H200 (2026-11-28, benchmarks/results/gpu-h200-2026-11-28-session16)
+    # needs. The float-noise variant is on request: level with its base on ResNet-110 on an H200
+    # (2026-11-28, benchmarks/results/gpu-h200-2026-11-28-session16), as the engine's graphs were then.
     # The packed paths with and without the engine's CUDA graphs, and the graphed ones with the row loop:
     # on the H200 (2026-11-29, session 25) the packed variants' rounds were bimodal (0.37-0.41 s and
     # 0.58-0.64 s a call) while their kernels alone take ~0.27 s (the profile), i.e. the host's launches
@@ -411,9 +411,9 @@ def prepared(arch: str, image: torch.Tensor) -> dict:
         inductor_config.freezing = True
     entries, failed = {}, {}
     for variant in VARIANTS:
-        fn, build_s, note = build(arch, variant, image)
-        first = time.perf_counter()
         try:
+            fn, build_s, note = build(arch, variant, image)
+            first = time.perf_counter()
             result = fn()  # compiles where there is something to compile
             _sync(variant)
         except (ValueError, RuntimeError) as error:
