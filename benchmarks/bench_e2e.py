@@ -66,6 +66,9 @@ GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1
                            the packed convolution's row loop with the layers' unpacked int8 weights,
                            paired with the graphed variant; any ``<arq variant>_rows`` (on request
                            ``arq_w8a8_rows``, ``arq_w4a4_rows``)
+* ``arq_w4a4_noplans``     ``arq_w4a4`` with ``ARQ_TRITON_LAUNCH_PLANS=0``: every packed convolution checks
+                           and derives its launch afresh each call (as before 2026-11-29), paired with
+                           ``arq_w4a4``; any ``<arq variant>_noplans``
 * ``arq_w4a4_graphs_autoloop``  the same with ``ARQ_TRITON_CONV_LOOP=auto``: im2col for the 3x3 layers of
                            16 channels, rows for the others (``arq_kernels.packed_conv.loop_for_layer``);
                            any ``<arq variant>_autoloop``
@@ -119,7 +122,8 @@ if DEVICE == "cuda":
     # set the pace; the row loop's kernels were 0.87x (W4A4) and 0.79x (W8A8) the im2col loop's time,
     # yet its end-to-end A/B read 0.95x / 0.97x, host-bound too
     VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w8a8_graphs", "arq_w8a8_graphs_rows",
-                "arq_w4a4", "arq_w4a4_graphs", "arq_w4a4_graphs_rows", "arq_w4a4_graphs_autoloop", "fp16_cl_cudagraphs"]
+                "arq_w4a4", "arq_w4a4_noplans", "arq_w4a4_graphs", "arq_w4a4_graphs_rows", "arq_w4a4_graphs_autoloop",
+                "fp16_cl_cudagraphs"]
     torch.backends.cudnn.benchmark = True  # every variant alike: cuDNN picks its fastest algorithms
 else:
     BATCH = 400
@@ -289,6 +293,7 @@ ENV_VARIANTS = {
     "_onednn": ("ARQ_CONV_KERNEL", "onednn"),
     "_rows": ("ARQ_TRITON_CONV_LOOP", "rows"),
     "_autoloop": ("ARQ_TRITON_CONV_LOOP", "auto"),
+    "_noplans": ("ARQ_TRITON_LAUNCH_PLANS", "0"),
     "_direct": ("ARQ_LOWBIT_WINOGRAD", "0"),
     "_winorow": ("ARQ_LOWBIT_WINOGRAD", "row"),
     "_wino2d": ("ARQ_LOWBIT_WINOGRAD", "2d"),

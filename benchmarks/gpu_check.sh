@@ -29,7 +29,7 @@
 # row loop's own).
 # Step times on an H200 (2026-11-29, benchmarks/results/gpu-h200-2026-11-29-session25): environment
 # 17 s, build 56, tests_gpu 115 (38 tests), bench_kernels 46, profile 65 (both conv loops), ncu 26,
-# ResNet-110 96 with seven variants (eleven now: ~140 estimated), tests_kernels > 82 (cut at its limit),
+# ResNet-110 96 with seven variants (twelve now: ~150 estimated), tests_kernels > 82 (cut at its limit),
 # memcheck ~60 (session 16: 36), ResNet-20 40 (session 16, fewer variants). That sums to more than the
 # 470 s, so the order is what matters most for the issue first: the GPU tests, the ResNet-110 target,
 # then what says where its time goes (per layer, per kernel, the counters); the broad kernel tests,
@@ -181,7 +181,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     # not both; for ResNet-110 also its fallback and the opt-in A/Bs
     e2e() {
         local arch=$1
-        wanted "bench_e2e_gpu_$arch" && step "bench_e2e_gpu_$arch" 160 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch \
+        wanted "bench_e2e_gpu_$arch" && step "bench_e2e_gpu_$arch" 180 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch \
             ARQ_E2E_ROUNDS=5 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
             --benchmark-json="$OUT/bench_e2e_gpu_$arch.json"
         if [ "$arch" = resnet110 ] && wanted "bench_e2e_gpu_$arch" \

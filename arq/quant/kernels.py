@@ -251,6 +251,13 @@ class PackedConv2d(_PackedLayer):
         state["_launch_plans"] = {}
         return state
 
+    def _plans(self) -> dict | None:
+        """This layer's kept launches; None (every call checked and derived afresh) with
+        ``ARQ_TRITON_LAUNCH_PLANS=0``, for A/Bs (bench_e2e's ``*_noplans`` variants)."""
+        if os.environ.get("ARQ_TRITON_LAUNCH_PLANS", "1").strip() == "0":
+            return None
+        return self.__dict__.setdefault("_launch_plans", {})
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         backend = self._backend_for(x.device)
         if backend == "triton":
@@ -285,7 +292,7 @@ class PackedConv2d(_PackedLayer):
             codes = x
         common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                       relu=self.epilogue_relu, int8_weight=self.int8_weight, tap_sums=self.tap_sums,
-                      plans=self.__dict__.setdefault("_launch_plans", {}), **self._triton_args())
+                      plans=self._plans(), **self._triton_args())
         if residual is not None:
             if residual.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 raise TypeError(f"the fused residual must be a float32/16 or bfloat16 tensor, got {residual.dtype}")
