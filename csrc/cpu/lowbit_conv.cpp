@@ -805,7 +805,7 @@ bool winograd2d_weights(const int8_t* tiles, const Geometry& g, int64_t max_code
 
 // ---- transformed weights, kept across calls ----------------------------------------------------
 // A certification calls each layer hundreds of times with the same weights; deriving their Winograd
-// transform took up to 5 % of a 400-sample call (64 channels, Zen 3). Each entry keeps a copy of the
+// transform took about 4 % of a 400-sample call (64 channels, Zen 3). Each entry keeps a copy of the
 // weight tiles it was derived from and the parameters it depends on, and a lookup compares both in
 // full (the hash only picks candidates), so an entry found is the transform of exactly these weights,
 // whatever the tensor, its address or its version. The oldest entries go past kMaxEntries entries or
