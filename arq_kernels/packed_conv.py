@@ -435,32 +435,24 @@ def _conv_launch(x_nhwc_int8, packed_weight, w_bits, scales, bias, kernel_size, 
         packed_weight = packed_weight.contiguous()
     n = packed_weight.shape[0]
     m = batch * oh * ow
-    if residual is not None:
-        if tuple(residual.shape) != (batch, oh, ow, n):
-            raise ValueError(f"residual must be [{batch}, {oh}, {ow}, {n}], got {tuple(residual.shape)}")
-        residual = residual.contiguous()
+    if residual is not None and tuple(residual.shape) != (batch, oh, ow, n):
+        raise ValueError(f"residual must be [{batch}, {oh}, {ow}, {n}], got {tuple(residual.shape)}")
     epi = EpilogueArgs(m, n, device, scales, bias, relu,
                        residual.reshape(m, n) if residual is not None else None, residual_scale, x_scale,
                        out_scale, out_dtype, out_zero_point, qmin, qmax, codes_also)
     out_shape = (batch, oh, ow, n)
-    epi.output(out_shape, device, out)  # checks a given one now; allocated (or checked) in every launch
-
+    if out is not None:
+        epi.output(out_shape, device, out)  # a given one is checked now, and again by every launch
     if m == 0 or n == 0:
-        def launch_nothing(x, residual, out):
-            out = epi.output(out_shape, device, out)
-            codes = epi.codes_output(out_shape, device)
-            return out if codes is None else (out, codes)
-
-        return launch_nothing
+        return _launch(epi, out_shape, device, None, (), (), {})
     x = x_nhwc_int8
+    loop = (config or {}).get("LOOP") or default_conv_loop()
+    if loop not in CONV_LOOPS:
+        raise ValueError(f"config LOOP must be one of {CONV_LOOPS}, got {loop!r}")
+    loop = loop_for_layer(loop, (kh, kw), c)
     if config is not None:
         cfg = dict(config)
-        loop = cfg.get("LOOP") or default_conv_loop()
-        if loop not in CONV_LOOPS:
-            raise ValueError(f"config LOOP must be one of {CONV_LOOPS}, got {loop!r}")
-        loop = loop_for_layer(loop, (kh, kw), c)
     else:
-        loop = loop_for_layer(default_conv_loop(), (kh, kw), c)
         buckets = width_buckets(n)
         # the row loop's own entry of a width where the table has one (ROWS_CANDIDATES), else the shared one,
         # narrowest width first
@@ -488,14 +480,8 @@ def _conv_launch(x_nhwc_int8, packed_weight, w_bits, scales, bias, kernel_size, 
                  sh, sw, ph, pw,
                  x.stride(0), x.stride(1), packed_weight.stride(0),
                  int(x_zero_point), *epi.scalars)
-        constants = dict(
-            X_ZP=wsum is not None, C=c, KH=kh, KW=kw, BITS=w_bits, VALUES=values,
-            WORD_TILES=word_tiles(values, cfg) and (kw * c) % values == 0, W_INT8=int8_weight is not None,
-            HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
-            OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
-            **launch_options(cfg),
-        )
+        loop_constants = dict(C=c, WORD_TILES=word_tiles(values, cfg) and (kw * c) % values == 0,
+                              W_INT8=int8_weight is not None)
     else:
         kernel = _packed_conv2d_kernel
         before = (packed_weight, epi.scales, epi.bias if epi.bias is not None else epi.scales)
@@ -504,20 +490,26 @@ def _conv_launch(x_nhwc_int8, packed_weight, w_bits, scales, bias, kernel_size, 
                  sh, sw, ph, pw,
                  x.stride(0), x.stride(1), x.stride(2), x.stride(3), packed_weight.stride(0),
                  int(x_zero_point), *epi.scalars)
-        constants = dict(
-            X_ZP=wsum is not None, KH=kh, KW=kw, BITS=w_bits, VALUES=values, WORD_TILES=word_tiles(values, cfg),
-            HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
-            OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
-            **launch_options(cfg),
-        )
-    launcher = kernel[grid]
+        loop_constants = dict(WORD_TILES=word_tiles(values, cfg))
+    constants = dict(
+        X_ZP=wsum is not None, KH=kh, KW=kw, BITS=w_bits, VALUES=values,
+        HAS_BIAS=bias is not None, RELU=bool(relu), RES_MODE=epi.res_mode,
+        OUT_MODE=epi.out_mode, OUT_DTYPE=epi.tl_out,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 1),
+        **loop_constants, **launch_options(cfg),
+    )
+    return _launch(epi, out_shape, device, kernel[grid], before, after, constants)
 
+
+def _launch(epi, out_shape, device, launcher, before, after, constants):
+    """``launch(x, residual, out)``: allocates (or checks) the outputs and, unless ``launcher`` is None (an
+    empty output), runs ``launcher(x, *before, residual, out, codes, *after, **constants)``."""
     def launch(x, residual, out):
         out = epi.output(out_shape, device, out)
         codes = epi.codes_output(out_shape, device)
-        launcher(x, *before, residual.contiguous() if residual is not None else out, out,
-                 codes if codes is not None else out, *after, **constants)
+        if launcher is not None:
+            launcher(x, *before, residual.contiguous() if residual is not None else out, out,
+                     codes if codes is not None else out, *after, **constants)
         return out if codes is None else (out, codes)
 
     return launch

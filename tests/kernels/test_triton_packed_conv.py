@@ -41,14 +41,20 @@ class _LaunchCounter:
         return launch
 
 
-@pytest.fixture(params=["im2col", "rows"])
-def conv_loop(request, monkeypatch):
-    """Runs a test with each K loop (ARQ_TRITON_CONV_LOOP); yields the loop's launch counters."""
-    monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", request.param)
+def _count_launches(monkeypatch) -> dict:
+    """Each K loop's kernel behind a :class:`_LaunchCounter`, by loop name."""
     counters = {"im2col": _LaunchCounter(packed_conv_module._packed_conv2d_kernel),
                 "rows": _LaunchCounter(packed_conv_module._packed_conv2d_rows_kernel)}
     monkeypatch.setattr(packed_conv_module, "_packed_conv2d_kernel", counters["im2col"])
     monkeypatch.setattr(packed_conv_module, "_packed_conv2d_rows_kernel", counters["rows"])
+    return counters
+
+
+@pytest.fixture(params=["im2col", "rows"])
+def conv_loop(request, monkeypatch):
+    """Runs a test with each K loop (ARQ_TRITON_CONV_LOOP); yields the loop's launch counters."""
+    monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", request.param)
+    counters = _count_launches(monkeypatch)
     yield request.param, counters
     # contiguous NHWC inputs (every test using this fixture) run the loop asked for, and only it
     other = "im2col" if request.param == "rows" else "rows"
@@ -407,10 +413,7 @@ def test_auto_loop_picks_per_layer(channels, ks, expected_loop, device, generato
     """``ARQ_TRITON_CONV_LOOP=auto``: im2col for 3x3 layers of at most 16 input channels, rows otherwise;
     the same result either way."""
     monkeypatch.setenv("ARQ_TRITON_CONV_LOOP", "auto")
-    counters = {"im2col": _LaunchCounter(packed_conv_module._packed_conv2d_kernel),
-                "rows": _LaunchCounter(packed_conv_module._packed_conv2d_rows_kernel)}
-    monkeypatch.setattr(packed_conv_module, "_packed_conv2d_kernel", counters["im2col"])
-    monkeypatch.setattr(packed_conv_module, "_packed_conv2d_rows_kernel", counters["rows"])
+    counters = _count_launches(monkeypatch)
     geometry = (2, 5, 6, channels, 9, ks, 1, ks // 2, 4)
     x, weight, packed = _case(geometry, generator)
     got = packed_conv2d(x.to(device), packed.to(device), 4, torch.ones(9, device=device), kernel_size=ks,
