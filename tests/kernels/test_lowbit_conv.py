@@ -223,19 +223,19 @@ def test_kept_winograd_transforms_follow_the_weights(monkeypatch, loop):
     gen = torch.Generator().manual_seed(11 + len(loop))
     x = torch.randint(0, 16, (2, 40, 6, 7), generator=gen, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
 
-    def run(tiles, sums, backend):
-        return ops.lowbit_conv2d(x, tiles, sums, torch.ones(24), None, 24, 3, 1, 1, 0, 15, 8 if backend == "w8" else 4,
-                                 backend="cpp" if backend == "w8" else backend)
+    def run(tiles, sums, backend, w_bits=4):
+        return ops.lowbit_conv2d(x, tiles, sums, torch.ones(24), None, 24, 3, 1, 1, 0, 15, w_bits, backend=backend)
 
     def weights(limit):
         return torch.randint(-limit, limit + 1, (24, 40, 3, 3), generator=gen, dtype=torch.int8)
 
     first, second = ops.lowbit_conv_weight_tiles(weights(7)), ops.lowbit_conv_weight_tiles(weights(7))
     wide = ops.lowbit_conv_weight_tiles(weights(127))  # |U| > 127: outside both Winograd paths
-    expected = {name: run(*pair, "torch") for name, pair in (("first", first), ("second", second))}
-    expected["wide"] = ops.lowbit_conv2d(x, *wide, torch.ones(24), None, 24, 3, 1, 1, 0, 15, 8, backend="torch")
-    for name, pair in (("first", first), ("second", second), ("wide", wide), ("first", first), ("wide", wide)):
-        assert torch.equal(run(*pair, "w8" if name == "wide" else "cpp"), expected[name]), name
+    layers = {"first": (first, 4), "second": (second, 4), "wide": (wide, 8)}
+    expected = {name: run(*pair, "torch", w_bits) for name, (pair, w_bits) in layers.items()}
+    for name in ("first", "second", "wide", "first", "wide"):
+        pair, w_bits = layers[name]
+        assert torch.equal(run(*pair, "cpp", w_bits), expected[name]), name
     changed = weights(7)
     tiles, sums = ops.lowbit_conv_weight_tiles(changed)
     first[0].copy_(tiles)  # the same tensor, other contents
