@@ -58,20 +58,22 @@ GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1
 * ``arq_fp16_cl``          ``arq.certify`` on the FP16 channels_last model
 * ``arq_w8a8``, ``arq_w4a4``  ``arq.certify`` on the W8A8 / W4A4 model: the engine runs arq's
                            packed Triton kernels (``arq.quant.kernels``; ``certificate_backend``
-                           "...+packed"), or the fake-quant model where they are unavailable
-* ``arq_w8a8_graphs``, ``arq_w4a4_graphs``  the same with the engine's CUDA graphs
-                           (``prepare_model(..., cuda_graphs=True)``, "...+graphs"), paired per round with
-                           their base (``paired_ratio_to_base``); ``arq_fp16_cl_graphs`` on request
-* ``arq_w8a8_graphs_rows``, ``arq_w4a4_graphs_rows``  the graphed ones with ``ARQ_TRITON_CONV_LOOP=rows``:
-                           the packed convolution's row loop with the layers' unpacked int8 weights,
-                           paired with the graphed variant; any ``<arq variant>_rows`` (on request
-                           ``arq_w8a8_rows``, ``arq_w4a4_rows``)
-* ``arq_w4a4_noplans``     ``arq_w4a4`` with ``ARQ_TRITON_LAUNCH_PLANS=0``: every packed convolution checks
-                           and derives its launch afresh each call (as before 2026-11-29), paired with
-                           ``arq_w4a4``; any ``<arq variant>_noplans``
-* ``arq_w4a4_graphs_autoloop``  the same with ``ARQ_TRITON_CONV_LOOP=auto``: im2col for the 3x3 layers of
-                           16 channels, rows for the others (``arq_kernels.packed_conv.loop_for_layer``);
-                           any ``<arq variant>_autoloop``
+                           "...+packed+graphs": replayed from the engine's CUDA graphs, its default for
+                           them since 2026-11-29), or the fake-quant model where they are unavailable
+* ``arq_w8a8_nographs``, ``arq_w4a4_nographs``  the same with ``ARQ_CUDA_GRAPHS=0`` (eager launches),
+                           paired per round with their base (``paired_ratio_to_base``)
+* ``arq_fp16_cl_graphs``   ``arq_fp16_cl`` with the engine's CUDA graphs (``prepare_model(...,
+                           cuda_graphs=True)``; opt-in for float models), paired with ``arq_fp16_cl``;
+                           on request any ``<arq variant>_graphs``
+* ``arq_w8a8_rows``, ``arq_w4a4_rows``  ``ARQ_TRITON_CONV_LOOP=rows``: the packed convolution's row loop
+                           with the layers' unpacked int8 weights, paired with the base; any
+                           ``<arq variant>_rows``
+* ``arq_w4a4_autoloop``    ``ARQ_TRITON_CONV_LOOP=auto``: im2col for the 3x3 layers of 16 channels, rows
+                           for the others (``arq_kernels.packed_conv.loop_for_layer``); any
+                           ``<arq variant>_autoloop``
+* ``arq_w4a4_noplans``     (on request) ``arq_w4a4`` with ``ARQ_TRITON_LAUNCH_PLANS=0``: every packed
+                           convolution checks and derives its launch afresh each call (as before
+                           2026-11-29; with ``_nographs`` the A/B that shows it); any ``<arq variant>_noplans``
 * ``arq_w4a4_floatnoise``  (on request) ``arq_w4a4`` with ``ARQ_INPUT_CODES=0``: float32 noisy images
                            that the packed model normalizes and quantizes itself, instead of its stem's
                            int8 codes written by the Triton noise kernel
@@ -115,14 +117,13 @@ if DEVICE == "cuda":
     SAMPLES = {"resnet20": 100_000, "resnet110": 30_000}
     # the CUDA graph is captured last, after every other variant's first call has allocated what it
     # needs. The float-noise variant is on request: level with its base on ResNet-110 on an H200
-    # (2026-11-28, benchmarks/results/gpu-h200-2026-11-28-session16), as the engine's graphs were then.
-    # The packed paths with and without the engine's CUDA graphs, and the graphed ones with the row loop:
-    # on the H200 (2026-11-29, session 25) the packed variants' rounds were bimodal (0.37-0.41 s and
-    # 0.58-0.64 s a call) while their kernels alone take ~0.27 s (the profile), i.e. the host's launches
-    # set the pace; the row loop's kernels were 0.87x (W4A4) and 0.79x (W8A8) the im2col loop's time,
-    # yet its end-to-end A/B read 0.95x / 0.97x, host-bound too
-    VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_w8a8", "arq_w8a8_graphs", "arq_w8a8_graphs_rows",
-                "arq_w4a4", "arq_w4a4_noplans", "arq_w4a4_graphs", "arq_w4a4_graphs_rows", "arq_w4a4_graphs_autoloop",
+    # (2026-11-28, benchmarks/results/gpu-h200-2026-11-28-session16). The packed paths are graphed by
+    # default since session 26 (2026-11-29, ResNet-110: 1.29x at W8A8, 1.00x at W4A4, whose layers keep
+    # their launches; never slower), so their A/B is "_nographs". Every graphed packed variant (W4A4 or
+    # W8A8, im2col or the tuned row loop) and the eager W4A4 one certified ResNet-110 at 93-100k
+    # samples/s there, whatever its kernels' speed (benchmarks/gpu_timeline.py asks why)
+    VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_fp16_cl_graphs", "arq_w8a8", "arq_w8a8_nographs",
+                "arq_w8a8_rows", "arq_w4a4", "arq_w4a4_nographs", "arq_w4a4_rows", "arq_w4a4_autoloop",
                 "fp16_cl_cudagraphs"]
     torch.backends.cudnn.benchmark = True  # every variant alike: cuDNN picks its fastest algorithms
 else:
@@ -294,6 +295,7 @@ ENV_VARIANTS = {
     "_rows": ("ARQ_TRITON_CONV_LOOP", "rows"),
     "_autoloop": ("ARQ_TRITON_CONV_LOOP", "auto"),
     "_noplans": ("ARQ_TRITON_LAUNCH_PLANS", "0"),
+    "_nographs": ("ARQ_CUDA_GRAPHS", "0"),
     "_direct": ("ARQ_LOWBIT_WINOGRAD", "0"),
     "_winorow": ("ARQ_LOWBIT_WINOGRAD", "row"),
     "_wino2d": ("ARQ_LOWBIT_WINOGRAD", "2d"),

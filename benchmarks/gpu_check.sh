@@ -21,18 +21,19 @@
 # Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
 # (default 470: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
 # test and benchmark steps to run, space-separated; default all of: tests_gpu bench_e2e_gpu_resnet110
-# bench_kernels profile ncu tests_kernels bench_e2e_gpu_resnet20 memcheck, run in that order; the
-# end-to-end steps time the packed paths with and without the engine's CUDA graphs and the graphed ones
-# with the row loop, each paired with its base). Run only when named: the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against
+# timeline bench_kernels profile ncu tests_kernels bench_e2e_gpu_resnet20 memcheck, run in that order; the
+# end-to-end steps time the packed paths (graphed, the engine's default) against themselves without
+# graphs and with the row loop, each paired with its base). Run only when named: the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against
 # the default div.rn) and bench_e2e_gpu_resnet110_generic_configs (generic launch configs against the
 # H200-tuned ones), "tune", which measures the Triton launch configs on the card, and "tune_rows", the
 # row loop's own).
-# Step times on an H200 (2026-11-29, benchmarks/results/gpu-h200-2026-11-29-session25): environment
-# 17 s, build 56, tests_gpu 115 (38 tests), bench_kernels 46, profile 65 (both conv loops), ncu 26,
-# ResNet-110 96 with seven variants (twelve now: ~150 estimated), tests_kernels > 82 (cut at its limit),
-# memcheck ~60 (session 16: 36), ResNet-20 40 (session 16, fewer variants). That sums to more than the
-# 470 s, so the order is what matters most for the issue first: the GPU tests, the ResNet-110 target,
-# then what says where its time goes (per layer, per kernel, the counters); the broad kernel tests,
+# Step times on an H200 (2026-11-29, sessions 25 and 26, benchmarks/results/gpu-h200-2026-11-29-session2{5,6}):
+# environment 17 s, build 56-67, tests_gpu 112 (38 tests), ResNet-110 112 (twelve variants), timeline
+# ~80 (estimated, not yet run), bench_kernels 46, profile 65 (both conv loops), ncu 26, tune_rows 32,
+# tests_kernels ~95 with 16 workers (session 26, the three noise tests that ran ptxas for > 40 s on
+# interpreter-sized blocks now use GPU-sized ones), ResNet-20 53, memcheck 46. That sums to more than
+# the 470 s, so the order is what matters most for the issue first: the GPU tests, the ResNet-110 target,
+# then what says where its time goes (the call's parts, per kernel, the counters); the broad kernel tests,
 # ResNet-20 and memcheck come last, and a step that finds no time left is recorded "no_time": rerun
 # those on the warm machine at once (it is given back after 30 s idle) with ARQ_CHECK_STEPS and
 # ARQ_CHECK_SKIP_BUILD=1.
@@ -189,7 +190,7 @@ if [ "$HAS_CUDA" = 1 ]; then
             # it failed: the same without the CUDA-graph baseline, for arq's own numbers at least
             # (JSON in logs.tgz: $OUT's eight files are taken)
             step bench_e2e_gpu_resnet110_nograph 90 env ARQ_E2E_DEVICE=cuda ARQ_E2E_ARCHS=$arch ARQ_E2E_ROUNDS=5 \
-                ARQ_E2E_VARIANTS=arq_fp32,arq_w8a8,arq_w8a8_graphs,arq_w4a4,arq_w4a4_graphs \
+                ARQ_E2E_VARIANTS=arq_fp32,arq_w8a8,arq_w8a8_nographs,arq_w4a4,arq_w4a4_nographs \
                 "$PYTHON" -m pytest -q -s -p no:cacheprovider benchmarks/bench_e2e.py --benchmark-only \
                 --benchmark-json="$WORK/bench_e2e_gpu_${arch}_nograph.json"
         fi
@@ -210,6 +211,9 @@ if [ "$HAS_CUDA" = 1 ]; then
     }
     # ResNet-110 first: the issue's GPU target is stated for it; ResNet-20 after the kernel tests
     e2e resnet110
+    # where a certify call's wall time goes (the model, the noise, the votes or the host; JSON in logs.tgz):
+    # session 26 found ResNet-110's packed paths at 93-100k samples/s whatever the kernels' speed
+    wanted timeline && step timeline 120 "$PYTHON" -m benchmarks.gpu_timeline "$WORK/timeline.json"
     wanted bench_kernels && step bench_kernels 80 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         --benchmark-only --benchmark-group-by=group --benchmark-json="$OUT/bench_kernels.json"
     # launch configs measured on this card (opt-in: ARQ_CHECK_STEPS="tune"; JSON in logs.tgz, to
@@ -254,7 +258,7 @@ if [ "$HAS_CUDA" = 1 ]; then
             "$PYTHON" -m benchmarks.gpu_memcheck resnet110
     fi
 else
-    for name in tests_gpu bench_e2e_gpu_resnet110 bench_kernels profile ncu tests_kernels bench_e2e_gpu_resnet20 \
+    for name in tests_gpu bench_e2e_gpu_resnet110 timeline bench_kernels profile ncu tests_kernels bench_e2e_gpu_resnet20 \
             memcheck; do
         skip "$name" "no CUDA device"
     done

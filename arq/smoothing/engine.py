@@ -89,10 +89,15 @@ uint8 throughout, 1.12x (ResNet-20) and 1.06x (ResNet-110) faster, but the float
 integer models that write codes from every convolution (``writes_codes_throughout``) get whole
 batches. One certify call then compiles one or two chunk shapes.
 
-CUDA graphs (opt-in until measured on a GPU: ``prepare_model(..., cuda_graphs=True)`` or
-``ARQ_CUDA_GRAPHS=1``): on CUDA any of the above, float models included, can be replayed from
-one CUDA graph per batch shape (:class:`CudaGraphForward`, tag "+graphs"), which removes the
-per-layer launch cost of a deep network; the noise and the votes stay outside the graph.
+CUDA graphs: on CUDA any of the above, float models included, can be replayed from one CUDA graph
+per batch shape (:class:`CudaGraphForward`, tag "+graphs"), which removes the per-layer launch cost
+of a deep network; the noise and the votes stay outside the graph. On by default for the packed GPU
+model ("+packed"), opt-in for the others (``prepare_model(..., cuda_graphs=True)`` or
+``ARQ_CUDA_GRAPHS=1``; ``ARQ_CUDA_GRAPHS=0`` turns them off for all). Measured on an H200
+(2026-11-29, benchmarks/results/gpu-h200-2026-11-29-session26, paired per round against the same
+model without graphs): the packed ResNet-110 certified 1.29x faster at W8A8 and 1.00x at W4A4 (whose
+launches were already cheap: each layer keeps its checked Triton launch), ResNet-20 1.02x and 1.03x;
+no case was slower. Float models' graphs have not been timed against their eager runs.
 """
 from __future__ import annotations
 
@@ -276,8 +281,8 @@ def prepare_model(
             ``ARQ_COMPILE=1``.
         work: samples the caller is about to evaluate (for the compile heuristic).
         cuda_graphs: on CUDA, replay the model from CUDA graphs (:class:`CudaGraphForward`, tag
-            "+graphs") (True / False), or None: reuse a graphed entry if one was prepared, else
-            only when ``ARQ_CUDA_GRAPHS=1``. Opt-in until it has been measured on a GPU.
+            "+graphs") (True / False), or None: ``ARQ_CUDA_GRAPHS`` when set, else reuse a graphed
+            entry if one was prepared, else graphs for the packed GPU model only (module docstring).
 
     Returns:
         ``(callable, tag)``: the callable maps ``[B, C, H, W]`` to logits ``[B, K]``; ``tag`` is
@@ -547,13 +552,13 @@ class CudaGraphForward:
         return graph, static_input, static_output
 
 
-def _cuda_graphs_wanted(cuda_graphs: bool | None, prepared: bool) -> bool:
+def _cuda_graphs_wanted(cuda_graphs: bool | None, prepared: bool, default: bool = False) -> bool:
     if cuda_graphs is not None:
         return bool(cuda_graphs)
     env = os.environ.get("ARQ_CUDA_GRAPHS", "").strip().lower()
     if env:
         return env not in ("0", "false", "no", "off")
-    return prepared
+    return prepared or default
 
 
 def _graphed(model: nn.Module, inner, tag: str, device: torch.device, cuda_graphs: bool | None):
@@ -567,7 +572,7 @@ def _graphed(model: nn.Module, inner, tag: str, device: torch.device, cuda_graph
         # a converted inner model came from this model's entries, whose values were just compared
         entries = _entries(model, fingerprint, check_values=inner is model)
         stale = [other for other in entries if other[:3] == family and other != key]
-        if not _cuda_graphs_wanted(cuda_graphs, key in entries or bool(stale)):
+        if not _cuda_graphs_wanted(cuda_graphs, key in entries or bool(stale), default=tag == "+packed"):
             return inner, tag
         if key not in entries:
             for other in stale:  # holds another inner model and its captured graphs

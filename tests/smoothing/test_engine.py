@@ -232,15 +232,27 @@ def test_a_failed_packed_conversion_is_retried_once_the_model_changes(monkeypatc
     assert len(calls) == 2
 
 
-def test_cuda_graphs_are_opt_in(monkeypatch, qmodel):
+def test_cuda_graphs_are_the_packed_models_default_and_opt_in_for_others(monkeypatch, qmodel):
     monkeypatch.delenv("ARQ_CUDA_GRAPHS", raising=False)
     assert not engine._cuda_graphs_wanted(None, prepared=False)
     assert engine._cuda_graphs_wanted(None, prepared=True)  # an entry prepared with graphs is reused
+    assert engine._cuda_graphs_wanted(None, prepared=False, default=True)
     assert engine._cuda_graphs_wanted(True, prepared=False) and not engine._cuda_graphs_wanted(False, prepared=True)
+    assert not engine._cuda_graphs_wanted(False, prepared=False, default=True)
     monkeypatch.setenv("ARQ_CUDA_GRAPHS", "1")
     assert engine._cuda_graphs_wanted(None, prepared=False)
     monkeypatch.setenv("ARQ_CUDA_GRAPHS", "0")
     assert not engine._cuda_graphs_wanted(None, prepared=True)
+    assert not engine._cuda_graphs_wanted(None, prepared=False, default=True)
+    # which entries default to graphs (building an entry touches no GPU; capture is lazy)
+    monkeypatch.delenv("ARQ_CUDA_GRAPHS")
+    cuda = torch.device("cuda")
+    packed_inner, float_inner = nn.Identity(), nn.Identity()
+    graphed, tag = engine._graphed(qmodel, packed_inner, "+packed", cuda, cuda_graphs=None)
+    assert isinstance(graphed, engine.CudaGraphForward) and tag == "+packed+graphs"
+    assert engine._graphed(qmodel, float_inner, "+fakequant", cuda, cuda_graphs=None) == (float_inner, "+fakequant")
+    other = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    assert engine._graphed(other, other, "", cuda, cuda_graphs=None) == (other, "")
     # on the CPU there is nothing to graph, whatever is asked
     float_model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     assert engine.prepare_model(float_model, "torch", "cpu", cuda_graphs=True) == (float_model, "")

@@ -1,0 +1,180 @@
+"""Where one quantized certification call's wall time goes: the model, the noise, the votes, or the host.
+
+Session 26 (H200, benchmarks/results/gpu-h200-2026-11-29-session26): on ResNet-110 the graphed packed
+W4A4 and W8A8 paths (and the eager W4A4 one) certified at 93-100k samples/s, with the im2col or the row
+loop, although the row loop's tuned configs ran the layers 1.3-3x faster than the shared ones in the
+tuning and session 25's profile put W8A8's kernels at 1.4x W4A4's: the kernels' speed did not show end
+to end. This times the parts of ``arq.certify`` one
+by one, on the same model, input and batches, so the bound is named:
+
+* ``certify``: the whole call (n0 = 100 selection samples, then ``samples - 100``);
+* ``prepare``: ``arq.smoothing.engine.prepare_model``'s per-call check (the cache's fingerprint);
+* ``loop``: ``sample_counts`` alone (noise, model, NaN flag and votes, batch after batch, no selection);
+* ``forward``: the prepared model (its CUDA graph when graphed) on one noisy batch, again and again;
+* ``noise``: the noisy batches alone; ``votes``: the vote count of one batch's logits, again and again;
+* ``profile``: one certify call under ``torch.profiler``: its wall time, the time some GPU kernel ran
+  (the union of the kernels' intervals), the idle gaps between kernels and the host operators with the
+  most time of their own.
+
+Each time is per batch of ``batch`` samples, the median of ``repeats`` runs, after a warm-up; on
+CUDA each run ends with a synchronization. If ``forward`` is close to ``loop``, the model's kernels
+bound the call; if ``loop`` is well above ``forward + noise + votes``, the host is the bound.
+
+    python -m benchmarks.gpu_timeline OUT.json [resnet110 resnet20 ...]   (benchmarks/gpu_check.sh: step timeline)
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from unittest import mock
+
+import torch
+
+import arq
+from arq.smoothing.core import _noisy_batches, sample_counts
+from arq.smoothing.engine import prepare_model
+from arq.smoothing.noise import DRAW_ESTIMATE, resolve_backend
+from arq.smoothing.votes import count_votes
+from benchmarks.bench_e2e import SIGMA, _quantized, make_model
+
+#: (arch, bits, conv loop) measured by default on CUDA: the issue's network at both bit widths, the
+#: row loop beside im2col, and ResNet-20 (a fifth of the layers: what a fixed cost per batch weighs)
+CUDA_CASES = (("resnet110", (4, 4), "im2col"), ("resnet110", (4, 4), "rows"), ("resnet110", (8, 8), "im2col"),
+              ("resnet20", (4, 4), "im2col"))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: compiles, captures, settles the allocator
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _busy_and_gaps(prof, wall_us: float) -> dict:
+    """The union of the GPU kernels' intervals, and the idle gaps between them."""
+    intervals = sorted((event.time_range.start, event.time_range.end) for event in prof.events()
+                       if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+                       and event.time_range.end > event.time_range.start)
+    if not intervals:
+        return {"kernels": 0}
+    busy, gaps = 0.0, []
+    start, end = intervals[0]
+    for lo, hi in intervals[1:]:
+        if lo > end:
+            busy += end - start
+            gaps.append(lo - end)
+            start, end = lo, hi
+        else:
+            end = max(end, hi)
+    busy += end - start
+    gaps.sort(reverse=True)
+    return {"kernels": len(intervals), "gpu_busy_us": round(busy, 1),
+            "gpu_busy_share_of_wall": round(busy / wall_us, 3) if wall_us else None,
+            "first_to_last_kernel_us": round(end - intervals[0][0], 1),
+            "gaps_over_20us": sum(1 for gap in gaps if gap > 20), "gap_us_total": round(sum(gaps), 1),
+            "largest_gaps_us": [round(gap, 1) for gap in gaps[:8]]}
+
+
+def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "cuda", graphs: bool = True,
+            samples: int = 10_000, batch: int = 1000, repeats: int = 3, profile: bool = True) -> dict:
+    """One case's times (module docstring), per batch, in milliseconds."""
+    device = torch.device(device)
+    env = {"ARQ_TRITON_CONV_LOOP": conv_loop} if device.type == "cuda" else {}
+    with mock.patch.dict(os.environ, env):
+        x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+        model = _quantized(make_model(arch), bits).to(device).eval()
+        backend = resolve_backend("auto", device)
+        graphed = graphs and device.type == "cuda"
+        run_model, tag = prepare_model(model, backend, device, cuda_graphs=graphed)
+        batches = max(1, samples // batch)
+        common = dict(sigma=SIGMA, seed=0, input_index=0, batch_size=batch, num_classes=10, backend=backend)
+        result = {"arch": arch, "bits": list(bits), "conv_loop": conv_loop if env else None, "device": str(device),
+                  "graphs": graphed, "backend": backend + tag, "samples": samples, "batch": batch,
+                  "batches": batches, "repeats": repeats}
+        per_batch = {}
+
+        def certify():
+            arq.certify(model, x, n=samples - 100, n0=100, batch_size=batch, backend="auto")
+
+        per_batch["certify"] = _median_seconds(certify, device, repeats) / batches
+        per_batch["prepare"] = _median_seconds(
+            lambda: prepare_model(model, backend, device, cuda_graphs=graphed), device, repeats) / batches
+        with torch.inference_mode():
+            per_batch["loop"] = _median_seconds(lambda: sample_counts(
+                run_model, x, num=batches * batch, draw=DRAW_ESTIMATE, **common), device, repeats) / batches
+            noisy = next(_noisy_batches(x, sigma=SIGMA, num=batch, draw=DRAW_ESTIMATE, seed=0, input_index=0,
+                                        batch_size=batch, backend=backend, model=run_model))
+
+            def forward():
+                for _ in range(batches):
+                    run_model(noisy)
+
+            def noise():
+                for _ in _noisy_batches(x, sigma=SIGMA, num=batches * batch, draw=DRAW_ESTIMATE, seed=0,
+                                        input_index=0, batch_size=batch, backend=backend, model=run_model):
+                    pass
+
+            logits = run_model(noisy).clone()
+
+            def votes():
+                for _ in range(batches):
+                    count_votes(logits, 10, backend=backend)
+
+            per_batch["forward"] = _median_seconds(forward, device, repeats) / batches
+            per_batch["noise"] = _median_seconds(noise, device, repeats) / batches
+            per_batch["votes"] = _median_seconds(votes, device, repeats) / batches
+        result["ms_per_batch"] = {name: round(seconds * 1e3, 3) for name, seconds in per_batch.items()}
+        result["samples_per_s"] = {name: round(batch / seconds) for name, seconds in per_batch.items()
+                                   if name in ("certify", "loop", "forward")}
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch_profile(activities=activities) as prof:
+                start = time.perf_counter()
+                certify()
+                _sync(device)
+                wall_us = (time.perf_counter() - start) * 1e6
+            result["profile"] = {"wall_us": round(wall_us, 1), **_busy_and_gaps(prof, wall_us),
+                                 "host_ops_by_self_time_us": [
+                                     [event.key[:80], event.count, round(event.self_cpu_time_total, 1)]
+                                     for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]}
+    return result
+
+
+def main(out_path: str, archs: list[str]) -> None:
+    results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "torch": torch.__version__, "cases": []}
+    if torch.cuda.is_available():
+        cases = [case for case in CUDA_CASES if not archs or case[0] in archs]
+        kwargs = {}
+    else:  # the CPU's integer model, without graphs: the script's own check on a CPU-only machine
+        cases = [(arch, (4, 4), "im2col") for arch in (archs or ["resnet20"])]
+        kwargs = dict(device="cpu", samples=800, batch=400, repeats=1)
+    for arch, bits, loop in cases:
+        try:
+            case = measure(arch, bits, loop, **kwargs)
+        except Exception as error:  # noqa: BLE001 - one failing case must not cost the others
+            case = {"arch": arch, "bits": list(bits), "conv_loop": loop, "error": f"{type(error).__name__}: {error}"}
+        results["cases"].append(case)
+        print(json.dumps({k: case.get(k) for k in ("arch", "bits", "conv_loop", "backend", "ms_per_batch",
+                                                     "samples_per_s", "error")}), flush=True)
+        with open(out_path, "w", encoding="utf-8") as handle:  # after each case: a cut run keeps what it did
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "timeline.json", sys.argv[2:])
