@@ -14,7 +14,10 @@ by one, on the same model, input and batches, so the bound is named:
 * ``noise``: the noisy batches alone; ``votes``: the vote count of one batch's logits, again and again;
 * ``profile``: one certify call under ``torch.profiler``: its wall time, the time some GPU kernel ran
   (the union of the kernels' intervals), the idle gaps between kernels and the host operators with the
-  most time of their own.
+  most time of their own;
+* ``layers``: every convolution and linear layer of the eager model (the one a CUDA graph replays)
+  timed alone on the input it got in one forward of the batch, slowest first: whether one layer (the
+  stem, with its 3 input channels, say) costs far more than its share.
 
 Each time is per batch of ``batch`` samples, the median of ``repeats`` runs, after a warm-up; on
 CUDA each run ends with a synchronization. If ``forward`` is close to ``loop``, the model's kernels
@@ -88,11 +91,51 @@ def _busy_and_gaps(prof, wall_us: float) -> dict:
             "largest_gaps_us": [round(gap, 1) for gap in gaps[:8]]}
 
 
+def layer_times(prepared, batch: torch.Tensor, device: torch.device, repeats: int = 10) -> dict:
+    """Each convolution or linear layer of ``prepared`` (unwrapped from its CUDA graph) timed alone, in
+    microseconds a call, on the arguments it received in one forward of ``batch``."""
+    from arq.smoothing.engine import CudaGraphForward
+
+    model = prepared.model if isinstance(prepared, CudaGraphForward) else prepared
+    calls, hooks = [], []
+    for name, module in model.named_modules():
+        if next(module.children(), None) is None and any(kind in type(module).__name__ for kind in ("Conv", "Linear")):
+            hooks.append(module.register_forward_pre_hook(
+                lambda layer, args, kwargs, name=name: calls.append((name, layer, args, kwargs)), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = []
+    with torch.inference_mode():
+        for name, layer, args, kwargs in calls:
+            seconds = _median_seconds(lambda: [layer(*args, **kwargs) for _ in range(repeats)], device, 3) / repeats
+            layers.append({"name": name, "type": type(layer).__name__, "us": round(seconds * 1e6, 1),
+                           **{key: getattr(layer, key) for key in ("in_channels", "out_channels") if hasattr(layer, key)},
+                           **{key: list(value) if isinstance(value, (tuple, list)) else value
+                              for key in ("kernel_size", "stride") if (value := getattr(layer, key, None)) is not None}})
+    total = sum(layer["us"] for layer in layers)
+    return {"count": len(layers), "total_us": round(total, 1),
+            "by_time": sorted(layers, key=lambda layer: -layer["us"])}
+
+
 def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "cuda", graphs: bool = True,
             samples: int = 10_000, batch: int = 1000, repeats: int = 3, profile: bool = True) -> dict:
-    """One case's times (module docstring), per batch, in milliseconds."""
+    """One case's times (module docstring), per batch, in milliseconds; a part that fails is named
+    in ``errors`` and the others are still measured."""
     device = torch.device(device)
     env = {"ARQ_TRITON_CONV_LOOP": conv_loop} if device.type == "cuda" else {}
+    errors: dict[str, str] = {}
+
+    def part(name, fn):
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - a failing part must not cost the others
+            errors[name] = f"{type(error).__name__}: {error}"[:300]
+            return None
+
     with mock.patch.dict(os.environ, env):
         x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
         model = _quantized(make_model(arch), bits).to(device).eval()
@@ -104,19 +147,18 @@ def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "
         result = {"arch": arch, "bits": list(bits), "conv_loop": conv_loop if env else None, "device": str(device),
                   "graphs": graphed, "backend": backend + tag, "samples": samples, "batch": batch,
                   "batches": batches, "repeats": repeats}
-        per_batch = {}
 
         def certify():
             arq.certify(model, x, n=samples - 100, n0=100, batch_size=batch, backend="auto")
 
-        per_batch["certify"] = _median_seconds(certify, device, repeats) / batches
-        per_batch["prepare"] = _median_seconds(
-            lambda: prepare_model(model, backend, device, cuda_graphs=graphed), device, repeats) / batches
+        def timed(fn):
+            return lambda: _median_seconds(fn, device, repeats) / batches
+
+        per_batch = {"certify": part("certify", timed(certify))}
         with torch.inference_mode():
-            per_batch["loop"] = _median_seconds(lambda: sample_counts(
-                run_model, x, num=batches * batch, draw=DRAW_ESTIMATE, **common), device, repeats) / batches
             noisy = next(_noisy_batches(x, sigma=SIGMA, num=batch, draw=DRAW_ESTIMATE, seed=0, input_index=0,
                                         batch_size=batch, backend=backend, model=run_model))
+            logits = run_model(noisy).clone()
 
             def forward():
                 for _ in range(batches):
@@ -127,32 +169,40 @@ def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "
                                         input_index=0, batch_size=batch, backend=backend, model=run_model):
                     pass
 
-            logits = run_model(noisy).clone()
-
             def votes():
                 for _ in range(batches):
                     count_votes(logits, 10, backend=backend)
 
-            per_batch["forward"] = _median_seconds(forward, device, repeats) / batches
-            per_batch["noise"] = _median_seconds(noise, device, repeats) / batches
-            per_batch["votes"] = _median_seconds(votes, device, repeats) / batches
+            per_batch["forward"] = part("forward", timed(forward))
+            per_batch["loop"] = part("loop", timed(lambda: sample_counts(
+                run_model, x, num=batches * batch, draw=DRAW_ESTIMATE, **common)))
+            per_batch["noise"] = part("noise", timed(noise))
+            per_batch["votes"] = part("votes", timed(votes))
+        per_batch["prepare"] = part("prepare", timed(lambda: prepare_model(model, backend, device, cuda_graphs=graphed)))
+        per_batch = {name: seconds for name, seconds in per_batch.items() if seconds is not None}
         result["ms_per_batch"] = {name: round(seconds * 1e3, 3) for name, seconds in per_batch.items()}
         result["samples_per_s"] = {name: round(batch / seconds) for name, seconds in per_batch.items()
                                    if name in ("certify", "loop", "forward")}
+        result["layers"] = part("layers", lambda: layer_times(run_model, noisy, device))
         if profile:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
-
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with torch_profile(activities=activities) as prof:
-                start = time.perf_counter()
-                certify()
-                _sync(device)
-                wall_us = (time.perf_counter() - start) * 1e6
-            result["profile"] = {"wall_us": round(wall_us, 1), **_busy_and_gaps(prof, wall_us),
-                                 "host_ops_by_self_time_us": [
-                                     [event.key[:80], event.count, round(event.self_cpu_time_total, 1)]
-                                     for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]}
+            result["profile"] = part("profile", lambda: _profiled(certify, device))
+    result["errors"] = errors
     return result
+
+
+def _profiled(call, device: torch.device) -> dict:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    return {"wall_us": round(wall_us, 1), **_busy_and_gaps(prof, wall_us),
+            "host_ops_by_self_time_us": [[event.key[:80], event.count, round(event.self_cpu_time_total, 1)]
+                                         for event in sorted(prof.key_averages(),
+                                                             key=lambda e: -e.self_cpu_time_total)[:15]]}
 
 
 def main(out_path: str, archs: list[str]) -> None:
@@ -171,7 +221,7 @@ def main(out_path: str, archs: list[str]) -> None:
             case = {"arch": arch, "bits": list(bits), "conv_loop": loop, "error": f"{type(error).__name__}: {error}"}
         results["cases"].append(case)
         print(json.dumps({k: case.get(k) for k in ("arch", "bits", "conv_loop", "backend", "ms_per_batch",
-                                                     "samples_per_s", "error")}), flush=True)
+                                                     "samples_per_s", "error", "errors")}), flush=True)
         with open(out_path, "w", encoding="utf-8") as handle:  # after each case: a cut run keeps what it did
             json.dump(results, handle, indent=1)
 

@@ -29,3 +29,23 @@ def test_busy_time_is_the_union_of_kernel_intervals_and_gaps_the_idle_time_betwe
 def test_no_kernels_reported_as_none():
     prof = SimpleNamespace(events=lambda: [_kernel(0, 5, torch.autograd.DeviceType.CPU)])
     assert _busy_and_gaps(prof, 10.0) == {"kernels": 0}
+
+
+def test_layer_times_time_each_convolution_and_linear_layer_on_its_own_input():
+    from torch import nn
+
+    from benchmarks.gpu_timeline import layer_times
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 2))
+    seen = []
+    model[3].register_forward_pre_hook(lambda layer, args: seen.append(args[0].shape))
+    times = layer_times(model, torch.rand(6, 3, 5, 5), torch.device("cpu"), repeats=2)
+    assert times["count"] == 2 and {layer["name"] for layer in times["by_time"]} == {"0", "3"}
+    assert all(layer["us"] > 0 for layer in times["by_time"])
+    assert times["by_time"][0]["us"] >= times["by_time"][1]["us"]  # slowest first
+    conv = next(layer for layer in times["by_time"] if layer["name"] == "0")
+    assert conv["type"] == "Conv2d" and conv["in_channels"] == 3 and conv["kernel_size"] == [3, 3]
+    # the linear layer was timed on the flattened activation it got in the forward, not on the input
+    assert set(seen) == {torch.Size([6, 100])}
+    # the timing hooks are gone (the test's own stays)
+    assert not model[0]._forward_pre_hooks and len(model[3]._forward_pre_hooks) == 1
