@@ -7,7 +7,15 @@
 // (benchmarks/bench_cpp_ops.py::test_requantize, 1 and 2 threads). An input code has 256 values,
 // so on CPUs with AVX-512 VBMI the op computes the 256 outputs once per call with the scalar
 // formula and maps the tensor through that table, 64 codes per two vpermi2b: exact by
-// construction, and no division per element (the AVX2 loop is bound by its vdivps).
+// construction, and no division per element (the AVX2 loop is bound by its vdivps). On AVX2 the
+// same table is used where it rises in few steps (a low-bit reader of an 8-bit stream: at most 15
+// for 4 bits): every float32 step of the formula keeps the order of the codes (subtracting a
+// constant, multiplying and dividing by positive scales, rounding, adding, clamping), so the table
+// is non-decreasing and table[c] = table[0] + #{steps at or below c}; the op counts them with two
+// byte compares each, 128 codes at a time, and checks the table's order before relying on it.
+// 2-core Zen 3, 400 x 16 x 32 x 32 codes into a 4-bit reader (15 steps): 1.25 ms with the division,
+// 0.75 ms counting (one thread: 2.2 and 0.87 ms); ResNet-110's 56 requantizations went from 45 to 31 ms
+// of a 400-sample forward's ~650 (torch.profiler, one run each, ad hoc).
 //
 // arq::quantize_codes: float32 activations -> an activation quantizer's uint8 codes,
 //   out = clamp(round(x / scale) + zero_point, code_min, code_max)
@@ -74,6 +82,64 @@ void requantize_avx2(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t en
     store_codes(dst + i, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, out_zero), low), high));
   }
   requantize_portable(src, dst, i, end, g);
+}
+
+// At most this many steps are counted (three instructions each per 32 codes): below where the division
+// loop catches up (one thread, the grid above: 24 steps 1.39 ms, 25 through the division 1.93 ms).
+constexpr int kMaxSteps = 24;
+
+// The table's steps, each listed once per unit of rise, when it is non-decreasing and rises at most
+// kMaxSteps times; else 0 steps and false.
+bool table_steps(const uint8_t* table, uint8_t* steps, int* count) {
+  *count = 0;
+  for (int code = 1; code < 256; ++code) {
+    if (table[code] < table[code - 1]) return false;
+    for (int rise = table[code] - table[code - 1]; rise > 0; --rise) {
+      if (*count == kMaxSteps) return false;
+      steps[(*count)++] = static_cast<uint8_t>(code);
+    }
+  }
+  return true;
+}
+
+// out + 1 where code >= step (max(code, step) == code): a true compare is -1, subtracting it adds one
+__attribute__((target("avx2"))) inline __m256i count_step(__m256i out, __m256i code, __m256i step) {
+  return _mm256_sub_epi8(out, _mm256_cmpeq_epi8(_mm256_max_epu8(code, step), code));
+}
+
+// dst[i] = table[src[i]] for a non-decreasing table with these steps: table[0] plus one for each step
+// s <= code, 128 codes at a time (32 in the remainder); the tail through the table itself.
+__attribute__((target("avx2")))
+void map_by_steps_avx2(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t end, const uint8_t* table,
+                       const uint8_t* steps, int count) {
+  __m256i step[kMaxSteps];
+  for (int j = 0; j < count; ++j) step[j] = _mm256_set1_epi8(static_cast<char>(steps[j]));
+  const __m256i base = _mm256_set1_epi8(static_cast<char>(table[0]));
+  int64_t i = begin;
+  for (; i + 128 <= end; i += 128) {  // four independent sums per step, one load of it
+    const __m256i* in = reinterpret_cast<const __m256i*>(src + i);
+    const __m256i c0 = _mm256_loadu_si256(in), c1 = _mm256_loadu_si256(in + 1);
+    const __m256i c2 = _mm256_loadu_si256(in + 2), c3 = _mm256_loadu_si256(in + 3);
+    __m256i o0 = base, o1 = base, o2 = base, o3 = base;
+    for (int j = 0; j < count; ++j) {
+      o0 = count_step(o0, c0, step[j]);
+      o1 = count_step(o1, c1, step[j]);
+      o2 = count_step(o2, c2, step[j]);
+      o3 = count_step(o3, c3, step[j]);
+    }
+    __m256i* out = reinterpret_cast<__m256i*>(dst + i);
+    _mm256_storeu_si256(out, o0);
+    _mm256_storeu_si256(out + 1, o1);
+    _mm256_storeu_si256(out + 2, o2);
+    _mm256_storeu_si256(out + 3, o3);
+  }
+  for (; i + 32 <= end; i += 32) {
+    const __m256i code = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    __m256i out = base;
+    for (int j = 0; j < count; ++j) out = count_step(out, code, step[j]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), out);
+  }
+  for (; i < end; ++i) dst[i] = table[src[i]];
 }
 
 bool has_avx2() {
@@ -161,6 +227,17 @@ at::Tensor requantize_codes_cpu(const at::Tensor& codes, double in_scale, int64_
       map_through_table_vbmi(src, dst, begin, end, table);
     });
     return out;
+  }
+  if (isa != packed::Isa::kScalar && has_avx2()) {
+    uint8_t table[256], steps[kMaxSteps];
+    for (int code = 0; code < 256; ++code) table[code] = requantize_one(static_cast<uint8_t>(code), grid);
+    int count = 0;
+    if (table_steps(table, steps, &count)) {
+      at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+        map_by_steps_avx2(src, dst, begin, end, table, steps, count);
+      });
+      return out;
+    }
   }
 #endif
   at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {

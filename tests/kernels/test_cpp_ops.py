@@ -285,6 +285,11 @@ REQUANT_GRIDS = [  # (in_scale, in_zero, out_scale, out_zero, out_min, out_max)
     (0.5, 128, 0.25, 128, 0, 255),                 # signed, ties at every other code
     (0.01, 3, 0.0100001, 0, 2, 200),               # near-equal scales, clamped at both ends
     (1.0, 0, 3.0, 0, 0, 255),                      # exact thirds: x.5 ties round to even
+    # the AVX2 loop that counts the table's steps (at most 24), and just beyond it
+    (0.3, 10, 0.1, 0, 0, 15),                      # each code three steps up: a step listed three times
+    (0.05, 128, 0.2, 8, 1, 15),                    # zero points, clamped at out_min: table[0] = 1
+    (0.025, 0, 0.2, 0, 0, 24),                     # 24 steps, the most it counts
+    (0.025, 0, 0.2, 0, 0, 25),                     # 25: the division loop
 ]
 
 
@@ -293,7 +298,8 @@ REQUANT_GRIDS = [  # (in_scale, in_zero, out_scale, out_zero, out_min, out_max)
                                            ((2, 3, 9, 13), "contiguous"), ((4, 6, 5), "strided"),
                                            ((3, 17, 33, 35), "channels_last")])
 def test_requantize_codes_is_the_reference_bit_for_bit(grid, shape, layout, isa):
-    """Every path: the AVX-512 VBMI table ("vnni" where the CPU has VBMI), AVX2's division, scalar."""
+    """Every path: the AVX-512 VBMI table ("vnni" where the CPU has VBMI), AVX2's step count (a table
+    rising at most 24 times) and its division, scalar."""
     gen = torch.Generator().manual_seed(hash((grid, shape)) % 2**31)
     codes = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
     if shape == (256,):
