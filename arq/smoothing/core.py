@@ -70,7 +70,8 @@ class Certificate(NamedTuple):
     n, n0, sigma, alpha: the parameters it was computed with.
     backend: which noise backend produced the samples ("torch", "cpp", "cuda", ...), followed for a
         quantized model by how it ran (``arq.smoothing.engine``): "cpp+int8" the integer CPU model,
-        "cuda+packed" / "triton+packed" arq's packed GPU kernels, "...+fakequant" the fake-quant model.
+        "cuda+packed" / "triton+packed" arq's packed GPU kernels, "...+fakequant" the fake-quant model;
+        "+graphs" when the model was replayed from CUDA graphs (the packed GPU model's default).
     """
 
     prediction: int

@@ -101,6 +101,7 @@ no case was slower. Float models' graphs have not been timed against their eager
 """
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import weakref
@@ -504,31 +505,54 @@ class CudaGraphForward:
     algorithm choice, as between two eager runs); the noise is made outside the graph, so the
     samples, counts and the certificate's guarantee are unchanged.
 
-    The returned logits are the graph's output tensor, overwritten by the next call: callers
-    consume them (counts, argmax) before calling again, in stream order, as
-    :func:`arq.smoothing.core.sample_counts` and ``sample_predictions`` do. A graph holds the
-    storage of the parameters it captured: :func:`prepare_model` drops it (fingerprint) when any
-    parameter or buffer is replaced or changed in place. A shape whose capture fails runs
-    eagerly from then on, after one warning.
+    The returned logits are a copy of the graph's output, made right after the replay in the
+    same stream, so they stay valid whatever is called next (a replay overwrites the graph's
+    output). Calls may come from several threads and streams (now that the packed model is
+    graphed by default, two certifications of one model must not read each other's batches): one
+    lock covers copying the batch in, the replay and the copy out, and each call's stream first
+    waits for the previous call's copy out, so no replay overwrites the buffers another is reading.
+    At most ``MAX_GRAPHS`` shapes keep a graph (each holds its own memory pool); a new shape beyond
+    them drops the least recently used one. A graph holds the storage of the parameters it captured:
+    :func:`prepare_model` drops it (fingerprint) when any parameter or buffer is replaced or changed
+    in place. A shape whose capture fails runs eagerly from then on, after one warning.
     """
+
+    #: input shapes that keep a graph (a certify call uses up to three: n0, the batch, the remainder)
+    MAX_GRAPHS = 8
 
     def __init__(self, model: Callable[[torch.Tensor], torch.Tensor]):
         self.model = model
         # the replayed model's input format (arq.smoothing.core makes its noisy batches in it)
         self.input_codes = getattr(model, "input_codes", None)
-        self._graphs: dict[tuple, tuple | None] = {}
+        self._graphs: "collections.OrderedDict[tuple, tuple | None]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._last_copy_out = None  # the CUDA event recorded after the previous call's copy out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.stride(), x.device)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(x)
-        entry = self._graphs[key]
-        if entry is None:
-            return self.model(x)
-        graph, static_input, static_output = entry
-        static_input.copy_(x)
-        graph.replay()
-        return static_output
+        with self._lock:
+            stream = torch.cuda.current_stream(x.device) if x.device.type == "cuda" else None
+            if stream is not None and self._last_copy_out is not None:
+                stream.wait_event(self._last_copy_out)
+            if key in self._graphs:
+                self._graphs.move_to_end(key)
+            else:
+                if len(self._graphs) >= self.MAX_GRAPHS:
+                    if self._last_copy_out is not None:
+                        self._last_copy_out.synchronize()  # the dropped graph's last replay has finished
+                    self._graphs.popitem(last=False)
+                self._graphs[key] = self._capture(x)
+            entry = self._graphs[key]
+            if entry is None:
+                return self.model(x)
+            graph, static_input, static_output = entry
+            static_input.copy_(x)
+            graph.replay()
+            logits = static_output.clone()
+            if stream is not None:
+                self._last_copy_out = torch.cuda.Event()
+                self._last_copy_out.record(stream)
+            return logits
 
     def _capture(self, x: torch.Tensor):
         static_input = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)

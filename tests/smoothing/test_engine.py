@@ -182,7 +182,7 @@ def test_gpu_path_agrees_with_fake_quant(qmodel, mnist):
     ours = arq.certify(gpu_model, images, sigma=0.6, n=N, n0=N0, batch_size=256, backend="auto")
     reference = arq.certify(Plain(gpu_model), images, sigma=0.6, n=N, n0=N0, batch_size=256, backend="auto")
     for mine, ref in zip(ours, reference):
-        assert mine.backend in (ref.backend + "+packed", ref.backend + "+fakequant")
+        assert mine.backend in (ref.backend + "+packed+graphs", ref.backend + "+packed", ref.backend + "+fakequant")
         assert mine.prediction == ref.prediction
         assert abs(mine.count - ref.count) <= 0.01 * N
 
@@ -256,6 +256,84 @@ def test_cuda_graphs_are_the_packed_models_default_and_opt_in_for_others(monkeyp
     # on the CPU there is nothing to graph, whatever is asked
     float_model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     assert engine.prepare_model(float_model, "torch", "cpu", cuda_graphs=True) == (float_model, "")
+
+
+def test_graph_replay_returns_a_copy_and_keeps_the_most_recent_shapes(monkeypatch):
+    """The logits of one call survive the next (a replay overwrites the graph's output), and at most
+    MAX_GRAPHS shapes keep a graph, the least recently used dropped first (capture faked: no GPU)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    forward = engine.CudaGraphForward(model)
+    captured = []
+
+    class Graph:  # what torch.cuda.CUDAGraph.replay does: the captured forward into the same output
+        def __init__(self, static_input, static_output):
+            self.static_input, self.static_output = static_input, static_output
+
+        def replay(self):
+            self.static_output.copy_(model(self.static_input))
+
+    def capture(x):
+        captured.append(x.shape[0])
+        static_input, static_output = torch.empty_like(x), torch.empty(x.shape[0], 3)
+        return Graph(static_input, static_output), static_input, static_output
+
+    monkeypatch.setattr(forward, "_capture", capture)
+    first_batch, second_batch = torch.rand(2, 1, 2, 2), torch.rand(2, 1, 2, 2)
+    with torch.no_grad():
+        first = forward(first_batch)
+        second = forward(second_batch)
+        assert torch.equal(first, model(first_batch)) and torch.equal(second, model(second_batch))
+        assert captured == [2]
+        limit = engine.CudaGraphForward.MAX_GRAPHS
+        for rows in range(3, 2 + limit):  # fills the table: shapes 2 .. limit + 1
+            forward(torch.rand(rows, 1, 2, 2))
+        forward(torch.rand(2, 1, 2, 2))  # shape 2 used again: now the most recent
+        forward(torch.rand(limit + 2, 1, 2, 2))  # one more: shape 3, the least recently used, goes
+        kept = sorted(key[0][0] for key in forward._graphs)
+        assert kept == [2] + list(range(4, limit + 3)) and len(kept) == limit
+        forward(torch.rand(3, 1, 2, 2))  # captured again
+        assert captured == list(range(2, limit + 3)) + [3]
+
+
+def test_graph_replays_from_two_threads_each_get_their_own_logits(monkeypatch):
+    """Two certifications of one model at once (capture faked, a replay that takes time): each call's
+    logits are those of its own batch, never of the batch another thread copied in meanwhile."""
+    import threading
+    import time
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    forward = engine.CudaGraphForward(model)
+
+    class SlowGraph:
+        def __init__(self, static_input, static_output):
+            self.static_input, self.static_output = static_input, static_output
+
+        def replay(self):
+            batch = self.static_input.clone()
+            time.sleep(0.002)  # another thread may run here
+            self.static_output.copy_(model(batch))
+
+    def capture(x):
+        static_input, static_output = torch.empty_like(x), torch.empty(x.shape[0], 3)
+        return SlowGraph(static_input, static_output), static_input, static_output
+
+    monkeypatch.setattr(forward, "_capture", capture)
+    wrong = []
+
+    def certify_like(seed):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _ in range(15):
+                batch = torch.rand(2, 1, 2, 2, generator=generator)
+                if not torch.equal(forward(batch), model(batch)):
+                    wrong.append(seed)
+
+    threads = [threading.Thread(target=certify_like, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 def test_a_graphed_float_model_is_still_freed():
@@ -334,7 +412,7 @@ def test_gpu_packed_model_reads_its_input_codes(monkeypatch, qmodel, mnist):
     gpu_model = copy.deepcopy(qmodel).cuda().eval()
     images = mnist[0].cuda()
     prepared, tag = engine.prepare_model(gpu_model, "auto", "cuda")
-    if tag != "+packed":
+    if engine.execution_of(tag) != "packed":  # "+packed+graphs" by default
         pytest.skip(f"the packed GPU path is not available here ({tag!r})")
     assert prepared.input_codes is not None and prepared.input_codes.dtype == torch.int8
     entered = arq.certify(gpu_model, images, sigma=0.6, n=N, n0=N0, batch_size=256)
@@ -354,11 +432,11 @@ def test_gpu_irs_runs_the_candidate_on_the_packed_kernels(monkeypatch, float_mod
 
     gpu_float, gpu_model = copy.deepcopy(float_model).cuda().eval(), copy.deepcopy(qmodel).cuda().eval()
     images = mnist[0].cuda()
-    if engine.prepare_model(gpu_model, "auto", "cuda")[1] != "+packed":
+    if engine.execution_of(engine.prepare_model(gpu_model, "auto", "cuda")[1]) != "packed":
         pytest.skip("the packed GPU path is not available here")
     cache = build_cache(gpu_float, images, sigma=0.6, n=N, n0=N0, n_p=N // 2, batch_size=256)
     entered = certify_incremental(gpu_model, images, cache, n_p=N // 2, batch_size=256)
-    assert all(c.backend.endswith("+packed") for c in entered)  # "cuda+packed" with arq's CUDA ops built
+    assert all(c.backend.endswith("+packed+graphs") for c in entered)  # "cuda+packed+graphs" with arq's CUDA ops
     as_given = certify_incremental(gpu_model, images, cache, n_p=N // 2, batch_size=256, execution="as given")
     assert all(c.backend.endswith("+fakequant") for c in as_given)
     for packed, fake in zip(entered, as_given):
