@@ -244,6 +244,30 @@ def test_kept_winograd_transforms_follow_the_weights(monkeypatch, loop):
     assert torch.equal(run(*second, "cpp"), expected["second"])
 
 
+@pytest.mark.parametrize("loop", ["2d", "row"])
+def test_kept_winograd_transforms_past_the_cache_bound(monkeypatch, loop):
+    """More layers than the transform cache keeps (512 entries): whatever it drops, a layer met again
+    after 529 others, or met last, still gets its own transform (the reference's result). What this
+    does not show: that the memory stays bounded (the cache has no introspection)."""
+    _use_isa(monkeypatch, "avx2")
+    monkeypatch.setenv("ARQ_LOWBIT_WINOGRAD", loop)
+    gen = torch.Generator().manual_seed(5 + len(loop))
+    x = torch.randint(0, 16, (1, 32, 4, 5), generator=gen, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+
+    def run(tiles, sums, backend):
+        return ops.lowbit_conv2d(x, tiles, sums, torch.ones(8), None, 8, 3, 1, 1, 0, 15, 4, backend=backend)
+
+    layers = [ops.lowbit_conv_weight_tiles(torch.randint(-7, 8, (8, 32, 3, 3), generator=gen, dtype=torch.int8))
+              for _ in range(530)]
+    expected = {index: run(*layers[index], "torch") for index in (0, 1, 529)}
+    for index, pair in enumerate(layers):
+        result = run(*pair, "cpp")
+        if index in expected:
+            assert torch.equal(result, expected[index]), index
+    for index in (0, 529, 1, 0):
+        assert torch.equal(run(*layers[index], "cpp"), expected[index]), index
+
+
 @pytest.mark.parametrize("width", [2, 3, 4, 5, 9, 12])
 @pytest.mark.parametrize("signed", [False, True])
 def test_winograd_and_direct_loops_agree(monkeypatch, width, signed):
