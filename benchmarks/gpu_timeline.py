@@ -17,7 +17,9 @@ by one, on the same model, input and batches, so the bound is named:
   most time of their own;
 * ``layers``: every convolution and linear layer of the eager model (the one a CUDA graph replays)
   timed alone on the input it got in one forward of the batch, slowest first: whether one layer (the
-  stem, with its 3 input channels, say) costs far more than its share.
+  stem, with its 3 input channels, say) costs far more than its share;
+* ``peer`` (CUDA): the FP16 channels_last model's forward and its layers timed the same way, so each
+  packed layer has its cuDNN counterpart measured in the same run.
 
 Each time is per batch of ``batch`` samples, the median of ``repeats`` runs, after a warm-up; on
 CUDA each run ends with a synchronization. If ``forward`` is close to ``loop``, the model's kernels
@@ -205,6 +207,22 @@ def _profiled(call, device: torch.device) -> dict:
                                                              key=lambda e: -e.self_cpu_time_total)[:15]]}
 
 
+def peer_layers(arch: str, batch: int = 1000, repeats: int = 3) -> dict:
+    """The FP16 channels_last peer (cuDNN) beside the packed cases: its forward alone per batch and its
+    layers timed alone, so each packed layer has its cuDNN counterpart in the same run (CUDA only)."""
+    import copy
+
+    device = torch.device("cuda")
+    model = copy.deepcopy(make_model(arch)).to(device).half().to(memory_format=torch.channels_last)
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    noisy = (x + SIGMA * torch.randn(batch, 3, 32, 32, device=device)).half().contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        forward_s = _median_seconds(lambda: model(noisy), device, repeats)
+    return {"arch": arch, "peer": "fp16_channels_last_cudnn_eager", "batch": batch,
+            "ms_per_batch": {"forward": round(forward_s * 1e3, 3)}, "layers": layer_times(model, noisy, device)}
+
+
 def main(out_path: str, archs: list[str]) -> None:
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "torch": torch.__version__, "cases": []}
@@ -224,6 +242,17 @@ def main(out_path: str, archs: list[str]) -> None:
                                                      "samples_per_s", "error", "errors")}), flush=True)
         with open(out_path, "w", encoding="utf-8") as handle:  # after each case: a cut run keeps what it did
             json.dump(results, handle, indent=1)
+    if torch.cuda.is_available():
+        results["peer"] = []
+        for arch in sorted({case[0] for case in cases}):
+            try:
+                peer = peer_layers(arch)
+            except Exception as error:  # noqa: BLE001
+                peer = {"arch": arch, "error": f"{type(error).__name__}: {error}"}
+            results["peer"].append(peer)
+            print(json.dumps({k: peer.get(k) for k in ("arch", "ms_per_batch", "error")}), flush=True)
+            with open(out_path, "w", encoding="utf-8") as handle:
+                json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":
