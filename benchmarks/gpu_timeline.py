@@ -4,8 +4,8 @@ Session 26 (H200, benchmarks/results/gpu-h200-2026-11-29-session26): on ResNet-1
 W4A4 and W8A8 paths (and the eager W4A4 one) certified at 93-100k samples/s, with the im2col or the row
 loop, although the row loop's tuned configs ran the layers 1.3-3x faster than the shared ones in the
 tuning and session 25's profile put W8A8's kernels at 1.4x W4A4's: the kernels' speed did not show end
-to end. This times the parts of ``arq.certify`` one
-by one, on the same model, input and batches, so the bound is named:
+to end. This times the parts of ``arq.certify`` one by one, on the same model, input and batches, so
+the bound is named:
 
 * ``certify``: the whole call (n0 = 100 selection samples, then ``samples - 100``);
 * ``prepare``: ``arq.smoothing.engine.prepare_model``'s per-call check (the cache's fingerprint);
