@@ -21,7 +21,7 @@
 # Knobs: PYTHON (default python3, or .venv/bin/python when no python3 has torch), ARQ_CHECK_BUDGET_S
 # (default 470: the whole run), ARQ_CHECK_SKIP_BUILD=1 (reuse an installed arq), ARQ_CHECK_STEPS (the
 # test and benchmark steps to run, space-separated; default all of: tests_gpu bench_e2e_gpu_resnet110
-# timeline bench_kernels profile ncu tests_kernels bench_e2e_gpu_resnet20 memcheck, run in that order; the
+# timeline tests_kernels bench_kernels bench_e2e_gpu_resnet20 memcheck profile ncu, run in that order; the
 # end-to-end steps time the packed paths (graphed, the engine's default) against themselves without
 # graphs and with the row loop, each paired with its base). Run only when named: the A/Bs bench_e2e_gpu_resnet110_div_f64 (the float64 quotient against
 # the default div.rn) and bench_e2e_gpu_resnet110_generic_configs (generic launch configs against the
@@ -34,8 +34,9 @@
 # tests_kernels ~95 with 16 workers (session 26, the three noise tests that ran ptxas for > 40 s on
 # interpreter-sized blocks now use GPU-sized ones), ResNet-20 53, memcheck 46. That sums to more than
 # the 470 s, so the order is what matters most for the issue first: the GPU tests, the ResNet-110 target,
-# then what says where its time goes (the call's parts, per kernel, the counters); the broad kernel tests,
-# ResNet-20 and memcheck come last, and a step that finds no time left is recorded "no_time": rerun
+# what says where its time goes (the call's parts, layer by layer), the other kernel tests, the op
+# benchmarks, ResNet-20 and memcheck; the profile and the counters (measured in session 25) come last, and
+# a step that finds no time left is recorded "no_time": rerun
 # those on the warm machine at once (it is given back after 30 s idle) with ARQ_CHECK_STEPS and
 # ARQ_CHECK_SKIP_BUILD=1.
 set -u
@@ -215,6 +216,17 @@ if [ "$HAS_CUDA" = 1 ]; then
     # where a certify call's wall time goes (the model, the noise, the votes or the host; JSON in logs.tgz):
     # session 26 found ResNet-110's packed paths at 93-100k samples/s whatever the kernels' speed
     wanted timeline && step timeline 120 "$PYTHON" -m benchmarks.gpu_timeline "$WORK/timeline.json"
+    # the rest of the kernel tests, on the GPU instead of the interpreter; the lowbit conv's tests
+    # run the CPU op alone (CI runs them)
+    wanted tests_kernels && step tests_kernels 140 "${PYTEST[@]}" "${XDIST[@]}" --durations=15 -m "not gpu" tests/kernels \
+        --ignore=tests/kernels/test_lowbit_conv.py --junitxml="$WORK/tests_kernels.xml"
+    # a test that crashed the interpreter: its native backtrace (cuda-gdb also debugs host code; the
+    # image has no gdb)
+    if grep -qE "Segmentation fault|Fatal Python error|crashed" "$WORK/logs/tests_kernels.log" 2>/dev/null \
+            && command -v cuda-gdb > /dev/null 2>&1; then
+        step crash_backtrace 60 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary arq" \
+            --args "$PYTHON" -X faulthandler -m pytest -q -x -p no:cacheprovider tests/kernels/test_cpp_ops.py
+    fi
     wanted bench_kernels && step bench_kernels 80 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py \
         --benchmark-only --benchmark-group-by=group --benchmark-json="$OUT/bench_kernels.json"
     # launch configs measured on this card (opt-in: ARQ_CHECK_STEPS="tune"; JSON in logs.tgz, to
@@ -226,6 +238,12 @@ if [ "$HAS_CUDA" = 1 ]; then
     # ones on the H200, session 25), to merge as rows_<bucket> entries
     if named tune_rows; then
         step tune_rows 200 "$PYTHON" -m benchmarks.bench_kernels "$WORK/tuned_rows_configs.json" rows
+    fi
+    e2e resnet20
+    # out-of-bounds accesses in any GPU path of the end-to-end benchmark, named by kernel
+    if wanted memcheck && command -v compute-sanitizer > /dev/null 2>&1; then
+        step memcheck 120 compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 3 \
+            "$PYTHON" -m benchmarks.gpu_memcheck resnet110
     fi
     # where the quantized path's GPU time goes, kernel by kernel (JSON in logs.tgz)
     wanted profile && step profile 90 "$PYTHON" -m benchmarks.gpu_profile "$WORK/profile_resnet110.json" resnet110
@@ -241,26 +259,9 @@ if [ "$HAS_CUDA" = 1 ]; then
     elif wanted ncu; then
         skip ncu "no ncu on this machine"
     fi
-    # the rest of the kernel tests, on the GPU instead of the interpreter; the lowbit conv's tests
-    # run the CPU op alone (CI runs them)
-    wanted tests_kernels && step tests_kernels 140 "${PYTEST[@]}" "${XDIST[@]}" --durations=15 -m "not gpu" tests/kernels \
-        --ignore=tests/kernels/test_lowbit_conv.py --junitxml="$WORK/tests_kernels.xml"
-    # a test that crashed the interpreter: its native backtrace (cuda-gdb also debugs host code; the
-    # image has no gdb)
-    if grep -qE "Segmentation fault|Fatal Python error|crashed" "$WORK/logs/tests_kernels.log" 2>/dev/null \
-            && command -v cuda-gdb > /dev/null 2>&1; then
-        step crash_backtrace 60 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary arq" \
-            --args "$PYTHON" -X faulthandler -m pytest -q -x -p no:cacheprovider tests/kernels/test_cpp_ops.py
-    fi
-    e2e resnet20
-    # out-of-bounds accesses in any GPU path of the end-to-end benchmark, named by kernel
-    if wanted memcheck && command -v compute-sanitizer > /dev/null 2>&1; then
-        step memcheck 120 compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 3 \
-            "$PYTHON" -m benchmarks.gpu_memcheck resnet110
-    fi
 else
-    for name in tests_gpu bench_e2e_gpu_resnet110 timeline bench_kernels profile ncu tests_kernels bench_e2e_gpu_resnet20 \
-            memcheck; do
+    for name in tests_gpu bench_e2e_gpu_resnet110 timeline tests_kernels bench_kernels bench_e2e_gpu_resnet20 \
+            memcheck profile ncu; do
         skip "$name" "no CUDA device"
     done
 fi
