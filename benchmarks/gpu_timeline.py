@@ -135,7 +135,7 @@ def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "
         try:
             return fn()
         except Exception as error:  # noqa: BLE001 - a failing part must not cost the others
-            errors[name] = f"{type(error).__name__}: {error}"[:300]
+            errors[name] = _error_text(error)
             return None
 
     with mock.patch.dict(os.environ, env):
@@ -192,6 +192,15 @@ def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "
     return result
 
 
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+def _save(results: dict, out_path: str) -> None:
+    with open(out_path, "w", encoding="utf-8") as handle:  # after each case: a cut run keeps what it did
+        json.dump(results, handle, indent=1)
+
+
 def _profiled(call, device: torch.device) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -210,10 +219,8 @@ def _profiled(call, device: torch.device) -> dict:
 def peer_layers(arch: str, batch: int = 1000, repeats: int = 3) -> dict:
     """The FP16 channels_last peer (cuDNN) beside the packed cases: its forward alone per batch and its
     layers timed alone, so each packed layer has its cuDNN counterpart in the same run (CUDA only)."""
-    import copy
-
     device = torch.device("cuda")
-    model = copy.deepcopy(make_model(arch)).to(device).half().to(memory_format=torch.channels_last)
+    model = make_model(arch).to(device).half().to(memory_format=torch.channels_last)
     x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     noisy = (x + SIGMA * torch.randn(batch, 3, 32, 32, device=device)).half().contiguous(
         memory_format=torch.channels_last)
@@ -236,23 +243,21 @@ def main(out_path: str, archs: list[str]) -> None:
         try:
             case = measure(arch, bits, loop, **kwargs)
         except Exception as error:  # noqa: BLE001 - one failing case must not cost the others
-            case = {"arch": arch, "bits": list(bits), "conv_loop": loop, "error": f"{type(error).__name__}: {error}"}
+            case = {"arch": arch, "bits": list(bits), "conv_loop": loop, "error": _error_text(error)}
         results["cases"].append(case)
         print(json.dumps({k: case.get(k) for k in ("arch", "bits", "conv_loop", "backend", "ms_per_batch",
                                                      "samples_per_s", "error", "errors")}), flush=True)
-        with open(out_path, "w", encoding="utf-8") as handle:  # after each case: a cut run keeps what it did
-            json.dump(results, handle, indent=1)
+        _save(results, out_path)
     if torch.cuda.is_available():
         results["peer"] = []
         for arch in sorted({case[0] for case in cases}):
             try:
                 peer = peer_layers(arch)
             except Exception as error:  # noqa: BLE001
-                peer = {"arch": arch, "error": f"{type(error).__name__}: {error}"}
+                peer = {"arch": arch, "error": _error_text(error)}
             results["peer"].append(peer)
             print(json.dumps({k: peer.get(k) for k in ("arch", "ms_per_batch", "error")}), flush=True)
-            with open(out_path, "w", encoding="utf-8") as handle:
-                json.dump(results, handle, indent=1)
+            _save(results, out_path)
 
 
 if __name__ == "__main__":

@@ -1257,7 +1257,7 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
   // 0.90-0.98x at 32 and 0.79-0.84x at 64. ARQ_LOWBIT_WINOGRAD=2d: F(2 x 2, 3 x 3) wherever it fits;
   // =row: F(2, 3) only; =0: the direct loop (for tests and comparisons).
   static TransformCache<Winograd> row_transforms;
-  static TransformCache<Winograd2D> block_transforms_cache;
+  static TransformCache<Winograd2D> block_transforms;
   std::shared_ptr<const TransformCache<Winograd>::Entry> row_entry;
   std::shared_ptr<const TransformCache<Winograd2D>::Entry> block_entry;
   WinogradRow winograd_kernel = nullptr;
@@ -1270,7 +1270,7 @@ at::Tensor lowbit_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight_tiles
     const std::vector<int64_t> params{g.kernel, g.stride, g.channels, g.blocks, g.out_h, g.out_w, max_code, w_bits};
     const size_t tile_bytes = static_cast<size_t>(g.blocks * g.steps() * 32);
     if (winograd_mode != "row" && wide_enough) {
-      block_entry = block_transforms_cache.get(tiles, tile_bytes, params, [&](Winograd2D& wg) {
+      block_entry = block_transforms.get(tiles, tile_bytes, params, [&](Winograd2D& wg) {
         return winograd2d_weights(tiles, g, max_code, w_bits, wg);
       });
     }

@@ -56,6 +56,11 @@ inline uint8_t requantize_one(uint8_t code, const Grid& g) {
   return clamped_code(std::nearbyint(value / g.out_scale) + g.out_zero, g.out_min, g.out_max);
 }
 
+// The op's output for each of the 256 input codes (the table paths map through it).
+void fill_table(const Grid& g, uint8_t* table) {
+  for (int code = 0; code < 256; ++code) table[code] = requantize_one(static_cast<uint8_t>(code), g);
+}
+
 void requantize_portable(const uint8_t* src, uint8_t* dst, int64_t begin, int64_t end, const Grid& g) {
   for (int64_t i = begin; i < end; ++i) dst[i] = requantize_one(src[i], g);
 }
@@ -222,7 +227,7 @@ at::Tensor requantize_codes_cpu(const at::Tensor& codes, double in_scale, int64_
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa == packed::Isa::kAvx512Vnni && has_avx512_vbmi()) {
     uint8_t table[256];
-    for (int code = 0; code < 256; ++code) table[code] = requantize_one(static_cast<uint8_t>(code), grid);
+    fill_table(grid, table);
     at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
       map_through_table_vbmi(src, dst, begin, end, table);
     });
@@ -230,7 +235,7 @@ at::Tensor requantize_codes_cpu(const at::Tensor& codes, double in_scale, int64_
   }
   if (isa != packed::Isa::kScalar && has_avx2()) {
     uint8_t table[256], steps[kMaxSteps];
-    for (int code = 0; code < 256; ++code) table[code] = requantize_one(static_cast<uint8_t>(code), grid);
+    fill_table(grid, table);
     int count = 0;
     if (table_steps(table, steps, &count)) {
       at::parallel_for(0, input.numel(), 1 << 16, [&](int64_t begin, int64_t end) {

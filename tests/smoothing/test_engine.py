@@ -258,19 +258,17 @@ def test_cuda_graphs_are_the_packed_models_default_and_opt_in_for_others(monkeyp
     assert engine.prepare_model(float_model, "torch", "cpu", cuda_graphs=True) == (float_model, "")
 
 
-def test_graph_replay_returns_a_copy_and_keeps_the_most_recent_shapes(monkeypatch):
-    """The logits of one call survive the next (a replay overwrites the graph's output), and at most
-    MAX_GRAPHS shapes keep a graph, the least recently used dropped first (capture faked: no GPU)."""
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    forward = engine.CudaGraphForward(model)
+def _fake_capture(monkeypatch, forward, run):
+    """Replaces ``forward``'s capture (no GPU): a "graph" whose replay writes ``run(static input)`` into
+    the same output tensor, as torch.cuda.CUDAGraph.replay does. Returns the captured batch sizes."""
     captured = []
 
-    class Graph:  # what torch.cuda.CUDAGraph.replay does: the captured forward into the same output
+    class Graph:
         def __init__(self, static_input, static_output):
             self.static_input, self.static_output = static_input, static_output
 
         def replay(self):
-            self.static_output.copy_(model(self.static_input))
+            self.static_output.copy_(run(self.static_input))
 
     def capture(x):
         captured.append(x.shape[0])
@@ -278,6 +276,15 @@ def test_graph_replay_returns_a_copy_and_keeps_the_most_recent_shapes(monkeypatc
         return Graph(static_input, static_output), static_input, static_output
 
     monkeypatch.setattr(forward, "_capture", capture)
+    return captured
+
+
+def test_graph_replay_returns_a_copy_and_keeps_the_most_recent_shapes(monkeypatch):
+    """The logits of one call survive the next (a replay overwrites the graph's output), and at most
+    MAX_GRAPHS shapes keep a graph, the least recently used dropped first (capture faked: no GPU)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    forward = engine.CudaGraphForward(model)
+    captured = _fake_capture(monkeypatch, forward, lambda batch: model(batch))
     first_batch, second_batch = torch.rand(2, 1, 2, 2), torch.rand(2, 1, 2, 2)
     with torch.no_grad():
         first = forward(first_batch)
@@ -304,20 +311,12 @@ def test_graph_replays_from_two_threads_each_get_their_own_logits(monkeypatch):
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     forward = engine.CudaGraphForward(model)
 
-    class SlowGraph:
-        def __init__(self, static_input, static_output):
-            self.static_input, self.static_output = static_input, static_output
+    def slow_forward(batch):
+        batch = batch.clone()
+        time.sleep(0.002)  # another thread may run here
+        return model(batch)
 
-        def replay(self):
-            batch = self.static_input.clone()
-            time.sleep(0.002)  # another thread may run here
-            self.static_output.copy_(model(batch))
-
-    def capture(x):
-        static_input, static_output = torch.empty_like(x), torch.empty(x.shape[0], 3)
-        return SlowGraph(static_input, static_output), static_input, static_output
-
-    monkeypatch.setattr(forward, "_capture", capture)
+    _fake_capture(monkeypatch, forward, slow_forward)
     wrong = []
 
     def certify_like(seed):
