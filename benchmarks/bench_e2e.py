@@ -68,9 +68,12 @@ GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1
 * ``arq_w8a8_rows``, ``arq_w4a4_rows``  ``ARQ_TRITON_CONV_LOOP=rows``: the packed convolution's row loop
                            with the layers' unpacked int8 weights, paired with the base; any
                            ``<arq variant>_rows``
-* ``arq_w4a4_autoloop``    ``ARQ_TRITON_CONV_LOOP=auto``: im2col for the 3x3 layers of 16 channels, rows
+* ``arq_w4a4_autoloop``    (on request) ``ARQ_TRITON_CONV_LOOP=auto``: im2col for the 3x3 layers of 16 channels, rows
                            for the others (``arq_kernels.packed_conv.loop_for_layer``); any
                            ``<arq variant>_autoloop``
+* ``arq_w4a4_chunk250``    ``ARQ_GPU_CHUNK=250``: the model sees each batch of 1,000 noisy samples in four
+                           calls of 250 (the same samples and votes; ``arq.smoothing.engine.gpu_chunk``),
+                           paired with ``arq_w4a4``; any ``<arq variant>_chunk250`` or ``_chunk500``
 * ``arq_w4a4_noplans``     (on request) ``arq_w4a4`` with ``ARQ_TRITON_LAUNCH_PLANS=0``: every packed
                            convolution checks and derives its launch afresh each call (as before
                            2026-11-29; with ``_nographs`` the A/B that shows it); any ``<arq variant>_noplans``
@@ -121,9 +124,11 @@ if DEVICE == "cuda":
     # default since session 26 (2026-11-29, ResNet-110: 1.29x at W8A8, 1.00x at W4A4, whose layers keep
     # their launches; never slower), so their A/B is "_nographs". Every graphed packed variant (W4A4 or
     # W8A8, im2col or the tuned row loop) and the eager W4A4 one certified ResNet-110 at 93-100k
-    # samples/s there, whatever its kernels' speed (benchmarks/gpu_timeline.py asks why)
+    # samples/s there, whatever its kernels' speed (benchmarks/gpu_timeline.py asks why). The auto-loop A/B
+    # (1.01x, session 26) is on request now; in its place the model sees each 1,000-sample batch in four
+    # chunks of 250 (a stage-1 float32 stream of 16 MB instead of 64: does L2 bound the call?)
     VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_fp16_cl_graphs", "arq_w8a8", "arq_w8a8_nographs",
-                "arq_w8a8_rows", "arq_w4a4", "arq_w4a4_nographs", "arq_w4a4_rows", "arq_w4a4_autoloop",
+                "arq_w8a8_rows", "arq_w4a4", "arq_w4a4_nographs", "arq_w4a4_rows", "arq_w4a4_chunk250",
                 "fp16_cl_cudagraphs"]
     torch.backends.cudnn.benchmark = True  # every variant alike: cuDNN picks its fastest algorithms
 else:
@@ -295,6 +300,8 @@ ENV_VARIANTS = {
     "_rows": ("ARQ_TRITON_CONV_LOOP", "rows"),
     "_autoloop": ("ARQ_TRITON_CONV_LOOP", "auto"),
     "_noplans": ("ARQ_TRITON_LAUNCH_PLANS", "0"),
+    "_chunk250": ("ARQ_GPU_CHUNK", "250"),
+    "_chunk500": ("ARQ_GPU_CHUNK", "500"),
     "_nographs": ("ARQ_CUDA_GRAPHS", "0"),
     "_direct": ("ARQ_LOWBIT_WINOGRAD", "0"),
     "_winorow": ("ARQ_LOWBIT_WINOGRAD", "row"),

@@ -29,7 +29,7 @@
 # row loop's own).
 # Step times on an H200 (2026-11-29, sessions 25 and 26, benchmarks/results/gpu-h200-2026-11-29-session2{5,6}):
 # environment 17 s, build 56-67, tests_gpu 112 (38 tests; one took 87 s of it, split in five since),
-# ResNet-110 112 (twelve variants), timeline ~60-80 (estimated, not yet run), bench_kernels 46,
+# ResNet-110 112 (twelve variants), timeline ~80-110 (estimated, not yet run; with the batch sweep), bench_kernels 46,
 # profile 65 (both conv loops), ncu 26, tune_rows 32,
 # tests_kernels ~95 with 16 workers (session 26, the three noise tests that ran ptxas for > 40 s on
 # interpreter-sized blocks now use GPU-sized ones), ResNet-20 53, memcheck 46. That sums to more than
@@ -215,7 +215,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     e2e resnet110
     # where a certify call's wall time goes (the model, the noise, the votes or the host; JSON in logs.tgz):
     # session 26 found ResNet-110's packed paths at 93-100k samples/s whatever the kernels' speed
-    wanted timeline && step timeline 120 "$PYTHON" -m benchmarks.gpu_timeline "$WORK/timeline.json"
+    wanted timeline && step timeline 150 "$PYTHON" -m benchmarks.gpu_timeline "$WORK/timeline.json"
     # the rest of the kernel tests, on the GPU instead of the interpreter; the lowbit conv's tests
     # run the CPU op alone (CI runs them)
     wanted tests_kernels && step tests_kernels 140 "${PYTEST[@]}" "${XDIST[@]}" --durations=15 -m "not gpu" tests/kernels \

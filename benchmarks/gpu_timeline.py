@@ -19,7 +19,12 @@ the bound is named:
   timed alone on the input it got in one forward of the batch, slowest first: whether one layer (the
   stem, with its 3 input channels, say) costs far more than its share;
 * ``peer`` (CUDA): the FP16 channels_last model's forward and its layers timed the same way, so each
-  packed layer has its cuDNN counterpart measured in the same run.
+  packed layer has its cuDNN counterpart measured in the same run;
+* ``forward_by_batch`` (also for the peer): the forward at a quarter, half, one and two batches, in
+  milliseconds per 1,000 samples. Why: the layers timed alone (above) read inputs that their last run
+  left in L2, and a certification batch of 1,000 at ResNet stage 1 does not fit there (the float32
+  stream alone is 64 MB against the H200's 50 MB of L2); if the time per sample falls with smaller
+  batches, the engine should split GPU batches as it does CPU ones (``model_batches``).
 
 Each time is per batch of ``batch`` samples, the median of ``repeats`` runs, after a warm-up; on
 CUDA each run ends with a synchronization. If ``forward`` is close to ``loop``, the model's kernels
@@ -91,6 +96,18 @@ def _busy_and_gaps(prof, wall_us: float) -> dict:
             "first_to_last_kernel_us": round(end - intervals[0][0], 1),
             "gaps_over_20us": sum(1 for gap in gaps if gap > 20), "gap_us_total": round(sum(gaps), 1),
             "largest_gaps_us": [round(gap, 1) for gap in gaps[:8]]}
+
+
+def forward_by_batch(run_model, make_batch, device: torch.device, batch: int, repeats: int = 3) -> dict:
+    """``run_model`` on batches of ``batch`` // 4, // 2, x 1 and x 2 samples (``make_batch(size)``), in
+    milliseconds per 1,000 samples (the median of ``repeats`` runs of 1,000 samples or more each)."""
+    result = {}
+    for size in sorted({max(1, batch // 4), max(1, batch // 2), batch, 2 * batch}):
+        inputs = make_batch(size)
+        calls = max(1, -(-1000 // size))
+        seconds = _median_seconds(lambda: [run_model(inputs) for _ in range(calls)], device, repeats)
+        result[str(size)] = round(seconds / (calls * size) * 1e6, 3)
+    return result
 
 
 def layer_times(prepared, batch: torch.Tensor, device: torch.device, repeats: int = 10) -> dict:
@@ -176,6 +193,13 @@ def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "
                     count_votes(logits, 10, backend=backend)
 
             per_batch["forward"] = part("forward", timed(forward))
+
+            def noisy_batch(size):
+                return next(_noisy_batches(x, sigma=SIGMA, num=size, draw=DRAW_ESTIMATE, seed=0, input_index=0,
+                                           batch_size=size, backend=backend, model=run_model))
+
+            result["forward_by_batch_ms_per_1000"] = part(
+                "forward_by_batch", lambda: forward_by_batch(run_model, noisy_batch, device, batch))
             per_batch["loop"] = part("loop", timed(lambda: sample_counts(
                 run_model, x, num=batches * batch, draw=DRAW_ESTIMATE, **common)))
             per_batch["noise"] = part("noise", timed(noise))
@@ -222,12 +246,17 @@ def peer_layers(arch: str, batch: int = 1000, repeats: int = 3) -> dict:
     device = torch.device("cuda")
     model = make_model(arch).to(device).half().to(memory_format=torch.channels_last)
     x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-    noisy = (x + SIGMA * torch.randn(batch, 3, 32, 32, device=device)).half().contiguous(
-        memory_format=torch.channels_last)
+    def noisy_batch(size):
+        return (x + SIGMA * torch.randn(size, 3, 32, 32, device=device)).half().contiguous(
+            memory_format=torch.channels_last)
+
+    noisy = noisy_batch(batch)
     with torch.inference_mode():
         forward_s = _median_seconds(lambda: model(noisy), device, repeats)
+        by_batch = forward_by_batch(model, noisy_batch, device, batch)
     return {"arch": arch, "peer": "fp16_channels_last_cudnn_eager", "batch": batch,
-            "ms_per_batch": {"forward": round(forward_s * 1e3, 3)}, "layers": layer_times(model, noisy, device)}
+            "ms_per_batch": {"forward": round(forward_s * 1e3, 3)}, "forward_by_batch_ms_per_1000": by_batch,
+            "layers": layer_times(model, noisy, device)}
 
 
 def main(out_path: str, archs: list[str]) -> None:
@@ -246,7 +275,8 @@ def main(out_path: str, archs: list[str]) -> None:
             case = {"arch": arch, "bits": list(bits), "conv_loop": loop, "error": _error_text(error)}
         results["cases"].append(case)
         print(json.dumps({k: case.get(k) for k in ("arch", "bits", "conv_loop", "backend", "ms_per_batch",
-                                                     "samples_per_s", "error", "errors")}), flush=True)
+                                                     "forward_by_batch_ms_per_1000", "samples_per_s", "error",
+                                                     "errors")}), flush=True)
         _save(results, out_path)
     if torch.cuda.is_available():
         results["peer"] = []
@@ -256,7 +286,8 @@ def main(out_path: str, archs: list[str]) -> None:
             except Exception as error:  # noqa: BLE001
                 peer = {"arch": arch, "error": _error_text(error)}
             results["peer"].append(peer)
-            print(json.dumps({k: peer.get(k) for k in ("arch", "ms_per_batch", "error")}), flush=True)
+            print(json.dumps({k: peer.get(k) for k in ("arch", "ms_per_batch", "forward_by_batch_ms_per_1000",
+                                                       "error")}), flush=True)
             _save(results, out_path)
 
 

@@ -49,3 +49,30 @@ def test_layer_times_time_each_convolution_and_linear_layer_on_its_own_input():
     assert set(seen) == {torch.Size([6, 100])}
     # the timing hooks are gone (the test's own stays)
     assert not model[0]._forward_pre_hooks and len(model[3]._forward_pre_hooks) == 1
+
+
+def test_forward_by_batch_times_each_size_per_1000_samples():
+    """The sweep runs the model on batches of a quarter, half, one and two batches, each made by the
+    caller's function at that size, and reports milliseconds per 1,000 samples (a model that costs the
+    same per sample reads the same at every size)."""
+    import time
+
+    from benchmarks.gpu_timeline import forward_by_batch
+
+    sizes_made, sizes_run = [], []
+
+    def make_batch(size):
+        sizes_made.append(size)
+        return torch.zeros(size, 1)
+
+    def model(batch):  # 20 microseconds a sample
+        sizes_run.append(batch.shape[0])
+        time.sleep(batch.shape[0] * 20e-6)
+
+    result = forward_by_batch(model, make_batch, torch.device("cpu"), batch=200, repeats=1)
+    assert sorted(sizes_made) == [50, 100, 200, 400] and list(result) == ["50", "100", "200", "400"]
+    assert set(sizes_run) == {50, 100, 200, 400}
+    for ms in result.values():  # 20 ms per 1,000 samples, plus the sleeps' overshoot
+        assert 19.0 <= ms <= 40.0
+    # every size runs at least 1,000 samples per timed run (20 calls of 50)
+    assert sizes_run.count(50) >= 2 * 20

@@ -53,7 +53,7 @@ from arq.smoothing.noise import (
     noisy_batch,
     noisy_codes_batch,
 )
-from arq.smoothing.engine import cpu_chunk, model_batches, prepare_model, tensors_version
+from arq.smoothing.engine import cpu_chunk, gpu_chunk, model_batches, prepare_model, tensors_version
 from arq.smoothing.votes import count_votes
 
 from arq import ABSTAIN  # noqa: E402  (one definition, re-exported by arq)
@@ -288,7 +288,7 @@ def _sample_logits(model, x, *, sigma, num, draw, seed, input_index, batch_size,
     :func:`model_logits`; after the last, ValueError if any was NaN (one flag kept on the device, so
     no host synchronization per chunk)."""
     seen_nan = None
-    chunk = cpu_chunk(model) if x.device.type == "cpu" else 0  # only CPU batches are split
+    chunk = cpu_chunk(model) if x.device.type == "cpu" else gpu_chunk()
     for batch in _noisy_batches(x, sigma=sigma, num=num, draw=draw, seed=seed, input_index=input_index,
                                 batch_size=batch_size, backend=backend, model=model, start=start):
         for part in model_batches(batch, chunk):

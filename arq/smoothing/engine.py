@@ -133,29 +133,42 @@ def default_cpu_chunk(model: nn.Module | None = None) -> int:
 def cpu_chunk(model: nn.Module | None = None) -> int:
     """The CPU chunk size in force for ``model``: ``ARQ_CPU_CHUNK`` when set (0 = whole batches),
     else :func:`default_cpu_chunk`."""
-    env = os.environ.get("ARQ_CPU_CHUNK", "").strip()
-    if not env:
+    if not os.environ.get("ARQ_CPU_CHUNK", "").strip():
         return default_cpu_chunk(model)
+    return _chunk_from_env("ARQ_CPU_CHUNK", 0)
+
+
+def gpu_chunk() -> int:
+    """The most samples a model on another device than the CPU (CUDA) sees per call: ``ARQ_GPU_CHUNK``,
+    default 0 (whole batches). An A/B for now, not measured on a GPU yet: a batch of 1,000 CIFAR samples
+    makes a 64 MB float32 residual stream at ResNet stage 1, more than an H200's 50 MB of L2
+    (``benchmarks/gpu_timeline.py``'s ``forward_by_batch`` and bench_e2e's ``_chunk250`` measure it)."""
+    return _chunk_from_env("ARQ_GPU_CHUNK", 0)
+
+
+def _chunk_from_env(name: str, default: int) -> int:
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return default
     try:
         value = int(env)
     except ValueError:
-        raise ValueError(f"ARQ_CPU_CHUNK must be a non-negative integer (0: no chunks), got {env!r}") from None
+        raise ValueError(f"{name} must be a non-negative integer (0: no chunks), got {env!r}") from None
     if value < 0:
-        raise ValueError(f"ARQ_CPU_CHUNK must be a non-negative integer (0: no chunks), got {env!r}")
+        raise ValueError(f"{name} must be a non-negative integer (0: no chunks), got {env!r}")
     return value
 
 
 def model_batches(batch: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
-    """``batch`` as the model is to see it: on CPU, near-equal chunks (views along dim 0) of at
-    most ``chunk`` samples (default :func:`cpu_chunk`; 0: whole batches), in order; elsewhere, or
-    when it is small enough, ``(batch,)``.
+    """``batch`` as the model is to see it: near-equal chunks (views along dim 0) of at most ``chunk``
+    samples (default :func:`cpu_chunk` on CPU, :func:`gpu_chunk` elsewhere; 0: whole batches), in
+    order; ``(batch,)`` when it is small enough.
 
     ``400`` samples give four chunks of 100 and ``1000`` give eight of 125, so a compiled model
     meets one or two shapes per batch size.
     """
-    if batch.device.type != "cpu":
-        return (batch,)
-    chunk = cpu_chunk() if chunk is None else chunk
+    if chunk is None:
+        chunk = cpu_chunk() if batch.device.type == "cpu" else gpu_chunk()
     if chunk <= 0 or batch.shape[0] <= chunk:
         return (batch,)
     return batch.tensor_split(-(-batch.shape[0] // chunk))

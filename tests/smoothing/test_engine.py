@@ -422,6 +422,20 @@ def test_gpu_packed_model_reads_its_input_codes(monkeypatch, qmodel, mnist):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_chunks_change_no_certificate(monkeypatch, qmodel, mnist):
+    """ARQ_GPU_CHUNK splits each noisy batch before the (graphed) packed model: the same samples and
+    votes, so the same certificates, with chunks that divide the batch and chunks that do not."""
+    gpu_model = copy.deepcopy(qmodel).cuda().eval()
+    images = mnist[0].cuda()
+    monkeypatch.delenv("ARQ_GPU_CHUNK", raising=False)
+    whole = arq.certify(gpu_model, images, sigma=0.6, n=N, n0=N0, batch_size=256)
+    for chunk in ("64", "100"):
+        monkeypatch.setenv("ARQ_GPU_CHUNK", chunk)
+        assert arq.certify(gpu_model, images, sigma=0.6, n=N, n0=N0, batch_size=256) == whole, chunk
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_irs_runs_the_candidate_on_the_packed_kernels(monkeypatch, float_model, qmodel, mnist):
     """IRS (arq.irs) runs a quantized f' as arq.certify does: on CUDA through the packed kernels, entered
     at its stem's codes; its certificates are those of the packed model's float entry, exactly (the same
@@ -465,6 +479,24 @@ def test_model_batches_split_cpu_batches_into_near_equal_chunks(monkeypatch):
         monkeypatch.setenv("ARQ_CPU_CHUNK", bad)
         with pytest.raises(ValueError, match="ARQ_CPU_CHUNK"):
             engine.model_batches(torch.empty(400, 3))
+
+
+def test_model_batches_split_other_devices_only_when_asked(monkeypatch):
+    """Off the CPU (a meta tensor stands for a CUDA one) batches stay whole unless ARQ_GPU_CHUNK asks for
+    chunks, which are then the CPU's near-equal views; ARQ_CPU_CHUNK does not touch them."""
+    monkeypatch.delenv("ARQ_GPU_CHUNK", raising=False)
+    monkeypatch.setenv("ARQ_CPU_CHUNK", "128")
+    sizes = lambda n: [part.shape[0] for part in engine.model_batches(torch.empty(n, 3, device="meta"))]  # noqa: E731
+    assert sizes(1000) == [1000] and engine.gpu_chunk() == 0
+    monkeypatch.setenv("ARQ_GPU_CHUNK", "250")
+    assert sizes(1000) == [250] * 4 and sizes(900) == [225] * 4 and sizes(250) == [250] and sizes(100) == [100]
+    assert [p.shape[0] for p in engine.model_batches(torch.empty(400, 3))] == [100] * 4  # CPU: ARQ_CPU_CHUNK
+    monkeypatch.setenv("ARQ_GPU_CHUNK", "0")
+    assert sizes(1000) == [1000]
+    for bad in ("-5", "1e3"):
+        monkeypatch.setenv("ARQ_GPU_CHUNK", bad)
+        with pytest.raises(ValueError, match="ARQ_GPU_CHUNK"):
+            engine.model_batches(torch.empty(400, 3, device="meta"))
 
 
 @pytest.mark.parametrize("flags, chunk", [(frozenset({"avx2", "fma"}), 128),
