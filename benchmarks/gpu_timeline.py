@@ -20,6 +20,9 @@ the bound is named:
   stem, with its 3 input channels, say) costs far more than its share;
 * ``peer`` (CUDA): the FP16 channels_last model's forward and its layers timed the same way, so each
   packed layer has its cuDNN counterpart measured in the same run;
+* ``layers_cold`` (CUDA, also for the peer): the same layers, each call right after 256 MB of scratch
+  writes have flushed L2 (CUDA events around the layer alone): if their sum, not the warm one, comes
+  close to ``forward``, the layers' inputs coming from memory is what the warm times leave out;
 * ``forward_by_batch`` (also for the peer): the forward at a quarter, half, one and two batches, in
   milliseconds per 1,000 samples. Why: the layers timed alone (above) read inputs that their last run
   left in L2, and a certification batch of 1,000 at ResNet stage 1 does not fit there (the float32
@@ -110,9 +113,34 @@ def forward_by_batch(run_model, make_batch, device: torch.device, batch: int, re
     return result
 
 
-def layer_times(prepared, batch: torch.Tensor, device: torch.device, repeats: int = 10) -> dict:
+#: bytes written before each cold call of a layer: several times the L2 of the cards arq is measured on
+#: (H100 and H200: 50 MB), so the layer's inputs and weights are read from memory, as in a forward
+EVICT_BYTES = 256 << 20
+
+
+def _cold_us(call, device: torch.device, repeats: int) -> float:
+    """The median GPU time (CUDA events around the call alone) of ``call`` right after writing
+    ``EVICT_BYTES`` of scratch memory, which leaves none of its inputs in L2."""
+    scratch = torch.empty(EVICT_BYTES, dtype=torch.uint8, device=device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    call()  # warm-up: compiles, captures, settles the allocator
+    times = []
+    for _ in range(repeats):
+        scratch.fill_(len(times) % 251)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def layer_times(prepared, batch: torch.Tensor, device: torch.device, repeats: int = 10, cold: bool = False) -> dict:
     """Each convolution or linear layer of ``prepared`` (unwrapped from its CUDA graph) timed alone, in
-    microseconds a call, on the arguments it received in one forward of ``batch``."""
+    microseconds a call, on the arguments it received in one forward of ``batch``. Warm (default): a
+    run of ``repeats`` calls, so each reads what the one before left in L2; ``cold`` (CUDA only): each
+    call after L2 is flushed (:func:`_cold_us`), as in a forward where the previous layers' outputs
+    and the stream have passed through L2 since."""
     from arq.smoothing.engine import CudaGraphForward
 
     model = prepared.model if isinstance(prepared, CudaGraphForward) else prepared
@@ -130,8 +158,11 @@ def layer_times(prepared, batch: torch.Tensor, device: torch.device, repeats: in
     layers = []
     with torch.inference_mode():
         for name, layer, args, kwargs in calls:
-            seconds = _median_seconds(lambda: [layer(*args, **kwargs) for _ in range(repeats)], device, 3) / repeats
-            layers.append({"name": name, "type": type(layer).__name__, "us": round(seconds * 1e6, 1),
+            if cold and device.type == "cuda":
+                us = _cold_us(lambda: layer(*args, **kwargs), device, repeats)
+            else:
+                us = _median_seconds(lambda: [layer(*args, **kwargs) for _ in range(repeats)], device, 3) / repeats * 1e6
+            layers.append({"name": name, "type": type(layer).__name__, "us": round(us, 1),
                            **{key: getattr(layer, key) for key in ("in_channels", "out_channels") if hasattr(layer, key)},
                            **{key: list(value) if isinstance(value, (tuple, list)) else value
                               for key in ("kernel_size", "stride") if (value := getattr(layer, key, None)) is not None}})
@@ -210,6 +241,8 @@ def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "
         result["samples_per_s"] = {name: round(batch / seconds) for name, seconds in per_batch.items()
                                    if name in ("certify", "loop", "forward")}
         result["layers"] = part("layers", lambda: layer_times(run_model, noisy, device))
+        if device.type == "cuda":
+            result["layers_cold"] = part("layers_cold", lambda: layer_times(run_model, noisy, device, cold=True))
         if profile:
             result["profile"] = part("profile", lambda: _profiled(certify, device))
     result["errors"] = errors
@@ -256,7 +289,7 @@ def peer_layers(arch: str, batch: int = 1000, repeats: int = 3) -> dict:
         by_batch = forward_by_batch(model, noisy_batch, device, batch)
     return {"arch": arch, "peer": "fp16_channels_last_cudnn_eager", "batch": batch,
             "ms_per_batch": {"forward": round(forward_s * 1e3, 3)}, "forward_by_batch_ms_per_1000": by_batch,
-            "layers": layer_times(model, noisy, device)}
+            "layers": layer_times(model, noisy, device), "layers_cold": layer_times(model, noisy, device, cold=True)}
 
 
 def main(out_path: str, archs: list[str]) -> None:

@@ -2,6 +2,7 @@
 (overlapping kernels counted once) and the gaps are the idle time between them."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from benchmarks.gpu_timeline import _busy_and_gaps
@@ -76,3 +77,46 @@ def test_forward_by_batch_times_each_size_per_1000_samples():
         assert 95.0 <= ms <= 400.0
     # every size runs at least 1,000 samples per timed run (20 calls of 50)
     assert sizes_run.count(50) >= 2 * 20
+
+
+def _two_layer_model():
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 2))
+
+
+def test_cold_layer_times_are_the_warm_ones_off_cuda():
+    """``cold`` flushes a GPU's L2 before each call; on the CPU there is nothing to flush and the layers
+    are timed as warm ones, with the same layers reported."""
+    from benchmarks.gpu_timeline import layer_times
+
+    times = layer_times(_two_layer_model(), torch.rand(6, 3, 5, 5), torch.device("cpu"), repeats=2, cold=True)
+    assert times["count"] == 2 and {layer["name"] for layer in times["by_time"]} == {"0", "3"}
+    assert all(layer["us"] > 0 for layer in times["by_time"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_cold_layer_times():
+    """On CUDA every layer gets a cold time (CUDA events around the call alone, after the L2 flush), and a
+    reduction over 64 MB is not faster cold than warm beyond timing noise (the flush's writes are not
+    counted in the call's time)."""
+    from benchmarks.gpu_timeline import _cold_us, layer_times
+
+    device = torch.device("cuda")
+    model = _two_layer_model().to(device)
+    times = layer_times(model, torch.rand(6, 3, 5, 5, device=device), device, repeats=3, cold=True)
+    assert times["count"] == 2 and all(layer["us"] > 0 for layer in times["by_time"])
+    big = torch.rand(16 << 20, device=device)  # 64 MB of float32
+    cold = _cold_us(lambda: big.sum(), device, 5)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    big.sum()
+    warm = []
+    for _ in range(5):
+        start.record()
+        big.sum()
+        end.record()
+        end.synchronize()
+        warm.append(start.elapsed_time(end) * 1e3)
+    assert cold > 0 and min(warm) > 0
+    assert cold >= 0.9 * sorted(warm)[2]  # never faster cold than warm, beyond timing noise
