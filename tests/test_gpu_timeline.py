@@ -120,3 +120,16 @@ def test_gpu_cold_layer_times():
         warm.append(start.elapsed_time(end) * 1e3)
     assert cold > 0 and min(warm) > 0
     assert cold >= 0.9 * sorted(warm)[2]  # never faster cold than warm, beyond timing noise
+
+
+def test_peer_layers_runs_its_parts_on_the_cpu():
+    """The FP16 peer's timing (a CUDA step) runs the same code on the CPU on a small batch: its forward,
+    the batch sweep and both layer tables, each ResNet-20 convolution and its linear layer."""
+    from benchmarks.gpu_timeline import peer_layers
+
+    peer = peer_layers("resnet20", batch=4, repeats=1, device="cpu", sweep_samples=8)
+    assert peer["errors"] == {} and peer["ms_per_batch"]["forward"] > 0
+    assert list(peer["forward_by_batch_ms_per_1000"]) == ["1", "2", "4", "8"]
+    assert all(ms > 0 for ms in peer["forward_by_batch_ms_per_1000"].values())
+    # the stem, 18 3x3 convolutions, 2 downsampling 1x1 ones and the linear layer
+    assert peer["layers"]["count"] == peer["layers_cold"]["count"] == 22
