@@ -303,6 +303,12 @@ def peer_layers(arch: str, batch: int = 1000, repeats: int = 3, device: str = "c
     return result
 
 
+def _layer_totals(entry: dict) -> dict:
+    """The sums of the warm and cold layer tables, in milliseconds a batch (for the console line)."""
+    return {f"{part}_total_ms": round(table["total_us"] / 1e3, 3) for part in ("layers", "layers_cold")
+            if isinstance(table := entry.get(part), dict) and "total_us" in table}
+
+
 def main(out_path: str, archs: list[str]) -> None:
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "torch": torch.__version__, "cases": []}
@@ -318,9 +324,9 @@ def main(out_path: str, archs: list[str]) -> None:
         except Exception as error:  # noqa: BLE001 - one failing case must not cost the others
             case = {"arch": arch, "bits": list(bits), "conv_loop": loop, "error": _error_text(error)}
         results["cases"].append(case)
-        print(json.dumps({k: case.get(k) for k in ("arch", "bits", "conv_loop", "backend", "ms_per_batch",
-                                                     "forward_by_batch_ms_per_1000", "samples_per_s", "error",
-                                                     "errors")}), flush=True)
+        print(json.dumps({**{k: case.get(k) for k in ("arch", "bits", "conv_loop", "backend", "ms_per_batch",
+                                                        "forward_by_batch_ms_per_1000", "samples_per_s", "error",
+                                                        "errors")}, **_layer_totals(case)}), flush=True)
         _save(results, out_path)
     if torch.cuda.is_available():
         results["peer"] = []
@@ -330,8 +336,8 @@ def main(out_path: str, archs: list[str]) -> None:
             except Exception as error:  # noqa: BLE001
                 peer = {"arch": arch, "error": _error_text(error)}
             results["peer"].append(peer)
-            print(json.dumps({k: peer.get(k) for k in ("arch", "ms_per_batch", "forward_by_batch_ms_per_1000",
-                                                       "error")}), flush=True)
+            print(json.dumps({**{k: peer.get(k) for k in ("arch", "ms_per_batch", "forward_by_batch_ms_per_1000",
+                                                          "error", "errors")}, **_layer_totals(peer)}), flush=True)
             _save(results, out_path)
 
 

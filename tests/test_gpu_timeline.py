@@ -133,3 +133,11 @@ def test_peer_layers_runs_its_parts_on_the_cpu():
     assert all(ms > 0 for ms in peer["forward_by_batch_ms_per_1000"].values())
     # the stem, 18 3x3 convolutions, 2 downsampling 1x1 ones and the linear layer
     assert peer["layers"]["count"] == peer["layers_cold"]["count"] == 22
+
+
+def test_layer_totals_for_the_console_line():
+    from benchmarks.gpu_timeline import _layer_totals
+
+    entry = {"layers": {"total_us": 5600.0, "count": 3}, "layers_cold": {"total_us": 9104.0}, "forward": 1}
+    assert _layer_totals(entry) == {"layers_total_ms": 5.6, "layers_cold_total_ms": 9.104}
+    assert _layer_totals({"layers": None, "error": "x"}) == {}  # a part that failed: nothing to sum
