@@ -52,6 +52,9 @@ GPU variants (``ARQ_E2E_DEVICE=cuda``; benchmarks/gpu_check.sh sets it), batch 1
 * ``locuslab_fp32``        the locuslab loop, eager FP32 (cuDNN TF32)
 * ``fp16_cl_cudagraphs``   FP16 channels_last model (cuDNN), one batch of noise, forward, argmax and
                            counts captured as one CUDA graph and replayed; one sync at the end
+* ``fp16_cl_cudagraphs_b250``  the same peer in batches of 250 (any ``_b<N>`` dividing the samples): if arq
+                           gains from smaller GPU batches (``arq_w4a4_chunk250``), the peer is given the
+                           same chance; the ratios to "the best non-arq" take the faster of the two
 * ``fp16_cl_compiled``     (on request) the same loop around ``torch.compile(mode="reduce-overhead")``:
                            Inductor's kernels under its CUDA graphs (a minute or more of compile for ResNet-110)
 * ``arq_fp32``             ``arq.certify`` on the float model (CUDA/Triton noise and votes)
@@ -129,7 +132,7 @@ if DEVICE == "cuda":
     # chunks of 250 (a stage-1 float32 stream of 16 MB instead of 64: does L2 bound the call?)
     VARIANTS = ["locuslab_fp32", "arq_fp32", "arq_fp16_cl", "arq_fp16_cl_graphs", "arq_w8a8", "arq_w8a8_nographs",
                 "arq_w8a8_rows", "arq_w4a4", "arq_w4a4_nographs", "arq_w4a4_rows", "arq_w4a4_chunk250",
-                "fp16_cl_cudagraphs"]
+                "fp16_cl_cudagraphs", "fp16_cl_cudagraphs_b250"]
     torch.backends.cudnn.benchmark = True  # every variant alike: cuDNN picks its fastest algorithms
 else:
     BATCH = 400
@@ -309,6 +312,20 @@ ENV_VARIANTS = {
 }
 
 
+def graphed_peer_batch(variant: str, samples: int) -> int:
+    """The batch of the graphed FP16 peer ``fp16_cl_cudagraphs[_b<N>]``: ``N``, or ``BATCH`` without it;
+    ValueError unless it divides ``samples`` (the graph replays whole batches)."""
+    _, marker, size = variant.partition("fp16_cl_cudagraphs_b")
+    batch = BATCH
+    if marker:
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"{variant}: the peer's batch must be a positive integer, got {size!r}")
+        batch = int(size)
+    if samples % batch:
+        raise ValueError(f"{variant}: the batch {batch} does not divide the {samples} samples of a call")
+    return batch
+
+
 def build(arch: str, variant: str, image: torch.Tensor):
     """``(zero-argument callable running SAMPLES[arch] samples, build seconds, note)``."""
     suffix = next((suffix for suffix in ENV_VARIANTS if variant.endswith(suffix)), None)
@@ -326,9 +343,9 @@ def build(arch: str, variant: str, image: torch.Tensor):
         if variant == "locuslab_fp32":
             net = model.cuda()
             fn = lambda: locuslab_sample_noise(net, x, samples, BATCH, 10, SIGMA)  # noqa: E731
-        elif variant == "fp16_cl_cudagraphs":
+        elif variant == "fp16_cl_cudagraphs" or variant.startswith("fp16_cl_cudagraphs_b"):
             net = copy.deepcopy(model).cuda().half().to(memory_format=torch.channels_last)
-            fn = _graphed_fp16_loop(net, x, BATCH, 10, SIGMA)
+            fn = _graphed_fp16_loop(net, x, graphed_peer_batch(variant, samples), 10, SIGMA)
             fn = (lambda run: lambda: run(samples))(fn)
         elif variant == "fp16_cl_compiled":
             net = torch.compile(copy.deepcopy(model).cuda().half().to(memory_format=torch.channels_last),

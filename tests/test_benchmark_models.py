@@ -20,3 +20,18 @@ def test_benchmark_network_logits_fit_float16(arch):
     assert logits.abs().max() < 1e3
     assert torch.isfinite(half).all()
     assert (half.argmax(1) == logits.argmax(1)).float().mean() >= 0.9  # float16 rounding may flip a near tie
+
+
+def test_graphed_peer_batch_parses_its_variant():
+    """bench_e2e's graphed FP16 peer runs in batches of BATCH, or N for ``fp16_cl_cudagraphs_b<N>``, which
+    must divide a call's samples (its graph replays whole batches)."""
+    import pytest
+
+    from benchmarks.bench_e2e import BATCH, graphed_peer_batch
+
+    assert graphed_peer_batch("fp16_cl_cudagraphs", 30 * BATCH) == BATCH
+    assert graphed_peer_batch("fp16_cl_cudagraphs_b250", 30_000) == 250
+    for variant, samples in (("fp16_cl_cudagraphs_b0", 30_000), ("fp16_cl_cudagraphs_bx", 30_000),
+                             ("fp16_cl_cudagraphs_b7", 30_000)):
+        with pytest.raises(ValueError, match="fp16_cl_cudagraphs_b"):
+            graphed_peer_batch(variant, samples)
