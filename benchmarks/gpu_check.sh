@@ -29,7 +29,7 @@
 # row loop's own).
 # Step times on an H200 (2026-11-29, sessions 25 and 26, benchmarks/results/gpu-h200-2026-11-29-session2{5,6}):
 # environment 17 s, build 56-67, tests_gpu 112 (38 tests; one took 87 s of it, split in five since),
-# ResNet-110 112 (twelve variants), timeline ~80-110 (estimated, not yet run; with the batch sweep), bench_kernels 46,
+# ResNet-110 112 (twelve variants; thirteen since session 27, ~120 estimated), timeline ~80-110 (estimated, not yet run; with the batch sweep), bench_kernels 46,
 # profile 65 (both conv loops), ncu 26, tune_rows 32,
 # tests_kernels ~95 with 16 workers (session 26, the three noise tests that ran ptxas for > 40 s on
 # interpreter-sized blocks now use GPU-sized ones), ResNet-20 53, memcheck 46. That sums to more than
