@@ -87,7 +87,9 @@ uint8 throughout, 1.12x (ResNet-20) and 1.06x (ResNet-110) faster, but the float
 0.86x, the W8A8 one with split 8x8-bit layers (float32 outputs) 0.80x and an FP32 ResNet-20 0.75x
 (``cpu-e2e-resnet{20,110}-avx2-zen3-*-2026-11-29.json``; the FP32 one ad hoc). So there only
 integer models that write codes from every convolution (``writes_codes_throughout``) get whole
-batches. One certify call then compiles one or two chunk shapes.
+batches. One certify call then compiles one or two chunk shapes. On other devices (CUDA) the model
+sees whole batches unless ``ARQ_GPU_CHUNK`` asks for chunks (:func:`gpu_chunk`; an A/B, not yet
+measured on a GPU).
 
 CUDA graphs: on CUDA any of the above, float models included, can be replayed from one CUDA graph
 per batch shape (:class:`CudaGraphForward`, tag "+graphs"), which removes the per-layer launch cost
