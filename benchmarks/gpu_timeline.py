@@ -37,6 +37,7 @@ bound the call; if ``loop`` is well above ``forward + noise + votes``, the host 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -172,6 +173,15 @@ def layer_times(prepared, batch: torch.Tensor, device: torch.device, repeats: in
             "by_time": sorted(layers, key=lambda layer: -layer["us"])}
 
 
+def _fail_soft(errors: dict, name: str, fn):
+    """``fn()``, or None with its error recorded as ``errors[name]``: a failing part must not cost the others."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001
+        errors[name] = _error_text(error)
+        return None
+
+
 def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "cuda", graphs: bool = True,
             samples: int = 10_000, batch: int = 1000, repeats: int = 3, profile: bool = True) -> dict:
     """One case's times (module docstring), per batch, in milliseconds; a part that fails is named
@@ -179,13 +189,7 @@ def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "
     device = torch.device(device)
     env = {"ARQ_TRITON_CONV_LOOP": conv_loop} if device.type == "cuda" else {}
     errors: dict[str, str] = {}
-
-    def part(name, fn):
-        try:
-            return fn()
-        except Exception as error:  # noqa: BLE001 - a failing part must not cost the others
-            errors[name] = _error_text(error)
-            return None
+    part = functools.partial(_fail_soft, errors)
 
     with mock.patch.dict(os.environ, env):
         x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
@@ -205,10 +209,13 @@ def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "
         def timed(fn):
             return lambda: _median_seconds(fn, device, repeats) / batches
 
+        def noisy_batch(size):
+            return next(_noisy_batches(x, sigma=SIGMA, num=size, draw=DRAW_ESTIMATE, seed=0, input_index=0,
+                                       batch_size=size, backend=backend, model=run_model))
+
         per_batch = {"certify": part("certify", timed(certify))}
         with torch.inference_mode():
-            noisy = next(_noisy_batches(x, sigma=SIGMA, num=batch, draw=DRAW_ESTIMATE, seed=0, input_index=0,
-                                        batch_size=batch, backend=backend, model=run_model))
+            noisy = noisy_batch(batch)
             logits = run_model(noisy).clone()
 
             def forward():
@@ -225,11 +232,6 @@ def measure(arch: str, bits: tuple[int, int], conv_loop: str, *, device: str = "
                     count_votes(logits, 10, backend=backend)
 
             per_batch["forward"] = part("forward", timed(forward))
-
-            def noisy_batch(size):
-                return next(_noisy_batches(x, sigma=SIGMA, num=size, draw=DRAW_ESTIMATE, seed=0, input_index=0,
-                                           batch_size=size, backend=backend, model=run_model))
-
             result["forward_by_batch_ms_per_1000"] = part(
                 "forward_by_batch", lambda: forward_by_batch(run_model, noisy_batch, device, batch))
             per_batch["loop"] = part("loop", timed(lambda: sample_counts(
@@ -292,13 +294,10 @@ def peer_layers(arch: str, batch: int = 1000, repeats: int = 3, device: str = "c
     with torch.inference_mode():
         result["ms_per_batch"] = {"forward": round(_median_seconds(lambda: model(noisy), device, repeats) * 1e3, 3)}
         result["layers"] = layer_times(model, noisy, device)
-        for name, measure_part in (("forward_by_batch_ms_per_1000",
-                                    lambda: forward_by_batch(model, noisy_batch, device, batch, samples=sweep_samples)),
-                                   ("layers_cold", lambda: layer_times(model, noisy, device, cold=True))):
-            try:  # the newer parts fail alone
-                result[name] = measure_part()
-            except Exception as error:  # noqa: BLE001
-                errors[name] = _error_text(error)
+        # the newer parts fail alone (None, their error named), as a case's parts do
+        result["forward_by_batch_ms_per_1000"] = _fail_soft(
+            errors, "forward_by_batch", lambda: forward_by_batch(model, noisy_batch, device, batch, samples=sweep_samples))
+        result["layers_cold"] = _fail_soft(errors, "layers_cold", lambda: layer_times(model, noisy, device, cold=True))
     result["errors"] = errors
     return result
 

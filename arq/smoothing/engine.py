@@ -135,9 +135,8 @@ def default_cpu_chunk(model: nn.Module | None = None) -> int:
 def cpu_chunk(model: nn.Module | None = None) -> int:
     """The CPU chunk size in force for ``model``: ``ARQ_CPU_CHUNK`` when set (0 = whole batches),
     else :func:`default_cpu_chunk`."""
-    if not os.environ.get("ARQ_CPU_CHUNK", "").strip():
-        return default_cpu_chunk(model)
-    return _chunk_from_env("ARQ_CPU_CHUNK", 0)
+    value = _chunk_from_env("ARQ_CPU_CHUNK")
+    return default_cpu_chunk(model) if value is None else value
 
 
 def gpu_chunk() -> int:
@@ -145,13 +144,15 @@ def gpu_chunk() -> int:
     default 0 (whole batches). An A/B for now, not measured on a GPU yet: a batch of 1,000 CIFAR samples
     makes a 64 MB float32 residual stream at ResNet stage 1, more than an H200's 50 MB of L2
     (``benchmarks/gpu_timeline.py``'s ``forward_by_batch`` and bench_e2e's ``_chunk250`` measure it)."""
-    return _chunk_from_env("ARQ_GPU_CHUNK", 0)
+    value = _chunk_from_env("ARQ_GPU_CHUNK")
+    return 0 if value is None else value
 
 
-def _chunk_from_env(name: str, default: int) -> int:
+def _chunk_from_env(name: str) -> int | None:
+    """The chunk size set in the environment variable ``name``, or None where it is unset or empty."""
     env = os.environ.get(name, "").strip()
     if not env:
-        return default
+        return None
     try:
         value = int(env)
     except ValueError:
